@@ -1,0 +1,102 @@
+//! Builds the built-in plugins for wasm32-wasip2 and embeds them.
+//!
+//! The plugins live in their own workspace (`plugins/`) and are built into
+//! their own target directory, so this nested cargo never waits on the
+//! outer build's lock. Each kind is built in its own cargo invocation: the
+//! SDK's `tool` and `provider` features must not be unified.
+
+use std::env;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const KINDS: [(&str, &str); 2] = [("tools", "tool"), ("providers", "provider")];
+
+fn main() {
+    let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    let root = host_dir.parent().unwrap().to_path_buf();
+    let plugins = root.join("plugins");
+    for dir in ["plugins", "sdk", "wit"] {
+        println!("cargo:rerun-if-changed={}", root.join(dir).display());
+    }
+    println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
+
+    let target_dir = env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .map(|p| if p.is_absolute() { p } else { root.join(p) })
+        .unwrap_or_else(|| root.join("target"))
+        .join("plugins");
+
+    let mut entries = String::from("&[\n");
+    for (dir, kind) in KINDS {
+        let members = members(&plugins.join(dir));
+        if members.is_empty() {
+            continue;
+        }
+        build(&plugins, &target_dir, &members);
+        for (name, package) in &members {
+            let wasm = target_dir
+                .join("wasm32-wasip2/release")
+                .join(format!("{}.wasm", package.replace('-', "_")));
+            let manifest = plugins.join(dir).join(name).join(format!("{name}.plugin.toml"));
+            assert!(manifest.exists(), "missing manifest {}", manifest.display());
+            writeln!(
+                entries,
+                "    Builtin {{ name: {name:?}, kind: {kind:?}, manifest: include_str!({:?}), wasm: include_bytes!({:?}) }},",
+                manifest.display().to_string(),
+                wasm.display().to_string(),
+            )
+            .unwrap();
+        }
+    }
+    entries.push(']');
+    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("builtin_plugins.rs");
+    fs::write(out, entries).unwrap();
+}
+
+/// `(directory name, package name)` of each plugin crate under `dir`.
+fn members(dir: &Path) -> Vec<(String, String)> {
+    let Ok(read) = fs::read_dir(dir) else { return Vec::new() };
+    let mut out: Vec<(String, String)> = read
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().join("Cargo.toml").exists())
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let toml = fs::read_to_string(e.path().join("Cargo.toml")).unwrap();
+            let package = toml
+                .lines()
+                .find_map(|l| l.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').to_string()))
+                .expect("plugin Cargo.toml has a package name");
+            (name, package)
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn build(plugins: &Path, target_dir: &Path, members: &[(String, String)]) {
+    let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = Command::new(cargo);
+    cmd.current_dir(plugins)
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(target_dir);
+    for (_, package) in members {
+        cmd.args(["-p", package]);
+    }
+    // Flags meant for the host build must not leak into the wasm build.
+    for var in ["CARGO_ENCODED_RUSTFLAGS", "RUSTFLAGS", "CARGO_BUILD_TARGET", "CARGO_TARGET_DIR", "CARGO_BUILD_RUSTFLAGS"] {
+        cmd.env_remove(var);
+    }
+    for (key, _) in env::vars_os() {
+        let key = key.to_string_lossy();
+        if key.starts_with("CARGO_PROFILE_") || key.starts_with("CARGO_CFG_") || key.starts_with("CARGO_FEATURE_") {
+            cmd.env_remove(key.as_ref());
+        }
+    }
+    let status = cmd.status().expect("run cargo for the built-in plugins");
+    assert!(
+        status.success(),
+        "building the built-in plugins failed (is the wasm32-wasip2 target installed? `rustup target add wasm32-wasip2`)"
+    );
+}

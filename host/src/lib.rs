@@ -1,0 +1,4 @@
+//! Hangar: an agent host whose tools and model providers are sandboxed
+//! WebAssembly components.
+
+pub mod runtime;

@@ -1,0 +1,32 @@
+//! Host-side bindings generated from `wit/`: one `bindgen!` per world. The
+//! provider world reuses the interfaces generated for the tool world, so
+//! both share one set of types and one implementation of each capability.
+
+pub mod tool {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "hangar:plugin/tool",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "hangar:plugin/http.body": crate::runtime::http::HttpBody,
+        },
+    });
+}
+
+pub mod provider {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "hangar:plugin/provider",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "hangar:plugin/types": super::tool::hangar::plugin::types,
+            "hangar:plugin/log": super::tool::hangar::plugin::log,
+            "hangar:plugin/http": super::tool::hangar::plugin::http,
+        },
+    });
+}
+
+pub use provider::exports::hangar::plugin::provider_api;
+pub use tool::hangar::plugin::{http as wit_http, log as wit_log, process as wit_process, types};

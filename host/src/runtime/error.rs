@@ -1,0 +1,45 @@
+use std::time::Duration;
+
+/// What can go wrong loading or calling a plugin. Each variant names the
+/// plugin, and the capability or limit involved, so an operator can act on
+/// the message alone.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("no plugin named `{0}` is loaded")]
+    NotFound(String),
+
+    #[error("plugin `{plugin}` is a {actual}, not a {expected}")]
+    WrongKind { plugin: String, expected: &'static str, actual: &'static str },
+
+    #[error("plugin `{plugin}` has an invalid manifest: {reason}")]
+    Manifest { plugin: String, reason: String },
+
+    #[error("plugin `{plugin}` was refused the `{capability}` capability: {reason}")]
+    CapabilityDenied { plugin: String, capability: String, reason: String },
+
+    #[error("plugin `{plugin}` failed to load: {reason}")]
+    Load { plugin: String, reason: String },
+
+    #[error("plugin `{plugin}` ran past its deadline of {}", humantime(*.limit))]
+    Deadline { plugin: String, limit: Duration },
+
+    #[error("plugin `{plugin}` tried to use more than its memory limit of {} MiB", .limit_bytes / (1024 * 1024))]
+    Memory { plugin: String, limit_bytes: usize },
+
+    #[error("plugin `{plugin}` produced {actual} bytes of output, over its limit of {limit} bytes")]
+    Output { plugin: String, actual: usize, limit: usize },
+
+    #[error("plugin `{plugin}` crashed: {reason}")]
+    Trap { plugin: String, reason: String },
+
+    #[error("plugin `{plugin}` cannot run: {reason}")]
+    Unavailable { plugin: String, reason: String },
+}
+
+fn humantime(d: Duration) -> String {
+    if d.as_millis() % 1000 == 0 {
+        format!("{} s", d.as_secs())
+    } else {
+        format!("{} ms", d.as_millis())
+    }
+}

@@ -1,0 +1,240 @@
+//! The `http` capability: outbound requests to granted origins, with the
+//! stored credential inserted by the host and scrubbed from what comes back.
+
+use std::time::Duration;
+
+use wasmtime::component::Resource;
+
+use super::bindings::wit_http::{Credential, Host, HostBody, HttpError, Request, Response};
+use super::policy::{Origin, OriginPattern};
+use super::state::PluginState;
+
+/// Upper bound on the wait for response headers, whatever the plugin asks.
+const MAX_HEADER_WAIT: Duration = Duration::from_secs(300);
+/// Headers a plugin may not set: credentials go through `credential`.
+const FORBIDDEN_HEADERS: [&str; 5] = ["authorization", "proxy-authorization", "cookie", "host", "x-api-key"];
+
+/// A provider key. Its `Debug` never shows it, so it cannot reach a log line
+/// by accident.
+#[derive(Clone)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(key: String) -> Secret {
+        Secret(key)
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret([redacted])")
+    }
+}
+
+/// What one call may reach, and with which credential.
+pub struct HttpAccess {
+    pub client: reqwest::Client,
+    pub allowed: Vec<OriginPattern>,
+    pub credential: Option<Secret>,
+}
+
+/// The HTTP client shared by all plugins. It follows no redirect: a
+/// credential must never travel to a host the plugin did not name.
+pub fn client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .build()
+        .expect("build the HTTP client")
+}
+
+/// A response body being streamed to the guest.
+pub struct HttpBody {
+    response: Option<reqwest::Response>,
+    scrubber: Scrubber,
+    pending: Vec<u8>,
+}
+
+impl Host for PluginState {
+    async fn send(&mut self, req: Request) -> wasmtime::Result<Result<Response, HttpError>> {
+        let plugin = self.plugin.clone();
+        let Some(access) = &self.http else {
+            return Ok(Err(HttpError::Denied(format!("plugin `{plugin}` is not granted http"))));
+        };
+        let url = match url::Url::parse(&req.url) {
+            Ok(url) => url,
+            Err(err) => return Ok(Err(HttpError::InvalidRequest(format!("bad URL `{}`: {err}", req.url)))),
+        };
+        let origin = match Origin::of(&url) {
+            Ok(origin) => origin,
+            Err(err) => return Ok(Err(HttpError::InvalidRequest(err))),
+        };
+        if !access.allowed.iter().any(|p| p.matches(&origin)) {
+            tracing::warn!(plugin = %plugin, %origin, "refused a request to an origin that is not granted");
+            return Ok(Err(HttpError::Denied(format!("origin {origin} is not granted to plugin `{plugin}`"))));
+        }
+        let method = match reqwest::Method::from_bytes(req.method.as_bytes()) {
+            Ok(m) => m,
+            Err(_) => return Ok(Err(HttpError::InvalidRequest(format!("bad method `{}`", req.method)))),
+        };
+        let credential_header = match &req.credential {
+            Credential::Header(name) => Some(name.to_ascii_lowercase()),
+            _ => None,
+        };
+        let mut builder = access.client.request(method, url);
+        for (name, value) in &req.headers {
+            let lower = name.to_ascii_lowercase();
+            if FORBIDDEN_HEADERS.contains(&lower.as_str()) || Some(&lower) == credential_header.as_ref() {
+                return Ok(Err(HttpError::InvalidRequest(format!(
+                    "header `{name}` may not be set by a plugin; ask for the credential with `credential`"
+                ))));
+            }
+            builder = builder.header(name, value);
+        }
+        match (&req.credential, &access.credential) {
+            (Credential::None, _) => {}
+            (_, None) => return Ok(Err(HttpError::MissingCredential)),
+            (Credential::Header(name), Some(key)) => builder = builder.header(name, key.expose()),
+            (Credential::Bearer, Some(key)) => builder = builder.bearer_auth(key.expose()),
+        }
+        let wait = req.timeout_ms.map(|ms| Duration::from_millis(ms.into())).unwrap_or(MAX_HEADER_WAIT);
+        let sent = tokio::time::timeout(wait.min(MAX_HEADER_WAIT), builder.body(req.body).send()).await;
+        let response = match sent {
+            Err(_) => return Ok(Err(HttpError::Timeout)),
+            Ok(Err(err)) => return Ok(Err(HttpError::Connection(describe(&err)))),
+            Ok(Ok(response)) => response,
+        };
+        let scrubber = Scrubber::new(access.credential.as_ref());
+        let headers = response
+            .headers()
+            .iter()
+            .map(|(name, value)| {
+                let value = String::from_utf8_lossy(value.as_bytes());
+                (name.as_str().to_string(), scrubber.scrub_whole(&value))
+            })
+            .collect();
+        let status = response.status().as_u16();
+        let body = self.table.push(HttpBody { response: Some(response), scrubber, pending: Vec::new() })?;
+        Ok(Ok(Response { status, headers, body }))
+    }
+}
+
+impl HostBody for PluginState {
+    async fn read(&mut self, body: Resource<HttpBody>, max_bytes: u32) -> wasmtime::Result<Result<Option<Vec<u8>>, HttpError>> {
+        let body = self.table.get_mut(&body)?;
+        let max = (max_bytes as usize).max(1);
+        loop {
+            if !body.pending.is_empty() {
+                let rest = body.pending.split_off(max.min(body.pending.len()));
+                return Ok(Ok(Some(std::mem::replace(&mut body.pending, rest))));
+            }
+            let Some(response) = body.response.as_mut() else {
+                return Ok(Ok(None));
+            };
+            match response.chunk().await {
+                Ok(Some(chunk)) => body.pending = body.scrubber.push(&chunk),
+                Ok(None) => {
+                    body.response = None;
+                    body.pending = body.scrubber.finish();
+                }
+                Err(err) => {
+                    body.response = None;
+                    return Ok(Err(HttpError::Connection(format!("the response body broke off: {}", describe(&err)))));
+                }
+            }
+        }
+    }
+
+    async fn drop(&mut self, body: Resource<HttpBody>) -> wasmtime::Result<()> {
+        self.table.delete(body)?;
+        Ok(())
+    }
+}
+
+/// The error chain of a reqwest error, which alone says only "error sending request".
+fn describe(err: &reqwest::Error) -> String {
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(inner) = source {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    text
+}
+
+/// Replaces the credential wherever it appears in a byte stream, even when
+/// it is split across chunks: the last `len - 1` bytes are held back until
+/// the next chunk shows whether they start the key.
+pub struct Scrubber {
+    needle: Vec<u8>,
+    carry: Vec<u8>,
+}
+
+const REDACTED: &[u8] = b"[redacted]";
+
+impl Scrubber {
+    pub fn new(secret: Option<&Secret>) -> Scrubber {
+        Scrubber { needle: secret.map(|s| s.expose().as_bytes().to_vec()).unwrap_or_default(), carry: Vec::new() }
+    }
+
+    pub fn push(&mut self, chunk: &[u8]) -> Vec<u8> {
+        if self.needle.is_empty() {
+            return chunk.to_vec();
+        }
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(chunk);
+        let mut out = Vec::with_capacity(data.len());
+        let mut i = 0;
+        while i < data.len() {
+            if data[i..].starts_with(&self.needle) {
+                out.extend_from_slice(REDACTED);
+                i += self.needle.len();
+            } else if data.len() - i < self.needle.len() && self.needle.starts_with(&data[i..]) {
+                // Could be the start of the key: wait for more.
+                self.carry = data[i..].to_vec();
+                return out;
+            } else {
+                out.push(data[i]);
+                i += 1;
+            }
+        }
+        out
+    }
+
+    pub fn finish(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.carry)
+    }
+
+    pub fn scrub_whole(&self, text: &str) -> String {
+        if self.needle.is_empty() {
+            return text.to_string();
+        }
+        text.replace(std::str::from_utf8(&self.needle).unwrap_or(""), "[redacted]")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn scrubber_removes_a_key_split_across_chunks() {
+        let secret = Secret::new("sk-SECRET".into());
+        for split in 0..20 {
+            let text = b"before sk-SECRET middle sk-SEC after sk-SECRET";
+            let mut s = Scrubber::new(Some(&secret));
+            let mut out = s.push(&text[..split.min(text.len())]);
+            out.extend(s.push(&text[split.min(text.len())..]));
+            out.extend(s.finish());
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                "before [redacted] middle sk-SEC after [redacted]",
+                "split at {split}"
+            );
+        }
+    }
+}

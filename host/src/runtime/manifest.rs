@@ -1,0 +1,93 @@
+//! `NAME.plugin.toml`: what a plugin is and what it asks for.
+
+use serde::Deserialize;
+
+use super::RuntimeError;
+
+/// Which world a plugin implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Tool,
+    Provider,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Tool => "tool",
+            Kind::Provider => "provider",
+        }
+    }
+}
+
+/// Filesystem access to the session's working directory.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum FsAccess {
+    #[default]
+    None,
+    Read,
+    ReadWrite,
+}
+
+/// Capabilities a manifest asks for. Nothing is granted unless asked for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Capabilities {
+    #[serde(default)]
+    pub filesystem: FsAccess,
+    /// Origins (`scheme://host[:port]`) the plugin may send requests to.
+    #[serde(default)]
+    pub http: Vec<String>,
+    #[serde(default)]
+    pub process: bool,
+}
+
+/// Provider-only settings: where the host finds a key and a base URL when
+/// none is stored.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderSection {
+    /// Environment variable holding the API key (`ANTHROPIC_API_KEY`).
+    pub key_env: Option<String>,
+    /// Environment variable holding a base URL (`ANTHROPIC_BASE_URL`).
+    pub base_url_env: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    pub kind: Kind,
+    pub name: String,
+    pub version: String,
+    #[serde(default)]
+    pub description: String,
+    #[serde(default)]
+    pub capabilities: Capabilities,
+    #[serde(default)]
+    pub provider: ProviderSection,
+}
+
+impl Manifest {
+    pub fn parse(text: &str, origin: &str) -> Result<Manifest, RuntimeError> {
+        let manifest: Manifest = toml::from_str(text)
+            .map_err(|e| RuntimeError::Manifest { plugin: origin.to_string(), reason: e.to_string() })?;
+        let valid_name = !manifest.name.is_empty()
+            && manifest.name.len() <= 64
+            && manifest.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+        if !valid_name {
+            return Err(RuntimeError::Manifest {
+                plugin: origin.to_string(),
+                reason: format!("name `{}` must be 1-64 characters of a-z, 0-9, `_` and `-`", manifest.name),
+            });
+        }
+        for origin_text in &manifest.capabilities.http {
+            super::policy::Origin::parse(origin_text).map_err(|reason| RuntimeError::Manifest {
+                plugin: manifest.name.clone(),
+                reason: format!("http origin `{origin_text}`: {reason}"),
+            })?;
+        }
+        Ok(manifest)
+    }
+}

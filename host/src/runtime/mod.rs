@@ -1,0 +1,553 @@
+//! The sandboxed plugin runtime: one wasmtime `Engine`, compiled components
+//! cached on disk, a registry of plugins with their capability grants, and
+//! a fresh `Store` per call with a deadline, a memory cap and an output cap.
+
+mod bindings;
+mod engine;
+mod error;
+pub mod http;
+mod log;
+pub mod manifest;
+pub mod policy;
+mod process;
+mod state;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use wasmtime::component::{HasSelf, Linker, ResourceAny, types::ComponentItem};
+use wasmtime::{Engine, Store, Trap};
+use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
+
+pub use bindings::provider_api::{
+    Config as ProviderConfig, ErrorKind, Event, ProviderError, ProviderInfo, Request as CompletionRequest,
+    ToolUseDelta, ToolUseStart,
+};
+pub use bindings::types::{ContentBlock, Message, ModelInfo, Role, StopReason, ToolOutput, ToolResult, ToolSpec, ToolUse, Usage};
+pub use engine::PoolSize;
+pub use error::RuntimeError;
+pub use http::Secret;
+pub use manifest::{Capabilities, FsAccess, Kind, Manifest};
+pub use policy::{Grants, Limits, Policy};
+
+use bindings::provider::{Provider, ProviderPre};
+use bindings::tool::{Tool, ToolPre};
+use bindings::types::ToolCall;
+use engine::{CompileCache, EpochTicker};
+use http::HttpAccess;
+use process::ProcessAccess;
+use state::{MemoryLimiter, PluginState};
+
+/// Where a plugin came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    Builtin,
+    Directory,
+    Api,
+}
+
+/// A built-in plugin, embedded in the binary by `build.rs`.
+pub struct Builtin {
+    pub name: &'static str,
+    pub kind: &'static str,
+    pub manifest: &'static str,
+    pub wasm: &'static [u8],
+}
+
+/// The plugins compiled into this binary.
+pub static BUILTINS: &[Builtin] = include!(concat!(env!("OUT_DIR"), "/builtin_plugins.rs"));
+
+/// What a plugin is once compiled, linked and described.
+enum Loaded {
+    Tool { pre: ToolPre<PluginState>, spec: ToolSpec },
+    Provider { pre: ProviderPre<PluginState>, info: ProviderInfo },
+}
+
+/// A registered plugin. Compilation runs in the background; anything that
+/// needs the compiled plugin waits for it through [`Plugin::loaded`].
+pub struct Plugin {
+    pub manifest: Manifest,
+    pub source: Source,
+    pub grants: Grants,
+    wasm: Arc<[u8]>,
+    loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
+}
+
+impl Plugin {
+    pub fn id(&self) -> &str {
+        &self.manifest.name
+    }
+}
+
+/// The runtime. Cheap to clone.
+#[derive(Clone)]
+pub struct Runtime {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    engine: Engine,
+    cache: CompileCache,
+    policy: Policy,
+    http_client: reqwest::Client,
+    plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    _ticker: EpochTicker,
+}
+
+/// Settings of the runtime.
+#[derive(Debug, Clone, Default)]
+pub struct RuntimeConfig {
+    /// Where compiled components are cached; `None` compiles every start.
+    pub cache_dir: Option<PathBuf>,
+    pub policy: Policy,
+    pub pool: PoolSize,
+}
+
+/// One tool invocation.
+#[derive(Debug, Clone)]
+pub struct ToolInvocation {
+    pub id: String,
+    /// The arguments as JSON text.
+    pub input: String,
+    /// The session's working directory (absolute), if it has one.
+    pub work_dir: Option<PathBuf>,
+}
+
+/// Where a provider call goes and with what credential.
+#[derive(Debug, Clone, Default)]
+pub struct ProviderAccess {
+    pub base_url: Option<String>,
+    pub credential: Option<Secret>,
+}
+
+impl Runtime {
+    pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
+        let engine = engine::build_engine(config.pool)
+            .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("wasmtime engine: {e:#}") })?;
+        let ticker = EpochTicker::start(engine.clone());
+        Ok(Runtime {
+            inner: Arc::new(Inner {
+                engine,
+                cache: CompileCache::new(config.cache_dir),
+                policy: config.policy,
+                http_client: http::client(),
+                plugins: RwLock::new(BTreeMap::new()),
+                _ticker: ticker,
+            }),
+        })
+    }
+
+    /// Registers every built-in plugin.
+    pub fn add_builtins(&self) -> Result<(), RuntimeError> {
+        for builtin in BUILTINS {
+            let manifest = Manifest::parse(builtin.manifest, builtin.name)?;
+            self.add(manifest, Arc::from(builtin.wasm), Source::Builtin)?;
+        }
+        Ok(())
+    }
+
+    /// Registers every `NAME.wasm` with a `NAME.plugin.toml` beside it in
+    /// `dir`. A plugin that cannot be registered is logged and skipped.
+    pub fn add_directory(&self, dir: &Path) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
+        let mut results = Vec::new();
+        let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
+        entries.sort();
+        for path in entries {
+            let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".plugin.toml"))
+            else {
+                continue;
+            };
+            let result = (|| {
+                let text = std::fs::read_to_string(&path)
+                    .map_err(|e| RuntimeError::Manifest { plugin: name.into(), reason: e.to_string() })?;
+                let manifest = Manifest::parse(&text, name)?;
+                let wasm_path = path.with_file_name(format!("{name}.wasm"));
+                let wasm = std::fs::read(&wasm_path).map_err(|e| RuntimeError::Load {
+                    plugin: name.into(),
+                    reason: format!("{}: {e}", wasm_path.display()),
+                })?;
+                self.add(manifest, Arc::from(wasm), Source::Directory).map(|p| p.id().to_string())
+            })();
+            if let Err(err) = &result {
+                tracing::error!(%err, "skipping a plugin in {}", dir.display());
+            }
+            results.push(result);
+        }
+        Ok(results)
+    }
+
+    /// Registers a plugin and starts compiling it in the background. The
+    /// grants are decided here: a manifest that asks for more than the
+    /// policy allows is refused.
+    pub fn add(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
+        let plugin = Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() });
+        self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let runtime = self.clone();
+            let background = plugin.clone();
+            handle.spawn(async move {
+                if let Err(err) = runtime.loaded(&background).await {
+                    tracing::error!(%err, "plugin failed to load");
+                }
+            });
+        }
+        Ok(plugin)
+    }
+
+    pub fn get(&self, id: &str) -> Option<Arc<Plugin>> {
+        self.inner.plugins.read().unwrap().get(id).cloned()
+    }
+
+    /// All plugins, ordered by id.
+    pub fn plugins(&self) -> Vec<Arc<Plugin>> {
+        self.inner.plugins.read().unwrap().values().cloned().collect()
+    }
+
+    /// Waits until every registered plugin has finished loading.
+    pub async fn wait_loaded(&self) -> Vec<RuntimeError> {
+        let mut errors = Vec::new();
+        for plugin in self.plugins() {
+            if let Err(err) = self.loaded(&plugin).await {
+                errors.push(err);
+            }
+        }
+        errors
+    }
+
+    /// The compiled, linked, described plugin; compiles it on first use.
+    async fn loaded(&self, plugin: &Arc<Plugin>) -> Result<Arc<Loaded>, RuntimeError> {
+        plugin.loaded.get_or_init(|| self.load(plugin.clone())).await.clone()
+    }
+
+    async fn load(&self, plugin: Arc<Plugin>) -> Result<Arc<Loaded>, RuntimeError> {
+        let id = plugin.id().to_string();
+        let started = std::time::Instant::now();
+        let engine = self.inner.engine.clone();
+        let runtime = self.clone();
+        let wasm = plugin.wasm.clone();
+        let component = tokio::task::spawn_blocking(move || runtime.inner.cache.load(&engine, &wasm))
+            .await
+            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: e.to_string() })?
+            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {e:#}") })?;
+
+        self.check_imports(&plugin, &component)?;
+        let linker = self.linker(&plugin.grants)
+            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
+        let pre = linker
+            .instantiate_pre(&component)
+            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
+        let wrong_world = |e: wasmtime::Error| RuntimeError::Load {
+            plugin: id.clone(),
+            reason: format!("does not implement the `{}` world: {e:#}", plugin.manifest.kind.as_str()),
+        };
+        let loaded = match plugin.manifest.kind {
+            Kind::Tool => {
+                let pre = ToolPre::new(pre).map_err(wrong_world)?;
+                let spec = self
+                    .with_tool(&plugin, &pre, None, |tool, store| {
+                        Box::pin(async move { tool.hangar_plugin_tool_api().call_spec(store).await })
+                    })
+                    .await?;
+                if spec.name != id {
+                    return Err(RuntimeError::Load {
+                        plugin: id.clone(),
+                        reason: format!("spec() names the tool `{}`, the manifest `{id}`", spec.name),
+                    });
+                }
+                Loaded::Tool { pre, spec }
+            }
+            Kind::Provider => {
+                let pre = ProviderPre::new(pre).map_err(wrong_world)?;
+                let mut store = self.store(&plugin, None, None)?;
+                let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
+                let info = instance
+                    .hangar_plugin_provider_api()
+                    .call_info(&mut store)
+                    .await
+                    .map_err(|e| self.call_error(&plugin, &store, e))?;
+                if info.id != id {
+                    return Err(RuntimeError::Load {
+                        plugin: id.clone(),
+                        reason: format!("info() names the provider `{}`, the manifest `{id}`", info.id),
+                    });
+                }
+                Loaded::Provider { pre, info }
+            }
+        };
+        tracing::info!(plugin = %id, ms = started.elapsed().as_millis() as u64, "plugin loaded");
+        Ok(Arc::new(loaded))
+    }
+
+    /// Refuses, by name, a host interface the component imports but was
+    /// not granted, before linking would fail with a less helpful message.
+    fn check_imports(&self, plugin: &Plugin, component: &wasmtime::component::Component) -> Result<(), RuntimeError> {
+        let ty = component.component_type();
+        for (name, item) in ty.imports(&self.inner.engine) {
+            if !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
+                continue;
+            }
+            let Some(interface) = name.strip_prefix("hangar:plugin/") else { continue };
+            let interface = interface.split('@').next().unwrap_or(interface);
+            let (granted, asked) = match interface {
+                "http" => (!plugin.grants.http.is_empty(), !plugin.manifest.capabilities.http.is_empty()),
+                "process" => (plugin.grants.process, plugin.manifest.capabilities.process),
+                "log" | "types" => (true, true),
+                _ => (false, false),
+            };
+            if !granted {
+                let reason = if asked {
+                    "the operator policy does not grant it".to_string()
+                } else {
+                    format!("the component imports `{name}` but its manifest does not ask for it")
+                };
+                return Err(RuntimeError::CapabilityDenied { plugin: plugin.id().into(), capability: interface.into(), reason });
+            }
+        }
+        Ok(())
+    }
+
+    /// A linker with WASI, `log`, and exactly the granted capabilities.
+    fn linker(&self, grants: &Grants) -> wasmtime::Result<Linker<PluginState>> {
+        let mut linker = Linker::new(&self.inner.engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        bindings::wit_log::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        if !grants.http.is_empty() {
+            bindings::wit_http::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        }
+        if grants.process {
+            bindings::wit_process::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
+        }
+        Ok(linker)
+    }
+
+    /// A fresh store for one call: WASI with at most the working directory
+    /// preopened, the memory cap, the deadline, and the granted capabilities.
+    fn store(
+        &self,
+        plugin: &Plugin,
+        work_dir: Option<&Path>,
+        provider: Option<&ProviderAccess>,
+    ) -> Result<Store<PluginState>, RuntimeError> {
+        let grants = &plugin.grants;
+        let mut wasi = WasiCtxBuilder::new();
+        if let Some(dir) = work_dir {
+            let perms = match grants.filesystem {
+                FsAccess::None => None,
+                FsAccess::Read => Some(FsPerms::ReadOnly),
+                FsAccess::ReadWrite => Some(FsPerms::ReadWrite),
+            };
+            if let Some(perms) = perms {
+                let guest = dir.to_str().ok_or_else(|| RuntimeError::Unavailable {
+                    plugin: plugin.id().into(),
+                    reason: format!("working directory {} is not UTF-8", dir.display()),
+                })?;
+                wasi.preopened_dir(dir, guest, perms).map_err(|e| RuntimeError::Unavailable {
+                    plugin: plugin.id().into(),
+                    reason: format!("cannot open working directory {}: {e}", dir.display()),
+                })?;
+            }
+        }
+        let http = (!grants.http.is_empty()).then(|| {
+            let mut allowed = grants.http.clone();
+            let base = provider.and_then(|p| p.base_url.as_deref());
+            if let Some(origin) = base.and_then(|b| policy::Origin::parse(b).ok()) {
+                allowed.push(policy::OriginPattern::exact(origin));
+            }
+            HttpAccess {
+                client: self.inner.http_client.clone(),
+                allowed,
+                credential: provider.and_then(|p| p.credential.clone()),
+            }
+        });
+        let process = grants.process.then(|| ProcessAccess { work_dir: work_dir.map(Path::to_path_buf) });
+        let state = PluginState {
+            plugin: Arc::from(plugin.id()),
+            wasi: wasi.build(),
+            table: Default::default(),
+            limiter: MemoryLimiter { limit: grants.limits.memory_bytes, hit: false },
+            http,
+            process,
+        };
+        let mut store = Store::new(&self.inner.engine, state);
+        store.limiter(|s| &mut s.limiter);
+        store.epoch_deadline_trap();
+        set_deadline(&mut store, grants.limits.deadline);
+        Ok(store)
+    }
+
+    /// Turns a wasmtime error into one that names the plugin and the limit
+    /// it hit, if any.
+    fn call_error(&self, plugin: &Plugin, store: &Store<PluginState>, err: wasmtime::Error) -> RuntimeError {
+        let id = plugin.id().to_string();
+        if store.data().limiter.hit {
+            return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
+        }
+        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
+            return RuntimeError::Deadline { plugin: id, limit: plugin.grants.limits.deadline };
+        }
+        RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
+    }
+
+    /// Instantiates a tool in a fresh store and runs `f` under the deadline.
+    async fn with_tool<T>(
+        &self,
+        plugin: &Plugin,
+        pre: &ToolPre<PluginState>,
+        work_dir: Option<&Path>,
+        f: impl for<'a> FnOnce(
+            &'a Tool,
+            &'a mut Store<PluginState>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>,
+    ) -> Result<T, RuntimeError> {
+        let mut store = self.store(plugin, work_dir, None)?;
+        let deadline = plugin.grants.limits.deadline;
+        let run = async {
+            let tool = pre.instantiate_async(&mut store).await?;
+            f(&tool, &mut store).await
+        };
+        // The epoch deadline stops guest code; this one also covers time
+        // spent waiting in host calls.
+        let result = tokio::time::timeout(deadline + Duration::from_millis(100), run).await;
+        match result {
+            Err(_) => Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline }),
+            Ok(Err(err)) => Err(self.call_error(plugin, &store, err)),
+            Ok(Ok(value)) => Ok(value),
+        }
+    }
+
+    async fn plugin_of_kind(&self, id: &str, kind: Kind) -> Result<(Arc<Plugin>, Arc<Loaded>), RuntimeError> {
+        let plugin = self.get(id).ok_or_else(|| RuntimeError::NotFound(id.to_string()))?;
+        if plugin.manifest.kind != kind {
+            return Err(RuntimeError::WrongKind { plugin: id.into(), expected: kind.as_str(), actual: plugin.manifest.kind.as_str() });
+        }
+        let loaded = self.loaded(&plugin).await?;
+        Ok((plugin, loaded))
+    }
+
+    /// The spec of a tool (waits for it to load).
+    pub async fn tool_spec(&self, id: &str) -> Result<ToolSpec, RuntimeError> {
+        match &*self.plugin_of_kind(id, Kind::Tool).await?.1 {
+            Loaded::Tool { spec, .. } => Ok(spec.clone()),
+            Loaded::Provider { .. } => unreachable!("kind checked"),
+        }
+    }
+
+    /// The description of a provider (waits for it to load).
+    pub async fn provider_info(&self, id: &str) -> Result<ProviderInfo, RuntimeError> {
+        match &*self.plugin_of_kind(id, Kind::Provider).await?.1 {
+            Loaded::Provider { info, .. } => Ok(info.clone()),
+            Loaded::Tool { .. } => unreachable!("kind checked"),
+        }
+    }
+
+    /// Runs one tool call in a fresh instance.
+    pub async fn call_tool(&self, id: &str, call: ToolInvocation) -> Result<ToolOutput, RuntimeError> {
+        let (plugin, loaded) = self.plugin_of_kind(id, Kind::Tool).await?;
+        let Loaded::Tool { pre, .. } = &*loaded else { unreachable!("kind checked") };
+        let wit_call = ToolCall {
+            id: call.id,
+            input: call.input,
+            work_dir: call.work_dir.as_deref().and_then(Path::to_str).unwrap_or_default().to_string(),
+        };
+        let output = self
+            .with_tool(&plugin, pre, call.work_dir.as_deref(), |tool, store| {
+                Box::pin(async move { tool.hangar_plugin_tool_api().call_invoke(store, &wit_call).await })
+            })
+            .await?;
+        let limit = plugin.grants.limits.output_bytes;
+        if output.text.len() > limit {
+            return Err(RuntimeError::Output { plugin: plugin.id().into(), actual: output.text.len(), limit });
+        }
+        Ok(output)
+    }
+
+    async fn provider_instance(
+        &self,
+        id: &str,
+        access: &ProviderAccess,
+    ) -> Result<(Arc<Plugin>, Store<PluginState>, Provider), RuntimeError> {
+        let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
+        let Loaded::Provider { pre, .. } = &*loaded else { unreachable!("kind checked") };
+        let mut store = self.store(&plugin, None, Some(access))?;
+        let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
+        Ok((plugin, store, instance))
+    }
+
+    /// Lists a provider's models.
+    pub async fn provider_models(
+        &self,
+        id: &str,
+        access: &ProviderAccess,
+    ) -> Result<Result<Vec<ModelInfo>, ProviderError>, RuntimeError> {
+        let (plugin, mut store, instance) = self.provider_instance(id, access).await?;
+        let cfg = provider_config(access);
+        let deadline = plugin.grants.limits.deadline;
+        let call = instance.hangar_plugin_provider_api().call_models(&mut store, &cfg);
+        match tokio::time::timeout(deadline, call).await {
+            Err(_) => Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
+            Ok(Err(err)) => Err(self.call_error(&plugin, &store, err)),
+            Ok(Ok(result)) => Ok(result),
+        }
+    }
+
+    /// Starts a model call; pull its events from the returned stream.
+    pub async fn provider_complete(
+        &self,
+        id: &str,
+        access: &ProviderAccess,
+        request: CompletionRequest,
+    ) -> Result<Result<Completion, ProviderError>, RuntimeError> {
+        let (plugin, mut store, instance) = self.provider_instance(id, access).await?;
+        let cfg = provider_config(access);
+        let deadline = plugin.grants.limits.deadline;
+        let call = instance.hangar_plugin_provider_api().call_complete(&mut store, &cfg, &request);
+        let handle = match tokio::time::timeout(deadline, call).await {
+            Err(_) => return Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
+            Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+            Ok(Ok(Err(provider_error))) => return Ok(Err(provider_error)),
+            Ok(Ok(Ok(handle))) => handle,
+        };
+        Ok(Ok(Completion { runtime: self.clone(), plugin, store, instance, handle }))
+    }
+}
+
+fn provider_config(access: &ProviderAccess) -> ProviderConfig {
+    ProviderConfig { base_url: access.base_url.clone(), has_credential: access.credential.is_some() }
+}
+
+fn set_deadline(store: &mut Store<PluginState>, deadline: Duration) {
+    let ticks = (deadline.as_millis() / engine::EPOCH_TICK.as_millis()).max(1) as u64;
+    store.set_epoch_deadline(ticks);
+}
+
+/// A model answer being streamed out of a provider instance. Each pull has
+/// its own deadline; dropping the stream drops the instance and with it the
+/// HTTP connection.
+pub struct Completion {
+    runtime: Runtime,
+    plugin: Arc<Plugin>,
+    store: Store<PluginState>,
+    instance: Provider,
+    handle: ResourceAny,
+}
+
+impl Completion {
+    /// The next event, `Ok(Ok(None))` at the end.
+    pub async fn next(&mut self) -> Result<Result<Option<Event>, ProviderError>, RuntimeError> {
+        let deadline = self.plugin.grants.limits.deadline;
+        set_deadline(&mut self.store, deadline);
+        let api = self.instance.hangar_plugin_provider_api();
+        let completion = api.completion();
+        let call = completion.call_next(&mut self.store, self.handle);
+        match tokio::time::timeout(deadline, call).await {
+            Err(_) => Err(RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline }),
+            Ok(Err(err)) => Err(self.runtime.call_error(&self.plugin, &self.store, err)),
+            Ok(Ok(result)) => Ok(result),
+        }
+    }
+}

@@ -1,0 +1,251 @@
+//! Capability grants: what a manifest asks for, intersected with what the
+//! operator allows. Nothing is granted by default.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use super::RuntimeError;
+use super::manifest::{FsAccess, Manifest};
+
+/// Per-call limits of a plugin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Wall-clock time for one call (for a provider: for one pull of the stream).
+    pub deadline: Duration,
+    /// Linear memory the instance may grow to.
+    pub memory_bytes: usize,
+    /// Bytes of output a call may return.
+    pub output_bytes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { deadline: Duration::from_secs(60), memory_bytes: 256 << 20, output_bytes: 1 << 20 }
+    }
+}
+
+/// What the operator lets one third-party plugin have (`[plugins.NAME]` in
+/// the config file). Built-in plugins get what their manifests ask for.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginPolicy {
+    #[serde(default)]
+    pub filesystem: FsAccess,
+    /// Origin patterns; `https://*.example.com` also matches subdomains.
+    #[serde(default)]
+    pub http: Vec<String>,
+    #[serde(default)]
+    pub process: bool,
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub output_kb: Option<u64>,
+}
+
+/// The operator's capability policy.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    pub plugins: HashMap<String, PluginPolicy>,
+    pub defaults: Limits,
+    /// Refuse to run `process` commands where the kernel cannot confine them.
+    pub require_confinement: bool,
+}
+
+/// What a loaded plugin may do.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    pub filesystem: FsAccess,
+    pub http: Vec<OriginPattern>,
+    pub process: bool,
+    pub limits: Limits,
+}
+
+impl Policy {
+    /// The grants for a plugin, or the first capability its manifest asks
+    /// for that the policy does not allow.
+    pub fn grant(&self, manifest: &Manifest, builtin: bool) -> Result<Grants, RuntimeError> {
+        let asked = &manifest.capabilities;
+        let name = &manifest.name;
+        let parse = |pattern: &String| {
+            OriginPattern::parse(pattern).map_err(|reason| RuntimeError::Manifest {
+                plugin: name.clone(),
+                reason: format!("http origin `{pattern}`: {reason}"),
+            })
+        };
+        let http: Vec<OriginPattern> = asked.http.iter().map(parse).collect::<Result<_, _>>()?;
+        let mut limits = self.defaults;
+        if asked.process {
+            // A command may run for up to 10 minutes; the call must outlive it.
+            limits.deadline = limits.deadline.max(Duration::from_secs(660));
+        }
+        if builtin {
+            return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, limits });
+        }
+
+        let empty = PluginPolicy::default();
+        let allowed = self.plugins.get(name).unwrap_or(&empty);
+        let deny = |capability: &str, reason: String| RuntimeError::CapabilityDenied {
+            plugin: name.clone(),
+            capability: capability.to_string(),
+            reason,
+        };
+        if asked.filesystem > allowed.filesystem {
+            return Err(deny(
+                "filesystem",
+                format!(
+                    "the manifest asks for {:?} access and the operator policy allows {:?}",
+                    asked.filesystem, allowed.filesystem
+                ),
+            ));
+        }
+        if asked.process && !allowed.process {
+            return Err(deny("process", "the operator policy does not grant it to this plugin".into()));
+        }
+        let patterns: Vec<OriginPattern> = allowed.http.iter().map(parse).collect::<Result<_, _>>()?;
+        for origin in &http {
+            if !patterns.iter().any(|p| p.covers(origin)) {
+                return Err(deny(
+                    "http",
+                    format!("origin `{origin}` is not allowed by the operator policy"),
+                ));
+            }
+        }
+        if let Some(ms) = allowed.timeout_ms {
+            limits.deadline = Duration::from_millis(ms);
+        }
+        if let Some(mb) = allowed.memory_mb {
+            limits.memory_bytes = (mb as usize) << 20;
+        }
+        if let Some(kb) = allowed.output_kb {
+            limits.output_bytes = (kb as usize) << 10;
+        }
+        Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, limits })
+    }
+}
+
+/// A concrete origin: scheme, host, port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Origin {
+    pub scheme: String,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Origin {
+    pub fn parse(text: &str) -> Result<Origin, String> {
+        let url = url::Url::parse(text).map_err(|e| e.to_string())?;
+        Origin::of(&url)
+    }
+
+    pub fn of(url: &url::Url) -> Result<Origin, String> {
+        let scheme = url.scheme().to_string();
+        if scheme != "http" && scheme != "https" {
+            return Err(format!("scheme `{scheme}` is not http or https"));
+        }
+        let host = url.host_str().ok_or("no host")?.to_ascii_lowercase();
+        let port = url.port_or_known_default().ok_or("no port")?;
+        Ok(Origin { scheme, host, port })
+    }
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}://{}:{}", self.scheme, self.host, self.port)
+    }
+}
+
+/// An origin, or with a `*.` host prefix a domain and all its subdomains.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OriginPattern {
+    origin: Origin,
+    subdomains: bool,
+}
+
+impl OriginPattern {
+    pub fn parse(text: &str) -> Result<OriginPattern, String> {
+        match text.split_once("://*.") {
+            Some((scheme, rest)) => {
+                let origin = Origin::parse(&format!("{scheme}://{rest}"))?;
+                Ok(OriginPattern { origin, subdomains: true })
+            }
+            None => Ok(OriginPattern { origin: Origin::parse(text)?, subdomains: false }),
+        }
+    }
+
+    pub fn exact(origin: Origin) -> OriginPattern {
+        OriginPattern { origin, subdomains: false }
+    }
+
+    pub fn matches(&self, origin: &Origin) -> bool {
+        if self.origin.scheme != origin.scheme || self.origin.port != origin.port {
+            return false;
+        }
+        origin.host == self.origin.host
+            || (self.subdomains
+                && origin.host.len() > self.origin.host.len()
+                && origin.host.ends_with(&self.origin.host)
+                && origin.host.as_bytes()[origin.host.len() - self.origin.host.len() - 1] == b'.')
+    }
+
+    /// Whether every origin `other` matches is matched by `self` too.
+    pub fn covers(&self, other: &OriginPattern) -> bool {
+        self.matches(&other.origin) && (!other.subdomains || self.subdomains)
+    }
+}
+
+impl std::fmt::Display for OriginPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.subdomains {
+            write!(f, "{}://*.{}:{}", self.origin.scheme, self.origin.host, self.origin.port)
+        } else {
+            self.origin.fmt(f)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wildcard_matches_subdomains_only_on_a_label_boundary() {
+        let p = OriginPattern::parse("https://*.example.com").unwrap();
+        assert!(p.matches(&Origin::parse("https://api.example.com").unwrap()));
+        assert!(p.matches(&Origin::parse("https://example.com").unwrap()));
+        assert!(!p.matches(&Origin::parse("https://badexample.com").unwrap()));
+        assert!(!p.matches(&Origin::parse("http://api.example.com").unwrap()));
+        assert!(!p.matches(&Origin::parse("https://api.example.com:8443").unwrap()));
+    }
+
+    fn manifest(caps: &str) -> Manifest {
+        Manifest::parse(&format!("kind = \"tool\"\nname = \"x\"\nversion = \"1\"\n[capabilities]\n{caps}"), "x").unwrap()
+    }
+
+    #[test]
+    fn third_party_capabilities_are_denied_unless_the_policy_grants_them() {
+        let policy = Policy::default();
+        for caps in ["filesystem = \"read\"", "process = true", "http = [\"https://example.com\"]"] {
+            let err = policy.grant(&manifest(caps), false).unwrap_err();
+            assert!(matches!(err, RuntimeError::CapabilityDenied { .. }), "{caps}: {err}");
+            assert!(err.to_string().contains("`x`"), "names the plugin: {err}");
+        }
+        // Built-ins get what they ask for.
+        assert!(policy.grant(&manifest("process = true"), true).unwrap().process);
+    }
+
+    #[test]
+    fn policy_grants_are_checked_capability_by_capability() {
+        let mut policy = Policy::default();
+        policy.plugins.insert(
+            "x".into(),
+            PluginPolicy { filesystem: FsAccess::Read, http: vec!["https://*.example.com".into()], ..Default::default() },
+        );
+        assert!(policy.grant(&manifest("filesystem = \"read\""), false).is_ok());
+        let err = policy.grant(&manifest("filesystem = \"read-write\""), false).unwrap_err();
+        assert!(err.to_string().contains("filesystem"), "{err}");
+        assert!(policy.grant(&manifest("http = [\"https://api.example.com\"]"), false).is_ok());
+        let err = policy.grant(&manifest("http = [\"https://evil.test\"]"), false).unwrap_err();
+        assert!(err.to_string().contains("https://evil.test:443"), "{err}");
+    }
+}

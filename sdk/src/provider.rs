@@ -1,0 +1,140 @@
+//! Model providers: adapters from a vendor's wire protocol to Hangar's
+//! normalized messages and stream events.
+
+use std::cell::RefCell;
+
+pub use crate::__bindings::exports::hangar::plugin::provider_api::{
+    Config, ErrorKind, Event, ProviderError, ProviderInfo, Request, ToolUseDelta, ToolUseStart,
+};
+
+use crate::__bindings::exports::hangar::plugin::provider_api::GuestCompletion;
+use crate::types::ModelInfo;
+
+/// A model provider. Implement it on a unit struct and pass the struct to
+/// [`export_provider!`](crate::export_provider).
+pub trait Provider {
+    /// The stream of events of one model call.
+    type Stream: EventStream;
+
+    /// Describes the provider: its id (equal to the manifest name), name,
+    /// how it authenticates, and whether it can list models.
+    fn info() -> ProviderInfo;
+
+    /// Lists the models on offer.
+    fn models(cfg: Config) -> Result<Vec<ModelInfo>, ProviderError>;
+
+    /// Starts a model call. Send the request here (through [`crate::http`])
+    /// and return a stream that turns the response into events.
+    fn complete(cfg: Config, req: Request) -> Result<Self::Stream, ProviderError>;
+}
+
+/// The events of one model call, pulled one at a time by the host as the
+/// client is ready for them.
+pub trait EventStream: 'static {
+    /// The next event; `Ok(None)` once the answer is complete. The last
+    /// event before the end should be [`Event::Stop`].
+    fn next(&mut self) -> Result<Option<Event>, ProviderError>;
+}
+
+impl ProviderError {
+    /// A failure of the given kind; `retryable` follows from the kind.
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        let retryable = matches!(
+            kind,
+            ErrorKind::RateLimited | ErrorKind::Overloaded | ErrorKind::Server | ErrorKind::Connection
+        );
+        ProviderError { kind, retryable, status: None, message: message.into(), retry_after_ms: None }
+    }
+
+    /// Classifies an HTTP error status: 429 rate limited, 529 overloaded,
+    /// 5xx server, 401/403 auth, other 4xx invalid request.
+    pub fn from_status(status: u16, message: impl Into<String>) -> Self {
+        let kind = match status {
+            429 => ErrorKind::RateLimited,
+            529 => ErrorKind::Overloaded,
+            500..=599 => ErrorKind::Server,
+            401 | 403 => ErrorKind::Auth,
+            _ => ErrorKind::InvalidRequest,
+        };
+        ProviderError { status: Some(status), ..ProviderError::new(kind, message) }
+    }
+
+    /// Adds the wait the vendor asked for, parsed from a `retry-after`
+    /// header value in seconds (an HTTP date is ignored).
+    pub fn with_retry_after(mut self, header: Option<&str>) -> Self {
+        self.retry_after_ms = header
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|s| s.is_finite() && *s >= 0.0)
+            .map(|s| (s * 1000.0) as u64);
+        self
+    }
+}
+
+impl From<crate::http::HttpError> for ProviderError {
+    fn from(err: crate::http::HttpError) -> Self {
+        use crate::http::HttpError;
+        let kind = match &err {
+            HttpError::Denied(_) => ErrorKind::Denied,
+            HttpError::InvalidRequest(_) => ErrorKind::InvalidRequest,
+            HttpError::MissingCredential => ErrorKind::Auth,
+            HttpError::Connection(_) | HttpError::Timeout => ErrorKind::Connection,
+        };
+        ProviderError::new(kind, err.describe())
+    }
+}
+
+#[doc(hidden)]
+pub struct StreamCell<S>(RefCell<S>);
+
+impl<S> StreamCell<S> {
+    #[doc(hidden)]
+    pub fn new(stream: S) -> Self {
+        StreamCell(RefCell::new(stream))
+    }
+}
+
+impl<S: EventStream> GuestCompletion for StreamCell<S> {
+    fn next(&self) -> Result<Option<Event>, ProviderError> {
+        self.0.borrow_mut().next()
+    }
+}
+
+/// Exports a [`Provider`] as the component's `provider-api`.
+///
+/// Call it once, at the crate root of a `cdylib` crate built for
+/// `wasm32-wasip2`.
+#[macro_export]
+macro_rules! export_provider {
+    ($provider:ty) => {
+        #[doc(hidden)]
+        pub struct __HangarProviderExport;
+
+        impl $crate::__bindings::exports::hangar::plugin::provider_api::Guest for __HangarProviderExport {
+            type Completion =
+                $crate::provider::StreamCell<<$provider as $crate::Provider>::Stream>;
+
+            fn info() -> $crate::provider::ProviderInfo {
+                <$provider as $crate::Provider>::info()
+            }
+            fn models(
+                cfg: $crate::provider::Config,
+            ) -> Result<Vec<$crate::types::ModelInfo>, $crate::provider::ProviderError> {
+                <$provider as $crate::Provider>::models(cfg)
+            }
+            fn complete(
+                cfg: $crate::provider::Config,
+                req: $crate::provider::Request,
+            ) -> Result<
+                $crate::__bindings::exports::hangar::plugin::provider_api::Completion,
+                $crate::provider::ProviderError,
+            > {
+                let stream = <$provider as $crate::Provider>::complete(cfg, req)?;
+                Ok($crate::__bindings::exports::hangar::plugin::provider_api::Completion::new(
+                    $crate::provider::StreamCell::new(stream),
+                ))
+            }
+        }
+
+        $crate::__bindings::__export_provider_world!(__HangarProviderExport with_types_in $crate::__bindings);
+    };
+}
