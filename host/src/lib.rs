@@ -1,4 +1,14 @@
 //! Hangar: an agent host whose tools and model providers are sandboxed
 //! WebAssembly components.
+//!
+//! - [`api`]: the REST API (axum), one module per resource;
+//! - [`agent`]: the agent loop;
+//! - [`runtime`]: the wasmtime engine, plugin registry and capabilities;
+//! - [`store`]: persistence on SQLite.
 
+pub mod agent;
+pub mod api;
+pub mod config;
 pub mod runtime;
+pub mod server;
+pub mod store;

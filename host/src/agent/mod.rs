@@ -1,0 +1,452 @@
+//! The agent loop: ask the model, run the tools it calls, feed the results
+//! back, until it ends its turn or the step limit is reached. Events go out
+//! through a channel as they happen; history is stored after every step.
+
+mod history;
+mod runs;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use utoipa::ToSchema;
+
+pub use runs::{RunGuard, Runs};
+
+use crate::runtime::{
+    CompletionRequest, Event as ProviderEvent, FsAccess, ProviderAccess, ProviderError, Runtime, RuntimeError,
+    StopReason as ModelStop, ToolInvocation, ToolSpec,
+};
+use crate::store::{Agent, Block, HistoryMessage, HistoryRole, Session, Store, StoreError, now};
+
+/// Retries of a retryable provider failure.
+const MAX_RETRIES: u32 = 3;
+const BACKOFF_BASE: Duration = Duration::from_millis(500);
+const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
+
+/// Token counts, summed over a run.
+#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndTurn,
+    MaxSteps,
+    Cancelled,
+}
+
+/// One tool call of a run, with its result.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct ToolCallRecord {
+    pub id: String,
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    pub output: String,
+    pub is_error: bool,
+}
+
+/// What happens during a run, in order.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum RunEvent {
+    Text { content: String },
+    ToolUse { id: String, name: String, input: serde_json::Value },
+    ToolResult { tool_use_id: String, content: String, is_error: bool },
+    Done { usage: Usage, steps: u32, stop_reason: StopReason },
+    Error { error: String, code: &'static str },
+}
+
+/// How a run ended.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunOutcome {
+    /// The text of the last assistant message.
+    pub response: String,
+    pub tool_calls: Vec<ToolCallRecord>,
+    pub usage: Usage,
+    /// Model calls made.
+    pub steps: u32,
+    pub stop_reason: StopReason,
+}
+
+/// Why a run failed after it started.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("provider `{provider}` failed{}: {message}", status.map(|s| format!(" with status {s}")).unwrap_or_default())]
+    Provider { provider: String, status: Option<u16>, message: String },
+    #[error("{0}")]
+    Plugin(#[from] RuntimeError),
+    #[error("{0}")]
+    Store(#[from] StoreError),
+}
+
+impl RunError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            RunError::Provider { .. } => "provider_error",
+            RunError::Plugin(_) => "plugin_failed",
+            RunError::Store(_) => "internal",
+        }
+    }
+}
+
+/// Everything a run needs, checked before it starts.
+pub struct Run {
+    pub runtime: Runtime,
+    pub store: Store,
+    pub agent: Agent,
+    pub session: Session,
+    pub access: ProviderAccess,
+    pub max_steps: u32,
+    pub message: String,
+    pub guard: RunGuard,
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+/// A tool use being assembled from stream events.
+struct PendingToolUse {
+    id: String,
+    name: String,
+    json: String,
+}
+
+/// The outcome of pulling one model answer.
+enum StepEnd {
+    Complete,
+    Cancelled,
+}
+
+impl Run {
+    /// Runs to the end, sending events to `events`. A closed channel (the
+    /// client went away) or a server shutdown cancels the run at the next
+    /// await point; history is left valid either way.
+    pub async fn execute(mut self, events: mpsc::Sender<RunEvent>) -> Result<RunOutcome, RunError> {
+        let result = self.drive(&events).await;
+        let event = match &result {
+            Ok(outcome) => RunEvent::Done { usage: outcome.usage, steps: outcome.steps, stop_reason: outcome.stop_reason },
+            Err(err) => RunEvent::Error { error: err.to_string(), code: err.code() },
+        };
+        if let Err(err) = &result {
+            tracing::warn!(session = %self.session.id, %err, "run failed");
+        }
+        let _ = events.send(event).await;
+        drop(self.guard);
+        result
+    }
+
+    async fn drive(&mut self, events: &mpsc::Sender<RunEvent>) -> Result<RunOutcome, RunError> {
+        history::push_user_text(&mut self.session.history, &self.message);
+        self.persist().await?;
+
+        let specs = self.tool_specs().await?;
+        let mut usage = Usage::default();
+        let mut tool_calls = Vec::new();
+        let mut steps = 0;
+        let mut response = String::new();
+        loop {
+            if steps >= self.max_steps {
+                return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::MaxSteps));
+            }
+            steps += 1;
+            let mut text = String::new();
+            let mut uses: Vec<PendingToolUse> = Vec::new();
+            let end = self.step(&specs, events, &mut text, &mut uses, &mut usage).await?;
+            let calls: Vec<(String, String, serde_json::Value, Option<String>)> = uses
+                .into_iter()
+                .map(|u| {
+                    let raw = if u.json.trim().is_empty() { "{}".to_string() } else { u.json };
+                    match serde_json::from_str::<serde_json::Value>(&raw) {
+                        Ok(v) if v.is_object() => (u.id, u.name, v, None),
+                        Ok(v) => (u.id, u.name, v, Some("the tool input must be a JSON object".to_string())),
+                        Err(e) => (u.id, u.name, serde_json::Value::String(raw), Some(format!("the tool input is not valid JSON: {e}"))),
+                    }
+                })
+                .collect();
+            let mut blocks = Vec::new();
+            if !text.is_empty() {
+                blocks.push(Block::Text { text: text.clone() });
+            }
+            for (id, name, input, _) in &calls {
+                blocks.push(Block::ToolUse { id: id.clone(), name: name.clone(), input: input.clone() });
+            }
+            if matches!(end, StepEnd::Cancelled) {
+                // A partial answer is kept when it has no tool calls; with
+                // calls, each gets an error result so the history stays valid.
+                if !blocks.is_empty() {
+                    let results = calls
+                        .iter()
+                        .map(|(id, ..)| Block::ToolResult {
+                            tool_use_id: id.clone(),
+                            content: "not run: the request was cancelled".into(),
+                            is_error: true,
+                        })
+                        .collect::<Vec<_>>();
+                    self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
+                    if !results.is_empty() {
+                        self.session.history.push(HistoryMessage { role: HistoryRole::User, content: results });
+                    }
+                    self.persist().await?;
+                }
+                return Ok(self.outcome(text, tool_calls, usage, steps, StopReason::Cancelled));
+            }
+            response = text;
+            if calls.is_empty() {
+                if !blocks.is_empty() {
+                    self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
+                }
+                self.persist().await?;
+                return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::EndTurn));
+            }
+            for (id, name, input, _) in &calls {
+                let _ = events.send(RunEvent::ToolUse { id: id.clone(), name: name.clone(), input: input.clone() }).await;
+            }
+            self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
+            let (results, cancelled) = self.run_tools(&calls, events).await;
+            let mut result_blocks = Vec::new();
+            for ((id, name, input, _), result) in calls.iter().zip(results) {
+                let (content, is_error) = match result {
+                    Some((content, is_error)) => {
+                        tool_calls.push(ToolCallRecord {
+                            id: id.clone(),
+                            name: name.clone(),
+                            input: input.clone(),
+                            output: content.clone(),
+                            is_error,
+                        });
+                        (content, is_error)
+                    }
+                    // Every call gets an answer, so the next turn is valid.
+                    None => ("not run: the request was cancelled".to_string(), true),
+                };
+                result_blocks.push(Block::ToolResult { tool_use_id: id.clone(), content, is_error });
+            }
+            self.session.history.push(HistoryMessage { role: HistoryRole::User, content: result_blocks });
+            self.persist().await?;
+            if cancelled {
+                return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::Cancelled));
+            }
+        }
+    }
+
+    fn outcome(&self, response: String, tool_calls: Vec<ToolCallRecord>, usage: Usage, steps: u32, stop_reason: StopReason) -> RunOutcome {
+        RunOutcome { response, tool_calls, usage, steps, stop_reason }
+    }
+
+    async fn persist(&mut self) -> Result<(), StoreError> {
+        self.session.updated_at = now().max(self.session.updated_at);
+        self.session = self.store.update_session(self.session.clone()).await?;
+        Ok(())
+    }
+
+    async fn tool_specs(&self) -> Result<Vec<ToolSpec>, RunError> {
+        let mut specs = Vec::new();
+        for name in &self.agent.tools {
+            specs.push(self.runtime.tool_spec(name).await?);
+        }
+        Ok(specs)
+    }
+
+    fn cancelled(&self, events: &mpsc::Sender<RunEvent>) -> bool {
+        events.is_closed() || *self.shutdown.borrow()
+    }
+
+    /// One model call, retried while nothing of it has reached the client.
+    async fn step(
+        &mut self,
+        specs: &[ToolSpec],
+        events: &mpsc::Sender<RunEvent>,
+        text: &mut String,
+        uses: &mut Vec<PendingToolUse>,
+        usage: &mut Usage,
+    ) -> Result<StepEnd, RunError> {
+        let provider = self.agent.provider.id.clone();
+        let request = CompletionRequest {
+            model: self.agent.provider.model.clone(),
+            system: Some(self.agent.instructions.clone()).filter(|s| !s.is_empty()),
+            messages: history::to_wit(&self.session.history),
+            tools: specs.to_vec(),
+            max_tokens: self.agent.provider.max_tokens,
+            temperature: self.agent.provider.temperature.map(|t| t as f32),
+        };
+        let mut attempt = 0;
+        loop {
+            let mut sent_anything = false;
+            let failure = match self.pull(&provider, &request, events, text, uses, usage, &mut sent_anything).await? {
+                Ok(end) => return Ok(end),
+                Err(failure) => failure,
+            };
+            if !failure.retryable || sent_anything || attempt >= MAX_RETRIES {
+                return Err(RunError::Provider { provider, status: failure.status, message: failure.message });
+            }
+            let backoff = BACKOFF_BASE * 2u32.pow(attempt);
+            let asked = failure.retry_after_ms.map(Duration::from_millis).unwrap_or_default();
+            let wait = backoff.max(asked).min(MAX_RETRY_WAIT);
+            tracing::warn!(%provider, status = ?failure.status, attempt = attempt + 1, wait_ms = wait.as_millis() as u64,
+                "retrying a failed model call: {}", failure.message);
+            attempt += 1;
+            text.clear();
+            uses.clear();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = events.closed() => return Ok(StepEnd::Cancelled),
+                _ = shutdown.wait_for(|s| *s) => return Ok(StepEnd::Cancelled),
+            }
+        }
+    }
+
+    /// Pulls one answer; `Ok(Err(..))` is a provider failure that may be retried.
+    #[allow(clippy::too_many_arguments)]
+    async fn pull(
+        &mut self,
+        provider: &str,
+        request: &CompletionRequest,
+        events: &mpsc::Sender<RunEvent>,
+        text: &mut String,
+        uses: &mut Vec<PendingToolUse>,
+        usage: &mut Usage,
+        sent_anything: &mut bool,
+    ) -> Result<Result<StepEnd, ProviderError>, RunError> {
+        let mut shutdown = self.shutdown.clone();
+        let start = self.runtime.provider_complete(provider, &self.access, request.clone());
+        let mut completion = tokio::select! {
+            r = start => match r? {
+                Ok(c) => c,
+                Err(e) => return Ok(Err(e)),
+            },
+            _ = events.closed() => return Ok(Ok(StepEnd::Cancelled)),
+            _ = shutdown.wait_for(|s| *s) => return Ok(Ok(StepEnd::Cancelled)),
+        };
+        let mut index: HashMap<String, usize> = HashMap::new();
+        loop {
+            let next = tokio::select! {
+                r = completion.next() => r?,
+                _ = events.closed() => return Ok(Ok(StepEnd::Cancelled)),
+                _ = shutdown.wait_for(|s| *s) => return Ok(Ok(StepEnd::Cancelled)),
+            };
+            let event = match next {
+                Ok(Some(event)) => event,
+                Ok(None) => return Ok(Ok(StepEnd::Complete)),
+                Err(e) => return Ok(Err(e)),
+            };
+            match event {
+                ProviderEvent::Text(delta) => {
+                    if delta.is_empty() {
+                        continue;
+                    }
+                    text.push_str(&delta);
+                    *sent_anything = true;
+                    if events.send(RunEvent::Text { content: delta }).await.is_err() {
+                        return Ok(Ok(StepEnd::Cancelled));
+                    }
+                }
+                ProviderEvent::ToolUseStart(start) => {
+                    *sent_anything = true;
+                    index.insert(start.id.clone(), uses.len());
+                    uses.push(PendingToolUse { id: start.id, name: start.name, json: String::new() });
+                }
+                ProviderEvent::ToolUseDelta(delta) => match index.get(&delta.id) {
+                    Some(&i) => uses[i].json.push_str(&delta.partial_json),
+                    None => {
+                        return Ok(Err(ProviderError {
+                            kind: crate::runtime::ErrorKind::BadResponse,
+                            retryable: false,
+                            status: None,
+                            message: format!("input for unknown tool call `{}`", delta.id),
+                            retry_after_ms: None,
+                        }));
+                    }
+                },
+                ProviderEvent::ToolUseEnd(_) => {}
+                ProviderEvent::Usage(u) => {
+                    usage.input_tokens += u.input_tokens;
+                    usage.output_tokens += u.output_tokens;
+                }
+                ProviderEvent::Stop(reason) => {
+                    if reason == ModelStop::Refusal {
+                        tracing::info!(%provider, "the model refused to continue");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs the calls: consecutive read-only tools together, the others one
+    /// at a time, results in the model's order. `None` marks a call not run
+    /// because the run was cancelled.
+    async fn run_tools(
+        &self,
+        calls: &[(String, String, serde_json::Value, Option<String>)],
+        events: &mpsc::Sender<RunEvent>,
+    ) -> (Vec<Option<(String, bool)>>, bool) {
+        let mut results: Vec<Option<(String, bool)>> = vec![None; calls.len()];
+        let mut i = 0;
+        while i < calls.len() {
+            if self.cancelled(events) {
+                return (results, true);
+            }
+            let batch_end = if self.read_only(&calls[i].1) {
+                let mut j = i;
+                while j < calls.len() && self.read_only(&calls[j].1) {
+                    j += 1;
+                }
+                j
+            } else {
+                i + 1
+            };
+            let batch = futures::future::join_all(calls[i..batch_end].iter().map(|call| self.run_tool(call)));
+            let mut shutdown = self.shutdown.clone();
+            let outputs = tokio::select! {
+                outputs = batch => outputs,
+                _ = events.closed() => return (results, true),
+                _ = shutdown.wait_for(|s| *s) => return (results, true),
+            };
+            for (k, output) in outputs.into_iter().enumerate() {
+                let (id, ..) = &calls[i + k];
+                let _ = events
+                    .send(RunEvent::ToolResult { tool_use_id: id.clone(), content: output.0.clone(), is_error: output.1 })
+                    .await;
+                results[i + k] = Some(output);
+            }
+            i = batch_end;
+        }
+        (results, false)
+    }
+
+    fn read_only(&self, tool: &str) -> bool {
+        self.agent.tools.iter().any(|t| t == tool)
+            && self.runtime.get(tool).is_some_and(|p| {
+                p.grants.filesystem != FsAccess::ReadWrite && !p.grants.process && p.grants.http.is_empty()
+            })
+    }
+
+    async fn run_tool(&self, (id, name, input, invalid): &(String, String, serde_json::Value, Option<String>)) -> (String, bool) {
+        if !self.agent.tools.iter().any(|t| t == name) {
+            return (format!("unknown tool `{name}`; the tools available are: {}", self.agent.tools.join(", ")), true);
+        }
+        if let Some(reason) = invalid {
+            return (format!("{reason}; call `{name}` again with a JSON object"), true);
+        }
+        let call = ToolInvocation {
+            id: id.clone(),
+            input: input.to_string(),
+            work_dir: self.session.work_dir.as_ref().map(Into::into),
+        };
+        match self.runtime.call_tool(name, call).await {
+            Ok(out) => (out.text, out.is_error),
+            Err(err) => (format!("the tool failed: {err}"), true),
+        }
+    }
+}
+
+/// Used by the SSE and blocking endpoints alike.
+pub type Events = mpsc::Receiver<RunEvent>;
+
+pub fn channel() -> (mpsc::Sender<RunEvent>, Events) {
+    mpsc::channel(256)
+}

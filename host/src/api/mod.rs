@@ -1,0 +1,105 @@
+//! The REST API: one module per resource, each with its `routes()`.
+
+mod agents;
+pub mod error;
+mod messages;
+mod openapi;
+mod providers;
+mod security;
+mod sessions;
+
+use std::sync::Arc;
+
+use axum::extract::{FromRequest, Request};
+use axum::http::Method;
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+pub use error::{ApiError, ApiResult, ErrorBody};
+
+use crate::config::Settings;
+use crate::runtime::Runtime;
+use crate::store::Store;
+
+/// Largest request body accepted.
+pub const BODY_LIMIT: usize = 10 * 1024 * 1024;
+
+/// Shared by every handler; a clone of `Arc`s.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub runtime: Runtime,
+    pub settings: Arc<Settings>,
+    pub runs: crate::agent::Runs,
+    pub models: providers::ModelsCache,
+    /// Becomes `true` when running steps must stop (shutdown grace is over).
+    pub shutdown: tokio::sync::watch::Receiver<bool>,
+}
+
+impl AppState {
+    pub fn new(store: Store, runtime: Runtime, settings: Settings, shutdown: tokio::sync::watch::Receiver<bool>) -> AppState {
+        AppState {
+            store,
+            runtime,
+            settings: Arc::new(settings),
+            runs: Default::default(),
+            models: Default::default(),
+            shutdown,
+        }
+    }
+}
+
+/// A JSON request body whose rejections become [`ApiError`]s (400 for bad
+/// syntax, 415 for a wrong content type, 413 when too large, 422 for wrong
+/// types or missing fields).
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct JsonBody<T>(pub T);
+
+/// `{"status": "..."}`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Status {
+    pub status: &'static str,
+}
+
+pub fn status(status: &'static str) -> Json<Status> {
+    Json(Status { status })
+}
+
+pub fn router(state: AppState) -> Router {
+    let security = security::Security::from_settings(&state.settings);
+    Router::new()
+        .route("/health", get(health))
+        .merge(openapi::routes())
+        .merge(providers::routes())
+        .merge(agents::routes())
+        .merge(sessions::routes())
+        .merge(messages::routes())
+        .fallback(no_route)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(security.cors_layer())
+        .layer(axum::middleware::from_fn_with_state(Arc::new(security), security::guard))
+}
+
+/// Liveness: answers at once, even while plugins are still compiling.
+#[utoipa::path(get, path = "/health", tag = "health", responses((status = 200, body = Status)))]
+pub(super) async fn health() -> Json<Status> {
+    status("ok")
+}
+
+async fn no_route(method: Method, req: Request) -> ApiError {
+    ApiError::NoRoute { method: method.to_string(), path: req.uri().path().to_string() }
+}
+
+async fn method_not_allowed(method: Method, req: Request) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: req.uri().path().to_string() }
+}
+
+/// A new ULID.
+pub fn new_id() -> String {
+    ulid::Ulid::new().to_string()
+}

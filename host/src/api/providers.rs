@@ -1,0 +1,318 @@
+//! Providers, their credentials (write-only), and their models.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{Path, State};
+use axum::routing::{delete, get};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+use super::{ApiError, ApiResult, AppState, JsonBody, Status, status};
+use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret};
+use crate::store::{AuthRecord, now};
+
+/// How long a model list is reused.
+const MODELS_TTL: Duration = Duration::from_secs(60);
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/provider", get(list_providers))
+        .route("/provider/auth", get(get_auth).put(put_auth))
+        .route("/provider/auth/{provider}", delete(delete_auth))
+        .route("/provider/{name}", get(get_provider))
+        .route("/provider/{name}/models", get(list_models))
+        .route("/provider/{name}/models/{*model}", get(get_model))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderSummary {
+    id: String,
+    name: String,
+    /// How it authenticates: `["api_key"]`, or `[]` when it needs nothing.
+    auth_types: Vec<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderDetail {
+    id: String,
+    name: String,
+    /// Always `chat`.
+    #[serde(rename = "type")]
+    kind: &'static str,
+    /// Whether `GET /provider/{name}/models` can list models.
+    models: bool,
+}
+
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Model {
+    id: String,
+    name: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    context_window: Option<u64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuthStatus {
+    providers: BTreeMap<String, ProviderAuthStatus>,
+    /// When stored credentials last changed; `null` if never.
+    updated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ProviderAuthStatus {
+    /// `api_key`, or `none` for a provider that needs no credential.
+    #[serde(rename = "type")]
+    auth_type: String,
+    /// Whether a call can authenticate (a stored key, or the vendor's
+    /// environment variable on the server).
+    configured: bool,
+    /// Where the key comes from: `stored`, `environment`, or `null`.
+    source: Option<&'static str>,
+    /// The base URL in force, if not the vendor's default.
+    base_url: Option<String>,
+}
+
+/// `PUT /provider/auth`: merged into what is stored.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthUpdate {
+    providers: BTreeMap<String, AuthInput>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AuthInput {
+    /// `api_key`; may be omitted.
+    #[serde(rename = "type")]
+    auth_type: Option<String>,
+    /// The key. Write-only: no response ever contains it.
+    key: Option<String>,
+    /// Where to send requests instead of the vendor's public endpoint;
+    /// `null` goes back to the default. Changing it requires sending the key
+    /// again, so a stored key never follows a new origin.
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<String>)]
+    base_url: Option<Option<String>>,
+}
+
+/// Tells "absent" (outer `None`) from "null" (`Some(None)`).
+fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+/// Loaded provider plugins with their descriptions.
+pub(crate) async fn providers(state: &AppState) -> ApiResult<Vec<(Arc<Plugin>, ProviderInfo)>> {
+    let mut out = Vec::new();
+    for plugin in state.runtime.plugins() {
+        if plugin.manifest.kind == Kind::Provider {
+            let info = state.runtime.provider_info(plugin.id()).await?;
+            out.push((plugin, info));
+        }
+    }
+    Ok(out)
+}
+
+pub(crate) async fn provider(state: &AppState, id: &str) -> ApiResult<(Arc<Plugin>, ProviderInfo)> {
+    match state.runtime.get(id) {
+        Some(plugin) if plugin.manifest.kind == Kind::Provider => {
+            let info = state.runtime.provider_info(id).await?;
+            Ok((plugin, info))
+        }
+        _ => Err(ApiError::NotFound(format!("provider `{id}` does not exist"))),
+    }
+}
+
+fn env_value(name: Option<&String>) -> Option<String> {
+    name.and_then(|n| std::env::var(n).ok()).filter(|v| !v.is_empty())
+}
+
+/// Where a provider's calls go and with which key. A stored key is bound to
+/// the base URL stored with it; with no stored key the vendor's environment
+/// variables apply.
+pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<ProviderAccess> {
+    let record = state.store.auth_record(plugin.id()).await?;
+    let section = &plugin.manifest.provider;
+    Ok(match record {
+        Some(AuthRecord { secret: Some(secret), base_url, .. }) => {
+            ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
+        }
+        record => ProviderAccess {
+            base_url: record.and_then(|r| r.base_url).or_else(|| env_value(section.base_url_env.as_ref())),
+            credential: env_value(section.key_env.as_ref()).map(Secret::new),
+        },
+    })
+}
+
+#[utoipa::path(get, path = "/provider", tag = "providers",
+    responses((status = 200, body = Vec<ProviderSummary>)))]
+pub(super) async fn list_providers(State(state): State<AppState>) -> ApiResult<Json<Vec<ProviderSummary>>> {
+    let list = providers(&state)
+        .await?
+        .into_iter()
+        .map(|(_, info)| ProviderSummary { id: info.id, name: info.name, auth_types: info.auth_types })
+        .collect();
+    Ok(Json(list))
+}
+
+#[utoipa::path(get, path = "/provider/{name}", tag = "providers",
+    params(("name" = String, Path, description = "Provider id")),
+    responses((status = 200, body = ProviderDetail), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn get_provider(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<ProviderDetail>> {
+    let (_, info) = provider(&state, &name).await?;
+    Ok(Json(ProviderDetail { id: info.id, name: info.name, kind: "chat", models: info.lists_models }))
+}
+
+#[utoipa::path(get, path = "/provider/auth", tag = "providers",
+    responses((status = 200, body = AuthStatus)))]
+pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<AuthStatus>> {
+    let records: HashMap<String, AuthRecord> =
+        state.store.auth_records().await?.into_iter().map(|r| (r.provider.clone(), r)).collect();
+    let mut providers_out = BTreeMap::new();
+    for (plugin, info) in providers(&state).await? {
+        let record = records.get(plugin.id());
+        let access = access(&state, &plugin).await?;
+        let needs_key = !info.auth_types.is_empty();
+        let source = match (record.and_then(|r| r.secret.as_ref()), &access.credential) {
+            (Some(_), _) => Some("stored"),
+            (None, Some(_)) => Some("environment"),
+            (None, None) => None,
+        };
+        providers_out.insert(
+            info.id.clone(),
+            ProviderAuthStatus {
+                auth_type: info.auth_types.first().cloned().unwrap_or_else(|| "none".into()),
+                configured: !needs_key || source.is_some(),
+                source,
+                base_url: access.base_url,
+            },
+        );
+    }
+    let updated_at = records.values().map(|r| r.updated_at).max();
+    Ok(Json(AuthStatus { providers: providers_out, updated_at }))
+}
+
+#[utoipa::path(put, path = "/provider/auth", tag = "providers", request_body = AuthUpdate,
+    responses((status = 200, body = Status), (status = 422, body = super::ErrorBody)))]
+pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): JsonBody<AuthUpdate>) -> ApiResult<Json<Status>> {
+    let known = providers(&state).await?;
+    let mut records = Vec::new();
+    for (id, input) in update.providers {
+        let Some((_, info)) = known.iter().find(|(p, _)| p.id() == id) else {
+            let names: Vec<&str> = known.iter().map(|(p, _)| p.id()).collect();
+            return Err(ApiError::Invalid(format!("unknown provider `{id}`; known providers: {}", names.join(", "))));
+        };
+        if let Some(t) = &input.auth_type
+            && !info.auth_types.contains(t)
+        {
+            return Err(ApiError::Invalid(match info.auth_types.is_empty() {
+                true => format!("provider `{id}` takes no credentials, so `type` must be omitted"),
+                false => format!("provider `{id}` supports auth types {:?}, not `{t}`", info.auth_types),
+            }));
+        }
+        if let Some(key) = &input.key {
+            if info.auth_types.is_empty() {
+                return Err(ApiError::Invalid(format!("provider `{id}` takes no key")));
+            }
+            if key.trim().is_empty() {
+                return Err(ApiError::Invalid(format!("the key for `{id}` is empty")));
+            }
+        }
+        if let Some(Some(url)) = &input.base_url {
+            crate::runtime::policy::Origin::parse(url)
+                .map_err(|e| ApiError::Invalid(format!("base_url `{url}` for `{id}` is not an http(s) URL: {e}")))?;
+        }
+        let existing = state.store.auth_record(&id).await?;
+        let old_base = existing.as_ref().and_then(|r| r.base_url.clone());
+        let new_base = match &input.base_url {
+            Some(b) => b.clone().map(|u| u.trim_end_matches('/').to_string()),
+            None => old_base.clone(),
+        };
+        let has_stored_key = existing.as_ref().is_some_and(|r| r.secret.is_some());
+        if new_base != old_base && has_stored_key && input.key.is_none() {
+            return Err(ApiError::Invalid(format!(
+                "changing base_url of `{id}` requires sending its key again: a stored key never follows a new origin"
+            )));
+        }
+        records.push(AuthRecord {
+            provider: id.clone(),
+            auth_type: input.auth_type.or_else(|| info.auth_types.first().cloned()).filter(|_| !info.auth_types.is_empty()),
+            secret: input.key.or_else(|| existing.and_then(|r| r.secret)),
+            base_url: new_base,
+            updated_at: now(),
+        });
+    }
+    let changed: Vec<String> = records.iter().map(|r| r.provider.clone()).collect();
+    state.store.put_auth_records(records).await?;
+    state.models.forget(&changed);
+    tracing::info!(providers = ?changed, "provider credentials updated");
+    Ok(status("ok"))
+}
+
+#[utoipa::path(delete, path = "/provider/auth/{provider}", tag = "providers",
+    params(("provider" = String, Path, description = "Provider id")),
+    responses((status = 200, body = Status), (status = 404, body = super::ErrorBody)))]
+pub(super) async fn delete_auth(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
+    provider(&state, &id).await?;
+    state.store.delete_auth_record(&id).await?;
+    state.models.forget(std::slice::from_ref(&id));
+    Ok(status("deleted"))
+}
+
+/// Model lists, reused for a minute (the live lists come over the network).
+#[derive(Clone, Default)]
+pub struct ModelsCache(Arc<Mutex<HashMap<String, (Instant, Vec<Model>)>>>);
+
+impl ModelsCache {
+    fn get(&self, key: &str) -> Option<Vec<Model>> {
+        let map = self.0.lock().unwrap();
+        map.get(key).filter(|(at, _)| at.elapsed() < MODELS_TTL).map(|(_, m)| m.clone())
+    }
+    fn put(&self, key: String, models: Vec<Model>) {
+        self.0.lock().unwrap().insert(key, (Instant::now(), models));
+    }
+    fn forget(&self, providers: &[String]) {
+        self.0.lock().unwrap().retain(|k, _| !providers.iter().any(|p| k.split('\n').next() == Some(p)));
+    }
+}
+
+async fn models_of(state: &AppState, name: &str) -> ApiResult<Vec<Model>> {
+    let (plugin, _) = provider(state, name).await?;
+    let access = access(state, &plugin).await?;
+    let key = format!("{name}\n{}\n{}", access.base_url.as_deref().unwrap_or(""), access.credential.is_some());
+    if let Some(models) = state.models.get(&key) {
+        return Ok(models);
+    }
+    let models: Vec<Model> = state
+        .runtime
+        .provider_models(name, &access)
+        .await?
+        .map_err(|e| ApiError::Provider(format!("provider `{name}` could not list models: {}", e.message)))?
+        .into_iter()
+        .map(|ModelInfo { id, name, context_window }| Model { id, name, context_window })
+        .collect();
+    state.models.put(key, models.clone());
+    Ok(models)
+}
+
+#[utoipa::path(get, path = "/provider/{name}/models", tag = "providers",
+    params(("name" = String, Path, description = "Provider id")),
+    responses((status = 200, body = Vec<Model>), (status = 404, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
+pub(super) async fn list_models(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Vec<Model>>> {
+    Ok(Json(models_of(&state, &name).await?))
+}
+
+#[utoipa::path(get, path = "/provider/{name}/models/{model}", tag = "providers",
+    params(("name" = String, Path, description = "Provider id"), ("model" = String, Path, description = "Model id")),
+    responses((status = 200, body = Model), (status = 404, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
+pub(super) async fn get_model(State(state): State<AppState>, Path((name, model)): Path<(String, String)>) -> ApiResult<Json<Model>> {
+    models_of(&state, &name)
+        .await?
+        .into_iter()
+        .find(|m| m.id == model)
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("provider `{name}` has no model `{model}`")))
+}

@@ -1,0 +1,193 @@
+//! Settings: command-line flags, then the config file, then defaults.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+
+use crate::runtime::policy::{Limits, PluginPolicy, Policy};
+
+/// Hangar runs AI agents behind a REST API. Their tools (bash, read, write,
+/// edit, glob, grep, and any you add) and their model providers (Anthropic,
+/// Ollama, OpenAI-compatible) are WebAssembly components in a sandbox: a tool
+/// sees only its session's working directory, a provider only its granted
+/// hosts, and neither ever sees an API key.
+#[derive(Debug, Parser)]
+#[command(name = "hangar", version, about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (default: http://127.0.0.1:2323).
+    ///
+    /// Every setting can also come from the config file; flags win. Logs go
+    /// to standard error, filtered by RUST_LOG (default `info`).
+    Serve(ServeArgs),
+}
+
+#[derive(Debug, Default, Args)]
+pub struct ServeArgs {
+    /// Address to listen on. A non-loopback address requires --token.
+    #[arg(long)]
+    pub host: Option<IpAddr>,
+    /// Port to listen on (0 picks a free one and logs it).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// SQLite database file [default: $XDG_DATA_HOME/hangar/hangar.db]
+    #[arg(long, value_name = "PATH")]
+    pub db: Option<PathBuf>,
+    /// Directory of extra plugins (NAME.wasm + NAME.plugin.toml)
+    /// [default: $XDG_DATA_HOME/hangar/plugins]
+    #[arg(long = "plugins", value_name = "DIR")]
+    pub plugins_dir: Option<PathBuf>,
+    /// Cache of compiled plugins [default: $XDG_CACHE_HOME/hangar/compiled]
+    #[arg(long, value_name = "DIR")]
+    pub cache_dir: Option<PathBuf>,
+    /// Config file [default: $XDG_CONFIG_HOME/hangar/hangar.toml]
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// A browser origin allowed to call the API (repeatable). Others are refused.
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    pub cors_origins: Vec<String>,
+    /// API token clients must send as `Authorization: Bearer TOKEN`.
+    #[arg(long, env = "HANGAR_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory that session work_dirs must be inside (repeatable).
+    #[arg(long = "work-root", value_name = "DIR")]
+    pub work_roots: Vec<PathBuf>,
+    /// Most model calls in one run of the agent loop [default: 50]
+    #[arg(long)]
+    pub max_steps: Option<u32>,
+}
+
+/// The config file. Every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub host: Option<IpAddr>,
+    pub port: Option<u16>,
+    pub db: Option<PathBuf>,
+    pub plugins_dir: Option<PathBuf>,
+    pub cache_dir: Option<PathBuf>,
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    pub token: Option<String>,
+    #[serde(default)]
+    pub work_roots: Vec<PathBuf>,
+    pub max_steps: Option<u32>,
+    /// Refuse `bash` where the kernel cannot confine it.
+    #[serde(default)]
+    pub require_confinement: bool,
+    /// Default per-call limits of every plugin.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// Capabilities granted to third-party plugins, by plugin name.
+    #[serde(default)]
+    pub plugins: HashMap<String, PluginPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub timeout_ms: Option<u64>,
+    pub memory_mb: Option<u64>,
+    pub output_kb: Option<u64>,
+}
+
+/// The settings in force.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub host: IpAddr,
+    pub port: u16,
+    pub db: PathBuf,
+    pub plugins_dir: PathBuf,
+    pub cache_dir: PathBuf,
+    pub cors_origins: Vec<String>,
+    pub token: Option<String>,
+    pub work_roots: Vec<PathBuf>,
+    pub max_steps: u32,
+    pub policy: Policy,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read the config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("neither $HOME nor $XDG_{0}_HOME is set; pass the path explicitly")]
+    NoHome(&'static str),
+    #[error("refusing to listen on {0} without an API token: set --token or HANGAR_TOKEN")]
+    TokenRequired(IpAddr),
+    #[error("work root {path} is not a directory: {reason}")]
+    WorkRoot { path: PathBuf, reason: String },
+}
+
+fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
+    let key = format!("XDG_{var}_HOME");
+    match std::env::var_os(&key).filter(|v| !v.is_empty()) {
+        Some(dir) => Ok(PathBuf::from(dir)),
+        None => std::env::var_os("HOME")
+            .filter(|v| !v.is_empty())
+            .map(|home| Path::new(&home).join(fallback))
+            .ok_or(ConfigError::NoHome(var)),
+    }
+}
+
+impl Settings {
+    pub fn resolve(args: ServeArgs) -> Result<Settings, ConfigError> {
+        let (config_path, explicit) = match args.config.clone() {
+            Some(path) => (path, true),
+            None => (xdg("CONFIG", ".config")?.join("hangar/hangar.toml"), false),
+        };
+        let file = match std::fs::read_to_string(&config_path) {
+            Ok(text) => toml::from_str::<FileConfig>(&text)
+                .map_err(|source| ConfigError::Parse { path: config_path.clone(), source })?,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !explicit => FileConfig::default(),
+            Err(source) => return Err(ConfigError::Read { path: config_path, source }),
+        };
+        let data = || xdg("DATA", ".local/share").map(|d| d.join("hangar"));
+        let host = args.host.or(file.host).unwrap_or(IpAddr::from([127, 0, 0, 1]));
+        let token = args.token.or(file.token).filter(|t| !t.is_empty());
+        if !host.is_loopback() && token.is_none() {
+            return Err(ConfigError::TokenRequired(host));
+        }
+        let mut work_roots = if args.work_roots.is_empty() { file.work_roots } else { args.work_roots };
+        for root in &mut work_roots {
+            *root = root.canonicalize().map_err(|e| ConfigError::WorkRoot { path: root.clone(), reason: e.to_string() })?;
+        }
+        let defaults = Limits::default();
+        let limits = Limits {
+            deadline: file.limits.timeout_ms.map(Duration::from_millis).unwrap_or(defaults.deadline),
+            memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
+            output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
+        };
+        Ok(Settings {
+            host,
+            port: args.port.or(file.port).unwrap_or(2323),
+            db: match args.db.or(file.db) {
+                Some(db) => db,
+                None => data()?.join("hangar.db"),
+            },
+            plugins_dir: match args.plugins_dir.or(file.plugins_dir) {
+                Some(dir) => dir,
+                None => data()?.join("plugins"),
+            },
+            cache_dir: match args.cache_dir.or(file.cache_dir) {
+                Some(dir) => dir,
+                None => xdg("CACHE", ".cache")?.join("hangar/compiled"),
+            },
+            cors_origins: if args.cors_origins.is_empty() { file.cors_origins } else { args.cors_origins },
+            token,
+            work_roots,
+            max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
+            policy: Policy { plugins: file.plugins, defaults: limits, require_confinement: file.require_confinement },
+        })
+    }
+}

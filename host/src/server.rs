@@ -1,0 +1,88 @@
+//! Starting and stopping the server.
+
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::config::Settings;
+use crate::runtime::{Runtime, RuntimeConfig};
+use crate::store::Store;
+
+/// Time running steps get to finish after SIGINT/SIGTERM before they are cancelled.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Time cancelled runs get to store their history before the process exits.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("{0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("{0}")]
+    Runtime(#[from] crate::runtime::RuntimeError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("server: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+pub async fn serve(settings: Settings) -> Result<(), ServeError> {
+    let store = Store::open(&settings.db)?;
+    let runtime = Runtime::new(RuntimeConfig {
+        cache_dir: Some(settings.cache_dir.clone()),
+        policy: settings.policy.clone(),
+        ..Default::default()
+    })?;
+    // Registration is instant; compilation runs in the background, so
+    // `/health` answers at once and requests that need a plugin wait for it.
+    runtime.add_builtins()?;
+    if settings.plugins_dir.is_dir() {
+        runtime.add_directory(&settings.plugins_dir)?;
+    }
+
+    let addr = std::net::SocketAddr::new(settings.host, settings.port);
+    let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.to_string(), source })?;
+    let local = listener.local_addr()?;
+    let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
+    let state = AppState::new(store, runtime, settings.clone(), cancel_rx);
+    let runs = state.runs.clone();
+    let app = api::router(state);
+    tracing::info!(
+        db = %settings.db.display(),
+        plugins = %settings.plugins_dir.display(),
+        token = settings.token.is_some(),
+        "hangar listening on http://{local}"
+    );
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    let signal = shutdown_signal().await;
+    tracing::info!(signal, running = runs.count(), "shutting down: no new connections; running steps get {} s", SHUTDOWN_GRACE.as_secs());
+    let _ = stop_tx.send(());
+    let mut server = server;
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+        tracing::info!(running = runs.count(), "cancelling the runs still going");
+        let _ = cancel_tx.send(true);
+        if tokio::time::timeout(CANCEL_GRACE, &mut server).await.is_err() {
+            tracing::warn!("connections still open after cancelling; exiting anyway");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("install the SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("install the SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    }
+}

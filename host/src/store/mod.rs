@@ -1,0 +1,372 @@
+//! Persistence on SQLite (rusqlite): WAL mode, versioned migrations
+//! (rusqlite_migration), one transaction per write. The connection lives on
+//! blocking threads so the async server never waits on disk I/O.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite_migration::{M, Migrations};
+
+mod records;
+pub use records::*;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{kind} `{id}` does not exist")]
+    NotFound { kind: &'static str, id: String },
+    #[error("database: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("database migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("stored data is not valid JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("cannot open the database at {path}: {source}")]
+    Open { path: PathBuf, source: std::io::Error },
+    #[error("database task failed: {0}")]
+    Task(String),
+}
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(vec![M::up(
+        "CREATE TABLE agents (
+            id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            instructions TEXT NOT NULL,
+            tools TEXT NOT NULL,
+            provider TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE sessions (
+            id TEXT PRIMARY KEY,
+            work_dir TEXT,
+            history TEXT NOT NULL,
+            created_at TEXT NOT NULL,
+            updated_at TEXT NOT NULL
+        );
+        CREATE TABLE provider_auth (
+            provider TEXT PRIMARY KEY,
+            auth_type TEXT,
+            secret TEXT,
+            base_url TEXT,
+            updated_at TEXT NOT NULL
+        );",
+    )])
+}
+
+/// Timestamps as RFC 3339 UTC with millisecond precision.
+pub fn now() -> DateTime<Utc> {
+    let now = Utc::now();
+    DateTime::from_timestamp_millis(now.timestamp_millis()).unwrap_or(now)
+}
+
+fn ts(t: &DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(&text)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Store {
+    /// Opens (creating it with mode 0600 if needed) and migrates the database.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Open { path: path.into(), source })?;
+        }
+        // Create the file ourselves so it is never world-readable, not even
+        // for the moment before a chmod: it holds provider keys.
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .mode(0o600)
+                .open(path)
+                .map_err(|source| StoreError::Open { path: path.into(), source })?;
+        }
+        let mut conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrations().to_latest(&mut conn)?;
+        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+    }
+
+    /// Runs `f` on the connection on a blocking thread.
+    async fn with<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            f(&mut conn)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    // ----- agents -----
+
+    pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                params![
+                    agent.id,
+                    agent.name,
+                    agent.instructions,
+                    serde_json::to_string(&agent.tools)?,
+                    serde_json::to_string(&agent.provider)?,
+                    ts(&agent.created_at),
+                    ts(&agent.updated_at)
+                ],
+            )?;
+            Ok(agent)
+        })
+        .await
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        self.with(move |c| {
+            let n = c.execute(
+                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6 WHERE id = ?1",
+                params![
+                    agent.id,
+                    agent.name,
+                    agent.instructions,
+                    serde_json::to_string(&agent.tools)?,
+                    serde_json::to_string(&agent.provider)?,
+                    ts(&agent.updated_at)
+                ],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound { kind: "agent", id: agent.id });
+            }
+            Ok(agent)
+        })
+        .await
+    }
+
+    pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [&id], agent_row)
+                .optional()?
+                .ok_or(StoreError::NotFound { kind: "agent", id })?
+                .finish()
+        })
+        .await
+    }
+
+    pub async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
+            let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(RawAgent::finish).collect()
+        })
+        .await
+    }
+
+    pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
+        self.delete("agents", "agent", id).await
+    }
+
+    async fn delete(&self, table: &'static str, kind: &'static str, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            let n = c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?;
+            if n == 0 {
+                return Err(StoreError::NotFound { kind, id });
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    // ----- sessions -----
+
+    pub async fn insert_session(&self, session: Session) -> Result<Session, StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO sessions (id, work_dir, history, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![
+                    session.id,
+                    session.work_dir,
+                    serde_json::to_string(&session.history)?,
+                    ts(&session.created_at),
+                    ts(&session.updated_at)
+                ],
+            )?;
+            Ok(session)
+        })
+        .await
+    }
+
+    /// Writes a session's fields (and its whole history) in one transaction.
+    pub async fn update_session(&self, session: Session) -> Result<Session, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let n = tx.execute(
+                "UPDATE sessions SET work_dir = ?2, history = ?3, updated_at = ?4 WHERE id = ?1",
+                params![session.id, session.work_dir, serde_json::to_string(&session.history)?, ts(&session.updated_at)],
+            )?;
+            if n == 0 {
+                return Err(StoreError::NotFound { kind: "session", id: session.id });
+            }
+            tx.commit()?;
+            Ok(session)
+        })
+        .await
+    }
+
+    pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
+        let id = id.to_string();
+        self.with(move |c| {
+            c.query_row(&format!("{SESSION_SELECT} WHERE id = ?1"), [&id], session_row)
+                .optional()?
+                .ok_or(StoreError::NotFound { kind: "session", id })?
+                .finish()
+        })
+        .await
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<Session>, StoreError> {
+        self.with(|c| {
+            let mut stmt = c.prepare_cached(&format!("{SESSION_SELECT} ORDER BY id"))?;
+            let rows = stmt.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(RawSession::finish).collect()
+        })
+        .await
+    }
+
+    pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
+        self.delete("sessions", "session", id).await
+    }
+
+    // ----- provider credentials -----
+
+    pub async fn auth_records(&self) -> Result<Vec<AuthRecord>, StoreError> {
+        self.with(|c| {
+            let mut stmt =
+                c.prepare_cached("SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth ORDER BY provider")?;
+            let rows = stmt.query_map([], auth_row)?.collect::<Result<Vec<_>, _>>()?;
+            Ok(rows)
+        })
+        .await
+    }
+
+    pub async fn auth_record(&self, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
+        let provider = provider.to_string();
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE provider = ?1",
+                [&provider],
+                auth_row,
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    /// Writes several records at once: a PUT either applies whole or not at all.
+    pub async fn put_auth_records(&self, records: Vec<AuthRecord>) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for r in &records {
+                tx.execute(
+                    "INSERT INTO provider_auth (provider, auth_type, secret, base_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
+                    params![r.provider, r.auth_type, r.secret, r.base_url, ts(&r.updated_at)],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes a provider's record; false when there was none.
+    pub async fn delete_auth_record(&self, provider: &str) -> Result<bool, StoreError> {
+        let provider = provider.to_string();
+        self.with(move |c| Ok(c.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0)).await
+    }
+}
+
+const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at FROM agents";
+const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at FROM sessions";
+
+/// A row before its JSON columns are decoded (rusqlite's row closure cannot
+/// return our error type).
+struct RawAgent(Agent, String, String);
+
+impl RawAgent {
+    fn finish(self) -> Result<Agent, StoreError> {
+        let RawAgent(mut agent, tools, provider) = self;
+        agent.tools = serde_json::from_str(&tools)?;
+        agent.provider = serde_json::from_str(&provider)?;
+        Ok(agent)
+    }
+}
+
+fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
+    Ok(RawAgent(
+        Agent {
+            id: row.get(0)?,
+            name: row.get(1)?,
+            instructions: row.get(2)?,
+            tools: Vec::new(),
+            provider: AgentProvider::default(),
+            created_at: parse_ts(row.get(5)?)?,
+            updated_at: parse_ts(row.get(6)?)?,
+        },
+        row.get(3)?,
+        row.get(4)?,
+    ))
+}
+
+struct RawSession(Session, String);
+
+impl RawSession {
+    fn finish(self) -> Result<Session, StoreError> {
+        let RawSession(mut session, history) = self;
+        session.history = serde_json::from_str(&history)?;
+        Ok(session)
+    }
+}
+
+fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawSession> {
+    Ok(RawSession(
+        Session {
+            id: row.get(0)?,
+            work_dir: row.get(1)?,
+            history: Vec::new(),
+            created_at: parse_ts(row.get(3)?)?,
+            updated_at: parse_ts(row.get(4)?)?,
+        },
+        row.get(2)?,
+    ))
+}
+
+fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
+    Ok(AuthRecord {
+        provider: row.get(0)?,
+        auth_type: row.get(1)?,
+        secret: row.get(2)?,
+        base_url: row.get(3)?,
+        updated_at: parse_ts(row.get(4)?)?,
+    })
+}
+

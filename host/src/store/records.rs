@@ -1,0 +1,102 @@
+//! The stored resources, in the shapes the API shows them.
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// An agent: instructions, tools and a model.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Agent {
+    /// ULID.
+    pub id: String,
+    pub name: String,
+    /// The system prompt.
+    pub instructions: String,
+    /// Names of the tools the agent may call.
+    pub tools: Vec<String>,
+    pub provider: AgentProvider,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// Which model answers for an agent, and how.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, ToSchema)]
+pub struct AgentProvider {
+    /// A provider id from `GET /provider`.
+    pub id: String,
+    /// A model id of that provider.
+    pub model: String,
+    /// Upper bound on output tokens per model call.
+    pub max_tokens: u32,
+    /// Sampling temperature (0 to 2); `null` leaves the provider's default.
+    pub temperature: Option<f64>,
+}
+
+/// A conversation on a working directory.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct Session {
+    /// ULID.
+    pub id: String,
+    /// Absolute path of the directory the tools work in, or `null`.
+    pub work_dir: Option<String>,
+    /// Every message so far, oldest first.
+    pub history: Vec<HistoryMessage>,
+    pub created_at: DateTime<Utc>,
+    pub updated_at: DateTime<Utc>,
+}
+
+/// One message of a session's history, with Anthropic-style content blocks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct HistoryMessage {
+    pub role: HistoryRole,
+    pub content: Vec<Block>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum HistoryRole {
+    User,
+    Assistant,
+}
+
+/// A content block.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Block {
+    Text {
+        text: String,
+    },
+    ToolUse {
+        id: String,
+        name: String,
+        #[schema(value_type = Object)]
+        input: serde_json::Value,
+    },
+    ToolResult {
+        tool_use_id: String,
+        content: String,
+        is_error: bool,
+    },
+}
+
+/// Stored credentials and settings of one provider. Never serialized: the
+/// key is write-only.
+#[derive(Clone)]
+pub struct AuthRecord {
+    pub provider: String,
+    pub auth_type: Option<String>,
+    pub secret: Option<String>,
+    pub base_url: Option<String>,
+    pub updated_at: DateTime<Utc>,
+}
+
+impl std::fmt::Debug for AuthRecord {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AuthRecord")
+            .field("provider", &self.provider)
+            .field("auth_type", &self.auth_type)
+            .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
+            .field("base_url", &self.base_url)
+            .finish()
+    }
+}
