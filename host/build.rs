@@ -28,6 +28,7 @@ fn main() {
         .unwrap_or_else(|| root.join("target"))
         .join("plugins");
 
+    ensure_wasm_target();
     let mut entries = String::from("&[\n");
     for (dir, kind) in KINDS {
         let members = members(&plugins.join(dir));
@@ -53,6 +54,23 @@ fn main() {
     entries.push(']');
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("builtin_plugins.rs");
     fs::write(out, entries).unwrap();
+}
+
+/// A fresh machine may have the pinned toolchain without the wasm target
+/// (rustup adds the toolchain file's targets only when it installs the
+/// toolchain itself): add it, so one `cargo build` is all a newcomer runs.
+fn ensure_wasm_target() {
+    let rustc = env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let sysroot = Command::new(&rustc).args(["--print", "sysroot"]).output().ok().filter(|o| o.status.success());
+    let Some(sysroot) = sysroot.map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string()) else { return };
+    if Path::new(&sysroot).join("lib/rustlib/wasm32-wasip2").exists() {
+        return;
+    }
+    println!("cargo:warning=installing the wasm32-wasip2 target with rustup (needed for the built-in plugins)");
+    let status = Command::new("rustup").args(["target", "add", "wasm32-wasip2"]).status();
+    if !matches!(status, Ok(s) if s.success()) {
+        println!("cargo:warning=`rustup target add wasm32-wasip2` failed; install the target by hand");
+    }
 }
 
 /// `(directory name, package name)` of each plugin crate under `dir`.
