@@ -16,3 +16,5 @@ pub fn runtime() -> Runtime {
     runtime.add_builtins().unwrap();
     runtime
 }
+
+pub mod server;
