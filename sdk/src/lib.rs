@@ -65,6 +65,8 @@ pub mod log;
 pub mod process;
 #[cfg(feature = "provider")]
 pub mod provider;
+#[cfg(feature = "provider")]
+pub mod sse;
 #[cfg(feature = "tool")]
 pub mod tool;
 

@@ -70,6 +70,55 @@ impl ProviderError {
     }
 }
 
+impl ProviderError {
+    /// Classifies an HTTP response that is not a success: the kind from the
+    /// status (see [`ProviderError::from_status`]), the wait from
+    /// `retry-after-ms` or `retry-after`, and as `message` the vendor's own
+    /// text, taken from the error shapes vendors use (`{"error": {"message":
+    /// ...}}`, `{"error": "..."}`, `{"message": ...}`) or else the body
+    /// itself (cut to 1000 characters).
+    pub fn from_response(response: crate::http::Response) -> Self {
+        let status = response.status;
+        let retry_after_ms = response
+            .header("retry-after-ms")
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .filter(|ms| ms.is_finite() && *ms >= 0.0)
+            .map(|ms| ms as u64);
+        let retry_after = response.header("retry-after").map(str::to_owned);
+        let body = response.bytes().unwrap_or_default();
+        let message = vendor_message(&body).unwrap_or_else(|| format!("HTTP {status} with no error message"));
+        let mut err = ProviderError::from_status(status, message).with_retry_after(retry_after.as_deref());
+        if retry_after_ms.is_some() {
+            err.retry_after_ms = retry_after_ms;
+        }
+        err
+    }
+}
+
+/// The human-readable message in an error body, if it has any text.
+fn vendor_message(body: &[u8]) -> Option<String> {
+    if let Ok(json) = serde_json::from_slice::<serde_json::Value>(body) {
+        let error = json.get("error");
+        let text = error
+            .and_then(|e| e.get("message"))
+            .or_else(|| error.filter(|e| e.is_string()))
+            .or_else(|| json.get("message"))
+            .or_else(|| json.get("detail"))
+            .and_then(|m| m.as_str());
+        if let Some(text) = text {
+            // Anthropic and OpenAI also name the error's type; it helps a person.
+            let kind = error.and_then(|e| e.get("type")).and_then(|t| t.as_str());
+            return Some(match kind {
+                Some(kind) if !kind.is_empty() => format!("{kind}: {text}"),
+                _ => text.to_string(),
+            });
+        }
+    }
+    let text = String::from_utf8_lossy(body);
+    let text = text.trim();
+    (!text.is_empty()).then(|| text.chars().take(1000).collect())
+}
+
 impl From<crate::http::HttpError> for ProviderError {
     fn from(err: crate::http::HttpError) -> Self {
         use crate::http::HttpError;

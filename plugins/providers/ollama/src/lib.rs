@@ -1,0 +1,309 @@
+//! `ollama`: a local Ollama server's `/api/chat`, streamed.
+//!
+//! The answer is NDJSON: one JSON object per line, each with a piece of
+//! `message.content` and, when the model calls tools, whole `tool_calls`
+//! (Ollama does not stream arguments); the last line has `done: true`, the
+//! `done_reason` and the token counts. Ollama takes no key.
+
+use std::io::{BufRead, BufReader};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use hangar_sdk::http::{BodyReader, HttpError, Request};
+use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart};
+use hangar_sdk::serde_json::{self, Value, json};
+use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
+use hangar_sdk::{EventStream, Provider, export_provider};
+
+/// Where Ollama listens unless told otherwise.
+const DEFAULT_BASE: &str = "http://127.0.0.1:11434";
+/// Ollama's port, for an `OLLAMA_HOST` that names only a host.
+const DEFAULT_PORT: u16 = 11434;
+/// Listing models touches only the local server.
+const MODELS_TIMEOUT_MS: u32 = 10_000;
+/// Ollama loads a model before the first byte of the answer, which can take
+/// minutes for a large one.
+const COMPLETE_TIMEOUT_MS: u32 = 300_000;
+
+/// The adapter; exported as the component's `provider-api`.
+pub struct Ollama;
+
+impl Provider for Ollama {
+    type Stream = ChatStream;
+
+    fn info() -> ProviderInfo {
+        ProviderInfo { id: "ollama".into(), name: "Ollama".into(), auth_types: Vec::new(), lists_models: true }
+    }
+
+    fn models(cfg: Config) -> Result<Vec<ModelInfo>, ProviderError> {
+        let base = base_url(&cfg);
+        let response = Request::get(format!("{base}/api/tags"))
+            .timeout_ms(MODELS_TIMEOUT_MS)
+            .send()
+            .map_err(|e| unreachable(&base, e))?;
+        if !(200..300).contains(&response.status) {
+            return Err(ProviderError::from_response(response));
+        }
+        let body = response.bytes().map_err(|e| unreachable(&base, e))?;
+        let json: Value = serde_json::from_slice(&body).map_err(|e| bad(&format!("/api/tags is not JSON: {e}")))?;
+        let list = json["models"].as_array().ok_or_else(|| bad("/api/tags has no `models` array"))?;
+        Ok(list
+            .iter()
+            .filter_map(|m| {
+                let id = m["model"].as_str().or_else(|| m["name"].as_str())?;
+                let name = m["name"].as_str().unwrap_or(id);
+                Some(ModelInfo { id: id.into(), name: name.into(), context_window: context_length(&base, id) })
+            })
+            .collect())
+    }
+
+    fn complete(cfg: Config, req: Completion) -> Result<ChatStream, ProviderError> {
+        let base = base_url(&cfg);
+        let response = Request::post_json(format!("{base}/api/chat"), &request_body(&req))
+            .timeout_ms(COMPLETE_TIMEOUT_MS)
+            .send()
+            .map_err(|e| unreachable(&base, e))?;
+        if !(200..300).contains(&response.status) {
+            return Err(ProviderError::from_response(response));
+        }
+        Ok(ChatStream::new(response.into_reader()))
+    }
+}
+
+export_provider!(Ollama);
+
+/// The base URL, from the operator's setting (often `OLLAMA_HOST`, which
+/// Ollama itself accepts without a scheme or port, and as `0.0.0.0` to mean
+/// "listen everywhere") or the default.
+fn base_url(cfg: &Config) -> String {
+    let Some(raw) = cfg.base_url.as_deref().map(str::trim).filter(|b| !b.is_empty()) else {
+        return DEFAULT_BASE.into();
+    };
+    let raw = raw.trim_end_matches('/');
+    let (scheme, rest) = raw.split_once("://").unwrap_or(("http", raw));
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let has_port = authority.rsplit_once(':').is_some_and(|(_, p)| p.bytes().all(|b| b.is_ascii_digit()))
+        && !authority.ends_with(']');
+    let authority = if has_port { authority.to_string() } else { format!("{authority}:{DEFAULT_PORT}") };
+    // A listen-everywhere address is reached on loopback.
+    let authority = authority.replacen("0.0.0.0:", "127.0.0.1:", 1);
+    format!("{scheme}://{authority}{path}")
+}
+
+/// A failure to reach Ollama, naming the address tried: the usual cause is
+/// a server that is not running, or runs elsewhere.
+fn unreachable(base: &str, err: HttpError) -> ProviderError {
+    let mut out = ProviderError::from(err);
+    if matches!(out.kind, ErrorKind::Connection) {
+        out.message = format!("cannot reach Ollama at {base} (is `ollama serve` running? set OLLAMA_HOST otherwise): {}", out.message);
+    }
+    out
+}
+
+/// The context length `/api/show` reports (`model_info` holds it as
+/// `<architecture>.context_length`); `None` when it does not answer.
+fn context_length(base: &str, model: &str) -> Option<u64> {
+    let response = Request::post_json(format!("{base}/api/show"), &json!({"model": model}))
+        .timeout_ms(MODELS_TIMEOUT_MS)
+        .send()
+        .ok()
+        .filter(|r| (200..300).contains(&r.status))?;
+    let json: Value = serde_json::from_slice(&response.bytes().ok()?).ok()?;
+    json["model_info"].as_object()?.iter().find(|(k, _)| k.ends_with(".context_length")).and_then(|(_, v)| v.as_u64())
+}
+
+/// The `/api/chat` request body for a Hangar request.
+///
+/// Hangar's history holds Anthropic-style blocks; Ollama wants an assistant
+/// message with `tool_calls` (arguments as an object), then `role: tool`
+/// messages naming the tool they answer.
+fn request_body(req: &Completion) -> Value {
+    let mut messages = Vec::new();
+    if let Some(system) = req.system.as_deref().filter(|s| !s.is_empty()) {
+        messages.push(json!({"role": "system", "content": system}));
+    }
+    for (position, message) in req.messages.iter().enumerate() {
+        let text: Vec<&str> = message
+            .content
+            .iter()
+            .filter_map(|b| match b {
+                ContentBlock::Text(t) if !t.is_empty() => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        let text = text.join("\n");
+        match message.role {
+            Role::User => {
+                for block in &message.content {
+                    if let ContentBlock::ToolResult(result) = block {
+                        let content =
+                            if result.is_error { format!("Error: {}", result.content) } else { result.content.clone() };
+                        let mut out = json!({"role": "tool", "content": content, "tool_call_id": result.tool_use_id});
+                        if let Some(name) = tool_name(&req.messages[..position], &result.tool_use_id) {
+                            out["tool_name"] = json!(name);
+                        }
+                        messages.push(out);
+                    }
+                }
+                if !text.is_empty() {
+                    messages.push(json!({"role": "user", "content": text}));
+                }
+            }
+            Role::Assistant => {
+                let calls: Vec<Value> = message
+                    .content
+                    .iter()
+                    .filter_map(|b| match b {
+                        ContentBlock::ToolUse(call) => Some(json!({
+                            "id": call.id,
+                            "function": {
+                                "name": call.name,
+                                "arguments": serde_json::from_str::<Value>(&call.input).unwrap_or_else(|_| json!({})),
+                            },
+                        })),
+                        _ => None,
+                    })
+                    .collect();
+                let mut out = json!({"role": "assistant", "content": text});
+                if !calls.is_empty() {
+                    out["tool_calls"] = json!(calls);
+                }
+                messages.push(out);
+            }
+        }
+    }
+    let mut options = json!({"num_predict": req.max_tokens});
+    if let Some(t) = req.temperature {
+        options["temperature"] = json!((f64::from(t) * 1e6).round() / 1e6);
+    }
+    let mut body = json!({"model": req.model, "messages": messages, "stream": true, "options": options});
+    if !req.tools.is_empty() {
+        let tools: Vec<Value> = req
+            .tools
+            .iter()
+            .map(|t| {
+                let schema: Value = serde_json::from_str(&t.input_schema).unwrap_or_else(|_| json!({"type": "object"}));
+                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": schema}})
+            })
+            .collect();
+        body["tools"] = json!(tools);
+    }
+    body
+}
+
+/// The name of the tool a result answers: the latest earlier call with its id.
+fn tool_name<'a>(earlier: &'a [hangar_sdk::types::Message], id: &str) -> Option<&'a str> {
+    earlier.iter().rev().flat_map(|m| m.content.iter()).find_map(|b| match b {
+        ContentBlock::ToolUse(call) if call.id == id => Some(call.name.as_str()),
+        _ => None,
+    })
+}
+
+/// The events of one streamed answer.
+pub struct ChatStream {
+    lines: BufReader<BodyReader>,
+    line: Vec<u8>,
+    queue: std::collections::VecDeque<Event>,
+    /// Makes the ids of this answer's tool calls unique across the
+    /// conversation (Ollama gives calls no ids of its own).
+    id_prefix: String,
+    calls: usize,
+    finished: bool,
+}
+
+impl ChatStream {
+    fn new(body: BodyReader) -> Self {
+        let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        ChatStream {
+            lines: BufReader::new(body),
+            line: Vec::new(),
+            queue: Default::default(),
+            id_prefix: format!("call_{:x}", nanos & 0xffff_ffff_ffff),
+            calls: 0,
+            finished: false,
+        }
+    }
+
+    /// Turns one NDJSON line into zero or more Hangar events.
+    fn handle(&mut self, line: &[u8]) -> Result<(), ProviderError> {
+        let json: Value = serde_json::from_slice(line).map_err(|e| {
+            let excerpt: String = String::from_utf8_lossy(line).chars().take(200).collect();
+            bad(&format!("malformed line ({e}): {excerpt}"))
+        })?;
+        if let Some(error) = json["error"].as_str() {
+            // A failure after the 200 went out (the model runner died, ...).
+            return Err(ProviderError { status: None, ..ProviderError::from_status(500, error) });
+        }
+        let message = &json["message"];
+        if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {
+            self.queue.push_back(Event::Text(text.into()));
+        }
+        for call in message["tool_calls"].as_array().into_iter().flatten() {
+            let name = call["function"]["name"].as_str().filter(|n| !n.is_empty()).ok_or_else(|| bad("a tool call without a name"))?;
+            let id = match call["id"].as_str().filter(|s| !s.is_empty()) {
+                Some(id) => id.to_string(),
+                None => format!("{}_{}", self.id_prefix, self.calls),
+            };
+            self.calls += 1;
+            let arguments = match &call["function"]["arguments"] {
+                Value::Null => "{}".to_string(),
+                // Some models' arguments arrive as JSON text.
+                Value::String(text) if serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()) => text.clone(),
+                other => other.to_string(),
+            };
+            self.queue.push_back(Event::ToolUseStart(ToolUseStart { id: id.clone(), name: name.into() }));
+            self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: arguments }));
+            self.queue.push_back(Event::ToolUseEnd(id));
+        }
+        if json["done"].as_bool() == Some(true) {
+            self.queue.push_back(Event::Usage(Usage {
+                input_tokens: json["prompt_eval_count"].as_u64().unwrap_or(0),
+                output_tokens: json["eval_count"].as_u64().unwrap_or(0),
+            }));
+            let reason = match json["done_reason"].as_str() {
+                // Ollama says `stop` after tool calls too.
+                _ if self.calls > 0 => StopReason::ToolUse,
+                Some("length") => StopReason::MaxTokens,
+                _ => StopReason::EndTurn,
+            };
+            self.queue.push_back(Event::Stop(reason));
+            self.finished = true;
+        }
+        Ok(())
+    }
+}
+
+impl EventStream for ChatStream {
+    fn next(&mut self) -> Result<Option<Event>, ProviderError> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(Some(event));
+            }
+            if self.finished {
+                return Ok(None);
+            }
+            self.line.clear();
+            // One line at a time, as it arrives: `read_until` returns as soon
+            // as the newline is in.
+            let read = self
+                .lines
+                .read_until(b'\n', &mut self.line)
+                .map_err(|e| bad(&format!("the stream broke off: {e}")))?;
+            if read == 0 {
+                return Err(bad("the stream ended before a `done` line (truncated)"));
+            }
+            let line = std::mem::take(&mut self.line);
+            let trimmed = line.trim_ascii();
+            if !trimmed.is_empty() {
+                self.handle(trimmed)?;
+            }
+            self.line = line;
+        }
+    }
+}
+
+fn bad(message: &str) -> ProviderError {
+    ProviderError::new(ErrorKind::BadResponse, message)
+}
