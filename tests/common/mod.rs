@@ -18,3 +18,4 @@ pub fn runtime() -> Runtime {
 }
 
 pub mod server;
+pub mod fake;
