@@ -19,3 +19,19 @@ pub fn runtime() -> Runtime {
 
 pub mod server;
 pub mod fake;
+
+/// Calls a tool through the runtime with `input` in `work_dir`; panics only
+/// when the call itself fails (a tool error is an `is_error` output).
+pub async fn call(
+    runtime: &Runtime,
+    tool: &str,
+    input: serde_json::Value,
+    work_dir: &std::path::Path,
+) -> hangar::runtime::ToolOutput {
+    let invocation = hangar::runtime::ToolInvocation {
+        id: "call-1".into(),
+        input: input.to_string(),
+        work_dir: Some(work_dir.to_path_buf()),
+    };
+    runtime.call_tool(tool, invocation).await.unwrap_or_else(|e| panic!("{tool} {input}: {e}"))
+}

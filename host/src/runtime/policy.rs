@@ -9,6 +9,10 @@ use serde::Deserialize;
 use super::RuntimeError;
 use super::manifest::{FsAccess, Manifest};
 
+/// How `process` commands are confined on this machine (Landlock, PID
+/// namespace): probed once, for the server to report.
+pub use super::process::{Confinement, confinement};
+
 /// Per-call limits of a plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
@@ -65,6 +69,29 @@ impl Policy {
     /// The grants for a plugin, or the first capability its manifest asks
     /// for that the policy does not allow.
     pub fn grant(&self, manifest: &Manifest, builtin: bool) -> Result<Grants, RuntimeError> {
+        let confined = !manifest.capabilities.process || confinement().is_complete();
+        self.grant_on(manifest, builtin, confined)
+    }
+
+    /// [`Policy::grant`] on a machine that can (`confined`) or cannot
+    /// confine commands. Where it cannot and the operator requires
+    /// confinement, `process` is withheld: the plugin still registers, but
+    /// fails to load with an error naming the capability, so `bash`
+    /// refuses to run rather than run unconfined.
+    fn grant_on(&self, manifest: &Manifest, builtin: bool, confined: bool) -> Result<Grants, RuntimeError> {
+        let grants = self.grant_asked(manifest, builtin)?;
+        if grants.process && self.require_confinement && !confined {
+            tracing::warn!(
+                plugin = %manifest.name,
+                "not granting `process`: the operator requires confinement and this machine runs commands {}",
+                confinement().describe()
+            );
+            return Ok(Grants { process: false, ..grants });
+        }
+        Ok(grants)
+    }
+
+    fn grant_asked(&self, manifest: &Manifest, builtin: bool) -> Result<Grants, RuntimeError> {
         let asked = &manifest.capabilities;
         let name = &manifest.name;
         let parse = |pattern: &String| {
@@ -232,6 +259,15 @@ mod tests {
         }
         // Built-ins get what they ask for.
         assert!(policy.grant(&manifest("process = true"), true).unwrap().process);
+    }
+
+    #[test]
+    fn required_confinement_withholds_process_where_the_machine_cannot_confine() {
+        let mut policy = Policy::default();
+        assert!(policy.grant_on(&manifest("process = true"), true, false).unwrap().process, "not required: unconfined is allowed");
+        policy.require_confinement = true;
+        assert!(!policy.grant_on(&manifest("process = true"), true, false).unwrap().process);
+        assert!(policy.grant_on(&manifest("process = true"), true, true).unwrap().process);
     }
 
     #[test]

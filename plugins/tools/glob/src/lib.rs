@@ -1,0 +1,116 @@
+//! `glob`: files whose path matches a glob pattern, newest first.
+//!
+//! The walk is the `ignore` crate's (ripgrep's walker, run single-threaded
+//! here): it skips `.git` and whatever `.gitignore` / `.ignore` files
+//! exclude, and never follows symlinks. Matching is `globset`'s.
+
+use std::path::Path;
+use std::time::SystemTime;
+
+use globset::{GlobBuilder, GlobMatcher};
+use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use ignore::WalkBuilder;
+use serde::Deserialize;
+
+const MAX_RESULTS: usize = 100;
+
+struct Glob;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    pattern: String,
+    path: Option<String>,
+}
+
+impl Tool for Glob {
+    type Input = Input;
+
+    fn spec() -> ToolSpec {
+        tool_spec(
+            "glob",
+            "Finds files by name pattern, like `**/*.rs` or `src/**/*.{ts,tsx}`, in the working \
+             directory (or in `path` inside it). A pattern without `/` matches file names in any \
+             directory. Skips `.git` and gitignored paths. Returns paths newest first, at most 100.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "pattern": {"type": "string", "description": "Glob pattern, matched against paths relative to the searched directory"},
+                    "path": {"type": "string", "description": "Directory to search (default: the working directory)"}
+                },
+                "required": ["pattern"],
+                "additionalProperties": false
+            }),
+        )
+    }
+
+    fn run(ctx: &Context, input: Input) -> Result<String, Error> {
+        let root = ctx.path(input.path.as_deref().unwrap_or("."))?;
+        let shown_root = ctx.display(&root).into_owned();
+        let meta = std::fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
+        if !meta.is_dir() {
+            return Err(Error::msg(format!("`{shown_root}` is not a directory; `path` must name a directory")));
+        }
+        let pattern = input.pattern.trim_start_matches("./");
+        let matcher = compile(pattern)?;
+        let by_name = !pattern.contains('/');
+
+        let mut found: Vec<(SystemTime, String)> = Vec::new();
+        for entry in walker(&root).flatten() {
+            let Some(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                continue;
+            }
+            let Ok(rel) = entry.path().strip_prefix(&root) else { continue };
+            let hit = if by_name {
+                entry.path().file_name().is_some_and(|n| matcher.is_match(n))
+            } else {
+                matcher.is_match(rel)
+            };
+            if hit {
+                let mtime = entry.metadata().ok().and_then(|m| m.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+                found.push((mtime, ctx.display(entry.path()).into_owned()));
+            }
+        }
+        if found.is_empty() {
+            return Ok(format!("No files match `{}` in `{shown_root}`.", input.pattern));
+        }
+        // Newest first; ties by path so the order is stable.
+        found.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+        let total = found.len();
+        let mut out: String = found.iter().take(MAX_RESULTS).map(|(_, p)| format!("{p}\n")).collect();
+        if total > MAX_RESULTS {
+            out.push_str(&format!(
+                "\n(Showing the {MAX_RESULTS} newest of {total} files. Use a narrower pattern or path to see the rest.)\n"
+            ));
+        }
+        Ok(out)
+    }
+}
+
+fn compile(pattern: &str) -> Result<GlobMatcher, Error> {
+    GlobBuilder::new(pattern)
+        // `*` stays within one directory; `**` crosses directories.
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| Error::msg(format!("invalid glob pattern `{pattern}`: {e}")))
+}
+
+/// A single-threaded walk that honours `.gitignore` (even outside a git
+/// repository), `.ignore` and `.git/info/exclude`, shows dotfiles, and
+/// never enters `.git` or follows a symlink.
+fn walker(root: &Path) -> ignore::Walk {
+    let mut builder = WalkBuilder::new(root);
+    builder
+        .hidden(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .follow_links(false)
+        .filter_entry(|e| e.file_name() != ".git");
+    builder.build()
+}
+
+export_tool!(Glob);

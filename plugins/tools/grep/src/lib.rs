@@ -1,0 +1,173 @@
+//! `grep`: lines matching a regular expression, as `path:line: text`.
+//!
+//! The regex crate guarantees linear-time matching, so no pattern the
+//! model writes can hang the call. The walk is the `ignore` crate's
+//! (single-threaded): `.git` and gitignored paths are skipped.
+
+use std::fs;
+use std::path::Path;
+
+use globset::{GlobBuilder, GlobMatcher};
+use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use ignore::WalkBuilder;
+use regex::{Regex, RegexBuilder};
+use serde::Deserialize;
+
+const MAX_MATCHES: usize = 100;
+const MAX_LINE_CHARS: usize = 500;
+/// Larger files are skipped (and counted): they are data, not source.
+const MAX_FILE_BYTES: u64 = 16 << 20;
+/// A NUL byte in the first block marks a file as binary.
+const BINARY_PROBE: usize = 8192;
+
+struct Grep;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Input {
+    pattern: String,
+    path: Option<String>,
+    include: Option<String>,
+}
+
+impl Tool for Grep {
+    type Input = Input;
+
+    fn spec() -> ToolSpec {
+        tool_spec(
+            "grep",
+            "Searches file contents with a regular expression (Rust regex syntax) in the working \
+             directory (or in `path` inside it). `include` filters files by glob, like `*.rs` or \
+             `*.{ts,tsx}`. Skips binary files, `.git` and gitignored paths. Returns \
+             `path:line: text` lines, at most 100.",
+            json!({
+                "type": "object",
+                "properties": {
+                    "pattern": {"type": "string", "description": "Regular expression to search for"},
+                    "path": {"type": "string", "description": "File or directory to search (default: the working directory)"},
+                    "include": {"type": "string", "description": "Glob of the files to search, e.g. `*.rs`"}
+                },
+                "required": ["pattern"],
+                "additionalProperties": false
+            }),
+        )
+    }
+
+    fn run(ctx: &Context, input: Input) -> Result<String, Error> {
+        let regex = RegexBuilder::new(&input.pattern)
+            .multi_line(true)
+            .size_limit(16 << 20)
+            .build()
+            .map_err(|e| Error::msg(format!("invalid regular expression: {e}")))?;
+        let include = input.include.as_deref().map(compile).transpose()?;
+        let root = ctx.path(input.path.as_deref().unwrap_or("."))?;
+        let shown_root = ctx.display(&root).into_owned();
+        fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
+
+        let mut search = Search { out: String::new(), matches: 0, cut: false, skipped_large: 0 };
+        for entry in walker(&root).flatten() {
+            if !entry.file_type().is_some_and(|t| t.is_file()) {
+                continue;
+            }
+            let path = entry.path();
+            if let Some(include) = &include {
+                let name_hit = path.file_name().is_some_and(|n| include.is_match(n));
+                let rel_hit = path.strip_prefix(&root).is_ok_and(|r| include.is_match(r));
+                if !name_hit && !rel_hit {
+                    continue;
+                }
+            }
+            search.file(ctx, path, &regex);
+            if search.cut {
+                break;
+            }
+        }
+        let mut out = search.out;
+        if search.matches == 0 {
+            out = format!("No matches for `{}` in `{shown_root}`.\n", input.pattern);
+        } else if search.cut {
+            out.push_str(&format!(
+                "\n(Showing the first {MAX_MATCHES} matches; there are more. Use a narrower pattern, path or include.)\n"
+            ));
+        }
+        if search.skipped_large > 0 {
+            out.push_str(&format!("({} files over {} MB were not searched.)\n", search.skipped_large, MAX_FILE_BYTES >> 20));
+        }
+        Ok(out)
+    }
+}
+
+struct Search {
+    out: String,
+    matches: usize,
+    cut: bool,
+    skipped_large: usize,
+}
+
+impl Search {
+    fn file(&mut self, ctx: &Context, path: &Path, regex: &Regex) {
+        match fs::metadata(path) {
+            Ok(meta) if meta.len() > MAX_FILE_BYTES => {
+                self.skipped_large += 1;
+                return;
+            }
+            Ok(_) => {}
+            Err(_) => return,
+        }
+        // One read for the whole file: each WASI read is a host round trip.
+        let Ok(bytes) = fs::read(path) else { return };
+        if bytes[..bytes.len().min(BINARY_PROBE)].contains(&0) {
+            return;
+        }
+        let text = String::from_utf8_lossy(&bytes);
+        // Most files do not match at all: one pass over the whole text
+        // rules them out before any line splitting.
+        if !regex.is_match(&text) {
+            return;
+        }
+        let shown = ctx.display(path);
+        for (index, line) in text.lines().enumerate() {
+            if !regex.is_match(line) {
+                continue;
+            }
+            if self.matches == MAX_MATCHES {
+                self.cut = true;
+                return;
+            }
+            self.matches += 1;
+            let line = match line.char_indices().nth(MAX_LINE_CHARS) {
+                Some((cut, _)) => format!("{}… [line cut]", &line[..cut]),
+                None => line.to_string(),
+            };
+            self.out.push_str(&format!("{shown}:{}: {line}\n", index + 1));
+        }
+    }
+}
+
+fn compile(pattern: &str) -> Result<GlobMatcher, Error> {
+    GlobBuilder::new(pattern)
+        .literal_separator(true)
+        .build()
+        .map(|g| g.compile_matcher())
+        .map_err(|e| Error::msg(format!("invalid include pattern `{pattern}`: {e}")))
+}
+
+/// A single-threaded walk that honours `.gitignore` (even outside a git
+/// repository), `.ignore` and `.git/info/exclude`, shows dotfiles, and
+/// never enters `.git` or follows a symlink. Sorted by name so results
+/// are stable.
+fn walker(root: &Path) -> ignore::Walk {
+    let mut builder = WalkBuilder::new(root);
+    builder
+        .hidden(false)
+        .git_ignore(true)
+        .git_exclude(true)
+        .git_global(false)
+        .require_git(false)
+        .follow_links(false)
+        .sort_by_file_name(|a, b| a.cmp(b))
+        .filter_entry(|e| e.file_name() != ".git");
+    builder.build()
+}
+
+export_tool!(Grep);

@@ -1,0 +1,292 @@
+//! The escape corpus (`escape_corpus.tsv`, one attempt per row) run through
+//! the real components: no planted secret in any result, nothing outside the
+//! working directory changed, no process left behind. Then the limits, and a
+//! test per capability that it is refused when not granted.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::os::unix::fs::symlink;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use hangar::runtime::policy::PluginPolicy;
+use hangar::runtime::{
+    BUILTINS, FsAccess, Manifest, Policy, Runtime, RuntimeConfig, RuntimeError, Source, ToolInvocation,
+};
+use serde_json::json;
+
+const SECRET: &str = "TOP-SECRET-OUTSIDE-THE-WORK-DIR";
+/// Every process a corpus row tries to leave behind has this in its command line.
+const PROCESS_MARKER: &str = "sleep 42424";
+
+struct Fixture {
+    root: tempfile::TempDir,
+    work: PathBuf,
+    outside: PathBuf,
+    home_secret: PathBuf,
+    /// Places outside every fixture directory a row may try to create.
+    planted: Vec<PathBuf>,
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.home_secret);
+        for p in &self.planted {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::home_dir().unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+fn fixture() -> Fixture {
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(work.join("sub")).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(work.join("hello.txt"), "hello\n").unwrap();
+    fs::write(outside.join("secret.txt"), SECRET).unwrap();
+    symlink(outside.join("secret.txt"), work.join("abs-link")).unwrap();
+    symlink("../outside/secret.txt", work.join("rel-link")).unwrap();
+    symlink(&outside, work.join("dir-link")).unwrap();
+    let home_secret = home().join(format!(".hangar-escape-secret-{}", std::process::id()));
+    fs::write(&home_secret, SECRET).unwrap();
+    let planted = vec![PathBuf::from("/tmp/hangar-escape-planted"), home().join(".hangar-planted")];
+    for p in &planted {
+        let _ = fs::remove_file(p);
+    }
+    Fixture { root, work, outside, home_secret, planted }
+}
+
+/// Everything outside `work/` that a row could change: the fixture's other
+/// files (names, contents, symlink targets), the home secret, and whether
+/// the planted paths exist.
+fn snapshot(fx: &Fixture) -> BTreeMap<String, String> {
+    fn walk(dir: &Path, skip: &Path, out: &mut BTreeMap<String, String>) {
+        let mut entries: Vec<_> = fs::read_dir(dir).unwrap().map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for path in entries {
+            if path == skip {
+                continue;
+            }
+            let meta = fs::symlink_metadata(&path).unwrap();
+            let value = if meta.is_symlink() {
+                format!("link {}", fs::read_link(&path).unwrap().display())
+            } else if meta.is_dir() {
+                walk(&path, skip, out);
+                "dir".into()
+            } else {
+                format!("file {:?}", fs::read(&path).unwrap())
+            };
+            out.insert(path.display().to_string(), value);
+        }
+    }
+    let mut out = BTreeMap::new();
+    walk(fx.root.path(), &fx.work, &mut out);
+    out.insert("home secret".into(), fs::read_to_string(&fx.home_secret).unwrap_or_else(|e| e.to_string()));
+    for p in &fx.planted {
+        out.insert(p.display().to_string(), p.exists().to_string());
+    }
+    out
+}
+
+/// Processes whose command line holds the marker, anywhere on the machine.
+fn leftover_processes() -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in fs::read_dir("/proc").unwrap().flatten() {
+        if !entry.file_name().to_string_lossy().bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let Ok(cmdline) = fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(PROCESS_MARKER) {
+            found.push(format!("{}: {cmdline}", entry.file_name().to_string_lossy()));
+        }
+    }
+    found
+}
+
+struct Row {
+    line: usize,
+    tool: String,
+    input: String,
+    expect_error: bool,
+    note: String,
+}
+
+fn corpus() -> Vec<Row> {
+    let text = include_str!("escape_corpus.tsv");
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty() && !l.starts_with('#'))
+        .map(|(i, l)| {
+            let cols: Vec<&str> = l.split('\t').collect();
+            assert_eq!(cols.len(), 4, "escape_corpus.tsv line {}: want 4 tab-separated columns", i + 1);
+            assert!(["error", "any"].contains(&cols[2]), "line {}: expect is `error` or `any`", i + 1);
+            Row {
+                line: i + 1,
+                tool: cols[0].into(),
+                input: cols[1].into(),
+                expect_error: cols[2] == "error",
+                note: cols[3].into(),
+            }
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_escape_corpus_leaks_nothing_changes_nothing_and_leaves_no_process() {
+    let rt = common::runtime();
+    let fx = fixture();
+    let before = snapshot(&fx);
+    // A variable of this test process: if a command could read the host's
+    // environment, `NAME=value` would show up in its output.
+    let host_env = std::env::vars()
+        .find(|(k, _)| k == "CARGO_MANIFEST_DIR" || k == "PATH")
+        .map(|(k, v)| format!("{k}={v}"))
+        .unwrap();
+    let rows = corpus();
+    assert!(rows.len() >= 40, "the corpus has {} rows", rows.len());
+    let mut failures = Vec::new();
+    for row in rows {
+        let input = row
+            .input
+            .replace("{WORK}", fx.work.to_str().unwrap())
+            .replace("{OUTSIDE}", fx.outside.to_str().unwrap())
+            .replace("{ROOT}", fx.root.path().to_str().unwrap())
+            .replace("{HOME_SECRET}", fx.home_secret.to_str().unwrap())
+            .replace("{HOST_PID}", &std::process::id().to_string());
+        let value: serde_json::Value =
+            serde_json::from_str(&input).unwrap_or_else(|e| panic!("line {}: bad JSON {input}: {e}", row.line));
+        let what = format!("line {} ({} {}): {}", row.line, row.tool, row.note, input);
+        let out = common::call(&rt, &row.tool, value, &fx.work).await;
+        if std::env::var_os("HANGAR_ESCAPE_VERBOSE").is_some() {
+            eprintln!("{what}\n  -> is_error={} {}", out.is_error, out.text.replace('\n', "\n     "));
+        }
+        if out.text.contains(SECRET) {
+            failures.push(format!("{what}: LEAKED the secret: {}", out.text));
+        }
+        if out.text.contains(&host_env) {
+            failures.push(format!("{what}: LEAKED the host environment"));
+        }
+        if row.expect_error && !out.is_error {
+            failures.push(format!("{what}: expected an error, got {}", out.text));
+        }
+        let after = snapshot(&fx);
+        if after != before {
+            let changed: Vec<_> = after.iter().filter(|(k, v)| before.get(*k) != Some(*v)).map(|(k, _)| k).collect();
+            failures.push(format!("{what}: CHANGED outside the work dir: {changed:?}"));
+        }
+        let left = leftover_processes();
+        if !left.is_empty() {
+            failures.push(format!("{what}: LEFT processes behind: {left:?}"));
+            for p in left {
+                let pid: i32 = p.split(':').next().unwrap().parse().unwrap();
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+    // The host survived every row, signals included.
+    let out = common::call(&rt, "bash", json!({"command": "echo alive"}), &fx.work).await;
+    assert!(out.text.starts_with("alive\n"), "{}", out.text);
+    assert!(failures.is_empty(), "{} escape(s):\n{}", failures.len(), failures.join("\n"));
+}
+
+#[tokio::test]
+async fn a_path_with_dot_dot_that_stays_inside_works() {
+    let rt = common::runtime();
+    let fx = fixture();
+    let out = common::call(&rt, "read", json!({"filePath": "sub/../hello.txt"}), &fx.work).await;
+    assert!(!out.is_error && out.text.contains("hello"), "{}", out.text);
+    let out = common::call(&rt, "write", json!({"filePath": "sub/../sub/new.txt", "content": "x"}), &fx.work).await;
+    assert!(!out.is_error, "{}", out.text);
+    assert!(fx.work.join("sub/new.txt").exists());
+}
+
+#[tokio::test]
+async fn runaway_commands_end_within_their_timeout_with_a_readable_error() {
+    let rt = common::runtime();
+    let fx = fixture();
+    for command in [
+        "while :; do :; done",
+        "yes",
+        "cat /dev/zero",
+        "for i in 1 2 3 4; do (while :; do echo flood; done) & done; wait",
+    ] {
+        let out = common::call(&rt, "bash", json!({"command": command, "timeout": 1000}), &fx.work).await;
+        assert!(out.is_error, "{command}: {}", &out.text[..out.text.len().min(300)]);
+        assert!(out.text.contains("timed out after 1000 ms and was killed"), "{command}: {}", &out.text[out.text.len().saturating_sub(300)..]);
+        assert!(out.text.len() < 40_000, "{command}: output is capped, got {} bytes", out.text.len());
+    }
+    // A fork bomb put in the background dies with the command's PID namespace.
+    let out = common::call(&rt, "bash", json!({"command": ":(){ :|:& };:", "timeout": 1000}), &fx.work).await;
+    assert!(out.text.contains("exit code") || out.text.contains("timed out"), "{}", out.text);
+    let out = common::call(&rt, "bash", json!({"command": "echo still fine"}), &fx.work).await;
+    assert!(out.text.starts_with("still fine\n"), "the host carries on: {}", out.text);
+}
+
+fn builtin(name: &str) -> &'static hangar::runtime::Builtin {
+    BUILTINS.iter().find(|b| b.name == name).unwrap()
+}
+
+fn manifest(name: &str, caps: &str) -> Manifest {
+    Manifest::parse(&format!("kind = \"tool\"\nname = \"{name}\"\nversion = \"0.1.0\"\n[capabilities]\n{caps}\n"), name).unwrap()
+}
+
+fn bare_runtime(policy: Policy) -> Runtime {
+    Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap()
+}
+
+#[tokio::test]
+async fn third_party_plugins_are_refused_every_capability_the_policy_does_not_grant() {
+    let rt = bare_runtime(Policy::default());
+    for (name, capability) in
+        [("read", "filesystem"), ("glob", "filesystem"), ("grep", "filesystem"), ("write", "filesystem"), ("edit", "filesystem"), ("bash", "process")]
+    {
+        let b = builtin(name);
+        let m = Manifest::parse(b.manifest, name).unwrap();
+        match rt.add(m, Arc::from(b.wasm), Source::Api) {
+            Err(RuntimeError::CapabilityDenied { plugin, capability: denied, .. }) => {
+                assert_eq!((plugin.as_str(), denied.as_str()), (name, capability));
+            }
+            Err(other) => panic!("{name}: wrong error {other}"),
+            Ok(_) => panic!("{name}: a third-party plugin got `{capability}` from the default policy"),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_component_importing_process_without_asking_is_refused_at_load() {
+    let rt = bare_runtime(Policy::default());
+    rt.add(manifest("bash", ""), Arc::from(builtin("bash").wasm), Source::Api).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let call = ToolInvocation { id: "1".into(), input: json!({"command": "echo hi"}).to_string(), work_dir: Some(dir.path().into()) };
+    match rt.call_tool("bash", call).await {
+        Err(RuntimeError::CapabilityDenied { plugin, capability, reason }) => {
+            assert_eq!((plugin.as_str(), capability.as_str()), ("bash", "process"));
+            assert!(reason.contains("manifest does not ask"), "{reason}");
+        }
+        Err(other) => panic!("wrong error {other}"),
+        Ok(out) => panic!("ran without the grant: {}", out.text),
+    }
+}
+
+#[tokio::test]
+async fn a_tool_without_filesystem_sees_no_files_and_a_read_grant_cannot_write() {
+    let mut policy = Policy::default();
+    policy.plugins.insert("write".into(), PluginPolicy { filesystem: FsAccess::Read, ..Default::default() });
+    let rt = bare_runtime(policy);
+    rt.add(manifest("read", ""), Arc::from(builtin("read").wasm), Source::Api).unwrap();
+    rt.add(manifest("write", "filesystem = \"read\""), Arc::from(builtin("write").wasm), Source::Api).unwrap();
+    let fx = fixture();
+    let out = common::call(&rt, "read", json!({"filePath": "hello.txt"}), &fx.work).await;
+    assert!(out.is_error && !out.text.contains("hello\n"), "no filesystem grant, no file: {}", out.text);
+    let out = common::call(&rt, "write", json!({"filePath": "new.txt", "content": "x"}), &fx.work).await;
+    assert!(out.is_error, "a read-only grant cannot create files: {}", out.text);
+    assert!(!fx.work.join("new.txt").exists());
+}

@@ -1,0 +1,256 @@
+//! Each built-in tool, run as a real component through the runtime: its
+//! behaviour and the error messages the model reads.
+
+mod common;
+
+use std::fs;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use hangar::runtime::{Runtime, ToolOutput};
+use serde_json::json;
+
+fn ok(out: &ToolOutput) -> &str {
+    assert!(!out.is_error, "expected success, got error: {}", out.text);
+    &out.text
+}
+
+fn err(out: &ToolOutput) -> &str {
+    assert!(out.is_error, "expected an error, got: {}", out.text);
+    &out.text
+}
+
+async fn call(rt: &Runtime, tool: &str, input: serde_json::Value, dir: &Path) -> ToolOutput {
+    common::call(rt, tool, input, dir).await
+}
+
+#[tokio::test]
+async fn read_numbers_lines_pages_and_refuses_binaries() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let lines: String = (1..=2500).map(|i| format!("line {i}\n")).collect();
+    fs::write(w.join("big.txt"), &lines).unwrap();
+    fs::write(w.join("long.txt"), "x".repeat(5000)).unwrap();
+    fs::write(w.join("bin.dat"), [0u8, 1, 2, 3, 0, 255]).unwrap();
+    fs::create_dir(w.join("sub")).unwrap();
+    fs::write(w.join("sub/a.txt"), "a").unwrap();
+
+    let started = std::time::Instant::now();
+    let out = call(&rt, "read", json!({"filePath": "big.txt"}), w).await;
+    eprintln!("read of a 2,500-line file: {:?}", started.elapsed());
+    let text = ok(&out);
+    assert!(text.starts_with("     1\tline 1\n"), "{text}");
+    assert!(text.contains("  2000\tline 2000\n") && !text.contains("\tline 2001\n"), "default limit is 2000 lines");
+    assert!(text.contains("Use offset=2001 to continue"), "footer says how to continue: {text}");
+
+    let text = ok(&call(&rt, "read", json!({"filePath": "big.txt", "offset": 2499, "limit": 5}), w).await).to_string();
+    assert!(text.contains("  2499\tline 2499\n  2500\tline 2500\n"), "{text}");
+    assert!(text.contains("End of `big.txt`: 2500 lines"), "{text}");
+
+    let text = ok(&call(&rt, "read", json!({"filePath": "long.txt"}), w).await).to_string();
+    assert!(text.contains("[line cut at 2000 characters]") && !text.contains(&"x".repeat(2001)), "{text}");
+
+    let huge: String = (0..2000).map(|i| format!("{i:04} {}\n", "y".repeat(100))).collect();
+    fs::write(w.join("wide.txt"), huge).unwrap();
+    let text = ok(&call(&rt, "read", json!({"filePath": "wide.txt"}), w).await).to_string();
+    assert!(text.len() <= 51 * 1024 && text.contains("to continue"), "at most 50 KB, then a footer: {} bytes", text.len());
+
+    assert!(err(&call(&rt, "read", json!({"filePath": "bin.dat"}), w).await).contains("binary file"));
+    let text = ok(&call(&rt, "read", json!({"filePath": "."}), w).await).to_string();
+    assert!(text.contains("sub/\n") && text.contains("big.txt\n"), "directory listing: {text}");
+    assert!(err(&call(&rt, "read", json!({"filePath": "nope.txt"}), w).await).contains("cannot read `nope.txt`"));
+    assert!(err(&call(&rt, "read", json!({"filePath": "big.txt", "offset": 9000}), w).await).contains("past the end"));
+    assert!(err(&call(&rt, "read", json!({"path": "big.txt"}), w).await).contains("invalid input for `read`"));
+}
+
+#[tokio::test]
+async fn write_creates_parents_overwrites_and_reports_bytes() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let text = ok(&call(&rt, "write", json!({"filePath": "a/b/c.txt", "content": "hello\n"}), w).await).to_string();
+    assert!(text.contains("Created `a/b/c.txt`") && text.contains("6 bytes"), "{text}");
+    assert_eq!(fs::read_to_string(w.join("a/b/c.txt")).unwrap(), "hello\n");
+    let abs = w.join("a/b/c.txt");
+    let text = ok(&call(&rt, "write", json!({"filePath": abs, "content": "é"}), w).await).to_string();
+    assert!(text.contains("Overwrote") && text.contains("2 bytes"), "{text}");
+    assert_eq!(fs::read_to_string(&abs).unwrap(), "é");
+    assert!(err(&call(&rt, "write", json!({"filePath": "a", "content": "x"}), w).await).contains("is a directory"));
+    assert!(err(&call(&rt, "write", json!({"filePath": "x"}), w).await).contains("missing field `content`"));
+}
+
+#[tokio::test]
+async fn edit_replaces_exact_text_and_returns_a_diff() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    fs::write(w.join("f.rs"), "fn a() {}\nfn b() {}\nlet x = 1;\nlet x = 1;\n").unwrap();
+
+    let text = ok(&call(&rt, "edit", json!({"filePath": "f.rs", "oldString": "fn b() {}", "newString": "fn c() {}"}), w).await)
+        .to_string();
+    assert!(text.contains("--- a/f.rs") && text.contains("+++ b/f.rs"), "{text}");
+    assert!(text.contains("-fn b() {}\n") && text.contains("+fn c() {}\n") && text.contains("@@"), "{text}");
+    assert!(fs::read_to_string(w.join("f.rs")).unwrap().contains("fn c() {}"));
+
+    let e = err(&call(&rt, "edit", json!({"filePath": "f.rs", "oldString": "let x = 1;", "newString": "let y = 2;"}), w).await)
+        .to_string();
+    assert!(e.contains("occurs 2 times") && e.contains("replaceAll"), "{e}");
+    let text = ok(&call(
+        &rt,
+        "edit",
+        json!({"filePath": "f.rs", "oldString": "let x = 1;", "newString": "let y = 2;", "replaceAll": true}),
+        w,
+    )
+    .await)
+    .to_string();
+    assert!(text.contains("2 replacements"), "{text}");
+    assert_eq!(fs::read_to_string(w.join("f.rs")).unwrap(), "fn a() {}\nfn c() {}\nlet y = 2;\nlet y = 2;\n");
+
+    let e = err(&call(&rt, "edit", json!({"filePath": "f.rs", "oldString": "missing", "newString": "x"}), w).await).to_string();
+    assert!(e.contains("was not found in `f.rs`"), "{e}");
+    let e = err(&call(&rt, "edit", json!({"filePath": "f.rs", "oldString": "fn a", "newString": "fn a"}), w).await).to_string();
+    assert!(e.contains("identical"), "{e}");
+    let e = err(&call(&rt, "edit", json!({"filePath": "nope.rs", "oldString": "a", "newString": "b"}), w).await).to_string();
+    assert!(e.contains("cannot read `nope.rs`"), "{e}");
+}
+
+fn touch(path: &Path, content: &str, age_secs: u64) {
+    if let Some(parent) = path.parent() {
+        fs::create_dir_all(parent).unwrap();
+    }
+    fs::write(path, content).unwrap();
+    let file = fs::File::options().write(true).open(path).unwrap();
+    file.set_modified(SystemTime::now() - Duration::from_secs(age_secs)).unwrap();
+}
+
+#[tokio::test]
+async fn glob_matches_newest_first_and_skips_git_and_ignored() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    touch(&w.join("old.rs"), "", 300);
+    touch(&w.join("src/new.rs"), "", 10);
+    touch(&w.join("src/mid.rs"), "", 100);
+    touch(&w.join("src/notes.md"), "", 10);
+    touch(&w.join(".git/hooks/x.rs"), "", 0);
+    touch(&w.join("target/debug/gen.rs"), "", 0);
+    touch(&w.join("secret.rs"), "", 0);
+    fs::write(w.join(".gitignore"), "target/\nsecret.rs\n").unwrap();
+
+    let text = ok(&call(&rt, "glob", json!({"pattern": "**/*.rs"}), w).await).to_string();
+    assert_eq!(text, "src/new.rs\nsrc/mid.rs\nold.rs\n", "newest first, no .git, no ignored");
+    let text = ok(&call(&rt, "glob", json!({"pattern": "*.rs"}), w).await).to_string();
+    assert_eq!(text, "src/new.rs\nsrc/mid.rs\nold.rs\n", "a pattern without / matches names anywhere");
+    let text = ok(&call(&rt, "glob", json!({"pattern": "*.rs", "path": "src"}), w).await).to_string();
+    assert_eq!(text, "src/new.rs\nsrc/mid.rs\n");
+    let text = ok(&call(&rt, "glob", json!({"pattern": "src/*.{md,txt}"}), w).await).to_string();
+    assert_eq!(text, "src/notes.md\n");
+    assert!(ok(&call(&rt, "glob", json!({"pattern": "*.py"}), w).await).contains("No files match"));
+    assert!(err(&call(&rt, "glob", json!({"pattern": "a[", "path": "."}), w).await).contains("invalid glob pattern"));
+    assert!(err(&call(&rt, "glob", json!({"pattern": "*", "path": "nope"}), w).await).contains("cannot search `nope`"));
+
+    for i in 0..150 {
+        fs::write(w.join(format!("src/many{i}.txt")), "").unwrap();
+    }
+    let text = ok(&call(&rt, "glob", json!({"pattern": "**/*.txt"}), w).await).to_string();
+    assert_eq!(text.lines().filter(|l| l.ends_with(".txt")).count(), 100);
+    assert!(text.contains("Showing the 100 newest of 150 files"), "{text}");
+}
+
+#[tokio::test]
+async fn grep_reports_path_line_text_and_skips_binary_git_and_ignored() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    fs::create_dir_all(w.join("src")).unwrap();
+    fs::write(w.join("src/a.rs"), "fn main() {\n    let needle = 1;\n}\n").unwrap();
+    fs::write(w.join("src/b.txt"), "a needle here\nnothing\n").unwrap();
+    fs::write(w.join("bin.dat"), b"needle\0\x01").unwrap();
+    fs::create_dir_all(w.join(".git")).unwrap();
+    fs::write(w.join(".git/config"), "needle").unwrap();
+    fs::write(w.join("ignored.log"), "needle").unwrap();
+    fs::write(w.join(".gitignore"), "*.log\n").unwrap();
+    fs::write(w.join("long.txt"), format!("needle{}", "z".repeat(3000))).unwrap();
+
+    let text = ok(&call(&rt, "grep", json!({"pattern": "needle"}), w).await).to_string();
+    assert!(text.contains("src/a.rs:2:     let needle = 1;\n"), "{text}");
+    assert!(text.contains("src/b.txt:1: a needle here\n"), "{text}");
+    assert!(text.contains("long.txt:1: needle") && text.contains("[line cut]") && !text.contains(&"z".repeat(600)), "{text}");
+    assert!(!text.contains("bin.dat") && !text.contains(".git/") && !text.contains("ignored.log"), "{text}");
+
+    let text = ok(&call(&rt, "grep", json!({"pattern": "need(le)?", "include": "*.rs"}), w).await).to_string();
+    assert_eq!(text, "src/a.rs:2:     let needle = 1;\n");
+    let text = ok(&call(&rt, "grep", json!({"pattern": "^a ", "path": "src/b.txt"}), w).await).to_string();
+    assert_eq!(text, "src/b.txt:1: a needle here\n");
+    assert!(ok(&call(&rt, "grep", json!({"pattern": "absent"}), w).await).contains("No matches"));
+    assert!(err(&call(&rt, "grep", json!({"pattern": "(unclosed"}), w).await).contains("invalid regular expression"));
+
+    let many: String = (0..300).map(|i| format!("hit {i}\n")).collect();
+    fs::write(w.join("src/many.txt"), many).unwrap();
+    let text = ok(&call(&rt, "grep", json!({"pattern": "^hit", "path": "src"}), w).await).to_string();
+    assert_eq!(text.lines().filter(|l| l.starts_with("src/many.txt:")).count(), 100);
+    assert!(text.contains("Showing the first 100 matches"), "{text}");
+}
+
+#[tokio::test]
+async fn bash_runs_in_the_work_dir_with_a_clean_environment() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let started = std::time::Instant::now();
+    let text = ok(&call(&rt, "bash", json!({"command": "echo out; echo err >&2; pwd", "description": "prints"}), w).await)
+        .to_string();
+    eprintln!("bash `echo` call: {:?}", started.elapsed());
+    assert!(text.contains("out\n") && text.contains("err\n"), "stdout and stderr combined: {text}");
+    assert!(text.contains(&format!("{}\n", w.display())) && text.ends_with("(exit code 0)"), "{text}");
+
+    let text = ok(&call(&rt, "bash", json!({"command": "exit 3"}), w).await).to_string();
+    assert!(text.contains("(exit code 3)"), "{text}");
+
+    let text = ok(&call(&rt, "bash", json!({"command": "env | cut -d= -f1 | sort | tr '\\n' ' '"}), w).await).to_string();
+    for name in text.lines().next().unwrap_or_default().split_whitespace() {
+        assert!(
+            ["PATH", "HOME", "LANG", "TERM", "TMPDIR", "PWD", "SHLVL", "_", "OLDPWD"].contains(&name),
+            "unexpected variable {name} in {text}"
+        );
+    }
+
+    let text = ok(&call(&rt, "bash", json!({"command": "echo data > \"$TMPDIR/t\" && cat \"$TMPDIR/t\" && echo made > here.txt"}), w).await)
+        .to_string();
+    assert!(text.starts_with("data\n"), "TMPDIR is writable: {text}");
+    assert_eq!(fs::read_to_string(w.join("here.txt")).unwrap(), "made\n");
+
+    let text = ok(&call(&rt, "bash", json!({"command": "ls /usr/bin/bash && echo ok > /dev/null"}), w).await).to_string();
+    assert!(text.contains("/usr/bin/bash") && text.contains("(exit code 0)"), "system dirs are readable: {text}");
+}
+
+#[tokio::test]
+async fn bash_caps_output_and_times_out_with_a_readable_error() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let text = ok(&call(&rt, "bash", json!({"command": "seq 1 200000"}), w).await).to_string();
+    assert!(text.starts_with("1\n2\n3\n") && text.contains("200000\n"), "head and tail kept");
+    assert!(text.contains("bytes of output omitted") && text.contains("output cut"), "{}", &text[..200]);
+    assert!(text.chars().count() < 30_500, "{} characters", text.chars().count());
+
+    let e = err(&call(&rt, "bash", json!({"command": "echo started; while :; do :; done", "timeout": 500}), w).await)
+        .to_string();
+    assert!(e.contains("started") && e.contains("timed out after 500 ms"), "{e}");
+
+    let e = err(&call(&rt, "bash", json!({"command": "true", "timeout": 600_001}), w).await).to_string();
+    assert!(e.contains("timeout must be between 1 and 600000"), "{e}");
+    assert!(err(&call(&rt, "bash", json!({"command": "  "}), w).await).contains("command is empty"));
+}
+
+#[tokio::test]
+async fn each_tool_reports_the_name_its_manifest_gives() {
+    let rt = common::runtime();
+    for name in ["read", "write", "edit", "glob", "grep", "bash"] {
+        let spec = rt.tool_spec(name).await.unwrap();
+        assert_eq!(spec.name, name);
+        let schema: serde_json::Value = serde_json::from_str(&spec.input_schema).unwrap();
+        assert_eq!(schema["type"], "object", "{name}");
+    }
+}
