@@ -973,3 +973,23 @@ async fn a_request_outside_the_grant_is_denied() {
     assert!(err.message.contains(&fake.addr.port().to_string()), "{}", err.message);
     assert!(fake.requests().is_empty());
 }
+
+#[tokio::test]
+async fn a_connection_dropped_before_the_answer_is_retryable() {
+    // Accepts, reads the request, and closes without a status line: what a
+    // crashed or restarting server looks like. Nothing reached the client,
+    // so the host may try again.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let _ = read_request(&mut socket).await;
+            drop(socket);
+        }
+    });
+    let dropped = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: Some(Secret::new(KEY.into())) };
+    for provider in ["anthropic", "openai", "ollama"] {
+        let (_, err) = complete_err(provider, &dropped, hello()).await;
+        assert_kind(&err, ErrorKind::Connection, true);
+    }
+}
