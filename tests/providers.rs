@@ -452,6 +452,12 @@ async fn anthropic_parallel_tool_use_with_input_json_deltas() {
         );
     }
     body += &sse("content_block_stop", json!({"type": "content_block_stop", "index": 2}));
+    // Input sent whole in the start event, as some compatible servers do.
+    body += &sse(
+        "content_block_start",
+        json!({"type": "content_block_start", "index": 4, "content_block": {"type": "tool_use", "id": "toolu_4", "name": "grep", "input": {"q": "x"}}}),
+    );
+    body += &sse("content_block_stop", json!({"type": "content_block_stop", "index": 4}));
     // A tool without parameters: no deltas at all.
     body += &sse(
         "content_block_start",
@@ -472,6 +478,7 @@ async fn anthropic_parallel_tool_use_with_input_json_deltas() {
         vec![
             ("toolu_1".into(), "glob".into(), json!({"pattern": "src/**/*.rs"})),
             ("toolu_2".into(), "read".into(), json!({"filePath": "naïve 世界.txt"})),
+            ("toolu_4".into(), "grep".into(), json!({"q": "x"})),
             ("toolu_3".into(), "now".into(), json!({})),
         ]
     );
