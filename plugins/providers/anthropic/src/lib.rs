@@ -286,7 +286,14 @@ impl MessageStream {
                             return Err(bad("a tool_use block without an id or a name"));
                         }
                         self.queue.push_back(Event::ToolUseStart(ToolUseStart { id: id.clone(), name }));
-                        Block::Tool { id, sent_input: false }
+                        // The API starts with `input: {}` and streams the
+                        // input; some compatible servers send it whole here.
+                        let whole = block["input"].as_object().filter(|o| !o.is_empty());
+                        if let Some(input) = whole {
+                            let partial_json = Value::Object(input.clone()).to_string();
+                            self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json }));
+                        }
+                        Block::Tool { id, sent_input: whole.is_some() }
                     }
                     _ => Block::Other,
                 };
