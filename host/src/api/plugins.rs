@@ -4,6 +4,7 @@
 use std::path::Path as FsPath;
 use std::sync::Arc;
 
+use axum::extract::multipart::MultipartRejection;
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
 use axum::http::StatusCode;
 use axum::routing::{delete, get, post};
@@ -104,7 +105,11 @@ pub struct PluginUpload {
     request_body(content = PluginUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
         (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
-pub(super) async fn install(State(state): State<AppState>, mut form: Multipart) -> ApiResult<(StatusCode, Json<PluginView>)> {
+pub(super) async fn install(
+    State(state): State<AppState>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<(StatusCode, Json<PluginView>)> {
+    let mut form = form?;
     let mut manifest_text = None;
     let mut wasm = None;
     while let Some(field) = form.next_field().await? {
