@@ -4,12 +4,9 @@
 //! here): it skips `.git` and whatever `.gitignore` / `.ignore` files
 //! exclude, and never follows symlinks. Matching is `globset`'s.
 
-use std::path::Path;
 use std::time::SystemTime;
 
-use globset::{GlobBuilder, GlobMatcher};
 use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
-use ignore::WalkBuilder;
 use serde::Deserialize;
 
 const MAX_RESULTS: usize = 100;
@@ -52,11 +49,11 @@ impl Tool for Glob {
             return Err(Error::msg(format!("`{shown_root}` is not a directory; `path` must name a directory")));
         }
         let pattern = input.pattern.trim_start_matches("./");
-        let matcher = compile(pattern)?;
+        let matcher = hangar_walk::glob(pattern, "glob")?;
         let by_name = !pattern.contains('/');
 
         let mut found: Vec<(SystemTime, String)> = Vec::new();
-        for entry in walker(&root).flatten() {
+        for entry in hangar_walk::walker(&root).flatten() {
             let Some(kind) = entry.file_type() else { continue };
             if kind.is_dir() {
                 continue;
@@ -86,31 +83,6 @@ impl Tool for Glob {
         }
         Ok(out)
     }
-}
-
-fn compile(pattern: &str) -> Result<GlobMatcher, Error> {
-    GlobBuilder::new(pattern)
-        // `*` stays within one directory; `**` crosses directories.
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| Error::msg(format!("invalid glob pattern `{pattern}`: {e}")))
-}
-
-/// A single-threaded walk that honours `.gitignore` (even outside a git
-/// repository), `.ignore` and `.git/info/exclude`, shows dotfiles, and
-/// never enters `.git` or follows a symlink.
-fn walker(root: &Path) -> ignore::Walk {
-    let mut builder = WalkBuilder::new(root);
-    builder
-        .hidden(false)
-        .git_ignore(true)
-        .git_exclude(true)
-        .git_global(false)
-        .require_git(false)
-        .follow_links(false)
-        .filter_entry(|e| e.file_name() != ".git");
-    builder.build()
 }
 
 export_tool!(Glob);

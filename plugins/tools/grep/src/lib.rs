@@ -7,9 +7,7 @@
 use std::fs;
 use std::path::Path;
 
-use globset::{GlobBuilder, GlobMatcher};
 use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
-use ignore::WalkBuilder;
 use regex::{Regex, RegexBuilder};
 use serde::Deserialize;
 
@@ -59,13 +57,13 @@ impl Tool for Grep {
             .size_limit(16 << 20)
             .build()
             .map_err(|e| Error::msg(format!("invalid regular expression: {e}")))?;
-        let include = input.include.as_deref().map(compile).transpose()?;
+        let include = input.include.as_deref().map(|p| hangar_walk::glob(p, "include")).transpose()?;
         let root = ctx.path(input.path.as_deref().unwrap_or("."))?;
         let shown_root = ctx.display(&root).into_owned();
         fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
 
         let mut search = Search { out: String::new(), matches: 0, cut: false, skipped_large: 0 };
-        for entry in walker(&root).flatten() {
+        for entry in hangar_walk::walker(&root).flatten() {
             if !entry.file_type().is_some_and(|t| t.is_file()) {
                 continue;
             }
@@ -142,32 +140,6 @@ impl Search {
             self.out.push_str(&format!("{shown}:{}: {line}\n", index + 1));
         }
     }
-}
-
-fn compile(pattern: &str) -> Result<GlobMatcher, Error> {
-    GlobBuilder::new(pattern)
-        .literal_separator(true)
-        .build()
-        .map(|g| g.compile_matcher())
-        .map_err(|e| Error::msg(format!("invalid include pattern `{pattern}`: {e}")))
-}
-
-/// A single-threaded walk that honours `.gitignore` (even outside a git
-/// repository), `.ignore` and `.git/info/exclude`, shows dotfiles, and
-/// never enters `.git` or follows a symlink. Sorted by name so results
-/// are stable.
-fn walker(root: &Path) -> ignore::Walk {
-    let mut builder = WalkBuilder::new(root);
-    builder
-        .hidden(false)
-        .git_ignore(true)
-        .git_exclude(true)
-        .git_global(false)
-        .require_git(false)
-        .follow_links(false)
-        .sort_by_file_name(|a, b| a.cmp(b))
-        .filter_entry(|e| e.file_name() != ".git");
-    builder.build()
 }
 
 export_tool!(Grep);
