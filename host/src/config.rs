@@ -16,7 +16,11 @@ use crate::runtime::policy::{Limits, PluginPolicy, Policy};
 /// sees only its session's working directory, a provider only its granted
 /// hosts, and neither ever sees an API key.
 #[derive(Debug, Parser)]
-#[command(name = "hangar", version, about, long_about = None)]
+#[command(
+    name = "hangar",
+    version,
+    after_help = "Quick start:\n  hangar serve                      # http://127.0.0.1:2323\n  curl localhost:2323/health\n  curl localhost:2323/openapi.json  # the whole API\n\nSee `hangar serve --help` for settings."
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
