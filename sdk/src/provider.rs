@@ -187,3 +187,49 @@ macro_rules! export_provider {
         $crate::__bindings::__export_provider_world!(__HangarProviderExport with_types_in $crate::__bindings);
     };
 }
+
+/// Pieces of the chat formats of the OpenAI family (OpenAI Chat
+/// Completions, Ollama, and the servers compatible with them), which all
+/// take history as role-tagged messages with `tool_calls` and `role: tool`
+/// answers rather than content blocks.
+pub mod chat {
+    use serde_json::{Value, json};
+
+    use crate::types::{ContentBlock, Message, ToolResult, ToolSpec};
+
+    /// The text blocks of a message, joined by newlines.
+    pub fn text(message: &Message) -> String {
+        let parts: Vec<&str> = message
+            .content
+            .iter()
+            .filter_map(|b| match b {
+                ContentBlock::Text(t) if !t.is_empty() => Some(t.as_str()),
+                _ => None,
+            })
+            .collect();
+        parts.join("\n")
+    }
+
+    /// The content of a `role: tool` message. These formats have no error
+    /// flag, so a failed call says so in its text.
+    pub fn tool_result_content(result: &ToolResult) -> String {
+        if result.is_error { format!("Error: {}", result.content) } else { result.content.clone() }
+    }
+
+    /// The `tools` array: each tool as a `function` with its JSON Schema.
+    pub fn function_tools(tools: &[ToolSpec]) -> Vec<Value> {
+        tools
+            .iter()
+            .map(|t| {
+                let schema: Value = serde_json::from_str(&t.input_schema).unwrap_or_else(|_| json!({"type": "object"}));
+                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": schema}})
+            })
+            .collect()
+    }
+
+    /// A temperature as JSON, rounded so that `0.7f32` is sent as `0.7`
+    /// rather than `0.699999988079071`.
+    pub fn temperature(t: f32) -> Value {
+        json!((f64::from(t) * 1e6).round() / 1e6)
+    }
+}

@@ -9,7 +9,7 @@ use std::io::{BufRead, BufReader};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use hangar_sdk::http::{BodyReader, HttpError, Request};
-use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart};
+use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat};
 use hangar_sdk::serde_json::{self, Value, json};
 use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
 use hangar_sdk::{EventStream, Provider, export_provider};
@@ -125,21 +125,12 @@ fn request_body(req: &Completion) -> Value {
         messages.push(json!({"role": "system", "content": system}));
     }
     for (position, message) in req.messages.iter().enumerate() {
-        let text: Vec<&str> = message
-            .content
-            .iter()
-            .filter_map(|b| match b {
-                ContentBlock::Text(t) if !t.is_empty() => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
-        let text = text.join("\n");
+        let text = chat::text(message);
         match message.role {
             Role::User => {
                 for block in &message.content {
                     if let ContentBlock::ToolResult(result) = block {
-                        let content =
-                            if result.is_error { format!("Error: {}", result.content) } else { result.content.clone() };
+                        let content = chat::tool_result_content(result);
                         let mut out = json!({"role": "tool", "content": content, "tool_call_id": result.tool_use_id});
                         if let Some(name) = tool_name(&req.messages[..position], &result.tool_use_id) {
                             out["tool_name"] = json!(name);
@@ -176,19 +167,11 @@ fn request_body(req: &Completion) -> Value {
     }
     let mut options = json!({"num_predict": req.max_tokens});
     if let Some(t) = req.temperature {
-        options["temperature"] = json!((f64::from(t) * 1e6).round() / 1e6);
+        options["temperature"] = chat::temperature(t);
     }
     let mut body = json!({"model": req.model, "messages": messages, "stream": true, "options": options});
     if !req.tools.is_empty() {
-        let tools: Vec<Value> = req
-            .tools
-            .iter()
-            .map(|t| {
-                let schema: Value = serde_json::from_str(&t.input_schema).unwrap_or_else(|_| json!({"type": "object"}));
-                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": schema}})
-            })
-            .collect();
-        body["tools"] = json!(tools);
+        body["tools"] = json!(chat::function_tools(&req.tools));
     }
     body
 }

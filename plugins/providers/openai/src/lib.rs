@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hangar_sdk::http::{Credential, Request};
-use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart};
+use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat};
 use hangar_sdk::serde_json::{self, Value, json};
 use hangar_sdk::sse::SseReader;
 use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
@@ -115,22 +115,12 @@ fn request_body(req: &Completion, public: bool) -> Value {
         messages.push(json!({"role": "system", "content": system}));
     }
     for message in &req.messages {
-        let text: Vec<&str> = message
-            .content
-            .iter()
-            .filter_map(|b| match b {
-                ContentBlock::Text(t) if !t.is_empty() => Some(t.as_str()),
-                _ => None,
-            })
-            .collect();
-        let text = text.join("\n");
+        let text = chat::text(message);
         match message.role {
             Role::User => {
                 for block in &message.content {
                     if let ContentBlock::ToolResult(result) = block {
-                        // The format has no error flag; say it in the text.
-                        let content =
-                            if result.is_error { format!("Error: {}", result.content) } else { result.content.clone() };
+                        let content = chat::tool_result_content(result);
                         messages.push(json!({"role": "tool", "tool_call_id": result.tool_use_id, "content": content}));
                     }
                 }
@@ -172,18 +162,10 @@ fn request_body(req: &Completion, public: bool) -> Value {
     let limit_key = if public { "max_completion_tokens" } else { "max_tokens" };
     body[limit_key] = json!(req.max_tokens);
     if !req.tools.is_empty() {
-        let tools: Vec<Value> = req
-            .tools
-            .iter()
-            .map(|t| {
-                let schema: Value = serde_json::from_str(&t.input_schema).unwrap_or_else(|_| json!({"type": "object"}));
-                json!({"type": "function", "function": {"name": t.name, "description": t.description, "parameters": schema}})
-            })
-            .collect();
-        body["tools"] = json!(tools);
+        body["tools"] = json!(chat::function_tools(&req.tools));
     }
     if let Some(t) = req.temperature {
-        body["temperature"] = json!((f64::from(t) * 1e6).round() / 1e6);
+        body["temperature"] = chat::temperature(t);
     }
     body
 }
