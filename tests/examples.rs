@@ -316,9 +316,13 @@ async fn http_tool_fetches_from_the_granted_origin_and_is_refused_elsewhere() {
     let call = run.tool_call("Now fetch the other one.").await;
     assert_eq!(call["is_error"], true, "{call}");
     let output = call["output"].as_str().unwrap();
-    let port = elsewhere.url.rsplit(':').next().unwrap();
-    assert!(output.contains("request denied by the host"), "{output}");
-    assert!(output.contains(port), "names the refused origin: {output}");
+    assert_eq!(
+        output,
+        format!(
+            "cannot fetch {0}/steal: request denied by the host: origin {0} is not granted to plugin `fetch`",
+            elsewhere.url
+        )
+    );
     assert!(elsewhere.requests().is_empty(), "nothing reached the other origin");
     let sent = result_sent(&fake, "toolu_2");
     assert_eq!(sent["is_error"], true);
