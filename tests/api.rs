@@ -118,17 +118,31 @@ async fn credentials_are_write_only_and_bound_to_their_origin() {
     let db = std::fs::metadata(server.db_path()).unwrap();
     assert_eq!(std::os::unix::fs::PermissionsExt::mode(&db.permissions()) & 0o777, 0o600);
 
+    let (_, before) = server.get("/provider/auth").await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
     let (status, body) = server.delete("/provider/auth/anthropic").await;
     assert_eq!((status, body), (200, json!({"status": "deleted"})));
     let (_, auth) = server.get("/provider/auth").await;
     assert_eq!(auth["providers"]["anthropic"]["configured"], false);
+    assert!(auth["updated_at"].as_str() > before["updated_at"].as_str(), "a deletion is a change too");
     let (status, body) = server.delete("/provider/auth/nope").await;
     assert_error(status, &body, 404, "nope");
 }
 
 #[tokio::test]
 async fn environment_keys_count_as_configured() {
-    let server = Server::start_with_env(&[], &[("ANTHROPIC_API_KEY", "sk-env"), ("OPENAI_API_KEY", "sk-env2")]);
+    let server = Server::start_with_env(
+        &[],
+        &[("ANTHROPIC_API_KEY", "sk-env"), ("OPENAI_API_KEY", "sk-env2"), ("OLLAMA_HOST", "127.0.0.1:9")],
+    );
+    let (_, auth) = server.get("/provider/auth").await;
+    assert_eq!(auth["providers"]["ollama"]["base_url"], "http://127.0.0.1:9", "{auth}");
+    // The scheme-less OLLAMA_HOST is a granted origin: the error is the
+    // connection, not a refusal.
+    let (status, body) = server.get("/provider/ollama/models").await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("127.0.0.1:9"), "{body}");
+    assert!(!body["error"].as_str().unwrap().contains("not granted"), "{body}");
     let (_, auth) = server.get("/provider/auth").await;
     for id in ["anthropic", "openai"] {
         assert_eq!(auth["providers"][id]["configured"], true, "{auth}");

@@ -329,3 +329,81 @@ async fn a_client_that_disconnects_cancels_the_run() {
     assert_eq!(roles, ["user", "assistant", "user", "assistant"]);
     assert_eq!(history[1]["content"][0]["text"], "partial");
 }
+
+fn processes_matching(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) {
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            if cmdline.contains(needle) && !cmdline.contains("cargo") {
+                found.push(cmdline);
+            }
+        }
+    }
+    found
+}
+
+#[tokio::test]
+async fn disconnecting_kills_the_running_tool_processes() {
+    // A sleep no other test runs, so it can be looked for in /proc.
+    let command = "sleep 297.25";
+    let input = json!({"command": command}).to_string();
+    let s = setup(
+        vec![Reply::sse(anthropic::tool_answer("toolu_s", "bash", &[&input], 1, 1)), Reply::sse(anthropic::text_answer(&["next"], 1, 1))],
+        &[],
+        json!(["bash"]),
+    )
+    .await;
+    let mut events = Events::new(s.stream("sleep").await);
+    assert_eq!(events.next().await.unwrap().0, "tool_use");
+    let mut seen = false;
+    for _ in 0..200 {
+        if !processes_matching(command).is_empty() {
+            seen = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(seen, "the command started");
+    drop(events);
+    let mut gone = false;
+    for _ in 0..400 {
+        if processes_matching(command).is_empty() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(gone, "still running: {:?}", processes_matching(command));
+    // The cancelled call got an error result, so the history is valid.
+    let mut history = Value::Null;
+    for _ in 0..200 {
+        history = s.history().await;
+        if history.as_array().unwrap().len() == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(history[2]["content"][0]["tool_use_id"], "toolu_s", "{history}");
+    assert_eq!(history[2]["content"][0]["is_error"], true);
+}
+
+#[tokio::test]
+async fn sigterm_lets_the_server_exit_cleanly_mid_run() {
+    let gate = Arc::new(Notify::new());
+    let mut held = vec![anthropic::start(1)];
+    held.extend(anthropic::text_block(0, &["half an answer"]));
+    held.push(Chunk::Wait(gate.clone()));
+    held.extend(anthropic::stop("end_turn", 1));
+    let mut s = setup(vec![Reply::sse(held)], &[], json!([])).await;
+    let mut events = Events::new(s.stream("long question").await);
+    assert_eq!(events.next().await.unwrap().0, "text");
+    let status = s.server.terminate();
+    assert!(status.success(), "{status:?}");
+    // The run was cancelled after the grace period, and said so.
+    let rest = events.all().await;
+    let (name, done) = rest.last().expect("the stream ended with an event");
+    assert_eq!(name, "done");
+    assert_eq!(done["stop_reason"], "cancelled");
+    gate.notify_one();
+}

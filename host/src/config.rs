@@ -107,6 +107,9 @@ pub struct Settings {
     pub port: u16,
     pub db: PathBuf,
     pub plugins_dir: PathBuf,
+    /// Plugins installed through the API: beside the database
+    /// (`hangar.db` → `hangar.plugins/`), as they are part of its state.
+    pub installed_dir: PathBuf,
     pub cache_dir: PathBuf,
     pub cors_origins: Vec<String>,
     pub token: Option<String>,
@@ -168,13 +171,15 @@ impl Settings {
             memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
         };
+        let db = match args.db.or(file.db) {
+            Some(db) => db,
+            None => data()?.join("hangar.db"),
+        };
         Ok(Settings {
             host,
+            installed_dir: db.with_extension("plugins"),
             port: args.port.or(file.port).unwrap_or(2323),
-            db: match args.db.or(file.db) {
-                Some(db) => db,
-                None => data()?.join("hangar.db"),
-            },
+            db,
             plugins_dir: match args.plugins_dir.or(file.plugins_dir) {
                 Some(dir) => dir,
                 None => data()?.join("plugins"),

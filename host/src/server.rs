@@ -6,7 +6,7 @@ use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
 use crate::config::Settings;
-use crate::runtime::{Runtime, RuntimeConfig};
+use crate::runtime::{Runtime, RuntimeConfig, Source};
 use crate::store::Store;
 
 /// Time running steps get to finish after SIGINT/SIGTERM before they are cancelled.
@@ -36,8 +36,16 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     // Registration is instant; compilation runs in the background, so
     // `/health` answers at once and requests that need a plugin wait for it.
     runtime.add_builtins()?;
-    if settings.plugins_dir.is_dir() {
-        runtime.add_directory(&settings.plugins_dir)?;
+    for (dir, source) in [(&settings.plugins_dir, Source::Directory), (&settings.installed_dir, Source::Api)] {
+        if dir.is_dir() {
+            runtime.add_directory(dir, source)?;
+        }
+    }
+    let confinement = crate::runtime::policy::confinement();
+    if confinement.is_complete() {
+        tracing::info!("`process` commands run {}", confinement.describe());
+    } else {
+        tracing::warn!("`process` commands run {}", confinement.describe());
     }
 
     let addr = std::net::SocketAddr::new(settings.host, settings.port);

@@ -35,3 +35,35 @@ pub async fn call(
     };
     runtime.call_tool(tool, invocation).await.unwrap_or_else(|e| panic!("{tool} {input}: {e}"))
 }
+
+/// Builds the plugin crate at `crate_dir` (relative to the repository root)
+/// for wasm32-wasip2, once per test binary, and returns the component's bytes.
+pub fn build_component(crate_dir: &str) -> Vec<u8> {
+    use std::collections::HashMap;
+    use std::sync::{Mutex, OnceLock};
+    static BUILT: OnceLock<Mutex<HashMap<String, Vec<u8>>>> = OnceLock::new();
+    let mut built = BUILT.get_or_init(Default::default).lock().unwrap();
+    if let Some(bytes) = built.get(crate_dir) {
+        return bytes.clone();
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
+    let dir = root.join(crate_dir);
+    let target = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("plugin-builds");
+    let mut cmd = std::process::Command::new(env!("CARGO"));
+    cmd.current_dir(&dir)
+        .args(["build", "--release", "--locked", "--target", "wasm32-wasip2", "--target-dir"])
+        .arg(&target);
+    for var in ["RUSTFLAGS", "CARGO_ENCODED_RUSTFLAGS", "CARGO_TARGET_DIR", "CARGO_BUILD_TARGET"] {
+        cmd.env_remove(var);
+    }
+    let out = cmd.output().unwrap();
+    assert!(out.status.success(), "building {crate_dir} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+    let toml = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+    let package = toml
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("name = ").map(|v| v.trim_matches('"').replace('-', "_")))
+        .unwrap();
+    let bytes = std::fs::read(target.join("wasm32-wasip2/release").join(format!("{package}.wasm"))).unwrap();
+    built.insert(crate_dir.to_string(), bytes.clone());
+    bytes
+}

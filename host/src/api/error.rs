@@ -1,6 +1,7 @@
 //! The API's one error type. HTTP statuses are chosen here and nowhere else.
 
 use axum::Json;
+use axum::extract::multipart::{MultipartError, MultipartRejection};
 use axum::extract::rejection::JsonRejection;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -25,6 +26,8 @@ pub enum ApiError {
     MalformedJson(String),
     #[error("the body must be JSON, sent with `Content-Type: application/json`")]
     UnsupportedMediaType,
+    #[error("malformed multipart body: {0}")]
+    MalformedForm(String),
     #[error("the body is larger than the limit of {limit} bytes")]
     TooLarge { limit: usize },
     #[error("{0}")]
@@ -74,11 +77,33 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<MultipartRejection> for ApiError {
+    fn from(rejection: MultipartRejection) -> Self {
+        match rejection {
+            MultipartRejection::InvalidBoundary(_) => ApiError::MalformedForm(
+                "send `multipart/form-data` with a boundary (fields `manifest` and `wasm`)".into(),
+            ),
+            other => ApiError::MalformedForm(other.body_text()),
+        }
+    }
+}
+
+impl From<MultipartError> for ApiError {
+    fn from(err: MultipartError) -> Self {
+        if err.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: super::plugins::PLUGIN_BODY_LIMIT }
+        } else {
+            ApiError::MalformedForm(err.body_text())
+        }
+    }
+}
+
 impl ApiError {
     pub fn status_and_code(&self) -> (StatusCode, &'static str) {
         match self {
             ApiError::MalformedJson(_) => (StatusCode::BAD_REQUEST, "malformed_json"),
             ApiError::UnsupportedMediaType => (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type"),
+            ApiError::MalformedForm(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
@@ -90,7 +115,7 @@ impl ApiError {
             ApiError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
             ApiError::Plugin(err) => match err {
                 RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
-                RuntimeError::Manifest { .. } | RuntimeError::CapabilityDenied { .. } => {
+                RuntimeError::Manifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused")
                 }
                 _ => (StatusCode::BAD_GATEWAY, "plugin_failed"),

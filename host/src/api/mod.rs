@@ -4,6 +4,7 @@ mod agents;
 pub mod error;
 mod messages;
 mod openapi;
+mod plugins;
 mod providers;
 mod security;
 mod sessions;
@@ -77,6 +78,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(sessions::routes())
         .merge(messages::routes())
+        .merge(plugins::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

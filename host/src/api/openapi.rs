@@ -17,11 +17,13 @@ use super::AppState;
         super::agents::list, super::agents::create, super::agents::show, super::agents::update, super::agents::remove,
         super::sessions::list, super::sessions::create, super::sessions::show, super::sessions::update, super::sessions::remove,
         super::messages::message, super::messages::stream,
+        super::plugins::list, super::plugins::install, super::plugins::remove, super::plugins::reload, super::plugins::tools,
     ),
     components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block)),
     tags(
         (name = "health"), (name = "providers", description = "Model providers and their write-only credentials"),
         (name = "agents"), (name = "sessions"), (name = "messages", description = "Runs of the agent loop"),
+        (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
     )
 )]
 struct ApiDoc;

@@ -130,6 +130,12 @@ fn env_value(name: Option<&String>) -> Option<String> {
     name.and_then(|n| std::env::var(n).ok()).filter(|v| !v.is_empty())
 }
 
+/// `OLLAMA_HOST=127.0.0.1:11434` is the usual form: without a scheme no
+/// origin can be granted, so plain HTTP is assumed, as Ollama itself does.
+fn with_scheme(url: String) -> String {
+    if url.contains("://") { url } else { format!("http://{url}") }
+}
+
 /// Where a provider's calls go and with which key. A stored key is bound to
 /// the base URL stored with it; with no stored key the vendor's environment
 /// variables apply.
@@ -141,7 +147,9 @@ pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<Provi
             ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
         }
         record => ProviderAccess {
-            base_url: record.and_then(|r| r.base_url).or_else(|| env_value(section.base_url_env.as_ref())),
+            base_url: record
+                .and_then(|r| r.base_url)
+                .or_else(|| env_value(section.base_url_env.as_ref()).map(with_scheme)),
             credential: env_value(section.key_env.as_ref()).map(Secret::new),
         },
     })
@@ -191,7 +199,7 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
             },
         );
     }
-    let updated_at = records.values().map(|r| r.updated_at).max();
+    let updated_at = state.store.auth_updated_at().await?;
     Ok(Json(AuthStatus { providers: providers_out, updated_at }))
 }
 

@@ -15,7 +15,7 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// entries of different wasmtime releases apart at a glance).
 const WASMTIME_VERSION: &str = "wasmtime48";
 
-/// How often the epoch advances: the granularity of call deadlines.
+/// How often the epoch advances: how often running guest code yields.
 pub const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Sizes of the instance pool.

@@ -17,6 +17,9 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` was refused the `{capability}` capability: {reason}")]
     CapabilityDenied { plugin: String, capability: String, reason: String },
 
+    #[error("plugin `{plugin}` is refused: {reason}")]
+    Clash { plugin: String, reason: String },
+
     #[error("plugin `{plugin}` failed to load: {reason}")]
     Load { plugin: String, reason: String },
 

@@ -15,10 +15,9 @@ mod state;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker, ResourceAny, types::ComponentItem};
-use wasmtime::{Engine, Store, Trap};
+use wasmtime::{Engine, Store};
 use wasmtime_wasi::{FsPerms, WasiCtxBuilder};
 
 pub use bindings::provider_api::{
@@ -47,6 +46,24 @@ pub enum Source {
     Builtin,
     Directory,
     Api,
+}
+
+impl Source {
+    fn describe(self) -> &'static str {
+        match self {
+            Source::Builtin => "the binary",
+            Source::Directory => "the plugins directory",
+            Source::Api => "the API",
+        }
+    }
+}
+
+/// Where a plugin is in its loading.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LoadState {
+    Compiling,
+    Ready,
+    Failed(String),
 }
 
 /// A built-in plugin, embedded in the binary by `build.rs`.
@@ -149,28 +166,43 @@ impl Runtime {
         Ok(())
     }
 
-    /// Registers every `NAME.wasm` with a `NAME.plugin.toml` beside it in
-    /// `dir`. A plugin that cannot be registered is logged and skipped.
-    pub fn add_directory(&self, dir: &Path) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
-        let mut results = Vec::new();
+    /// Reads every `NAME.plugin.toml` with its `NAME.wasm` in `dir`.
+    pub fn scan_directory(dir: &Path) -> std::io::Result<Vec<Result<(Manifest, Arc<[u8]>), RuntimeError>>> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         entries.sort();
+        let mut found = Vec::new();
         for path in entries {
             let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".plugin.toml"))
             else {
                 continue;
             };
-            let result = (|| {
+            found.push((|| {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| RuntimeError::Manifest { plugin: name.into(), reason: e.to_string() })?;
                 let manifest = Manifest::parse(&text, name)?;
+                if manifest.name != name {
+                    return Err(RuntimeError::Manifest {
+                        plugin: name.into(),
+                        reason: format!("the file is named `{name}.plugin.toml` but the manifest names `{}`", manifest.name),
+                    });
+                }
                 let wasm_path = path.with_file_name(format!("{name}.wasm"));
                 let wasm = std::fs::read(&wasm_path).map_err(|e| RuntimeError::Load {
                     plugin: name.into(),
                     reason: format!("{}: {e}", wasm_path.display()),
                 })?;
-                self.add(manifest, Arc::from(wasm), Source::Directory).map(|p| p.id().to_string())
-            })();
+                Ok((manifest, Arc::from(wasm)))
+            })());
+        }
+        Ok(found)
+    }
+
+    /// Registers every plugin found in `dir` (compiling in the background).
+    /// A plugin that cannot be registered is logged and skipped.
+    pub fn add_directory(&self, dir: &Path, source: Source) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
+        let mut results = Vec::new();
+        for found in Self::scan_directory(dir)? {
+            let result = found.and_then(|(manifest, wasm)| self.add(manifest, wasm, source).map(|p| p.id().to_string()));
             if let Err(err) = &result {
                 tracing::error!(%err, "skipping a plugin in {}", dir.display());
             }
@@ -183,6 +215,7 @@ impl Runtime {
     /// grants are decided here: a manifest that asks for more than the
     /// policy allows is refused.
     pub fn add(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        self.check_clash(&manifest, source)?;
         let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
         let plugin = Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() });
         self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
@@ -196,6 +229,56 @@ impl Runtime {
             });
         }
         Ok(plugin)
+    }
+
+    /// Compiles, links and describes a plugin, and registers it only if
+    /// all of that works: an upgrade replaces the old version only with a
+    /// working one, and agents can use the plugin as soon as this returns.
+    pub async fn install(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        self.check_clash(&manifest, source)?;
+        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
+        let plugin = Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() });
+        self.loaded(&plugin).await?;
+        self.check_clash(&plugin.manifest, source)?;
+        self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
+        Ok(plugin)
+    }
+
+    /// Refuses a plugin whose name is taken by a *different* plugin: a
+    /// built-in, one of another kind, or one from another source. The same
+    /// plugin again (same name, kind and source) is an upgrade.
+    fn check_clash(&self, manifest: &Manifest, source: Source) -> Result<(), RuntimeError> {
+        let Some(existing) = self.get(&manifest.name) else { return Ok(()) };
+        let reason = if existing.source == Source::Builtin && source != Source::Builtin {
+            "a built-in plugin has this name".to_string()
+        } else if existing.manifest.kind != manifest.kind {
+            format!("a {} has this name", existing.manifest.kind.as_str())
+        } else if existing.source != source {
+            format!("a plugin installed from {} has this name", existing.source.describe())
+        } else {
+            return Ok(());
+        };
+        Err(RuntimeError::Clash { plugin: manifest.name.clone(), reason })
+    }
+
+    /// Unregisters a plugin; calls already running finish on their instance.
+    pub fn remove(&self, id: &str) -> Option<Arc<Plugin>> {
+        self.inner.plugins.write().unwrap().remove(id)
+    }
+
+    /// Whether the plugin's compiled form is ready (or failed), as opposed
+    /// to still compiling.
+    pub fn load_state(&self, plugin: &Plugin) -> LoadState {
+        match plugin.loaded.get() {
+            None => LoadState::Compiling,
+            Some(Ok(_)) => LoadState::Ready,
+            Some(Err(err)) => LoadState::Failed(err.to_string()),
+        }
+    }
+
+    /// The same bytes as `wasm`?
+    pub fn same_component(plugin: &Plugin, wasm: &[u8]) -> bool {
+        *plugin.wasm == *wasm
     }
 
     pub fn get(&self, id: &str) -> Option<Arc<Plugin>> {
@@ -299,7 +382,12 @@ impl Runtime {
                 _ => (false, false),
             };
             if !granted {
-                let reason = if asked {
+                let reason = if asked && interface == "process" && self.inner.policy.require_confinement {
+                    format!(
+                        "the operator requires confinement and this machine runs commands {}",
+                        policy::confinement().describe()
+                    )
+                } else if asked {
                     "the operator policy does not grant it".to_string()
                 } else {
                     format!("the component imports `{name}` but its manifest does not ask for it")
@@ -375,8 +463,11 @@ impl Runtime {
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
-        store.epoch_deadline_trap();
-        set_deadline(&mut store, grants.limits.deadline);
+        // Guest code yields to the executor at every epoch tick, so a plugin
+        // that spins never holds a server thread; its deadline is the
+        // timeout around each call, which drops (and so stops) it.
+        store.epoch_deadline_async_yield_and_update(1);
+        store.set_epoch_deadline(1);
         Ok(store)
     }
 
@@ -386,9 +477,6 @@ impl Runtime {
         let id = plugin.id().to_string();
         if store.data().limiter.hit {
             return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
-        }
-        if let Some(Trap::Interrupt) = err.downcast_ref::<Trap>() {
-            return RuntimeError::Deadline { plugin: id, limit: plugin.grants.limits.deadline };
         }
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
@@ -410,9 +498,9 @@ impl Runtime {
             let tool = pre.instantiate_async(&mut store).await?;
             f(&tool, &mut store).await
         };
-        // The epoch deadline stops guest code; this one also covers time
-        // spent waiting in host calls.
-        let result = tokio::time::timeout(deadline + Duration::from_millis(100), run).await;
+        // Covers guest code (which yields at every epoch tick) and time spent
+        // waiting in host calls alike.
+        let result = tokio::time::timeout(deadline, run).await;
         match result {
             Err(_) => Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline }),
             Ok(Err(err)) => Err(self.call_error(plugin, &store, err)),
@@ -520,11 +608,6 @@ fn provider_config(access: &ProviderAccess) -> ProviderConfig {
     ProviderConfig { base_url: access.base_url.clone(), has_credential: access.credential.is_some() }
 }
 
-fn set_deadline(store: &mut Store<PluginState>, deadline: Duration) {
-    let ticks = (deadline.as_millis() / engine::EPOCH_TICK.as_millis()).max(1) as u64;
-    store.set_epoch_deadline(ticks);
-}
-
 /// A model answer being streamed out of a provider instance. Each pull has
 /// its own deadline; dropping the stream drops the instance and with it the
 /// HTTP connection.
@@ -540,7 +623,6 @@ impl Completion {
     /// The next event, `Ok(Ok(None))` at the end.
     pub async fn next(&mut self) -> Result<Result<Option<Event>, ProviderError>, RuntimeError> {
         let deadline = self.plugin.grants.limits.deadline;
-        set_deadline(&mut self.store, deadline);
         let api = self.instance.hangar_plugin_provider_api();
         let completion = api.completion();
         let call = completion.call_next(&mut self.store, self.handle);

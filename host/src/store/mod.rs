@@ -53,7 +53,20 @@ fn migrations() -> Migrations<'static> {
             base_url TEXT,
             updated_at TEXT NOT NULL
         );",
-    )])
+    ),
+    // When credentials last changed, deletions included (a deleted record
+    // can no longer carry the time itself).
+    M::up("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")])
+}
+
+const AUTH_CHANGED: &str = "auth_updated_at";
+
+fn touch_auth(tx: &rusqlite::Transaction<'_>, at: &DateTime<Utc>) -> rusqlite::Result<()> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+        params![AUTH_CHANGED, ts(at)],
+    )?;
+    Ok(())
 }
 
 /// Timestamps as RFC 3339 UTC with millisecond precision.
@@ -291,6 +304,7 @@ impl Store {
                      ON CONFLICT(provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
                     params![r.provider, r.auth_type, r.secret, r.base_url, ts(&r.updated_at)],
                 )?;
+                touch_auth(&tx, &r.updated_at)?;
             }
             tx.commit()?;
             Ok(())
@@ -301,7 +315,26 @@ impl Store {
     /// Removes a provider's record; false when there was none.
     pub async fn delete_auth_record(&self, provider: &str) -> Result<bool, StoreError> {
         let provider = provider.to_string();
-        self.with(move |c| Ok(c.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0)).await
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let removed = tx.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0;
+            if removed {
+                touch_auth(&tx, &now())?;
+            }
+            tx.commit()?;
+            Ok(removed)
+        })
+        .await
+    }
+
+    /// When stored credentials last changed, if ever.
+    pub async fn auth_updated_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
+        self.with(|c| {
+            let text: Option<String> =
+                c.query_row("SELECT value FROM meta WHERE key = ?1", [AUTH_CHANGED], |r| r.get(0)).optional()?;
+            Ok(text.map(parse_ts).transpose()?)
+        })
+        .await
     }
 }
 

@@ -1,0 +1,300 @@
+//! Plugin management: list, install (multipart upload), remove, rescan the
+//! plugins directory, and the specs of every tool.
+
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
+use axum::http::StatusCode;
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use super::{ApiError, ApiResult, AppState, Status, status};
+use crate::runtime::{Capabilities, FsAccess, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
+
+/// Largest plugin upload: a Python component alone is tens of MB.
+pub const PLUGIN_BODY_LIMIT: usize = 256 * 1024 * 1024;
+
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/plugins", get(list).post(install).layer(DefaultBodyLimit::max(PLUGIN_BODY_LIMIT)))
+        .route("/plugins/{id}", delete(remove))
+        .route("/plugins/reload", post(reload))
+        .route("/tools", get(tools))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PluginView {
+    id: String,
+    kind: Kind,
+    version: String,
+    description: String,
+    source: Source,
+    /// `ready`, `compiling`, or `failed` (see `error`).
+    state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
+    capabilities: CapabilitiesView,
+    /// For plugins granted `process`: how commands are confined here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    confinement: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CapabilitiesView {
+    /// What the manifest asks for.
+    requested: Capabilities,
+    /// What the host grants (the request within the operator's policy).
+    granted: GrantedView,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct GrantedView {
+    filesystem: FsAccess,
+    http: Vec<String>,
+    process: bool,
+}
+
+fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
+    let (state, error) = match runtime.load_state(plugin) {
+        LoadState::Compiling => ("compiling", None),
+        LoadState::Ready => ("ready", None),
+        LoadState::Failed(e) => ("failed", Some(e)),
+    };
+    let m = &plugin.manifest;
+    PluginView {
+        id: m.name.clone(),
+        kind: m.kind,
+        version: m.version.clone(),
+        description: m.description.clone(),
+        source: plugin.source,
+        state,
+        error,
+        capabilities: CapabilitiesView {
+            requested: m.capabilities.clone(),
+            granted: GrantedView {
+                filesystem: plugin.grants.filesystem,
+                http: plugin.grants.http.iter().map(ToString::to_string).collect(),
+                process: plugin.grants.process,
+            },
+        },
+        confinement: plugin.grants.process.then(|| policy::confinement().describe()),
+    }
+}
+
+#[utoipa::path(get, path = "/plugins", tag = "plugins", responses((status = 200, body = Vec<PluginView>)))]
+pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<PluginView>> {
+    Json(state.runtime.plugins().iter().map(|p| view(&state.runtime, p)).collect())
+}
+
+/// The multipart form of `POST /plugins`.
+#[derive(ToSchema)]
+#[allow(dead_code)]
+pub struct PluginUpload {
+    /// The text of `NAME.plugin.toml`.
+    manifest: String,
+    /// The component, built for wasm32-wasip2.
+    #[schema(format = Binary, value_type = String)]
+    wasm: Vec<u8>,
+}
+
+#[utoipa::path(post, path = "/plugins", tag = "plugins",
+    request_body(content = PluginUpload, content_type = "multipart/form-data"),
+    responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
+        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+pub(super) async fn install(
+    State(state): State<AppState>,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<(StatusCode, Json<PluginView>)> {
+    let mut form = form?;
+    let mut manifest_text = None;
+    let mut wasm = None;
+    while let Some(field) = form.next_field().await? {
+        match field.name() {
+            Some("manifest") => manifest_text = Some(field.text().await?),
+            Some("wasm") => wasm = Some(field.bytes().await?),
+            other => return Err(ApiError::Invalid(format!("unexpected form field {other:?}; send `manifest` and `wasm`"))),
+        }
+    }
+    let manifest_text = manifest_text.ok_or_else(|| ApiError::Invalid("the form has no `manifest` field".into()))?;
+    let wasm = wasm.filter(|w| !w.is_empty()).ok_or_else(|| ApiError::Invalid("the form has no `wasm` field".into()))?;
+    let manifest = Manifest::parse(&manifest_text, "upload")?;
+    let id = manifest.name.clone();
+    let existed = state.runtime.get(&id).is_some();
+    let plugin = state.runtime.install(manifest, Arc::from(&wasm[..]), Source::Api).await?;
+    // Stored beside the database, so it is back after a restart (and, the
+    // compiled form being cached, without compiling again).
+    let dir = state.settings.installed_dir.clone();
+    let saved = tokio::task::spawn_blocking(move || save(&dir, &id, &manifest_text, &wasm))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?;
+    if let Err(err) = saved {
+        state.runtime.remove(plugin.id());
+        return Err(ApiError::Internal(format!("cannot store plugin `{}`: {err}", plugin.id())));
+    }
+    tracing::info!(plugin = %plugin.id(), upgrade = existed, "plugin installed through the API");
+    let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
+    Ok((code, Json(view(&state.runtime, &plugin))))
+}
+
+fn save(dir: &FsPath, id: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let write = |name: String, bytes: &[u8]| {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, bytes)?;
+        std::fs::rename(&tmp, dir.join(name))
+    };
+    // The wasm first: a manifest is what makes the directory scan see a plugin.
+    write(format!("{id}.wasm"), wasm)?;
+    write(format!("{id}.plugin.toml"), manifest.as_bytes())
+}
+
+/// Agents (as `name (id)`) that use the plugin as a tool or a provider.
+async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
+    let id = plugin.id();
+    Ok(state
+        .store
+        .agents()
+        .await?
+        .into_iter()
+        .filter(|a| match plugin.manifest.kind {
+            Kind::Tool => a.tools.iter().any(|t| t == id),
+            Kind::Provider => a.provider.id == id,
+        })
+        .map(|a| format!("{} ({})", a.name, a.id))
+        .collect())
+}
+
+#[utoipa::path(delete, path = "/plugins/{id}", tag = "plugins", params(("id" = String, Path)),
+    responses((status = 200, body = Status), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+        (status = 422, body = super::ErrorBody)))]
+pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
+    let plugin = state.runtime.get(&id).ok_or_else(|| ApiError::NotFound(format!("plugin `{id}` does not exist")))?;
+    match plugin.source {
+        Source::Builtin => return Err(ApiError::Invalid(format!("`{id}` is built in and cannot be deleted"))),
+        Source::Directory => {
+            return Err(ApiError::Invalid(format!(
+                "`{id}` comes from the plugins directory {}: remove its files there and POST /plugins/reload",
+                state.settings.plugins_dir.display()
+            )));
+        }
+        Source::Api => {}
+    }
+    let users = users(&state, &plugin).await?;
+    if !users.is_empty() {
+        return Err(ApiError::Conflict(format!("`{id}` is still used by agents: {}", users.join(", "))));
+    }
+    state.runtime.remove(&id);
+    let dir = state.settings.installed_dir.clone();
+    tokio::task::spawn_blocking(move || {
+        for name in [format!("{id}.plugin.toml"), format!("{id}.wasm")] {
+            if let Err(err) = std::fs::remove_file(dir.join(&name))
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(%err, "cannot remove {name}");
+            }
+        }
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(status("deleted"))
+}
+
+#[derive(Debug, Default, Serialize, ToSchema)]
+pub struct ReloadReport {
+    /// Plugins newly loaded or upgraded from the directory.
+    loaded: Vec<String>,
+    /// Plugins whose files did not change.
+    unchanged: Vec<String>,
+    /// Plugins whose files are gone.
+    removed: Vec<String>,
+    errors: Vec<ReloadError>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ReloadError {
+    plugin: String,
+    error: String,
+}
+
+#[utoipa::path(post, path = "/plugins/reload", tag = "plugins", responses((status = 200, body = ReloadReport)))]
+pub(super) async fn reload(State(state): State<AppState>) -> ApiResult<Json<ReloadReport>> {
+    let dir = state.settings.plugins_dir.clone();
+    let found = match tokio::task::spawn_blocking(move || Runtime::scan_directory(&dir)).await {
+        Ok(Ok(found)) => found,
+        Ok(Err(err)) if err.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+        Ok(Err(err)) => return Err(ApiError::Invalid(format!("cannot read {}: {err}", state.settings.plugins_dir.display()))),
+        Err(e) => return Err(ApiError::Internal(e.to_string())),
+    };
+    let mut report = ReloadReport::default();
+    let mut seen = Vec::new();
+    for entry in found {
+        let (manifest, wasm) = match entry {
+            Ok(entry) => entry,
+            Err(err) => {
+                report.errors.push(ReloadError { plugin: plugin_of(&err), error: err.to_string() });
+                continue;
+            }
+        };
+        let id = manifest.name.clone();
+        seen.push(id.clone());
+        if let Some(existing) = state.runtime.get(&id)
+            && existing.source == Source::Directory
+            && Runtime::same_component(&existing, &wasm)
+            && existing.manifest.capabilities == manifest.capabilities
+        {
+            report.unchanged.push(id);
+            continue;
+        }
+        match state.runtime.install(manifest, wasm, Source::Directory).await {
+            Ok(_) => report.loaded.push(id),
+            Err(err) => report.errors.push(ReloadError { plugin: id, error: err.to_string() }),
+        }
+    }
+    for plugin in state.runtime.plugins() {
+        if plugin.source == Source::Directory && !seen.iter().any(|s| s == plugin.id()) {
+            state.runtime.remove(plugin.id());
+            report.removed.push(plugin.id().to_string());
+        }
+    }
+    Ok(Json(report))
+}
+
+fn plugin_of(err: &crate::runtime::RuntimeError) -> String {
+    use crate::runtime::RuntimeError as E;
+    match err {
+        E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ToolView {
+    name: String,
+    description: String,
+    #[schema(value_type = Object)]
+    input_schema: serde_json::Value,
+}
+
+#[utoipa::path(get, path = "/tools", tag = "plugins", responses((status = 200, body = Vec<ToolView>)))]
+pub(super) async fn tools(State(state): State<AppState>) -> ApiResult<Json<Vec<ToolView>>> {
+    let mut out = Vec::new();
+    for plugin in state.runtime.plugins() {
+        if plugin.manifest.kind != Kind::Tool {
+            continue;
+        }
+        match state.runtime.tool_spec(plugin.id()).await {
+            Ok(spec) => out.push(ToolView {
+                name: spec.name,
+                description: spec.description,
+                input_schema: serde_json::from_str(&spec.input_schema).unwrap_or(serde_json::Value::Null),
+            }),
+            // A plugin that failed to load shows its error in GET /plugins.
+            Err(err) => tracing::debug!(%err, "tool left out of /tools"),
+        }
+    }
+    Ok(Json(out))
+}

@@ -1,0 +1,73 @@
+//! A runaway plugin fails its own call with an error that names the plugin
+//! and the limit; the host and other calls carry on.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use hangar::runtime::policy::{PluginPolicy, Policy};
+use hangar::runtime::{Manifest, Runtime, RuntimeConfig, RuntimeError, Source, ToolInvocation};
+
+const MANIFEST: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+
+async fn runtime_with(policy: PluginPolicy) -> Runtime {
+    let mut p = Policy::default();
+    p.plugins.insert("misbehave".into(), policy);
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy: p, ..Default::default() }).unwrap();
+    runtime.add_builtins().unwrap();
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(MANIFEST, "misbehave").unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    runtime
+}
+
+async fn call(runtime: &Runtime, mode: &str) -> Result<hangar::runtime::ToolOutput, RuntimeError> {
+    let input = serde_json::json!({ "mode": mode }).to_string();
+    runtime.call_tool("misbehave", ToolInvocation { id: "c".into(), input, work_dir: None }).await
+}
+
+#[tokio::test]
+async fn an_endless_loop_hits_the_deadline() {
+    let runtime = runtime_with(PluginPolicy { timeout_ms: Some(300), ..Default::default() }).await;
+    let err = call(&runtime, "spin").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Deadline { ref plugin, limit } if plugin == "misbehave" && limit == Duration::from_millis(300)), "{err}");
+    assert!(err.to_string().contains("deadline of 300 ms"), "{err}");
+    assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine", "the next call runs normally");
+}
+
+#[tokio::test]
+async fn unbounded_allocation_hits_the_memory_cap() {
+    let runtime = runtime_with(PluginPolicy { memory_mb: Some(32), ..Default::default() }).await;
+    let err = call(&runtime, "alloc").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Memory { ref plugin, limit_bytes } if plugin == "misbehave" && limit_bytes == 32 << 20), "{err}");
+    assert!(err.to_string().contains("32 MiB"), "{err}");
+    assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine");
+}
+
+#[tokio::test]
+async fn a_flood_of_output_hits_the_output_cap() {
+    let runtime = runtime_with(PluginPolicy { output_kb: Some(64), ..Default::default() }).await;
+    let err = call(&runtime, "flood").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Output { ref plugin, limit, .. } if plugin == "misbehave" && limit == 64 << 10), "{err}");
+}
+
+#[tokio::test]
+async fn a_panic_is_a_crash_of_that_call_only() {
+    let runtime = runtime_with(PluginPolicy::default()).await;
+    let err = call(&runtime, "panic").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::Trap { ref plugin, .. } if plugin == "misbehave"), "{err}");
+    // Other plugins and sessions carry on, concurrently with a runaway call.
+    let spinning = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { call(&runtime, "spin").await }
+    });
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("f.txt"), "still here\n").unwrap();
+    let input = serde_json::json!({"filePath": "f.txt"}).to_string();
+    let read = runtime
+        .call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(work.path().into()) })
+        .await
+        .unwrap();
+    assert!(read.text.contains("still here"));
+    spinning.abort();
+}
