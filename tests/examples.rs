@@ -1,6 +1,7 @@
 //! The plugins in `examples/`, built from source as a plugin author builds
-//! them, installed into the real `hangar` binary, granted what they need by
-//! an operator config file, and called from an agent run.
+//! them, installed into the real `hangar` binary (uploaded to `POST
+//! /plugins`, or for the provider copied into the plugins directory), granted
+//! what they need by an operator config file, and called from an agent run.
 //!
 //! Each example is built once per test run. The Rust ones share one target
 //! directory under `CARGO_TARGET_TMPDIR` (never the host's own, so the nested
@@ -16,6 +17,7 @@ use std::time::Instant;
 
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
 use common::server::Server;
+use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
 
 /// The componentize-py release the Python example is built and tested with.
@@ -127,7 +129,7 @@ impl Install {
         Install { dir }
     }
 
-    /// Installs a component with a manifest text.
+    /// Copies a component and its manifest into the plugins directory.
     fn plugin(&self, name: &str, wasm: &Path, manifest: &str) -> &Install {
         let plugins = self.dir.path().join("plugins");
         std::fs::copy(wasm, plugins.join(format!("{name}.wasm"))).unwrap();
@@ -135,10 +137,10 @@ impl Install {
         self
     }
 
-    /// Installs an example's component with the manifest it ships.
+    /// Copies an example's component, with the manifest it ships, into the
+    /// plugins directory.
     fn example(&self, example: &str, name: &str, wasm: &Path) -> &Install {
-        let manifest = std::fs::read_to_string(repo().join("examples").join(example).join(format!("{name}.plugin.toml"))).unwrap();
-        self.plugin(name, wasm, &manifest)
+        self.plugin(name, wasm, &shipped_manifest(example, name))
     }
 
     /// Appends operator policy to the config file.
@@ -155,6 +157,28 @@ impl Install {
         let config = self.dir.path().join("hangar.toml");
         Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", config.to_str().unwrap()])
     }
+}
+
+fn shipped_manifest(example: &str, name: &str) -> String {
+    std::fs::read_to_string(repo().join("examples").join(example).join(format!("{name}.plugin.toml"))).unwrap()
+}
+
+/// Uploads a component with its manifest to `POST /plugins`, as the guide
+/// shows with `curl -F manifest=@... -F wasm=@...`.
+async fn upload(server: &Server, manifest: &str, wasm: &Path) -> (u16, Value) {
+    let form = Form::new()
+        .part("manifest", Part::text(manifest.to_string()).file_name("plugin.toml"))
+        .part("wasm", Part::bytes(std::fs::read(wasm).unwrap()).file_name("plugin.wasm"));
+    server.send(server.client.post(server.url("/plugins")).multipart(form)).await
+}
+
+/// Uploads and expects the plugin to be installed and granted `granted`.
+async fn install_by_api(server: &Server, manifest: &str, wasm: &Path, granted: Value) -> Value {
+    let (status, plugin) = upload(server, manifest, wasm).await;
+    assert_eq!(status, 201, "{plugin}\n{}", server.log());
+    assert_eq!(plugin["source"], "api");
+    assert_eq!(plugin["capabilities"]["granted"], granted, "{plugin}");
+    plugin
 }
 
 /// A session on a fresh working directory, with an agent on `provider`.
@@ -246,12 +270,18 @@ fn result_sent(fake: &FakeServer, id: &str) -> Value {
 async fn hello_tool_counts_lines_words_and_bytes_in_the_work_dir() {
     let wasm = wc_wasm().await;
     let install = Install::new();
-    install.example("hello-tool", "wc", &wasm).config("[plugins.wc]\nfilesystem = \"read\"\n");
+    install.config("[plugins.wc]\nfilesystem = \"read\"\n");
+    let server = install.start();
+    install_by_api(&server, &shipped_manifest("hello-tool", "wc"), &wasm, json!({"filesystem": "read", "http": [], "process": false}))
+        .await;
+    let (_, tools) = server.get("/tools").await;
+    let spec = tools.as_array().unwrap().iter().find(|t| t["name"] == "wc").unwrap_or_else(|| panic!("{tools}"));
+    assert_eq!(spec["input_schema"]["required"], json!(["paths"]), "{spec}");
     let mut script = Vec::new();
     script.extend(one_call("toolu_1", "wc", json!({"paths": ["notes.txt", "sub/more.txt"]})));
     script.extend(one_call("toolu_2", "wc", json!({"paths": ["../outside.txt"]})));
     let fake = FakeServer::start(script).await;
-    let run = Run::anthropic(install.start(), &fake, json!(["wc"])).await;
+    let run = Run::anthropic(server, &fake, json!(["wc"])).await;
     run.write("notes.txt", "one two three\nfour  five\n");
     std::fs::create_dir(run.work.join("sub")).unwrap();
     run.write("sub/more.txt", "six\n\nseven eight");
@@ -295,13 +325,22 @@ async fn http_tool_fetches_from_the_granted_origin_and_is_refused_elsewhere() {
         .replace("https://docs.example.com", &docs.url);
     assert!(manifest.contains(&docs.url));
     let install = Install::new();
-    install.plugin("fetch", &wasm, &manifest).config(&format!("[plugins.fetch]\nhttp = [\"{}\"]\n", docs.url));
+    install.config(&format!("[plugins.fetch]\nhttp = [\"{}\"]\n", docs.url));
+    let server = install.start();
+    // The shipped manifest's origin is not the one the operator allows.
+    let (status, body) = upload(&server, &shipped_manifest("http-tool", "fetch"), &wasm).await;
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(
+        body["error"],
+        "plugin `fetch` was refused the `http` capability: origin `https://docs.example.com:443` is not allowed by the operator policy"
+    );
+    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "none", "http": [docs.url], "process": false})).await;
 
     let mut script = Vec::new();
     script.extend(one_call("toolu_1", "fetch", json!({"url": format!("{}/guide.txt", docs.url)})));
     script.extend(one_call("toolu_2", "fetch", json!({"url": format!("{}/steal", elsewhere.url)})));
     let fake = FakeServer::start(script).await;
-    let run = Run::anthropic(install.start(), &fake, json!(["fetch"])).await;
+    let run = Run::anthropic(server, &fake, json!(["fetch"])).await;
 
     let call = run.tool_call("What do the docs say?").await;
     assert_eq!(call["is_error"], false, "{call}");
@@ -333,20 +372,27 @@ async fn http_tool_fetches_from_the_granted_origin_and_is_refused_elsewhere() {
 async fn python_tool_summarises_a_csv_file() {
     let wasm = csv_stats_wasm().await;
     let install = Install::new();
-    install.example("python-tool", "csv_stats", &wasm).config("[plugins.csv_stats]\nfilesystem = \"read\"\n");
+    install.config("[plugins.csv_stats]\nfilesystem = \"read\"\n");
+    let server = install.start();
+    // The upload answers once the component has compiled (or came from the
+    // compile cache) and linked: that is the load time.
+    let started = Instant::now();
+    let manifest = shipped_manifest("python-tool", "csv_stats");
+    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "read", "http": [], "process": false})).await;
+    eprintln!("python tool: POST /plugins answered in {:.1?}", started.elapsed());
+    if let Some(line) = server.log().lines().find(|l| l.contains("plugin loaded") && l.contains("csv_stats")) {
+        eprintln!("python tool: {line}");
+    }
     let mut script = Vec::new();
     script.extend(one_call("toolu_1", "csv_stats", json!({"path": "sales.csv"})));
     script.extend(one_call("toolu_2", "csv_stats", json!({"path": "missing.csv"})));
     let fake = FakeServer::start(script).await;
-    let started = Instant::now();
-    let run = Run::anthropic(install.start(), &fake, json!(["csv_stats"])).await;
+    let run = Run::anthropic(server, &fake, json!(["csv_stats"])).await;
     run.write("sales.csv", "region,units,price\nnorth,10,2.5\nsouth,4,3\nnorth,7,2.25\n");
 
+    let started = Instant::now();
     let call = run.tool_call("Summarise sales.csv").await;
-    eprintln!("python tool: first call answered {:.1?} after the server started", started.elapsed());
-    if let Some(line) = run.server.log().lines().find(|l| l.contains("plugin loaded") && l.contains("csv_stats")) {
-        eprintln!("python tool: {line}");
-    }
+    eprintln!("python tool: the agent run with one call took {:.1?}", started.elapsed());
     assert_eq!(call["is_error"], false, "{call}");
     assert_eq!(
         call["output"],
@@ -368,6 +414,9 @@ async fn echo_provider_is_listed_and_runs_a_session_with_a_tool() {
     // A provider with no capabilities needs no grant.
     install.example("echo-provider", "echo", &wasm);
     let server = install.start();
+    let (_, plugins) = server.get("/plugins").await;
+    let plugin = plugins.as_array().unwrap().iter().find(|p| p["id"] == "echo").unwrap_or_else(|| panic!("{plugins}"));
+    assert_eq!((plugin["kind"].as_str(), plugin["source"].as_str()), (Some("provider"), Some("directory")), "{plugin}");
 
     let (status, providers) = server.get("/provider").await;
     assert_eq!(status, 200);
