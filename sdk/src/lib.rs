@@ -5,10 +5,13 @@
 //! component-model plumbing so that a plugin author implements one trait and
 //! calls one macro:
 //!
-//! * a **tool** enables the `tool` feature, implements [`Tool`] and calls
-//!   [`export_tool!`];
+//! * a **tool** enables the `tool` feature, implements `Tool` and calls
+//!   `export_tool!`;
 //! * a **model provider** enables the `provider` feature, implements
-//!   [`Provider`] and calls [`export_provider!`].
+//!   `Provider` and calls `export_provider!`.
+//!
+//! (These docs show the items of the feature they were built with; the
+//! other feature's items are left unlinked on purpose.)
 //!
 //! ```ignore
 //! use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool};
@@ -36,10 +39,18 @@
 //! ```
 //!
 //! What a plugin may reach is decided by the host: the filesystem only
-//! through the session's working directory (see [`Context::path`]), the
+//! through the session's working directory (see `Context::path`), the
 //! network only through [`http`] and only to granted origins, commands only
 //! through `process` (when granted). Everything the plugin asks for must be
 //! listed in its manifest, `NAME.plugin.toml`.
+//!
+//! How failures reach the model: an `Err` from `Tool::run` becomes a tool
+//! result with `is_error` set, which the model reads and can act on. A
+//! panic aborts the component (plugins build with `panic = "abort"`), the
+//! call traps, and the model only gets an error result naming the plugin;
+//! so return errors, do not panic. The guide, `docs/plugins.md` in the
+//! Hangar repository, covers building, installing and granting
+//! capabilities.
 
 #![deny(missing_docs)]
 

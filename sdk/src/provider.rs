@@ -151,7 +151,8 @@ impl<S: EventStream> GuestCompletion for StreamCell<S> {
 /// Exports a [`Provider`] as the component's `provider-api`.
 ///
 /// Call it once, at the crate root of a `cdylib` crate built for
-/// `wasm32-wasip2`.
+/// `wasm32-wasip2`. The provider type and its [`Provider::Stream`] must be
+/// `pub`: the generated exports name them.
 #[macro_export]
 macro_rules! export_provider {
     ($provider:ty) => {
