@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
 use crate::api::{self, AppState};
@@ -51,6 +52,14 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let addr = std::net::SocketAddr::new(settings.host, settings.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.to_string(), source })?;
     let local = listener.local_addr()?;
+    // Streams send many small writes (one per SSE event): without
+    // TCP_NODELAY, Nagle's algorithm holds each behind the client's delayed
+    // ACK, adding ~40 ms to the first token.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+    });
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
     let state = AppState::new(store, runtime, settings.clone(), cancel_rx);
     let runs = state.runs.clone();
