@@ -37,7 +37,7 @@ echo "GET /agents returns $(curl -fs "$BASE/agents" | python3 -c 'import json,sy
 run() { # name, wrk args...
   local name=$1; shift
   local out; out=$(wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --latency "$@")
-  echo "$out" >"$TMP/$name.txt"
+  echo "$out" >"$TMP/${name//[^a-zA-Z]/_}.txt"
   local rps p50 p99 errs
   rps=$(awk '/^Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
