@@ -1,0 +1,239 @@
+//! Figure 1: one `read` tool call on a 1 KB file through Hangar's full
+//! runtime (fresh store from an `InstancePre`, WASI preopen, deadline,
+//! limits), against the same read as a native Rust function and as a
+//! subprocess speaking JSON over stdio (this very binary, re-executed as a
+//! helper: once as a long-lived process like an MCP stdio server, and once
+//! spawned per call). All sides are interleaved in the same run.
+//!
+//! Also measures the same `read` component driven straight through
+//! wasmtime in three store modes (see `support/direct.rs`).
+//!
+//!     cargo bench --bench read_call                       # percentiles, then criterion
+//!     BENCH_ITERS=5000 cargo bench --bench read_call -- --percentiles-only
+
+#[path = "support/direct.rs"]
+mod direct;
+#[path = "support/stats.rs"]
+mod stats;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use direct::{DirectTool, Mode};
+use hangar::runtime::{Runtime, RuntimeConfig, ToolInvocation};
+
+const HELPER_ENV: &str = "HANGAR_BENCH_READ_HELPER";
+
+/// The read tool's work, natively: line-numbered text of the file.
+fn native_read(work_dir: &Path, file_path: &str) -> String {
+    let path = work_dir.join(file_path);
+    let mut bytes = Vec::new();
+    std::fs::File::open(&path).and_then(|mut f| f.read_to_end(&mut bytes)).expect("read");
+    assert!(!bytes[..bytes.len().min(8192)].contains(&0), "binary");
+    let text = String::from_utf8_lossy(&bytes);
+    let mut out = String::with_capacity(bytes.len() + 512);
+    let mut n = 0;
+    for (i, line) in text.lines().enumerate() {
+        out.push_str(&format!("{:>6}\t{line}\n", i + 1));
+        n = i + 1;
+    }
+    out.push_str(&format!("\n(End of `{file_path}`: {n} lines.)"));
+    out
+}
+
+/// The helper: one JSON request per line on stdin, one JSON reply per line.
+fn helper_main() {
+    let stdin = std::io::stdin();
+    let mut stdout = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let line = line.unwrap();
+        let req: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let dir = PathBuf::from(req["work_dir"].as_str().unwrap());
+        let text = native_read(&dir, req["input"]["filePath"].as_str().unwrap());
+        serde_json::to_writer(&mut stdout, &serde_json::json!({"id": req["id"], "text": text, "is_error": false})).unwrap();
+        stdout.write_all(b"\n").unwrap();
+        stdout.flush().unwrap();
+    }
+}
+
+struct Helper {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    line: String,
+}
+
+impl Helper {
+    fn spawn() -> Helper {
+        let mut child = Command::new(std::env::current_exe().unwrap())
+            .env(HELPER_ENV, "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        Helper { child, stdin, stdout, line: String::new() }
+    }
+
+    fn call(&mut self, request: &str) -> usize {
+        self.stdin.write_all(request.as_bytes()).unwrap();
+        self.stdin.write_all(b"\n").unwrap();
+        self.stdin.flush().unwrap();
+        self.line.clear();
+        self.stdout.read_line(&mut self.line).unwrap();
+        let reply: serde_json::Value = serde_json::from_str(&self.line).unwrap();
+        reply["text"].as_str().unwrap().len()
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+    input: String,
+    request: String,
+    rt: tokio::runtime::Runtime,
+    runtime: Runtime,
+    direct: Arc<DirectTool>,
+    helper: Helper,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let work = dir.path().canonicalize().unwrap();
+        // 1 KB of source-like text: 24 lines.
+        let mut text = String::new();
+        for i in 0..24 {
+            text.push_str(&format!("    let value_{i:02} = compute(input, {i:03}); // step {i:02}\n"));
+        }
+        text.truncate(1024 - 1);
+        text.push('\n');
+        assert_eq!(text.len(), 1024);
+        std::fs::write(work.join("file.txt"), &text).unwrap();
+        let input = serde_json::json!({"filePath": "file.txt"}).to_string();
+        let request =
+            serde_json::json!({"id": "call-1", "input": {"filePath": "file.txt"}, "work_dir": work}).to_string();
+
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let cache = std::env::temp_dir().join("hangar-bench-compile-cache");
+        let runtime = rt.block_on(async {
+            let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(cache), ..Default::default() }).unwrap();
+            runtime.add_builtins().unwrap();
+            runtime.tool_spec("read").await.unwrap();
+            runtime
+        });
+        let direct = Arc::new(DirectTool::new(direct::builtin_wasm("read")));
+        Fixture { _dir: dir, work, input, request, rt, runtime, direct, helper: Helper::spawn() }
+    }
+
+    fn runtime_call(&self) -> usize {
+        let call = ToolInvocation { id: "call-1".into(), input: self.input.clone(), work_dir: Some(self.work.clone()) };
+        let out = self.rt.block_on(self.runtime.call_tool("read", call)).unwrap();
+        assert!(!out.is_error, "{}", out.text);
+        out.text.len()
+    }
+
+    fn direct_call(&self, mode: Mode) -> usize {
+        self.rt.block_on(self.direct.call(mode, &self.input, &self.work)).len()
+    }
+
+    fn native_call(&self) -> usize {
+        native_read(&self.work, "file.txt").len()
+    }
+
+    fn helper_call(&mut self) -> usize {
+        self.helper.call(&self.request)
+    }
+
+    fn spawn_call(&self) -> usize {
+        let mut helper = Helper::spawn();
+        helper.call(&self.request)
+    }
+}
+
+type Side = (&'static str, fn(&mut Fixture) -> usize);
+
+const SIDES: &[Side] = &[
+    ("native Rust function", |f| f.native_call()),
+    ("subprocess, JSON over stdio (long-lived)", |f| f.helper_call()),
+    ("subprocess, JSON over stdio (spawn per call)", |f| f.spawn_call()),
+    ("hangar runtime call_tool (WASM)", |f| f.runtime_call()),
+    ("direct wasmtime: async store, spawn_blocking per fs call", |f| f.direct_call(Mode::AsyncHop)),
+    ("direct wasmtime: async store on a blocking thread", |f| f.direct_call(Mode::AsyncOnBlockingThread)),
+    ("direct wasmtime: sync store on a blocking thread", |f| f.direct_call(Mode::SyncOnBlockingThread)),
+];
+
+fn percentiles(fixture: &mut Fixture) {
+    let n = stats::iters(2000);
+    // Warm up every side, and check they agree on the output size.
+    let sizes: Vec<usize> = SIDES.iter().map(|(_, f)| f(fixture)).collect();
+    println!("read_call: output bytes per side {sizes:?}");
+    for _ in 0..50 {
+        for (_, f) in SIDES {
+            f(fixture);
+        }
+    }
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); SIDES.len()];
+    for i in 0..n {
+        for (k, (name, f)) in SIDES.iter().enumerate() {
+            // Spawning a process per call is slow: sample it 1 in 10 rounds.
+            if name.contains("spawn per call") && i % 10 != 0 {
+                continue;
+            }
+            let t = Instant::now();
+            std::hint::black_box(f(fixture));
+            samples[k].push(t.elapsed());
+        }
+    }
+    let native = stats::summarize(&mut samples[0].clone());
+    println!("\n## read_call ({}; {n} interleaved rounds)\n", stats::machine());
+    println!("| side | n | p50 µs | p99 µs | mean µs | p50 overhead vs native µs | p50 ratio to native |");
+    println!("|---|---|---|---|---|---|---|");
+    for (k, (name, _)) in SIDES.iter().enumerate() {
+        let s = stats::summarize(&mut samples[k]);
+        println!(
+            "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}× |",
+            s.n,
+            stats::us(s.p50),
+            stats::us(s.p99),
+            stats::us(s.mean),
+            stats::us(s.p50) - stats::us(native.p50),
+            s.p50.as_secs_f64() / native.p50.as_secs_f64()
+        );
+    }
+    println!();
+}
+
+fn main() {
+    if std::env::var_os(HELPER_ENV).is_some() {
+        return helper_main();
+    }
+    let percentiles_only = std::env::args().any(|a| a == "--percentiles-only");
+    let mut fixture = Fixture::new();
+    percentiles(&mut fixture);
+    if percentiles_only {
+        return;
+    }
+    let mut c = Criterion::default().measurement_time(Duration::from_secs(3)).warm_up_time(Duration::from_secs(1));
+    let mut group = c.benchmark_group("read_1kb");
+    for (name, f) in SIDES {
+        if name.contains("spawn per call") {
+            continue;
+        }
+        group.bench_function(*name, |b| b.iter(|| f(&mut fixture)));
+    }
+    group.finish();
+    c.final_summary();
+}

@@ -1,0 +1,255 @@
+//! Figures 4 and 6, against a scripted fake of the Anthropic Messages API
+//! on loopback (the one the tests use: chunked SSE), and the real `hangar`
+//! binary running the real `anthropic` provider component.
+//!
+//! 6. Time to the first `text` event: a streaming message through hangar
+//!    (HTTP in, agent loop, WASM provider, HTTP out to the fake, SSE back)
+//!    against the same first `text_delta` read straight from the fake.
+//!    Sequential, interleaved, `BENCH_ITERS` each (default 300).
+//! 4. `BENCH_SESSIONS` (default 1,000) concurrent streaming sessions: each
+//!    answer is 20 text deltas 50 ms apart (~1 s), so all are open at once.
+//!    Counts errors, and reads the hangar process's peak RSS (VmHWM).
+//!
+//!     cargo bench --bench streams               # both
+//!     cargo bench --bench streams -- ttft       # only figure 6
+//!     cargo bench --bench streams -- sessions   # only figure 4
+
+#[allow(dead_code)]
+#[path = "../tests/common/fake.rs"]
+mod fake;
+#[path = "support/launch.rs"]
+mod launch;
+#[path = "support/stats.rs"]
+mod stats;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use fake::{Chunk, FakeServer, Reply, anthropic};
+use futures::StreamExt;
+use serde_json::json;
+
+struct Setup {
+    hangar: launch::Hangar,
+    fake: FakeServer,
+    agent: String,
+    client: reqwest::Client,
+    work: tempfile::TempDir,
+}
+
+async fn setup() -> Setup {
+    let fake = FakeServer::start(Vec::new()).await;
+    let cache = std::env::temp_dir().join("hangar-bench-compile-cache");
+    let hangar = launch::start(&cache);
+    let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let r = client
+        .put(hangar.url("/provider/auth"))
+        .json(&json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-bench", "base_url": fake.url}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    let agent: serde_json::Value = client
+        .post(hangar.url("/agents"))
+        .json(&json!({"name": "bench", "instructions": "You are terse.", "tools": [],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 512}}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    Setup { hangar, fake, agent: agent["id"].as_str().unwrap().into(), client, work }
+}
+
+impl Setup {
+    async fn session(&self) -> String {
+        let s: serde_json::Value = self
+            .client
+            .post(self.hangar.url("/sessions"))
+            .json(&json!({"work_dir": self.work.path()}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        s["id"].as_str().expect("session id").to_string()
+    }
+
+    fn stream(&self, session: &str, text: &str) -> reqwest::RequestBuilder {
+        self.client
+            .post(self.hangar.url(&format!("/sessions/{session}/message/stream")))
+            .json(&json!({"agent_id": self.agent, "message": text}))
+    }
+}
+
+/// Reads a response body until `needle` has been seen; returns whether it was.
+async fn until(resp: reqwest::Response, needle: &str) -> (bool, String) {
+    let mut body = resp.bytes_stream();
+    let mut seen = String::new();
+    while let Some(chunk) = body.next().await {
+        match chunk {
+            Ok(bytes) => seen.push_str(&String::from_utf8_lossy(&bytes)),
+            Err(e) => return (false, format!("{seen}\n[body error: {e}]")),
+        }
+        if seen.contains(needle) {
+            return (true, seen);
+        }
+    }
+    (false, seen)
+}
+
+async fn ttft(s: &Setup) {
+    let n = stats::iters(300);
+    let session = s.session().await;
+    let answer = || Reply::sse(anthropic::text_answer(&["Hello", " there."], 10, 2));
+    let direct_body = json!({"model": "claude-test", "max_tokens": 16, "stream": true,
+        "messages": [{"role": "user", "content": "hi"}]});
+    let mut direct = Vec::with_capacity(n);
+    let mut through = Vec::with_capacity(n);
+    for i in 0..n + 20 {
+        // Straight from the fake: request, first text_delta.
+        s.fake.push(answer());
+        let t = Instant::now();
+        let resp = s.client.post(format!("{}/v1/messages", s.fake.url)).json(&direct_body).send().await.unwrap();
+        let (ok, _) = until(resp, "text_delta").await;
+        let d = t.elapsed();
+        assert!(ok);
+        // Through hangar: request, first `text` event. The rest of the
+        // stream is drained so the session is free for the next round.
+        s.fake.push(answer());
+        let t = Instant::now();
+        let resp = s.stream(&session, "hi").send().await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let mut body = resp.bytes_stream();
+        let mut seen = String::new();
+        let mut first = None;
+        while let Some(chunk) = body.next().await {
+            seen.push_str(&String::from_utf8_lossy(&chunk.unwrap()));
+            if first.is_none() && seen.contains("event: text") {
+                first = Some(t.elapsed());
+            }
+        }
+        assert!(seen.contains("event: done"), "{seen}");
+        if i >= 20 {
+            direct.push(d);
+            through.push(first.expect("a text event"));
+        }
+    }
+    let d = stats::summarize(&mut direct);
+    let h = stats::summarize(&mut through);
+    println!("\n## ttft ({}; {n} interleaved rounds after 20 warm-up)\n", stats::machine());
+    println!("| side | p50 µs | p99 µs | mean µs |");
+    println!("|---|---|---|---|");
+    println!("| fake provider alone (first text_delta) | {:.0} | {:.0} | {:.0} |", stats::us(d.p50), stats::us(d.p99), stats::us(d.mean));
+    println!("| through hangar + WASM provider (first `text` event) | {:.0} | {:.0} | {:.0} |", stats::us(h.p50), stats::us(h.p99), stats::us(h.mean));
+    println!(
+        "\nadded p50: {:.0} µs ({:.1}× the fake alone)\n",
+        stats::us(h.p50) - stats::us(d.p50),
+        h.p50.as_secs_f64() / d.p50.as_secs_f64()
+    );
+}
+
+async fn sessions(s: &Setup) {
+    let n: usize = std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let mut ids = Vec::with_capacity(n);
+    for _ in 0..n {
+        ids.push(s.session().await);
+    }
+    let (rss_before, _) = s.hangar.rss_kib();
+    let parts: Vec<String> = (0..20).map(|i| format!("part {i} ")).collect();
+    for _ in 0..n {
+        let mut chunks = vec![anthropic::start(10)];
+        let block = anthropic::text_block(0, &parts.iter().map(String::as_str).collect::<Vec<_>>());
+        // content_block_start, then each delta after a pause.
+        let mut block = block.into_iter();
+        chunks.push(block.next().unwrap());
+        for c in block {
+            chunks.push(Chunk::Sleep(Duration::from_millis(50)));
+            chunks.push(c);
+        }
+        chunks.extend(anthropic::stop("end_turn", 20));
+        s.fake.push(Reply::sse(chunks));
+    }
+    // Sample RSS while the streams run.
+    let pid = s.hangar.child.id();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(launch::rss_kib(pid).0);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    let max_open = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let runs = ids.iter().map(|id| {
+        let req = s.stream(id, "stream please");
+        let (open, max_open) = (open.clone(), max_open.clone());
+        async move {
+            let resp = match req.send().await {
+                Ok(r) => r,
+                Err(e) => return Err(format!("request: {e}")),
+            };
+            if resp.status() != 200 {
+                return Err(format!("status {}", resp.status()));
+            }
+            let now = open.fetch_add(1, Ordering::SeqCst) + 1;
+            max_open.fetch_max(now, Ordering::SeqCst);
+            let (ok, seen) = until(resp, "event: done").await;
+            open.fetch_sub(1, Ordering::SeqCst);
+            if !ok {
+                return Err(format!("no done event: {}", seen.chars().rev().take(300).collect::<String>().chars().rev().collect::<String>()));
+            }
+            if seen.contains("event: error") || seen.matches("event: text").count() != 20 {
+                return Err(format!("bad stream: {} text events", seen.matches("event: text").count()));
+            }
+            Ok(())
+        }
+    });
+    let results = tokio::time::timeout(Duration::from_secs(180), futures::future::join_all(runs)).await;
+    let elapsed = started.elapsed();
+    stop.store(true, Ordering::Relaxed);
+    let sampled_peak = sampler.join().unwrap();
+    let (_, hwm) = s.hangar.rss_kib();
+    let results = results.expect("1,000 sessions did not finish within 180 s");
+    let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    println!("\n## sessions ({})\n", stats::machine());
+    println!("| sessions | errors | max open at once | wall s | RSS before MB | peak RSS (VmHWM) MB | peak sampled VmRSS MB |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {n} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+        errors.len(),
+        max_open.load(Ordering::SeqCst),
+        elapsed.as_secs_f64(),
+        rss_before as f64 / 1024.0,
+        hwm as f64 / 1024.0,
+        sampled_peak as f64 / 1024.0
+    );
+    for e in errors.iter().take(5) {
+        println!("error: {e}");
+    }
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let want = |name: &str| args.is_empty() || args.iter().any(|a| a == name);
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    rt.block_on(async {
+        let s = setup().await;
+        if want("ttft") {
+            ttft(&s).await;
+        }
+        if want("sessions") {
+            sessions(&s).await;
+        }
+    });
+}

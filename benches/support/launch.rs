@@ -1,0 +1,89 @@
+//! Starts the real `hangar` binary (the one cargo built with this bench) on
+//! loopback with a temporary database, and reads its memory from /proc.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+pub struct Hangar {
+    pub child: Child,
+    pub base: String,
+    pub dir: tempfile::TempDir,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_hangar")
+}
+
+/// `serve --port 0` with a fresh database and `cache_dir`; waits for the
+/// "listening on" line. Logs go to a drain thread at `RUST_LOG` (default warn).
+pub fn start(cache_dir: &Path) -> Hangar {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(binary())
+        .args(["serve", "--port", "0", "--db"])
+        .arg(dir.path().join("hangar.db"))
+        .arg("--cache-dir")
+        .arg(cache_dir)
+        .arg("--plugins")
+        .arg(dir.path().join("plugins"))
+        .env("XDG_CONFIG_HOME", dir.path().join("config"))
+        .env("XDG_DATA_HOME", dir.path().join("data"))
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .env_remove("HANGAR_TOKEN")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut tx = Some(tx);
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(addr) = line.split("listening on ").nth(1)
+                && let Some(tx) = tx.take()
+            {
+                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+            }
+            if line.contains("ERROR") {
+                eprintln!("hangar: {line}");
+            }
+        }
+    });
+    let base = rx.recv_timeout(Duration::from_secs(60)).expect("hangar did not start");
+    Hangar { child, base, dir }
+}
+
+impl Hangar {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// (VmRSS, VmHWM) in KiB.
+    pub fn rss_kib(&self) -> (u64, u64) {
+        rss_kib(self.child.id())
+    }
+}
+
+pub fn rss_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+impl Drop for Hangar {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
