@@ -84,6 +84,9 @@ impl FakeServer {
         let (reqs, scr) = (requests.clone(), script.clone());
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
+                // Like a real streaming server: each event goes out at once,
+                // not held by Nagle's algorithm until the peer ACKs.
+                let _ = stream.set_nodelay(true);
                 let (reqs, scr) = (reqs.clone(), scr.clone());
                 tokio::spawn(async move {
                     let _ = serve(stream, reqs, scr).await;
