@@ -215,9 +215,7 @@ impl Runtime {
     /// grants are decided here: a manifest that asks for more than the
     /// policy allows is refused.
     pub fn add(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        self.check_clash(&manifest, source)?;
-        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
-        let plugin = Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() });
+        let plugin = self.prepare(manifest, wasm, source)?;
         self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let runtime = self.clone();
@@ -235,13 +233,20 @@ impl Runtime {
     /// all of that works: an upgrade replaces the old version only with a
     /// working one, and agents can use the plugin as soon as this returns.
     pub async fn install(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        self.check_clash(&manifest, source)?;
-        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
-        let plugin = Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() });
+        let plugin = self.prepare(manifest, wasm, source)?;
         self.loaded(&plugin).await?;
         self.check_clash(&plugin.manifest, source)?;
         self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
         Ok(plugin)
+    }
+
+    /// A plugin not yet registered: its name checked for clashes and its
+    /// grants decided (a manifest asking for more than the policy allows is
+    /// refused here).
+    fn prepare(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        self.check_clash(&manifest, source)?;
+        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
+        Ok(Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
@@ -288,17 +293,6 @@ impl Runtime {
     /// All plugins, ordered by id.
     pub fn plugins(&self) -> Vec<Arc<Plugin>> {
         self.inner.plugins.read().unwrap().values().cloned().collect()
-    }
-
-    /// Waits until every registered plugin has finished loading.
-    pub async fn wait_loaded(&self) -> Vec<RuntimeError> {
-        let mut errors = Vec::new();
-        for plugin in self.plugins() {
-            if let Err(err) = self.loaded(&plugin).await {
-                errors.push(err);
-            }
-        }
-        errors
     }
 
     /// The compiled, linked, described plugin; compiles it on first use.
