@@ -193,6 +193,37 @@ async fn grep_reports_path_line_text_and_skips_binary_git_and_ignored() {
     assert!(text.contains("Showing the first 100 matches"), "{text}");
 }
 
+/// grep searches each file as one buffer and finds lines around matches:
+/// line numbers, CRLF, several matches on a line, matches across lines and
+/// bytes that are not UTF-8 must all come out as a line-by-line grep's.
+#[tokio::test]
+async fn grep_numbers_lines_like_a_line_by_line_search() {
+    let rt = common::runtime();
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let mut text = String::new();
+    for i in 1..=50 {
+        text.push_str(if i % 10 == 0 { "x hit hit x\r\n" } else { "plain\r\n" });
+    }
+    text.push_str("last hit");
+    fs::write(w.join("crlf.txt"), &text).unwrap();
+    fs::write(w.join("latin1.txt"), b"caf\xe9 hit\nnone\n").unwrap();
+    fs::write(w.join("split.txt"), "ends with foo\nbar starts\nfoo bar\n").unwrap();
+
+    let out = ok(&call(&rt, "grep", json!({"pattern": "hit", "path": "crlf.txt"}), w).await).to_string();
+    let want: String = [10, 20, 30, 40, 50].iter().map(|n| format!("crlf.txt:{n}: x hit hit x\n")).collect::<String>()
+        + "crlf.txt:51: last hit\n";
+    assert_eq!(out, want);
+
+    let out = ok(&call(&rt, "grep", json!({"pattern": "hit$", "path": "latin1.txt"}), w).await).to_string();
+    assert_eq!(out, "latin1.txt:1: caf\u{fffd} hit\n");
+
+    // `\s+` could match the newline in the whole file: only a line that
+    // matches on its own is reported.
+    let out = ok(&call(&rt, "grep", json!({"pattern": "foo\\s+bar", "path": "split.txt"}), w).await).to_string();
+    assert_eq!(out, "split.txt:3: foo bar\n");
+}
+
 #[tokio::test]
 async fn bash_runs_in_the_work_dir_with_a_clean_environment() {
     let rt = common::runtime();

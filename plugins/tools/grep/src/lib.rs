@@ -4,11 +4,12 @@
 //! model writes can hang the call. The walk is the `ignore` crate's
 //! (single-threaded): `.git` and gitignored paths are skipped.
 
-use std::fs;
+use std::fs::{self, File};
+use std::io::Read;
 use std::path::Path;
 
 use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
-use regex::{Regex, RegexBuilder};
+use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
 const MAX_MATCHES: usize = 100;
@@ -104,40 +105,58 @@ struct Search {
 
 impl Search {
     fn file(&mut self, ctx: &Context, path: &Path, regex: &Regex) {
-        match fs::metadata(path) {
+        // Open once and ask the handle for its size: every WASI call is a
+        // host round trip, and most files are read only to be ruled out.
+        let Ok(file) = File::open(path) else { return };
+        let len = match file.metadata() {
             Ok(meta) if meta.len() > MAX_FILE_BYTES => {
                 self.skipped_large += 1;
                 return;
             }
-            Ok(_) => {}
+            Ok(meta) => meta.len(),
             Err(_) => return,
-        }
-        // One read for the whole file: each WASI read is a host round trip.
-        let Ok(bytes) = fs::read(path) else { return };
-        if bytes[..bytes.len().min(BINARY_PROBE)].contains(&0) {
+        };
+        // Reading exactly `len` bytes spares the read that would find EOF.
+        let mut bytes = Vec::with_capacity(len as usize);
+        if file.take(len).read_to_end(&mut bytes).is_err() {
             return;
         }
-        let text = String::from_utf8_lossy(&bytes);
-        // Most files do not match at all: one pass over the whole text
-        // rules them out before any line splitting.
-        if !regex.is_match(&text) {
+        if memchr::memchr(0, &bytes[..bytes.len().min(BINARY_PROBE)]).is_some() {
             return;
         }
-        let shown = ctx.display(path);
-        for (index, line) in text.lines().enumerate() {
-            if !regex.is_match(line) {
-                continue;
+        // Search the whole file at once, as ripgrep does, and look at lines
+        // only around matches: most files do not match at all.
+        let mut shown = None;
+        let mut line_no = 1;
+        let mut counted = 0;
+        let mut at = 0;
+        while let Some(found) = regex.find_at(&bytes, at) {
+            let start = memchr::memrchr(b'\n', &bytes[..found.start()]).map_or(0, |i| i + 1);
+            let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i);
+            at = end + 1;
+            // A match may run past its line (`\s` takes newlines); report a
+            // line only if the pattern matches it on its own, as grep does.
+            let line = &bytes[start..end];
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            if regex.is_match(line) {
+                if self.matches == MAX_MATCHES {
+                    self.cut = true;
+                    return;
+                }
+                self.matches += 1;
+                line_no += memchr::memchr_iter(b'\n', &bytes[counted..start]).count();
+                counted = start;
+                let text = String::from_utf8_lossy(line);
+                let text = match text.char_indices().nth(MAX_LINE_CHARS) {
+                    Some((cut, _)) => format!("{}… [line cut]", &text[..cut]),
+                    None => text.into_owned(),
+                };
+                let shown = shown.get_or_insert_with(|| ctx.display(path).into_owned());
+                self.out.push_str(&format!("{shown}:{line_no}: {text}\n"));
             }
-            if self.matches == MAX_MATCHES {
-                self.cut = true;
-                return;
+            if at >= bytes.len() {
+                break;
             }
-            self.matches += 1;
-            let line = match line.char_indices().nth(MAX_LINE_CHARS) {
-                Some((cut, _)) => format!("{}… [line cut]", &line[..cut]),
-                None => line.to_string(),
-            };
-            self.out.push_str(&format!("{shown}:{}: {line}\n", index + 1));
         }
     }
 }
