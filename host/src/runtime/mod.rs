@@ -325,7 +325,7 @@ impl Runtime {
             Kind::Tool => {
                 let pre = ToolPre::new(pre).map_err(wrong_world)?;
                 let spec = self
-                    .with_tool(&plugin, &pre, None, |tool, store| {
+                    .with_tool(plugin.clone(), pre.clone(), None, |tool, store| {
                         Box::pin(async move { tool.hangar_plugin_tool_api().call_spec(store).await })
                     })
                     .await?;
@@ -339,7 +339,7 @@ impl Runtime {
             }
             Kind::Provider => {
                 let pre = ProviderPre::new(pre).map_err(wrong_world)?;
-                let mut store = self.store(&plugin, None, None)?;
+                let mut store = self.store(&plugin, None, None, false)?;
                 let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
                 let info = instance
                     .hangar_plugin_provider_api()
@@ -414,9 +414,12 @@ impl Runtime {
         plugin: &Plugin,
         work_dir: Option<&Path>,
         provider: Option<&ProviderAccess>,
+        blocking_thread: bool,
     ) -> Result<Store<PluginState>, RuntimeError> {
         let grants = &plugin.grants;
         let mut wasi = WasiCtxBuilder::new();
+        // Only a store that runs on a thread of its own may block it.
+        wasi.allow_blocking_current_thread(blocking_thread);
         if let Some(dir) = work_dir {
             let perms = match grants.filesystem {
                 FsAccess::None => None,
@@ -475,8 +478,47 @@ impl Runtime {
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
 
-    /// Instantiates a tool in a fresh store and runs `f` under the deadline.
-    async fn with_tool<T>(
+    /// Instantiates a tool in a fresh store and runs `f` under the deadline,
+    /// on a blocking thread of its own.
+    ///
+    /// Why a thread: a tool's filesystem calls are blocking syscalls. On an
+    /// async store wasmtime-wasi sends each one through `spawn_blocking`, a
+    /// thread hand-off per `open`, `stat` and `read` (grep makes tens of
+    /// thousands). Here the whole call runs on one blocking thread with
+    /// `allow_blocking_current_thread`, so they are plain syscalls; async
+    /// host calls (bash's child process) are still driven by `block_on`.
+    /// Guest code still yields at every epoch tick, which is where a caller
+    /// that went away (its receiver dropped) stops the call.
+    async fn with_tool<T: Send + 'static>(
+        &self,
+        plugin: Arc<Plugin>,
+        pre: ToolPre<PluginState>,
+        work_dir: Option<PathBuf>,
+        f: impl for<'a> FnOnce(
+            &'a Tool,
+            &'a mut Store<PluginState>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>
+        + Send
+        + 'static,
+    ) -> Result<T, RuntimeError> {
+        let runtime = self.clone();
+        let handle = tokio::runtime::Handle::current();
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
+        let id = plugin.id().to_string();
+        tokio::task::spawn_blocking(move || {
+            handle.block_on(async {
+                tokio::select! {
+                    result = runtime.run_tool(&plugin, &pre, work_dir.as_deref(), f) => {
+                        let _ = tx.send(result);
+                    }
+                    () = tx.closed() => {}
+                }
+            })
+        });
+        rx.await.unwrap_or_else(|_| Err(RuntimeError::Trap { plugin: id, reason: "the call's thread panicked".into() }))
+    }
+
+    async fn run_tool<T>(
         &self,
         plugin: &Plugin,
         pre: &ToolPre<PluginState>,
@@ -486,7 +528,7 @@ impl Runtime {
             &'a mut Store<PluginState>,
         ) -> std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>,
     ) -> Result<T, RuntimeError> {
-        let mut store = self.store(plugin, work_dir, None)?;
+        let mut store = self.store(plugin, work_dir, None, true)?;
         let deadline = plugin.grants.limits.deadline;
         let run = async {
             let tool = pre.instantiate_async(&mut store).await?;
@@ -537,7 +579,7 @@ impl Runtime {
             work_dir: call.work_dir.as_deref().and_then(Path::to_str).unwrap_or_default().to_string(),
         };
         let output = self
-            .with_tool(&plugin, pre, call.work_dir.as_deref(), |tool, store| {
+            .with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), move |tool, store| {
                 Box::pin(async move { tool.hangar_plugin_tool_api().call_invoke(store, &wit_call).await })
             })
             .await?;
@@ -555,7 +597,7 @@ impl Runtime {
     ) -> Result<(Arc<Plugin>, Store<PluginState>, Provider), RuntimeError> {
         let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
         let Loaded::Provider { pre, .. } = &*loaded else { unreachable!("kind checked") };
-        let mut store = self.store(&plugin, None, Some(access))?;
+        let mut store = self.store(&plugin, None, Some(access), false)?;
         let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
         Ok((plugin, store, instance))
     }
