@@ -15,6 +15,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, ApiResult, AppState, JsonBody};
 use crate::agent::{Run, RunError, RunOutcome, channel};
+use crate::store::StoreError;
 
 /// Comment lines keep a quiet stream open through proxies.
 const KEEP_ALIVE: Duration = Duration::from_secs(15);
@@ -47,7 +48,9 @@ impl From<RunError> for ApiError {
 /// Everything that can be refused before a run starts is refused here, as
 /// a plain HTTP error.
 async fn prepare(state: &AppState, session_id: &str, input: MessageInput) -> ApiResult<Run> {
-    state.store.session(session_id).await?;
+    if !state.store.session_exists(session_id).await? {
+        return Err(StoreError::NotFound { kind: "session", id: session_id.to_string() }.into());
+    }
     let agent = state.store.agent(&input.agent_id).await?;
     if input.message.trim().is_empty() {
         return Err(ApiError::Invalid("`message` must not be empty".into()));

@@ -85,9 +85,19 @@ fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
+/// Idle read connections kept open; more are opened under a burst of reads
+/// and closed again after it.
+const IDLE_READERS: usize = 8;
+
 #[derive(Clone)]
 pub struct Store {
+    /// The one connection that writes (SQLite takes one writer at a time).
     conn: Arc<Mutex<Connection>>,
+    /// Idle read-only connections. In WAL mode readers run beside the
+    /// writer and beside each other, so a `GET` never queues behind a write
+    /// or behind another `GET` for the one connection.
+    readers: Arc<Mutex<Vec<Connection>>>,
+    path: Arc<Path>,
 }
 
 impl Store {
@@ -113,7 +123,37 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)) })
+        Ok(Store { conn: Arc::new(Mutex::new(conn)), readers: Default::default(), path: path.into() })
+    }
+
+    fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "query_only", true)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    /// Runs the read `f` on an idle read connection, on a blocking thread.
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let (readers, path) = (self.readers.clone(), self.path.clone());
+        tokio::task::spawn_blocking(move || {
+            let idle = readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
+            let conn = match idle {
+                Some(conn) => conn,
+                None => Self::open_reader(&path)?,
+            };
+            let result = f(&conn);
+            let mut idle = readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if idle.len() < IDLE_READERS {
+                idle.push(conn);
+            }
+            result
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// Runs `f` on the connection on a blocking thread.
@@ -175,8 +215,9 @@ impl Store {
 
     pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
         let id = id.to_string();
-        self.with(move |c| {
-            c.query_row(&format!("{AGENT_SELECT} WHERE id = ?1"), [&id], agent_row)
+        self.read(move |c| {
+            c.prepare_cached(&format!("{AGENT_SELECT} WHERE id = ?1"))?
+                .query_row([&id], agent_row)
                 .optional()?
                 .ok_or(StoreError::NotFound { kind: "agent", id })?
                 .finish()
@@ -185,7 +226,7 @@ impl Store {
     }
 
     pub async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
             let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(RawAgent::finish).collect()
@@ -247,8 +288,9 @@ impl Store {
 
     pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
         let id = id.to_string();
-        self.with(move |c| {
-            c.query_row(&format!("{SESSION_SELECT} WHERE id = ?1"), [&id], session_row)
+        self.read(move |c| {
+            c.prepare_cached(&format!("{SESSION_SELECT} WHERE id = ?1"))?
+                .query_row([&id], session_row)
                 .optional()?
                 .ok_or(StoreError::NotFound { kind: "session", id })?
                 .finish()
@@ -256,8 +298,14 @@ impl Store {
         .await
     }
 
+    /// Whether a session exists, without reading (and decoding) its history.
+    pub async fn session_exists(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| Ok(c.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?.exists([&id])?)).await
+    }
+
     pub async fn sessions(&self) -> Result<Vec<Session>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt = c.prepare_cached(&format!("{SESSION_SELECT} ORDER BY id"))?;
             let rows = stmt.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(RawSession::finish).collect()
@@ -272,7 +320,7 @@ impl Store {
     // ----- provider credentials -----
 
     pub async fn auth_records(&self) -> Result<Vec<AuthRecord>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let mut stmt =
                 c.prepare_cached("SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth ORDER BY provider")?;
             let rows = stmt.query_map([], auth_row)?.collect::<Result<Vec<_>, _>>()?;
@@ -283,7 +331,7 @@ impl Store {
 
     pub async fn auth_record(&self, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
         let provider = provider.to_string();
-        self.with(move |c| {
+        self.read(move |c| {
             Ok(c.query_row(
                 "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE provider = ?1",
                 [&provider],
@@ -329,7 +377,7 @@ impl Store {
 
     /// When stored credentials last changed, if ever.
     pub async fn auth_updated_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.with(|c| {
+        self.read(|c| {
             let text: Option<String> =
                 c.query_row("SELECT value FROM meta WHERE key = ?1", [AUTH_CHANGED], |r| r.get(0)).optional()?;
             Ok(text.map(parse_ts).transpose()?)

@@ -1,7 +1,7 @@
 //! The stored resources, in the shapes the API shows them.
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::{Deserialize, Serialize, Serializer};
 use utoipa::ToSchema;
 
 /// An agent: instructions, tools and a model.
@@ -15,7 +15,9 @@ pub struct Agent {
     /// Names of the tools the agent may call.
     pub tools: Vec<String>,
     pub provider: AgentProvider,
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -41,7 +43,9 @@ pub struct Session {
     pub work_dir: Option<String>,
     /// Every message so far, oldest first.
     pub history: Vec<HistoryMessage>,
+    #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
 }
 
@@ -79,6 +83,13 @@ pub enum Block {
     },
 }
 
+/// The same text as chrono's own `Serialize`, written in one piece: chrono
+/// writes through `Display`, which reaches serde_json's escaper one char at
+/// a time, and that was the largest single cost of `GET /agents`.
+fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
+}
+
 /// Stored credentials and settings of one provider. Never serialized: the
 /// key is write-only.
 #[derive(Clone)]
@@ -98,5 +109,21 @@ impl std::fmt::Debug for AuthRecord {
             .field("secret", &self.secret.as_ref().map(|_| "[redacted]"))
             .field("base_url", &self.base_url)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The fast serializer writes what chrono's own `Serialize` writes, for
+    /// the millisecond times the store keeps and for whole seconds.
+    #[test]
+    fn timestamps_serialize_as_chrono_does() {
+        for millis in [1_764_356_412_123_i64, 1_764_356_412_000, 1_764_356_412_100] {
+            let t = DateTime::from_timestamp_millis(millis).unwrap();
+            let ours = rfc3339(&t, serde_json::value::Serializer).unwrap();
+            assert_eq!(ours, serde_json::to_value(t).unwrap(), "{t:?}");
+        }
     }
 }
