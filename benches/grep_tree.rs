@@ -5,11 +5,8 @@
 //!     cargo bench --bench grep_tree                 # BENCH_ITERS rounds (default 5)
 //!
 //! The tree is generated under /tmp/hangar-bench-tree (`BENCH_TREE`) on
-//! first use. Also measures the grep component straight through wasmtime
-//! in three store modes (see `support/direct.rs`).
+//! first use.
 
-#[path = "support/direct.rs"]
-mod direct;
 #[path = "support/stats.rs"]
 mod stats;
 #[path = "support/tree.rs"]
@@ -17,10 +14,8 @@ mod tree;
 
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use direct::{DirectTool, Mode};
 use hangar::runtime::{Runtime, RuntimeConfig, ToolInvocation};
 
 fn count_matches(text: &str) -> usize {
@@ -45,7 +40,6 @@ fn main() {
         runtime.tool_spec("grep").await.unwrap();
         runtime
     });
-    let direct = Arc::new(DirectTool::new(direct::builtin_wasm("grep")));
     let input = serde_json::json!({"pattern": tree::PATTERN}).to_string();
 
     let hangar_call = || {
@@ -54,16 +48,12 @@ fn main() {
         assert!(!out.is_error, "{}", out.text);
         count_matches(&out.text)
     };
-    let direct_call = |mode| count_matches(&rt.block_on(direct.call(mode, &input, &root)));
 
     let sides: Vec<(&str, Box<dyn Fn() -> usize + '_>)> = vec![
         ("rg -n (default threads)", Box::new(|| command("rg", &["-n", tree::PATTERN, "."], &root))),
         ("rg -n -j1 (one thread)", Box::new(|| command("rg", &["-n", "-j1", tree::PATTERN, "."], &root))),
         ("grep -rnE", Box::new(|| command("grep", &["-rnE", tree::PATTERN, "."], &root))),
         ("hangar runtime call_tool(\"grep\") (WASM)", Box::new(hangar_call)),
-        ("direct wasmtime: async store, spawn_blocking per fs call", Box::new(|| direct_call(Mode::AsyncHop))),
-        ("direct wasmtime: async store on a blocking thread", Box::new(|| direct_call(Mode::AsyncOnBlockingThread))),
-        ("direct wasmtime: sync store on a blocking thread", Box::new(|| direct_call(Mode::SyncOnBlockingThread))),
     ];
 
     // Warm the page cache and check every side finds the same lines.

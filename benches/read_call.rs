@@ -5,25 +5,18 @@
 //! helper: once as a long-lived process like an MCP stdio server, and once
 //! spawned per call). All sides are interleaved in the same run.
 //!
-//! Also measures the same `read` component driven straight through
-//! wasmtime in three store modes (see `support/direct.rs`).
-//!
 //!     cargo bench --bench read_call                       # percentiles, then criterion
 //!     BENCH_ITERS=5000 cargo bench --bench read_call -- --percentiles-only
 
-#[path = "support/direct.rs"]
-mod direct;
 #[path = "support/stats.rs"]
 mod stats;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use criterion::Criterion;
-use direct::{DirectTool, Mode};
 use hangar::runtime::{Runtime, RuntimeConfig, ToolInvocation};
 
 const HELPER_ENV: &str = "HANGAR_BENCH_READ_HELPER";
@@ -105,7 +98,6 @@ struct Fixture {
     request: String,
     rt: tokio::runtime::Runtime,
     runtime: Runtime,
-    direct: Arc<DirectTool>,
     helper: Helper,
 }
 
@@ -134,8 +126,7 @@ impl Fixture {
             runtime.tool_spec("read").await.unwrap();
             runtime
         });
-        let direct = Arc::new(DirectTool::new(direct::builtin_wasm("read")));
-        Fixture { _dir: dir, work, input, request, rt, runtime, direct, helper: Helper::spawn() }
+        Fixture { _dir: dir, work, input, request, rt, runtime, helper: Helper::spawn() }
     }
 
     fn runtime_call(&self) -> usize {
@@ -143,10 +134,6 @@ impl Fixture {
         let out = self.rt.block_on(self.runtime.call_tool("read", call)).unwrap();
         assert!(!out.is_error, "{}", out.text);
         out.text.len()
-    }
-
-    fn direct_call(&self, mode: Mode) -> usize {
-        self.rt.block_on(self.direct.call(mode, &self.input, &self.work)).len()
     }
 
     fn native_call(&self) -> usize {
@@ -170,24 +157,25 @@ const SIDES: &[Side] = &[
     ("subprocess, JSON over stdio (long-lived)", |f| f.helper_call()),
     ("subprocess, JSON over stdio (spawn per call)", |f| f.spawn_call()),
     ("hangar runtime call_tool (WASM)", |f| f.runtime_call()),
-    ("direct wasmtime: async store, spawn_blocking per fs call", |f| f.direct_call(Mode::AsyncHop)),
-    ("direct wasmtime: async store on a blocking thread", |f| f.direct_call(Mode::AsyncOnBlockingThread)),
-    ("direct wasmtime: sync store on a blocking thread", |f| f.direct_call(Mode::SyncOnBlockingThread)),
 ];
 
 fn percentiles(fixture: &mut Fixture) {
     let n = stats::iters(2000);
+    // `BENCH_ONLY=hangar` runs one side alone, e.g. under `perf record`.
+    let only = std::env::var("BENCH_ONLY").unwrap_or_default();
+    let sides: Vec<&Side> = SIDES.iter().filter(|(name, _)| name.contains(only.as_str())).collect();
+
     // Warm up every side, and check they agree on the output size.
-    let sizes: Vec<usize> = SIDES.iter().map(|(_, f)| f(fixture)).collect();
+    let sizes: Vec<usize> = sides.iter().map(|(_, f)| f(fixture)).collect();
     println!("read_call: output bytes per side {sizes:?}");
     for _ in 0..50 {
-        for (_, f) in SIDES {
+        for (_, f) in &sides {
             f(fixture);
         }
     }
-    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); SIDES.len()];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::with_capacity(n); sides.len()];
     for i in 0..n {
-        for (k, (name, f)) in SIDES.iter().enumerate() {
+        for (k, (name, f)) in sides.iter().enumerate() {
             // Spawning a process per call is slow: sample it 1 in 10 rounds.
             if name.contains("spawn per call") && i % 10 != 0 {
                 continue;
@@ -197,11 +185,12 @@ fn percentiles(fixture: &mut Fixture) {
             samples[k].push(t.elapsed());
         }
     }
+    // Ratios are to the first side run (native, unless BENCH_ONLY says otherwise).
     let native = stats::summarize(&mut samples[0].clone());
     println!("\n## read_call ({}; {n} interleaved rounds)\n", stats::machine());
     println!("| side | n | p50 µs | p99 µs | mean µs | p50 overhead vs native µs | p50 ratio to native |");
     println!("|---|---|---|---|---|---|---|");
-    for (k, (name, _)) in SIDES.iter().enumerate() {
+    for (k, (name, _)) in sides.iter().enumerate() {
         let s = stats::summarize(&mut samples[k]);
         println!(
             "| {name} | {} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1}× |",

@@ -7,7 +7,7 @@
 //!    against the same first `text_delta` read straight from the fake.
 //!    Sequential, interleaved, `BENCH_ITERS` each (default 300).
 //! 4. `BENCH_SESSIONS` (default 1,000) concurrent streaming sessions: each
-//!    answer is 20 text deltas 50 ms apart (~1 s), so all are open at once.
+//!    answer is 20 text deltas 150 ms apart (~3 s), so all are open at once.
 //!    Counts errors, and reads the hangar process's peak RSS (VmHWM).
 //!
 //!     cargo bench --bench streams               # both
@@ -104,7 +104,6 @@ async fn until(resp: reqwest::Response, needle: &str) -> (bool, String) {
 
 async fn ttft(s: &Setup) {
     let n = stats::iters(300);
-    let session = s.session().await;
     let answer = || Reply::sse(anthropic::text_answer(&["Hello", " there."], 10, 2));
     let direct_body = json!({"model": "claude-test", "max_tokens": 16, "stream": true,
         "messages": [{"role": "user", "content": "hi"}]});
@@ -118,8 +117,10 @@ async fn ttft(s: &Setup) {
         let (ok, _) = until(resp, "text_delta").await;
         let d = t.elapsed();
         assert!(ok);
-        // Through hangar: request, first `text` event. The rest of the
-        // stream is drained so the session is free for the next round.
+        // Through hangar: request, first `text` event, on a fresh session so
+        // that both sides send the model one message (a session that grew
+        // over hundreds of rounds would measure history size instead).
+        let session = s.session().await;
         s.fake.push(answer());
         let t = Instant::now();
         let resp = s.stream(&session, "hi").send().await.unwrap();
@@ -168,7 +169,7 @@ async fn sessions(s: &Setup) {
         let mut block = block.into_iter();
         chunks.push(block.next().unwrap());
         for c in block {
-            chunks.push(Chunk::Sleep(Duration::from_millis(50)));
+            chunks.push(Chunk::Sleep(Duration::from_millis(150)));
             chunks.push(c);
         }
         chunks.extend(anthropic::stop("end_turn", 20));

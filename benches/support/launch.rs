@@ -82,7 +82,16 @@ pub fn rss_kib(pid: u32) -> (u64, u64) {
 }
 
 impl Drop for Hangar {
+    /// SIGTERM first, as an operator would stop it (and so that a wrapper
+    /// such as a heap profiler can finish its report); SIGKILL after 10 s.
     fn drop(&mut self) {
+        unsafe { libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM) };
+        for _ in 0..100 {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
