@@ -207,9 +207,14 @@ async fn agents_crud() {
     assert_eq!(updated["provider"]["model"], "claude-sonnet-4-5");
     assert_eq!(updated["created_at"], agent["created_at"]);
     assert!(updated["updated_at"].as_str() > agent["updated_at"].as_str());
+    // Agents are served from memory after the first read: every write must
+    // show at once in both the list and the single agent.
+    assert_eq!(server.get("/agents").await.1, json!([updated.clone()]));
+    assert_eq!(server.get(&format!("/agents/{id}")).await.1, updated);
 
     let (status, body) = server.delete(&format!("/agents/{id}")).await;
     assert_eq!((status, body), (200, json!({"status": "deleted"})));
+    assert_eq!(server.get("/agents").await, (200, json!([])));
     for (status, body) in [
         server.get(&format!("/agents/{id}")).await,
         server.delete(&format!("/agents/{id}")).await,

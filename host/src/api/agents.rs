@@ -1,5 +1,7 @@
 //! Agents: instructions, tools and a model.
 
+use std::sync::Arc;
+
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -86,7 +88,7 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
 }
 
 #[utoipa::path(operation_id = "list_agents", get, path = "/agents", tag = "agents", responses((status = 200, body = Vec<Agent>)))]
-pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<Agent>>> {
+pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Arc<Vec<Agent>>>> {
     Ok(Json(state.store.agents().await?))
 }
 

@@ -159,7 +159,7 @@ async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
         .store
         .agents()
         .await?
-        .into_iter()
+        .iter()
         .filter(|a| match plugin.manifest.kind {
             Kind::Tool => a.tools.iter().any(|t| t == id),
             Kind::Provider => a.provider.id == id,

@@ -1,9 +1,13 @@
 //! Persistence on SQLite (rusqlite): WAL mode, versioned migrations
-//! (rusqlite_migration), one transaction per write. The connection lives on
-//! blocking threads so the async server never waits on disk I/O.
+//! (rusqlite_migration). Reads run on a pool of read-only connections on
+//! blocking threads; writes go to one writer thread that commits every
+//! write waiting at the time in one transaction (group commit), each in
+//! a savepoint of its own so a failing write rolls back alone. The async
+//! server never waits on disk I/O.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 
 use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
@@ -26,6 +30,8 @@ pub enum StoreError {
     Open { path: PathBuf, source: std::io::Error },
     #[error("database task failed: {0}")]
     Task(String),
+    #[error("database commit failed: {0}")]
+    Commit(String),
 }
 
 fn migrations() -> Migrations<'static> {
@@ -61,7 +67,7 @@ fn migrations() -> Migrations<'static> {
 
 const AUTH_CHANGED: &str = "auth_updated_at";
 
-fn touch_auth(tx: &rusqlite::Transaction<'_>, at: &DateTime<Utc>) -> rusqlite::Result<()> {
+fn touch_auth(tx: &Connection, at: &DateTime<Utc>) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
         params![AUTH_CHANGED, ts(at)],
@@ -89,15 +95,55 @@ fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
 /// and closed again after it.
 const IDLE_READERS: usize = 8;
 
+/// Writes committed together at most.
+const GROUP_MAX: usize = 128;
+
+/// A write, run inside the writer's transaction; it returns what delivers
+/// its result once that transaction has committed (or failed to).
+/// It gets the transaction, or why none could be begun.
+type Job = Box<dyn FnOnce(Result<&mut rusqlite::Transaction<'_>, &str>) -> Finish + Send>;
+type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
+
 #[derive(Clone)]
 pub struct Store {
-    /// The one connection that writes (SQLite takes one writer at a time).
-    conn: Arc<Mutex<Connection>>,
+    /// The queue of the one writer thread (SQLite takes one writer at a
+    /// time; queuing there beats threads contending for a lock).
+    writer: std::sync::mpsc::Sender<Job>,
     /// Idle read-only connections. In WAL mode readers run beside the
     /// writer and beside each other, so a `GET` never queues behind a write
     /// or behind another `GET` for the one connection.
     readers: Arc<Mutex<Vec<Connection>>>,
     path: Arc<Path>,
+    agents: Arc<AgentCache>,
+}
+
+/// Every agent, in memory: a small table read by every `GET /agents` and
+/// every message. Filled on the first read after a change; every agent
+/// write empties it once its transaction has committed. The generation
+/// keeps a read that raced a write from filling it with the old rows.
+#[derive(Default)]
+struct AgentCache {
+    list: RwLock<Option<Arc<Vec<Agent>>>>,
+    generation: AtomicU64,
+}
+
+impl AgentCache {
+    fn get(&self) -> Option<Arc<Vec<Agent>>> {
+        self.list.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+
+    fn fill(&self, generation: u64, list: Arc<Vec<Agent>>) {
+        let mut slot = self.list.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if self.generation.load(Ordering::SeqCst) == generation {
+            *slot = Some(list);
+        }
+    }
+
+    fn invalidate(&self) {
+        let mut slot = self.list.write().unwrap_or_else(|poisoned| poisoned.into_inner());
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        *slot = None;
+    }
 }
 
 impl Store {
@@ -123,7 +169,12 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
-        Ok(Store { conn: Arc::new(Mutex::new(conn)), readers: Default::default(), path: path.into() })
+        let (writer, jobs) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name("hangar-db-writer".into())
+            .spawn(move || write_loop(conn, jobs))
+            .map_err(|source| StoreError::Open { path: path.into(), source })?;
+        Ok(Store { writer, readers: Default::default(), path: path.into(), agents: Default::default() })
     }
 
     fn open_reader(path: &Path) -> Result<Connection, StoreError> {
@@ -156,24 +207,39 @@ impl Store {
         .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
-    /// Runs `f` on the connection on a blocking thread.
-    async fn with<T: Send + 'static>(
+    /// Runs the write `f` in the writer's next transaction, in a savepoint
+    /// of its own; returns once that transaction has committed.
+    async fn write<T: Send + 'static>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            f(&mut conn)
-        })
-        .await
-        .map_err(|e| StoreError::Task(e.to_string()))?
+        let (done, result) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move |tx| {
+            let result = match tx {
+                Ok(tx) => tx.savepoint().map_err(StoreError::from).and_then(|savepoint| {
+                    // Dropping the savepoint on error rolls back this write alone.
+                    let value = f(&savepoint)?;
+                    savepoint.commit()?;
+                    Ok(value)
+                }),
+                Err(begin) => Err(StoreError::Commit(begin.to_string())),
+            };
+            Box::new(move |commit_error| {
+                let result = match (result, commit_error) {
+                    (Ok(_), Some(err)) => Err(StoreError::Commit(err.to_string())),
+                    (result, _) => result,
+                };
+                let _ = done.send(result);
+            })
+        });
+        self.writer.send(job).map_err(|_| StoreError::Task("the database writer has stopped".into()))?;
+        result.await.map_err(|_| StoreError::Task("the write panicked in the database writer".into()))?
     }
 
     // ----- agents -----
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        self.with(move |c| {
+        let result = self.write(move |c| {
             c.execute(
                 "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -189,11 +255,13 @@ impl Store {
             )?;
             Ok(agent)
         })
-        .await
+        .await;
+        self.agents.invalidate();
+        result
     }
 
     pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        self.with(move |c| {
+        let result = self.write(move |c| {
             let n = c.execute(
                 "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6 WHERE id = ?1",
                 params![
@@ -210,37 +278,47 @@ impl Store {
             }
             Ok(agent)
         })
-        .await
+        .await;
+        self.agents.invalidate();
+        result
     }
 
     pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
-        let id = id.to_string();
-        self.read(move |c| {
-            c.prepare_cached(&format!("{AGENT_SELECT} WHERE id = ?1"))?
-                .query_row([&id], agent_row)
-                .optional()?
-                .ok_or(StoreError::NotFound { kind: "agent", id })?
-                .finish()
-        })
-        .await
+        self.agents()
+            .await?
+            .iter()
+            .find(|a| a.id == id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound { kind: "agent", id: id.to_string() })
     }
 
-    pub async fn agents(&self) -> Result<Vec<Agent>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
-            let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(RawAgent::finish).collect()
-        })
-        .await
+    /// Every agent, by id.
+    pub async fn agents(&self) -> Result<Arc<Vec<Agent>>, StoreError> {
+        if let Some(list) = self.agents.get() {
+            return Ok(list);
+        }
+        let generation = self.agents.generation.load(Ordering::SeqCst);
+        let list = Arc::new(
+            self.read(|c| {
+                let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
+                let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
+                rows.into_iter().map(RawAgent::finish).collect::<Result<Vec<_>, _>>()
+            })
+            .await?,
+        );
+        self.agents.fill(generation, list.clone());
+        Ok(list)
     }
 
     pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
-        self.delete("agents", "agent", id).await
+        let result = self.delete("agents", "agent", id).await;
+        self.agents.invalidate();
+        result
     }
 
     async fn delete(&self, table: &'static str, kind: &'static str, id: &str) -> Result<(), StoreError> {
         let id = id.to_string();
-        self.with(move |c| {
+        self.write(move |c| {
             let n = c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?;
             if n == 0 {
                 return Err(StoreError::NotFound { kind, id });
@@ -253,17 +331,15 @@ impl Store {
     // ----- sessions -----
 
     pub async fn insert_session(&self, session: Session) -> Result<Session, StoreError> {
-        self.with(move |c| {
-            c.execute(
-                "INSERT INTO sessions (id, work_dir, history, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![
+        self.write(move |c| {
+            c.prepare_cached("INSERT INTO sessions (id, work_dir, history, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+                .execute(params![
                     session.id,
                     session.work_dir,
                     serde_json::to_string(&session.history)?,
                     ts(&session.created_at),
                     ts(&session.updated_at)
-                ],
-            )?;
+                ])?;
             Ok(session)
         })
         .await
@@ -271,16 +347,13 @@ impl Store {
 
     /// Writes a session's fields (and its whole history) in one transaction.
     pub async fn update_session(&self, session: Session) -> Result<Session, StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let n = tx.execute(
-                "UPDATE sessions SET work_dir = ?2, history = ?3, updated_at = ?4 WHERE id = ?1",
+        self.write(move |c| {
+            let n = c.prepare_cached("UPDATE sessions SET work_dir = ?2, history = ?3, updated_at = ?4 WHERE id = ?1")?.execute(
                 params![session.id, session.work_dir, serde_json::to_string(&session.history)?, ts(&session.updated_at)],
             )?;
             if n == 0 {
                 return Err(StoreError::NotFound { kind: "session", id: session.id });
             }
-            tx.commit()?;
             Ok(session)
         })
         .await
@@ -344,17 +417,15 @@ impl Store {
 
     /// Writes several records at once: a PUT either applies whole or not at all.
     pub async fn put_auth_records(&self, records: Vec<AuthRecord>) -> Result<(), StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction()?;
+        self.write(move |c| {
             for r in &records {
-                tx.execute(
+                c.execute(
                     "INSERT INTO provider_auth (provider, auth_type, secret, base_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
                     params![r.provider, r.auth_type, r.secret, r.base_url, ts(&r.updated_at)],
                 )?;
-                touch_auth(&tx, &r.updated_at)?;
+                touch_auth(c, &r.updated_at)?;
             }
-            tx.commit()?;
             Ok(())
         })
         .await
@@ -363,13 +434,11 @@ impl Store {
     /// Removes a provider's record; false when there was none.
     pub async fn delete_auth_record(&self, provider: &str) -> Result<bool, StoreError> {
         let provider = provider.to_string();
-        self.with(move |c| {
-            let tx = c.transaction()?;
-            let removed = tx.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0;
+        self.write(move |c| {
+            let removed = c.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0;
             if removed {
-                touch_auth(&tx, &now())?;
+                touch_auth(c, &now())?;
             }
-            tx.commit()?;
             Ok(removed)
         })
         .await
@@ -451,3 +520,42 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
     })
 }
 
+
+/// The writer thread: takes the first waiting write, then every write that
+/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
+/// burst of writes pays for one commit instead of one each.
+fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut group = vec![first];
+        while group.len() < GROUP_MAX {
+            match jobs.try_recv() {
+                Ok(job) => group.push(job),
+                Err(_) => break,
+            }
+        }
+        let mut tx = match conn.transaction() {
+            Ok(tx) => tx,
+            Err(err) => {
+                let err = err.to_string();
+                tracing::error!(%err, "cannot begin a write transaction");
+                for job in group {
+                    job(Err(&err))(None);
+                }
+                continue;
+            }
+        };
+        // A write that panics loses only its own answer (its caller sees the
+        // writer's error); the thread and the other writes carry on.
+        let finishes: Vec<Finish> = group
+            .into_iter()
+            .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut tx)))).ok())
+            .collect();
+        let commit = tx.commit().err().map(|e| e.to_string());
+        if let Some(err) = &commit {
+            tracing::error!(%err, writes = finishes.len(), "a group commit failed");
+        }
+        for finish in finishes {
+            finish(commit.as_deref());
+        }
+    }
+}
