@@ -169,11 +169,23 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
+        // Checkpoints (copying the WAL back into the database, with an
+        // fsync) run on a thread of their own, so writes never wait for one.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        let checkpointer = Self::open_reader(path)?;
+        checkpointer.pragma_update(None, "query_only", false)?;
         let (writer, jobs) = std::sync::mpsc::channel();
-        std::thread::Builder::new()
-            .name("hangar-db-writer".into())
-            .spawn(move || write_loop(conn, jobs))
-            .map_err(|source| StoreError::Open { path: path.into(), source })?;
+        let (wake, wakes) = std::sync::mpsc::sync_channel(1);
+        let written = Arc::new(AtomicU64::new(0));
+        let written_too = written.clone();
+        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
+            std::thread::Builder::new()
+                .name(name.into())
+                .spawn(f)
+                .map_err(|source| StoreError::Open { path: path.into(), source })
+        };
+        spawn("hangar-db-writer", Box::new(move || write_loop(conn, jobs, wake, written)))?;
+        spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wakes, written_too)))?;
         Ok(Store { writer, readers: Default::default(), path: path.into(), agents: Default::default() })
     }
 
@@ -524,7 +536,41 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
 /// The writer thread: takes the first waiting write, then every write that
 /// queued behind it (up to `GROUP_MAX`), and commits them together, so a
 /// burst of writes pays for one commit instead of one each.
-fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
+/// Writes after which the checkpoint thread copies the WAL back into the
+/// database (about SQLite's own automatic checkpoint of 1,000 pages).
+const CHECKPOINT_WRITES: u64 = 1000;
+
+/// Checkpoints the WAL every `CHECKPOINT_WRITES` writes, and after a second
+/// without writes. PASSIVE: it never blocks the writer or a reader; what it
+/// cannot copy now, it copies next time. Ends with the writer thread.
+fn checkpoint_loop(conn: Connection, wakes: std::sync::mpsc::Receiver<()>, written: Arc<AtomicU64>) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut done = 0;
+    loop {
+        let idle = match wakes.recv_timeout(std::time::Duration::from_secs(1)) {
+            Ok(()) => false,
+            Err(RecvTimeoutError::Timeout) => true,
+            Err(RecvTimeoutError::Disconnected) => {
+                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                return;
+            }
+        };
+        let now = written.load(Ordering::Relaxed);
+        if now - done >= CHECKPOINT_WRITES || (idle && now != done) {
+            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                Ok(()) => done = now,
+                Err(err) => tracing::warn!(%err, "WAL checkpoint failed; trying again later"),
+            }
+        }
+    }
+}
+
+fn write_loop(
+    mut conn: Connection,
+    jobs: std::sync::mpsc::Receiver<Job>,
+    wake: std::sync::mpsc::SyncSender<()>,
+    written: Arc<AtomicU64>,
+) {
     while let Ok(first) = jobs.recv() {
         let mut group = vec![first];
         while group.len() < GROUP_MAX {
@@ -546,6 +592,7 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
         };
         // A write that panics loses only its own answer (its caller sees the
         // writer's error); the thread and the other writes carry on.
+        let writes = group.len() as u64;
         let finishes: Vec<Finish> = group
             .into_iter()
             .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut tx)))).ok())
@@ -557,5 +604,54 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>) {
         for finish in finishes {
             finish(commit.as_deref());
         }
+        written.fetch_add(writes, Ordering::Relaxed);
+        // Wakes the checkpoint thread; a wake-up already pending will do.
+        let _ = wake.try_send(());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(id: &str) -> Session {
+        let t = now();
+        Session { id: id.into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t }
+    }
+
+    /// Writes that queue together commit together, but each stands alone:
+    /// a failing write in the group rolls back only itself.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failing_write_in_a_group_commit_rolls_back_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hangar.db");
+        let store = Store::open(&path).unwrap();
+        let writes = (0..200).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                if i % 4 == 0 {
+                    // No such session: NotFound, inside the same group as the inserts.
+                    store.update_session(session(&format!("missing-{i}"))).await.map(|_| false)
+                } else {
+                    store.insert_session(session(&format!("s-{i:03}"))).await.map(|_| true)
+                }
+            })
+        });
+        let results = futures::future::join_all(writes).await;
+        for (i, result) in results.into_iter().enumerate() {
+            match result.unwrap() {
+                Ok(inserted) => assert!(inserted && i % 4 != 0, "write {i}"),
+                Err(StoreError::NotFound { id, .. }) => assert_eq!(id, format!("missing-{i}")),
+                Err(other) => panic!("write {i}: {other}"),
+            }
+        }
+        assert_eq!(store.sessions().await.unwrap().len(), 150);
+        drop(store);
+
+        // Committed means on disk: a fresh open sees every insert.
+        let reopened = Store::open(&path).unwrap();
+        let ids: Vec<String> = reopened.sessions().await.unwrap().into_iter().map(|s| s.id).collect();
+        assert_eq!(ids.len(), 150);
+        assert!(ids.iter().all(|id| id.starts_with("s-")));
     }
 }
