@@ -132,9 +132,13 @@ impl AgentCache {
         self.list.read().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 
+    fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
     fn fill(&self, generation: u64, list: Arc<Vec<Agent>>) {
         let mut slot = self.list.write().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if self.generation.load(Ordering::SeqCst) == generation {
+        if self.generation() == generation {
             *slot = Some(list);
         }
     }
@@ -172,8 +176,7 @@ impl Store {
         // Checkpoints (copying the WAL back into the database, with an
         // fsync) run on a thread of their own, so writes never wait for one.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
-        let checkpointer = Self::open_reader(path)?;
-        checkpointer.pragma_update(None, "query_only", false)?;
+        let checkpointer = Self::open_connection(path)?;
         let (writer, jobs) = std::sync::mpsc::channel();
         let (wake, wakes) = std::sync::mpsc::sync_channel(1);
         let written = Arc::new(AtomicU64::new(0));
@@ -189,10 +192,16 @@ impl Store {
         Ok(Store { writer, readers: Default::default(), path: path.into(), agents: Default::default() })
     }
 
-    fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+    /// A further connection to the database `open` migrated.
+    fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         let conn = Connection::open(path)?;
-        conn.pragma_update(None, "query_only", true)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    fn open_reader(path: &Path) -> Result<Connection, StoreError> {
+        let conn = Self::open_connection(path)?;
+        conn.pragma_update(None, "query_only", true)?;
         Ok(conn)
     }
 
@@ -248,10 +257,21 @@ impl Store {
         result.await.map_err(|_| StoreError::Task("the write panicked in the database writer".into()))?
     }
 
+    /// A write to the agents table: the in-memory list is emptied once it
+    /// has committed (or failed), so the next read sees the table.
+    async fn write_agents<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let result = self.write(f).await;
+        self.agents.invalidate();
+        result
+    }
+
     // ----- agents -----
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        let result = self.write(move |c| {
+        self.write_agents(move |c| {
             c.execute(
                 "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -267,13 +287,11 @@ impl Store {
             )?;
             Ok(agent)
         })
-        .await;
-        self.agents.invalidate();
-        result
+        .await
     }
 
     pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        let result = self.write(move |c| {
+        self.write_agents(move |c| {
             let n = c.execute(
                 "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6 WHERE id = ?1",
                 params![
@@ -290,9 +308,7 @@ impl Store {
             }
             Ok(agent)
         })
-        .await;
-        self.agents.invalidate();
-        result
+        .await
     }
 
     pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
@@ -309,7 +325,7 @@ impl Store {
         if let Some(list) = self.agents.get() {
             return Ok(list);
         }
-        let generation = self.agents.generation.load(Ordering::SeqCst);
+        let generation = self.agents.generation();
         let list = Arc::new(
             self.read(|c| {
                 let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
@@ -323,21 +339,7 @@ impl Store {
     }
 
     pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
-        let result = self.delete("agents", "agent", id).await;
-        self.agents.invalidate();
-        result
-    }
-
-    async fn delete(&self, table: &'static str, kind: &'static str, id: &str) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.write(move |c| {
-            let n = c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?;
-            if n == 0 {
-                return Err(StoreError::NotFound { kind, id });
-            }
-            Ok(())
-        })
-        .await
+        self.write_agents(delete_row("agents", "agent", id)).await
     }
 
     // ----- sessions -----
@@ -399,7 +401,7 @@ impl Store {
     }
 
     pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
-        self.delete("sessions", "session", id).await
+        self.write(delete_row("sessions", "session", id)).await
     }
 
     // ----- provider credentials -----
@@ -464,6 +466,22 @@ impl Store {
             Ok(text.map(parse_ts).transpose()?)
         })
         .await
+    }
+}
+
+/// The write that deletes row `id` of `table`, or says it does not exist.
+fn delete_row(
+    table: &'static str,
+    kind: &'static str,
+    id: &str,
+) -> impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static {
+    let id = id.to_string();
+    move |c| {
+        let n = c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?;
+        if n == 0 {
+            return Err(StoreError::NotFound { kind, id });
+        }
+        Ok(())
     }
 }
 
@@ -532,10 +550,6 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
     })
 }
 
-
-/// The writer thread: takes the first waiting write, then every write that
-/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
-/// burst of writes pays for one commit instead of one each.
 /// Writes after which the checkpoint thread copies the WAL back into the
 /// database (about SQLite's own automatic checkpoint of 1,000 pages).
 const CHECKPOINT_WRITES: u64 = 1000;
@@ -565,6 +579,9 @@ fn checkpoint_loop(conn: Connection, wakes: std::sync::mpsc::Receiver<()>, writt
     }
 }
 
+/// The writer thread: takes the first waiting write, then every write that
+/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
+/// burst of writes pays for one commit instead of one each.
 fn write_loop(
     mut conn: Connection,
     jobs: std::sync::mpsc::Receiver<Job>,
