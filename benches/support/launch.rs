@@ -2,7 +2,9 @@
 //! loopback with a temporary database, and reads its memory from /proc.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
+#[path = "../../tests/common/listen.rs"]
+mod listen;
+
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -39,18 +41,9 @@ pub fn start(cache_dir: &Path) -> Hangar {
         .spawn()
         .unwrap();
     let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-            }
-            if line.contains("ERROR") {
-                eprintln!("hangar: {line}");
-            }
+    let rx = listen::listen_address(stderr, |line| {
+        if line.contains("ERROR") {
+            eprintln!("hangar: {line}");
         }
     });
     let base = rx.recv_timeout(Duration::from_secs(60)).expect("hangar did not start");

@@ -17,6 +17,7 @@ pub fn runtime() -> Runtime {
     runtime
 }
 
+pub mod listen;
 pub mod server;
 pub mod fake;
 

@@ -1,7 +1,6 @@
 //! The real `hangar` binary, started on an ephemeral port with a temporary
 //! database, driven over HTTP.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -132,20 +131,11 @@ fn spawn(dir: &Path, args: &[String], envs: &[(String, String)]) -> Result<(Chil
     let mut child = cmd.spawn().map_err(|e| e.to_string())?;
     let stderr = child.stderr.take().unwrap();
     let log = Arc::new(Mutex::new(String::new()));
-    let (tx, rx) = std::sync::mpsc::channel();
     let sink = log.clone();
-    std::thread::spawn(move || {
-        let mut tx = Some(tx);
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(addr) = line.split("listening on ").nth(1)
-                && let Some(tx) = tx.take()
-            {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
-            }
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
+    let rx = super::listen::listen_address(stderr, move |line| {
+        let mut log = sink.lock().unwrap();
+        log.push_str(line);
+        log.push('\n');
     });
     match rx.recv_timeout(Duration::from_secs(60)) {
         Ok(base) => Ok((child, base, log)),
