@@ -70,6 +70,8 @@ pub use wit_bindgen as __wit_bindgen;
 pub mod __bindings;
 
 mod error;
+#[cfg(feature = "tool")]
+pub mod fs;
 pub mod http;
 pub mod log;
 #[cfg(feature = "tool")]

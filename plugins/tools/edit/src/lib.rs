@@ -1,7 +1,5 @@
 //! `edit`: replaces an exact piece of text in a file and shows the diff.
 
-use std::fs;
-
 use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
 use serde::Deserialize;
 use similar::TextDiff;
@@ -54,7 +52,7 @@ impl Tool for Edit {
         }
         let path = ctx.path(&input.file_path)?;
         let shown = ctx.display(&path).into_owned();
-        let bytes = fs::read(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
+        let bytes = hangar_sdk::fs::read(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
         let old = String::from_utf8(bytes)
             .map_err(|_| Error::msg(format!("`{shown}` is not UTF-8 text; edit only changes text files")))?;
         let count = old.matches(&input.old_string).count();
@@ -73,7 +71,7 @@ impl Tool for Edit {
         } else {
             old.replacen(&input.old_string, &input.new_string, 1)
         };
-        fs::write(&path, new.as_bytes()).map_err(|e| Error::msg(format!("cannot write `{shown}`: {e}")))?;
+        hangar_sdk::fs::write(&path, new.as_bytes()).map_err(|e| Error::msg(format!("cannot write `{shown}`: {e}")))?;
 
         let diff = TextDiff::from_lines(&old, &new);
         let mut text = diff

@@ -107,6 +107,8 @@ impl Search {
     fn file(&mut self, ctx: &Context, path: &Path, regex: &Regex) {
         // Open once and ask the handle for its size: every WASI call is a
         // host round trip, and most files are read only to be ruled out.
+        // The walker passes only regular files (by their directory entry's
+        // type, without another round trip): a FIFO or a device could block.
         let Ok(file) = File::open(path) else { return };
         let len = match file.metadata() {
             Ok(meta) if meta.len() > MAX_FILE_BYTES => {

@@ -52,6 +52,8 @@ impl Tool for Read_ {
         if meta.is_dir() {
             return list_dir(&path, &shown);
         }
+        // Never a FIFO or a device: opening one could block the call.
+        hangar_sdk::fs::ensure_regular(&meta).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
         let file = fs::File::open(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
         let mut reader = BufReader::with_capacity(CHUNK, file);
         if looks_binary(reader.fill_buf()?) {

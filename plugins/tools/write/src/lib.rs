@@ -49,7 +49,9 @@ impl Tool for Write {
         }
         let existed = fs::symlink_metadata(&path).is_ok();
         // One write call for the whole content: WASI calls are costly.
-        fs::write(&path, input.content.as_bytes()).map_err(|e| Error::msg(format!("cannot write `{shown}`: {e}")))?;
+        // An existing FIFO or device is refused, not opened (that could block).
+        hangar_sdk::fs::write(&path, input.content.as_bytes())
+            .map_err(|e| Error::msg(format!("cannot write `{shown}`: {e}")))?;
         let verb = if existed { "Overwrote" } else { "Created" };
         Ok(format!("{verb} `{shown}`: wrote {} bytes.", input.content.len()))
     }
