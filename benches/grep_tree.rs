@@ -41,9 +41,11 @@ fn main() {
         runtime
     });
     let input = serde_json::json!({"pattern": tree::PATTERN}).to_string();
+    // A run opens its working directory once.
+    let dir = std::sync::Arc::new(hangar::runtime::WorkDir::open(&root).unwrap());
 
     let hangar_call = || {
-        let call = ToolInvocation { id: "g".into(), input: input.clone(), work_dir: Some(root.clone()) };
+        let call = ToolInvocation { id: "g".into(), input: input.clone(), work_dir: Some(dir.clone()) };
         let out = rt.block_on(runtime.call_tool("grep", call)).unwrap();
         assert!(!out.is_error, "{}", out.text);
         count_matches(&out.text)

@@ -94,6 +94,8 @@ impl Drop for Helper {
 struct Fixture {
     _dir: tempfile::TempDir,
     work: PathBuf,
+    /// `work`, opened as a run opens it.
+    dir: std::sync::Arc<hangar::runtime::WorkDir>,
     input: String,
     request: String,
     rt: tokio::runtime::Runtime,
@@ -126,11 +128,13 @@ impl Fixture {
             runtime.tool_spec("read").await.unwrap();
             runtime
         });
-        Fixture { _dir: dir, work, input, request, rt, runtime, helper: Helper::spawn() }
+        // A run opens its working directory once.
+        let open = std::sync::Arc::new(hangar::runtime::WorkDir::open(&work.canonicalize().unwrap()).unwrap());
+        Fixture { _dir: dir, work, dir: open, input, request, rt, runtime, helper: Helper::spawn() }
     }
 
     fn runtime_call(&self) -> usize {
-        let call = ToolInvocation { id: "call-1".into(), input: self.input.clone(), work_dir: Some(self.work.clone()) };
+        let call = ToolInvocation { id: "call-1".into(), input: self.input.clone(), work_dir: Some(self.dir.clone()) };
         let out = self.rt.block_on(self.runtime.call_tool("read", call)).unwrap();
         assert!(!out.is_error, "{}", out.text);
         out.text.len()

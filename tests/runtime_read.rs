@@ -35,7 +35,7 @@ async fn read(fx: &Fixture, file_path: &str) -> ToolOutput {
     let runtime = common::runtime();
     let input = serde_json::json!({ "filePath": file_path }).to_string();
     runtime
-        .call_tool("read", ToolInvocation { id: "t1".into(), input, work_dir: Some(fx.work.clone()) })
+        .call_tool("read", ToolInvocation { id: "t1".into(), input, work_dir: Some(common::open_dir(&fx.work)) })
         .await
         .expect("the call itself runs")
 }

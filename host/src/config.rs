@@ -85,9 +85,13 @@ pub struct FileConfig {
     #[serde(default)]
     pub work_roots: Vec<PathBuf>,
     pub max_steps: Option<u32>,
-    /// Refuse `bash` where the kernel cannot confine it.
+    /// Refuse `bash` where the kernel cannot confine it fully.
     #[serde(default)]
     pub require_confinement: bool,
+    /// Run `bash` even where nothing keeps its commands off the server's
+    /// own API (no Landlock TCP rules, no network namespace).
+    #[serde(default)]
+    pub allow_unconfined_commands: bool,
     /// Default per-call limits of every plugin.
     #[serde(default)]
     pub limits: LimitsConfig,
@@ -115,6 +119,9 @@ pub struct Settings {
     /// (`hangar.db` → `hangar.plugins/`), as they are part of its state.
     pub installed_dir: PathBuf,
     pub cache_dir: PathBuf,
+    /// The config file read (or that would have been): one of the server's
+    /// own files, which no session may be given.
+    pub config_path: PathBuf,
     pub cors_origins: Vec<String>,
     pub token: Option<String>,
     pub work_roots: Vec<PathBuf>,
@@ -192,11 +199,17 @@ impl Settings {
                 Some(dir) => dir,
                 None => xdg("CACHE", ".cache")?.join("hangar/compiled"),
             },
+            config_path,
             cors_origins: if args.cors_origins.is_empty() { file.cors_origins } else { args.cors_origins },
             token,
             work_roots,
             max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
-            policy: Policy { plugins: file.plugins, defaults: limits, require_confinement: file.require_confinement },
+            policy: Policy {
+                plugins: file.plugins,
+                defaults: limits,
+                require_confinement: file.require_confinement,
+                allow_unconfined_commands: file.allow_unconfined_commands,
+            },
         })
     }
 }

@@ -21,6 +21,30 @@ pub mod listen;
 pub mod server;
 pub mod fake;
 
+/// Whether `command` is on `PATH`. A test that needs a tool the machine
+/// lacks is skipped with a printed reason when run by hand (`cargo test`);
+/// under CI (`CI` set), and so through `./test.sh`, it fails instead.
+pub fn have_command(command: &str, install: &str) -> bool {
+    let found = std::process::Command::new("sh")
+        .args(["-c", &format!("command -v {command}")])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    let reason = format!("`{command}` is not on PATH; `./test.sh` installs it ({install})");
+    assert!(std::env::var_os("CI").is_none(), "{reason}");
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
+/// A working directory opened as a run opens it.
+pub fn open_dir(path: &std::path::Path) -> std::sync::Arc<hangar::runtime::WorkDir> {
+    let path = path.canonicalize().unwrap();
+    std::sync::Arc::new(hangar::runtime::WorkDir::open(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display())))
+}
+
 /// Calls a tool through the runtime with `input` in `work_dir`; panics only
 /// when the call itself fails (a tool error is an `is_error` output).
 pub async fn call(
@@ -32,7 +56,7 @@ pub async fn call(
     let invocation = hangar::runtime::ToolInvocation {
         id: "call-1".into(),
         input: input.to_string(),
-        work_dir: Some(work_dir.to_path_buf()),
+        work_dir: Some(open_dir(work_dir)),
     };
     runtime.call_tool(tool, invocation).await.unwrap_or_else(|e| panic!("{tool} {input}: {e}"))
 }

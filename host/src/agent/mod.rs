@@ -16,7 +16,7 @@ pub use runs::{RunGuard, Runs};
 
 use crate::runtime::{
     CompletionRequest, Event as ProviderEvent, FsAccess, ProviderAccess, ProviderError, Runtime, RuntimeError,
-    StopReason as ModelStop, ToolInvocation, ToolSpec,
+    StopReason as ModelStop, ToolInvocation, ToolSpec, WorkDir, WorkDirError,
 };
 use crate::store::{Agent, Block, HistoryMessage, HistoryRole, Session, Store, StoreError, now};
 
@@ -101,6 +101,9 @@ pub struct Run {
     pub store: Store,
     pub agent: Agent,
     pub session: Session,
+    /// The session's working directory, opened for this run (and checked
+    /// again); why tools cannot run there, if they cannot.
+    pub work_dir: Option<Result<std::sync::Arc<WorkDir>, std::sync::Arc<WorkDirError>>>,
     pub access: ProviderAccess,
     pub max_steps: u32,
     pub message: String,
@@ -432,11 +435,12 @@ impl Run {
         if let Some(reason) = invalid {
             return (format!("{reason}; call `{name}` again with a JSON object"), true);
         }
-        let call = ToolInvocation {
-            id: id.clone(),
-            input: input.to_string(),
-            work_dir: self.session.work_dir.as_ref().map(Into::into),
+        let work_dir = match &self.work_dir {
+            None => None,
+            Some(Ok(dir)) => Some(dir.clone()),
+            Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
         };
+        let call = ToolInvocation { id: id.clone(), input: input.to_string(), work_dir };
         match self.runtime.call_tool(name, call).await {
             Ok(out) => (out.text, out.is_error),
             Err(err) => (format!("the tool failed: {err}"), true),

@@ -8,7 +8,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
-use crate::runtime::RuntimeError;
+use crate::runtime::{RuntimeError, WorkDirError};
 use crate::store::StoreError;
 
 /// The body of every error response.
@@ -48,6 +48,8 @@ pub enum ApiError {
     Provider(String),
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
+    #[error("{0}")]
+    WorkDir(#[from] WorkDirError),
     #[error("{0}")]
     Store(StoreError),
     #[error("{0}")]
@@ -106,6 +108,7 @@ impl ApiError {
             ApiError::MalformedForm(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::WorkDir(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),

@@ -1,6 +1,7 @@
 //! Messages: one run of the agent loop, answered whole or streamed as SSE.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
@@ -70,11 +71,21 @@ async fn prepare(state: &AppState, session_id: &str, input: MessageInput) -> Api
             agent.id
         )));
     }
+    // Opened now, without following symlinks, and checked again: a
+    // directory swapped for a link since the session was saved gets no
+    // tool call (each is answered with the reason).
+    let work_dir = session.work_dir.as_deref().map(|dir| {
+        state.work_dirs.open(dir).map(Arc::new).map_err(|err| {
+            tracing::warn!(session = %session.id, %err, "tools refused for this run");
+            Arc::new(err)
+        })
+    });
     Ok(Run {
         runtime: state.runtime.clone(),
         store: state.store.clone(),
         agent,
         session,
+        work_dir,
         access,
         max_steps: state.settings.max_steps,
         message: input.message,

@@ -21,7 +21,7 @@ use utoipa::ToSchema;
 pub use error::{ApiError, ApiResult, ErrorBody};
 
 use crate::config::Settings;
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, WorkDirRules};
 use crate::store::Store;
 
 /// Largest request body accepted.
@@ -35,13 +35,25 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub runs: crate::agent::Runs,
     pub models: providers::ModelsCache,
+    /// Which directories sessions may use.
+    pub work_dirs: Arc<WorkDirRules>,
     /// Becomes `true` when running steps must stop (shutdown grace is over).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
     pub fn new(store: Store, runtime: Runtime, settings: Settings, shutdown: tokio::sync::watch::Receiver<bool>) -> AppState {
+        let work_dirs = WorkDirRules::new(
+            settings.work_roots.clone(),
+            &[("the database", &settings.db), ("the config file", &settings.config_path)],
+            &[
+                ("the compile cache", &settings.cache_dir),
+                ("the plugins directory", &settings.plugins_dir),
+                ("the installed plugins", &settings.installed_dir),
+            ],
+        );
         AppState {
+            work_dirs: Arc::new(work_dirs),
             store,
             runtime,
             settings: Arc::new(settings),

@@ -1,7 +1,5 @@
 //! Sessions: a history of messages on a working directory.
 
-use std::path::{Path as FsPath, PathBuf};
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -33,29 +31,9 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
 }
 
 /// Checks a `work_dir` and returns it canonical (symlinks resolved), which
-/// is what the sandbox will open.
+/// is what runs will open.
 fn check_work_dir(state: &AppState, dir: &str) -> ApiResult<String> {
-    let path = FsPath::new(dir);
-    if !path.is_absolute() {
-        return Err(ApiError::Invalid(format!("work_dir `{dir}` must be an absolute path")));
-    }
-    let canonical: PathBuf = path
-        .canonicalize()
-        .map_err(|e| ApiError::Invalid(format!("work_dir `{dir}` is not usable: {e}")))?;
-    if !canonical.is_dir() {
-        return Err(ApiError::Invalid(format!("work_dir `{dir}` is not a directory")));
-    }
-    let roots = &state.settings.work_roots;
-    if !roots.is_empty() && !roots.iter().any(|root| canonical.starts_with(root)) {
-        return Err(ApiError::Invalid(format!(
-            "work_dir `{dir}` is outside the allowed work roots ({})",
-            roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", ")
-        )));
-    }
-    canonical
-        .into_os_string()
-        .into_string()
-        .map_err(|_| ApiError::Invalid(format!("work_dir `{dir}` is not valid UTF-8")))
+    Ok(state.work_dirs.check(dir)?)
 }
 
 #[utoipa::path(operation_id = "list_sessions", get, path = "/sessions", tag = "sessions", responses((status = 200, body = Vec<Session>)))]

@@ -1,0 +1,237 @@
+//! A session's working directory: checked against the operator's rules when
+//! a session names it, and opened again, without following any symlink, for
+//! each run. Tools and commands then get that open directory (its file
+//! descriptor), never a path that could be swapped underneath them.
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+/// Why a `work_dir` is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkDirError {
+    #[error("work_dir `{0}` must be an absolute path")]
+    NotAbsolute(String),
+    #[error("work_dir `{path}` is not usable: {source}")]
+    Unusable { path: String, source: io::Error },
+    #[error("work_dir `{0}` is not a directory")]
+    NotADirectory(String),
+    #[error("work_dir `{0}` is not valid UTF-8")]
+    NotUtf8(String),
+    #[error("work_dir `{path}` is outside the allowed work roots ({roots})")]
+    OutsideRoots { path: String, roots: String },
+    #[error("work_dir `{path}` contains {what} ({protected}); a session never gets the server's own files")]
+    ContainsServerFiles { path: String, what: &'static str, protected: String },
+    #[error("work_dir `{path}` lies inside {what} ({protected}); a session never gets the server's own files")]
+    InsideServerFiles { path: String, what: &'static str, protected: String },
+    #[error("work_dir `{path}` changed after it was checked (a symbolic link now stands in its path); tools are not run there")]
+    Swapped { path: String },
+}
+
+/// A directory opened for one run. The path is for showing (and is the
+/// guest's name for the directory); every access goes through the
+/// descriptor, which names the directory that was checked.
+#[derive(Debug)]
+pub struct WorkDir {
+    path: PathBuf,
+    fd: OwnedFd,
+}
+
+impl WorkDir {
+    /// Opens an absolute path that has no symbolic link in any component
+    /// (`openat2` with `RESOLVE_NO_SYMLINKS`): what is opened is exactly
+    /// the directory the path names, not one a link leads to.
+    pub fn open(path: &Path) -> io::Result<WorkDir> {
+        if !path.is_absolute() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
+        }
+        let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: zeroed `open_how` is valid (all fields are integers).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_NO_SYMLINKS;
+        // SAFETY: valid C string and `open_how` of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                libc::AT_FDCWD,
+                c_path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        Ok(WorkDir { path: path.to_path_buf(), fd })
+    }
+
+    /// The path the session stores (absolute, canonical).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A path that opens this very directory whatever its name leads to
+    /// now (`/proc/self/fd/N`), for APIs that take a path.
+    pub fn fd_path(&self) -> PathBuf {
+        PathBuf::from(format!("/proc/self/fd/{}", self.fd.as_raw_fd()))
+    }
+}
+
+impl AsFd for WorkDir {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// One of the server's own files or directories.
+#[derive(Debug, Clone)]
+struct Protected {
+    path: PathBuf,
+    what: &'static str,
+    /// A directory: a work dir may neither contain it nor lie inside it.
+    is_dir: bool,
+}
+
+/// Which directories sessions may use: inside the work roots (when any are
+/// set), and never one that holds, or lies inside, the server's own files.
+#[derive(Debug, Clone, Default)]
+pub struct WorkDirRules {
+    roots: Vec<PathBuf>,
+    protected: Vec<Protected>,
+}
+
+impl WorkDirRules {
+    /// `roots` are canonical already; `files` and `dirs` are the server's
+    /// own (database, config file, ...; plugin and cache directories),
+    /// which may not exist yet.
+    pub fn new(roots: Vec<PathBuf>, files: &[(&'static str, &Path)], dirs: &[(&'static str, &Path)]) -> WorkDirRules {
+        let mut protected = Vec::new();
+        for (list, is_dir) in [(files, false), (dirs, true)] {
+            for (what, path) in list {
+                protected.push(Protected { path: resolved(path), what, is_dir });
+            }
+        }
+        WorkDirRules { roots, protected }
+    }
+
+    /// Checks a `work_dir` a client sent and returns it canonical (symlinks
+    /// resolved), which is what runs will open.
+    pub fn check(&self, dir: &str) -> Result<String, WorkDirError> {
+        let path = Path::new(dir);
+        if !path.is_absolute() {
+            return Err(WorkDirError::NotAbsolute(dir.into()));
+        }
+        let canonical = path.canonicalize().map_err(|source| WorkDirError::Unusable { path: dir.into(), source })?;
+        if !canonical.is_dir() {
+            return Err(WorkDirError::NotADirectory(dir.into()));
+        }
+        self.allowed(&canonical, dir)?;
+        canonical.into_os_string().into_string().map_err(|_| WorkDirError::NotUtf8(dir.into()))
+    }
+
+    /// Opens a stored (canonical) `work_dir` for a run: no symlink may have
+    /// appeared in its path since it was checked, and the rules are checked
+    /// again (they may have changed since, with a restart).
+    pub fn open(&self, stored: &str) -> Result<WorkDir, WorkDirError> {
+        let path = Path::new(stored);
+        let dir = WorkDir::open(path).map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => WorkDirError::Swapped { path: stored.into() },
+            _ => WorkDirError::Unusable { path: stored.into(), source },
+        })?;
+        self.allowed(path, stored)?;
+        Ok(dir)
+    }
+
+    fn allowed(&self, canonical: &Path, shown: &str) -> Result<(), WorkDirError> {
+        if !self.roots.is_empty() && !self.roots.iter().any(|root| canonical.starts_with(root)) {
+            return Err(WorkDirError::OutsideRoots {
+                path: shown.into(),
+                roots: self.roots.iter().map(|r| r.display().to_string()).collect::<Vec<_>>().join(", "),
+            });
+        }
+        for p in &self.protected {
+            let protected = p.path.display().to_string();
+            if p.path.starts_with(canonical) {
+                return Err(WorkDirError::ContainsServerFiles { path: shown.into(), what: p.what, protected });
+            }
+            if p.is_dir && canonical.starts_with(&p.path) {
+                return Err(WorkDirError::InsideServerFiles { path: shown.into(), what: p.what, protected });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The canonical form of a path that may not exist yet: its deepest
+/// existing ancestor canonicalized, the rest appended.
+fn resolved(path: &Path) -> PathBuf {
+    let absolute = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    let mut existing = absolute.as_path();
+    let mut rest = Vec::new();
+    loop {
+        if let Ok(canonical) = existing.canonicalize() {
+            return rest.iter().rev().fold(canonical, |acc, part| acc.join(part));
+        }
+        match (existing.parent(), existing.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_owned());
+                existing = parent;
+            }
+            _ => return absolute,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_work_dir_may_not_hold_or_lie_inside_the_servers_files() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let data = root.join("data");
+        std::fs::create_dir_all(data.join("plugins/sub")).unwrap();
+        std::fs::create_dir_all(root.join("project")).unwrap();
+        let db = data.join("hangar.db");
+        std::fs::write(&db, "").unwrap();
+        let rules = WorkDirRules::new(
+            Vec::new(),
+            &[("the database", &db), ("the config file", &root.join("conf/not-yet/hangar.toml"))],
+            &[("the plugins directory", &data.join("plugins"))],
+        );
+        let s = |p: &Path| p.to_str().unwrap().to_string();
+        assert!(matches!(rules.check(&s(&data)), Err(WorkDirError::ContainsServerFiles { what: "the database", .. })));
+        assert!(matches!(rules.check(&s(&root)), Err(WorkDirError::ContainsServerFiles { .. })));
+        assert!(matches!(rules.check(&s(&data.join("plugins/sub"))), Err(WorkDirError::InsideServerFiles { .. })));
+        assert_eq!(rules.check(&s(&root.join("project"))).unwrap(), s(&root.join("project")));
+        // A config file that does not exist yet is protected all the same.
+        std::fs::create_dir_all(root.join("conf")).unwrap();
+        assert!(matches!(rules.check(&s(&root.join("conf"))), Err(WorkDirError::ContainsServerFiles { what: "the config file", .. })));
+    }
+
+    #[test]
+    fn a_work_dir_swapped_for_a_symlink_is_not_opened() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().canonicalize().unwrap();
+        let work = root.join("work");
+        std::fs::create_dir(&work).unwrap();
+        let rules = WorkDirRules::default();
+        let stored = rules.check(work.to_str().unwrap()).unwrap();
+        assert_eq!(rules.open(&stored).unwrap().path(), work);
+        std::fs::remove_dir(&work).unwrap();
+        std::os::unix::fs::symlink("/", &work).unwrap();
+        assert!(matches!(rules.open(&stored), Err(WorkDirError::Swapped { .. })));
+        // A symlink higher up the path is refused too.
+        std::fs::remove_file(&work).unwrap();
+        std::fs::create_dir_all(root.join("real/work")).unwrap();
+        let moved = root.join("moved");
+        std::os::unix::fs::symlink(root.join("real"), &moved).unwrap();
+        assert!(matches!(rules.open(moved.join("work").to_str().unwrap()), Err(WorkDirError::Swapped { .. })));
+    }
+}

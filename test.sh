@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# Runs every test of Hangar on a fresh machine: installs what the machine
+# lacks (quietly; nothing is reinstalled when present), then runs the whole
+# suite. `.ci/run` calls exactly this.
+#
+# With CI set (as this script sets it), a test whose tool is missing fails
+# instead of skipping.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+say() { printf '==> %s\n' "$*" >&2; }
+
+# The toolchain is pinned by rust-toolchain.toml; the built-in plugins need
+# its wasm32-wasip2 target.
+if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    say "adding the wasm32-wasip2 target"
+    rustup target add wasm32-wasip2
+fi
+
+# Debian packages the tests run: bash, util-linux's unshare and setpriv
+# (confined commands), capsh and ip (tests that try what a command may do),
+# curl (commands that try the server's own API), python3 with pip.
+declare -A debian=(
+    [bash]=bash [unshare]=util-linux [setpriv]=util-linux [capsh]=libcap2-bin
+    [ip]=iproute2 [curl]=curl [python3]=python3
+)
+missing=()
+for command in "${!debian[@]}"; do
+    command -v "$command" >/dev/null || missing+=("${debian[$command]}")
+done
+if ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
+if [ ${#missing[@]} -gt 0 ]; then
+    say "installing Debian packages: ${missing[*]}"
+    sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
+fi
+
+# The Python example plugin is built with componentize-py (pinned: its
+# output must match the WIT the host speaks).
+COMPONENTIZE_PY=0.25.1
+if [ "$(componentize-py --version 2>/dev/null)" != "componentize-py $COMPONENTIZE_PY" ]; then
+    say "installing componentize-py $COMPONENTIZE_PY"
+    python3 -m pip install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY" \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "componentize-py==$COMPONENTIZE_PY"
+    # Where Python comes from pyenv, its shims learn of the new command this way.
+    if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+command -v componentize-py >/dev/null || { say "componentize-py is still not on PATH"; exit 1; }
+
+# Every test; none may skip for a missing tool.
+export CI="${CI:-true}"
+cargo test --workspace "$@"
