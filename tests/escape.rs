@@ -265,7 +265,7 @@ async fn a_component_importing_process_without_asking_is_refused_at_load() {
     let rt = bare_runtime(Policy::default());
     rt.add(manifest("bash", ""), Arc::from(builtin("bash").wasm), Source::Api).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let call = ToolInvocation { id: "1".into(), input: json!({"command": "echo hi"}).to_string(), work_dir: Some(dir.path().into()) };
+    let call = ToolInvocation { id: "1".into(), input: json!({"command": "echo hi"}).to_string(), work_dir: Some(common::open_dir(dir.path())) };
     match rt.call_tool("bash", call).await {
         Err(RuntimeError::CapabilityDenied { plugin, capability, reason }) => {
             assert_eq!((plugin.as_str(), capability.as_str()), ("bash", "process"));
@@ -289,4 +289,31 @@ async fn a_tool_without_filesystem_sees_no_files_and_a_read_grant_cannot_write()
     let out = common::call(&rt, "write", json!({"filePath": "new.txt", "content": "x"}), &fx.work).await;
     assert!(out.is_error, "a read-only grant cannot create files: {}", out.text);
     assert!(!fx.work.join("new.txt").exists());
+}
+
+#[tokio::test]
+async fn a_command_holds_no_capability_and_cannot_touch_the_host_or_make_devices() {
+    let rt = common::runtime();
+    let fx = fixture();
+    let hostname = fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
+    // capsh asks the kernel (capget, prctl): /proc is out of the sandbox's reach.
+    let script = "capsh --print | grep -E '^(Current|Bounding set|Ambient set|Securebits)'
+hostname pwned-host 2>/dev/null; echo hostname=$?
+ip link add hangar0 type dummy 2>/dev/null; echo iplink=$?
+ip link set lo mtu 1300 2>/dev/null; echo mtu=$?
+mknod kmsg c 1 11 2>/dev/null; echo mknod=$?
+mkfifo fifo 2>/dev/null; echo mkfifo=$?
+mkfifo \"$TMPDIR/fifo\"; echo tmpfifo=$?";
+    let out = common::call(&rt, "bash", json!({"command": script}), &fx.work).await;
+    let text = out.text;
+    assert!(text.contains("Current: =\n"), "no capability in effect: {text}");
+    assert!(text.contains("Bounding set =\n"), "the bounding set is empty: {text}");
+    assert!(text.contains("Ambient set =\n"), "{text}");
+    assert!(text.contains("no-new-privs=1"), "{text}");
+    for refused in ["hostname", "iplink", "mtu", "mknod", "mkfifo"] {
+        assert!(text.contains(&format!("{refused}=")) && !text.contains(&format!("{refused}=0")), "{refused} was allowed: {text}");
+    }
+    assert!(text.contains("tmpfifo=0"), "its private TMPDIR may hold a FIFO: {text}");
+    assert_eq!(fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname);
+    assert!(!fx.work.join("kmsg").exists() && !fx.work.join("fifo").exists());
 }

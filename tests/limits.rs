@@ -4,6 +4,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::os::unix::fs::OpenOptionsExt;
 use std::time::Duration;
 
 use hangar::runtime::policy::{PluginPolicy, Policy};
@@ -65,9 +66,55 @@ async fn a_panic_is_a_crash_of_that_call_only() {
     std::fs::write(work.path().join("f.txt"), "still here\n").unwrap();
     let input = serde_json::json!({"filePath": "f.txt"}).to_string();
     let read = runtime
-        .call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(work.path().into()) })
+        .call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(common::open_dir(work.path())) })
         .await
         .unwrap();
     assert!(read.text.contains("still here"));
     spinning.abort();
+}
+
+#[tokio::test]
+async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_rest_carries_on() {
+    let mut policy = Policy::default();
+    policy.plugins.insert(
+        "misbehave".into(),
+        PluginPolicy { filesystem: hangar::runtime::FsAccess::Read, timeout_ms: Some(500), ..Default::default() },
+    );
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
+    runtime.add_builtins().unwrap();
+    let manifest = format!("{MANIFEST}\n[capabilities]\nfilesystem = \"read\"\n");
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(&manifest, "misbehave").unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let fifo = std::ffi::CString::new(work.path().join("fifo").to_str().unwrap()).unwrap();
+    assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
+    std::fs::write(work.path().join("f.txt"), "still here\n").unwrap();
+    let dir = common::open_dir(work.path());
+    // More stuck calls than a blocking pool would want, all at once: each
+    // blocks its thread in the host's open(2) of the FIFO.
+    let stuck: Vec<_> = (0..40)
+        .map(|i| {
+            let runtime = runtime.clone();
+            let dir = dir.clone();
+            tokio::spawn(async move {
+                let input = serde_json::json!({"mode": "open-fifo"}).to_string();
+                runtime.call_tool("misbehave", ToolInvocation { id: format!("s{i}"), input, work_dir: Some(dir) }).await
+            })
+        })
+        .collect();
+    for call in stuck {
+        let err = call.await.unwrap().unwrap_err();
+        assert!(matches!(err, RuntimeError::Deadline { ref plugin, .. } if plugin == "misbehave"), "{err}");
+    }
+    // The runtime still runs other calls, and the server's own blocking
+    // threads were never used.
+    let input = serde_json::json!({"filePath": "f.txt"}).to_string();
+    let read = runtime.call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(dir.clone()) }).await.unwrap();
+    assert!(read.text.contains("still here"), "{}", read.text);
+    let store_like = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| 7)).await;
+    assert_eq!(store_like.unwrap().unwrap(), 7, "tokio's blocking pool is free");
+    // Unblock the stuck threads so the test leaves nothing behind.
+    for _ in 0..40 {
+        let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(work.path().join("fifo"));
+    }
 }

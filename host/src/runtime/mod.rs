@@ -11,10 +11,12 @@ pub mod manifest;
 pub mod policy;
 mod process;
 mod state;
+mod workdir;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::Duration;
 
 use wasmtime::component::{HasSelf, Linker, ResourceAny, types::ComponentItem};
 use wasmtime::{Engine, Store};
@@ -30,13 +32,14 @@ pub use error::RuntimeError;
 pub use http::Secret;
 pub use manifest::{Capabilities, FsAccess, Kind, Manifest};
 pub use policy::{Grants, Limits, Policy};
+pub use workdir::{WorkDir, WorkDirError, WorkDirRules};
 
 use bindings::provider::{Provider, ProviderPre};
 use bindings::tool::{Tool, ToolPre};
 use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
 use http::HttpAccess;
-use process::ProcessAccess;
+use process::{PortRules, ProcessAccess};
 use state::{MemoryLimiter, PluginState};
 
 /// Where a plugin came from.
@@ -111,8 +114,51 @@ struct Inner {
     policy: Policy,
     http_client: reqwest::Client,
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
+    /// The server's own ports, which commands may not connect to; set once
+    /// the server has bound them.
+    ports: OnceLock<Arc<PortRules>>,
+    tool_pool: ToolPool,
     _ticker: EpochTicker,
 }
+
+/// Threads of their own for tool calls. A tool's filesystem calls block
+/// their thread, and one can block for good (a FIFO opened between a
+/// tool's check and its open): such calls may fill this pool, never the
+/// threads the store and the server need. A call waiting for a thread
+/// counts against its deadline.
+struct ToolPool(Option<tokio::runtime::Runtime>);
+
+impl ToolPool {
+    fn new(threads: usize) -> std::io::Result<ToolPool> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(threads)
+            .thread_name("hangar-tool")
+            .enable_all()
+            .build()?;
+        Ok(ToolPool(Some(runtime)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("the tool pool lives as long as the runtime").handle()
+    }
+}
+
+impl Drop for ToolPool {
+    fn drop(&mut self) {
+        // Dropping a runtime waits for its threads, which async code may
+        // not do; threads stuck in a system call would never let it end.
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// Tool calls running at once, at most; more wait for a thread.
+const TOOL_THREADS: usize = 128;
+/// How long past its deadline a call may take to report back before its
+/// caller stops waiting (the call's thread is then stuck in a system call).
+const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
 /// Settings of the runtime.
 #[derive(Debug, Clone, Default)]
@@ -129,8 +175,8 @@ pub struct ToolInvocation {
     pub id: String,
     /// The arguments as JSON text.
     pub input: String,
-    /// The session's working directory (absolute), if it has one.
-    pub work_dir: Option<PathBuf>,
+    /// The session's working directory, opened for the run, if it has one.
+    pub work_dir: Option<Arc<WorkDir>>,
 }
 
 /// Where a provider call goes and with what credential.
@@ -145,6 +191,8 @@ impl Runtime {
         let engine = engine::build_engine(config.pool)
             .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("wasmtime engine: {e:#}") })?;
         let ticker = EpochTicker::start(engine.clone());
+        let tool_pool = ToolPool::new(TOOL_THREADS)
+            .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("tool threads: {e}") })?;
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
@@ -152,9 +200,28 @@ impl Runtime {
                 policy: config.policy,
                 http_client: http::client(),
                 plugins: RwLock::new(BTreeMap::new()),
+                ports: OnceLock::new(),
+                tool_pool,
                 _ticker: ticker,
             }),
         })
+    }
+
+    /// Keeps every command (`process`) off these ports, the server's own,
+    /// so that no command can drive the API that confines it. Builds the
+    /// Landlock ruleset once; where the kernel has no TCP rules, commands
+    /// get a network namespace of their own instead.
+    pub fn protect_ports(&self, ports: &[u16]) -> Result<(), RuntimeError> {
+        let rules = PortRules::build(ports)
+            .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("Landlock port rules: {e}") })?;
+        match rules {
+            Some(rules) => {
+                let _ = self.inner.ports.set(Arc::new(rules));
+                tracing::info!(?ports, "commands cannot connect to the server's ports (Landlock TCP rules)");
+            }
+            None => tracing::info!(?ports, "commands run without network, which keeps them off the server's ports"),
+        }
+        Ok(())
     }
 
     /// Registers every built-in plugin.
@@ -376,11 +443,9 @@ impl Runtime {
                 _ => (false, false),
             };
             if !granted {
-                let reason = if asked && interface == "process" && self.inner.policy.require_confinement {
-                    format!(
-                        "the operator requires confinement and this machine runs commands {}",
-                        policy::confinement().describe()
-                    )
+                let withheld = (interface == "process").then(|| self.inner.policy.process_withheld(policy::confinement()));
+                let reason = if let (true, Some(Some(reason))) = (asked, withheld) {
+                    reason
                 } else if asked {
                     "the operator policy does not grant it".to_string()
                 } else {
@@ -412,7 +477,7 @@ impl Runtime {
     fn store(
         &self,
         plugin: &Plugin,
-        work_dir: Option<&Path>,
+        work_dir: Option<&Arc<WorkDir>>,
         provider: Option<&ProviderAccess>,
         blocking_thread: bool,
     ) -> Result<Store<PluginState>, RuntimeError> {
@@ -427,13 +492,17 @@ impl Runtime {
                 FsAccess::ReadWrite => Some(FsPerms::ReadWrite),
             };
             if let Some(perms) = perms {
-                let guest = dir.to_str().ok_or_else(|| RuntimeError::Unavailable {
+                let shown = dir.path().display();
+                let guest = dir.path().to_str().ok_or_else(|| RuntimeError::Unavailable {
                     plugin: plugin.id().into(),
-                    reason: format!("working directory {} is not UTF-8", dir.display()),
+                    reason: format!("working directory {shown} is not UTF-8"),
                 })?;
-                wasi.preopened_dir(dir, guest, perms).map_err(|e| RuntimeError::Unavailable {
+                // Opened through the run's descriptor (`/proc/self/fd/N`):
+                // the directory that was checked, whatever its path leads
+                // to now.
+                wasi.preopened_dir(dir.fd_path(), guest, perms).map_err(|e| RuntimeError::Unavailable {
                     plugin: plugin.id().into(),
-                    reason: format!("cannot open working directory {}: {e}", dir.display()),
+                    reason: format!("cannot open working directory {shown}: {e}"),
                 })?;
             }
         }
@@ -449,7 +518,9 @@ impl Runtime {
                 credential: provider.and_then(|p| p.credential.clone()),
             }
         });
-        let process = grants.process.then(|| ProcessAccess { work_dir: work_dir.map(Path::to_path_buf) });
+        let process = grants
+            .process
+            .then(|| ProcessAccess { work_dir: work_dir.cloned(), ports: self.inner.ports.get().cloned() });
         let state = PluginState {
             plugin: Arc::from(plugin.id()),
             wasi: wasi.build(),
@@ -493,7 +564,7 @@ impl Runtime {
         &self,
         plugin: Arc<Plugin>,
         pre: ToolPre<PluginState>,
-        work_dir: Option<PathBuf>,
+        work_dir: Option<Arc<WorkDir>>,
         f: impl for<'a> FnOnce(
             &'a Tool,
             &'a mut Store<PluginState>,
@@ -505,24 +576,35 @@ impl Runtime {
         let handle = tokio::runtime::Handle::current();
         let (mut tx, rx) = tokio::sync::oneshot::channel();
         let id = plugin.id().to_string();
-        tokio::task::spawn_blocking(move || {
+        let deadline = plugin.grants.limits.deadline;
+        self.inner.tool_pool.handle().spawn_blocking(move || {
             handle.block_on(async {
                 tokio::select! {
-                    result = runtime.run_tool(&plugin, &pre, work_dir.as_deref(), f) => {
+                    result = runtime.run_tool(&plugin, &pre, work_dir.as_ref(), f) => {
                         let _ = tx.send(result);
                     }
                     () = tx.closed() => {}
                 }
             })
         });
-        rx.await.unwrap_or_else(|_| Err(RuntimeError::Trap { plugin: id, reason: "the call's thread panicked".into() }))
+        // The deadline inside the call needs its thread to come back from
+        // the guest or a host call; this one holds even when the thread is
+        // stuck in a system call, or never got a thread at all.
+        match tokio::time::timeout(deadline + DEADLINE_GRACE, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(RuntimeError::Trap { plugin: id, reason: "the call's thread panicked".into() }),
+            Err(_) => {
+                tracing::warn!(plugin = %id, "a tool call is stuck past its deadline; its thread is left to the tool pool");
+                Err(RuntimeError::Deadline { plugin: id, limit: deadline })
+            }
+        }
     }
 
     async fn run_tool<T>(
         &self,
         plugin: &Plugin,
         pre: &ToolPre<PluginState>,
-        work_dir: Option<&Path>,
+        work_dir: Option<&Arc<WorkDir>>,
         f: impl for<'a> FnOnce(
             &'a Tool,
             &'a mut Store<PluginState>,
@@ -576,7 +658,7 @@ impl Runtime {
         let wit_call = ToolCall {
             id: call.id,
             input: call.input,
-            work_dir: call.work_dir.as_deref().and_then(Path::to_str).unwrap_or_default().to_string(),
+            work_dir: call.work_dir.as_deref().and_then(|w| w.path().to_str()).unwrap_or_default().to_string(),
         };
         let output = self
             .with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), move |tool, store| {

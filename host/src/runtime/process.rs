@@ -6,33 +6,46 @@
 //!   everything it starts): read and execute on the system directories,
 //!   read-write on the working directory and a private temporary directory
 //!   (`TMPDIR`), read-write on a few harmless devices (`/dev/null`, ...),
-//!   nothing else. It also scopes signals and abstract UNIX sockets to the
-//!   sandbox, so a command cannot signal or talk to the host's processes.
-//! * **A new PID namespace** (`unshare --pid --fork --kill-child` from
-//!   util-linux): `bash` is its PID 1, and when PID 1 exits or is killed the
-//!   kernel kills every process in the namespace, including ones that
-//!   called `setsid` or double-forked. So nothing outlives the call.
+//!   nothing else. No device node, FIFO or socket can be created in the
+//!   working directory (a FIFO there would block the file tools). From ABI
+//!   6 it also scopes signals and abstract UNIX sockets to the sandbox.
+//! * **The server's own ports are unreachable**: from Landlock ABI 4 a
+//!   second ruleset, built once when the server knows its ports, allows TCP
+//!   connections to every port but those; on older kernels the command gets
+//!   a network namespace of its own (no network at all). So a command cannot
+//!   drive the API that confines it.
+//! * **Namespaces** (`unshare` from util-linux): a new PID namespace with
+//!   `bash` as its PID 1, so that when it exits or is killed the kernel
+//!   kills everything it started, even processes that called `setsid`; new
+//!   UTS and IPC namespaces.
+//! * **No capabilities** (`setpriv` from util-linux): the bounding,
+//!   inheritable and ambient sets are emptied and `no_new_privs` is set
+//!   before `bash` starts, so even as root it holds no capability and can
+//!   never gain one.
 //!
 //! The host also owns the process group and kills it on timeout or when the
-//! call is cancelled. Where the kernel lacks either mechanism the command
-//! runs without it and a warning is logged once; an operator who sets
-//! `Policy::require_confinement` gets no `process` grant at all instead
-//! (see `policy.rs`).
+//! call is cancelled. What this machine offers is probed once
+//! ([`confinement`]) and reported as it is; an operator who sets
+//! `require_confinement` gets no `process` grant unless all of it is there,
+//! and where nothing keeps commands off the server's ports, `process` is
+//! withheld unless the operator opts in (see `policy.rs`).
 
 use std::collections::VecDeque;
 use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::{Mutex, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use landlock::{
-    ABI, Access, AccessFs, CompatLevel, Compatible, RestrictionStatus, Ruleset, RulesetAttr, RulesetCreated,
-    RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, path_beneath_rules,
+    ABI, Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, RestrictionStatus, Ruleset, RulesetAttr,
+    RulesetCreated, RulesetCreatedAttr, RulesetError, RulesetStatus, Scope, path_beneath_rules,
 };
 
 use super::bindings::wit_process::{Command, Host, Outcome};
 use super::state::PluginState;
+use super::workdir::WorkDir;
 
 const MAX_TIMEOUT: Duration = Duration::from_secs(600);
 const MAX_OUTPUT: usize = 1 << 20;
@@ -47,81 +60,173 @@ const REAP_GRACE: Duration = Duration::from_secs(5);
 /// The Landlock ABI whose rights this file was written and tested against;
 /// newer kernels get these rights, older ones as many as they know.
 const LANDLOCK_ABI: ABI = ABI::V6;
+/// The ABI that brings every right this file relies on (filesystem with
+/// truncate and device ioctls, TCP connect, signal and socket scoping).
+const FULL_ABI: i32 = 6;
+/// The ABI that brings TCP port rules.
+const NET_ABI: i32 = 4;
+/// Set to a number to use at most that Landlock ABI, as on an older kernel
+/// (for testing what the server reports and does there).
+pub const ABI_LIMIT_ENV: &str = "HANGAR_LANDLOCK_ABI";
 
 /// Read and execute: programs, libraries, configuration.
 const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"];
 /// Devices scripts expect to write to or read from; none reveals anything.
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+/// `setpriv` arguments: no capability in any set, and none to be gained.
+const DROP_CAPABILITIES: &[&str] =
+    &["--no-new-privs", "--bounding-set", "-all", "--inh-caps", "-all", "--ambient-caps", "-all", "--"];
 
 /// What a call granted `process` may run in.
 pub struct ProcessAccess {
-    pub work_dir: Option<PathBuf>,
+    pub work_dir: Option<Arc<WorkDir>>,
+    /// The ruleset that keeps commands off the server's own ports.
+    pub ports: Option<Arc<PortRules>>,
 }
 
 /// How this machine confines commands. Probed once per process.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Confinement {
-    /// Landlock can restrict filesystem access (the kernel has it enabled).
-    pub landlock: bool,
-    /// `unshare` can put a command in its own PID namespace.
-    pub pid_namespace: bool,
+    /// The Landlock ABI in use (0: none): the kernel's, at most
+    /// [`ABI_LIMIT_ENV`] when that is set.
+    pub landlock_abi: i32,
+    /// The kernel's own Landlock ABI.
+    pub kernel_abi: i32,
+    /// `unshare` can make PID, UTS and IPC namespaces.
+    pub namespaces: bool,
+    /// `unshare` can make a network namespace.
+    pub net_namespace: bool,
+    /// `setpriv` can drop every capability.
+    pub drops_capabilities: bool,
     unshare: Option<PathBuf>,
+    setpriv: Option<PathBuf>,
+}
+
+/// What keeps a command off the server's own listening ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortGuard {
+    /// Landlock TCP rules: every port but the server's (other loopback
+    /// services stay reachable).
+    Landlock,
+    /// A network namespace of its own: no network at all.
+    Namespace,
+    /// Nothing: the command could call the API.
+    None,
 }
 
 impl Confinement {
-    /// Both mechanisms are in place.
+    /// Everything the server relies on is in place.
     pub fn is_complete(&self) -> bool {
-        self.landlock && self.pid_namespace
+        self.landlock_abi >= FULL_ABI && self.namespaces && self.drops_capabilities
     }
 
-    /// One line for operators: what commands run under.
+    /// How commands are kept off the server's ports.
+    pub fn port_guard(&self) -> PortGuard {
+        if self.landlock_abi >= NET_ABI {
+            PortGuard::Landlock
+        } else if self.net_namespace {
+            PortGuard::Namespace
+        } else {
+            PortGuard::None
+        }
+    }
+
+    /// A machine with this Landlock ABI, and with or without namespaces
+    /// and `setpriv` (for tests of the decisions made on it).
+    #[cfg(test)]
+    pub(crate) fn probed_as(landlock_abi: i32, namespaces: bool) -> Confinement {
+        Confinement {
+            landlock_abi,
+            kernel_abi: landlock_abi,
+            namespaces,
+            net_namespace: namespaces,
+            drops_capabilities: namespaces,
+            unshare: None,
+            setpriv: None,
+        }
+    }
+
+    /// One line for operators: what commands run under, and what is missing.
     pub fn describe(&self) -> String {
-        match (self.landlock, self.pid_namespace) {
-            (true, true) => "confined (Landlock and a PID namespace)".into(),
-            (true, false) => "partly confined: Landlock, but no PID namespace (background processes may outlive a call)".into(),
-            (false, true) => "partly confined: a PID namespace, but no Landlock (commands can read and write outside the working directory)".into(),
-            (false, false) => "unconfined: no Landlock and no PID namespace".into(),
+        let mut have = Vec::new();
+        let mut missing = Vec::new();
+        if self.landlock_abi > 0 {
+            have.push(format!("Landlock ABI {} (kernel {})", self.landlock_abi, self.kernel_abi));
+        }
+        if self.landlock_abi < 1 {
+            missing.push("Landlock: commands can read and write outside the working directory");
+        } else {
+            if self.landlock_abi < 3 {
+                missing.push("Landlock truncate control (ABI 3)");
+            }
+            if self.landlock_abi < 5 {
+                missing.push("Landlock device ioctl control (ABI 5)");
+            }
+            if self.landlock_abi < FULL_ABI {
+                missing.push("Landlock signal and abstract socket scoping (ABI 6)");
+            }
+        }
+        match self.port_guard() {
+            PortGuard::Landlock => have.push("TCP rules keeping the server's ports out of reach".into()),
+            PortGuard::Namespace => have.push("a network namespace (no network)".into()),
+            PortGuard::None => missing.push("any guard on the network: commands can reach the server's own API"),
+        }
+        if self.namespaces {
+            have.push("PID, UTS and IPC namespaces".into());
+        } else {
+            missing.push("namespaces: background processes may outlive a call");
+        }
+        if self.drops_capabilities {
+            have.push("no capabilities".into());
+        } else {
+            missing.push("dropping capabilities (setpriv)");
+        }
+        let have = if have.is_empty() { "nothing".to_string() } else { have.join(", ") };
+        match (self.is_complete(), missing.is_empty()) {
+            (true, _) | (_, true) => format!("confined: {have}"),
+            (false, false) => format!("partly confined: {have}; missing {}", missing.join(", ")),
         }
     }
 }
 
 /// The confinement commands get on this machine. The first call probes the
-/// kernel and logs a warning when confinement is incomplete.
+/// kernel and the tools.
 pub fn confinement() -> &'static Confinement {
     static PROBE: OnceLock<Confinement> = OnceLock::new();
     PROBE.get_or_init(|| {
-        let found = Confinement { landlock: landlock_works(), pid_namespace: false, unshare: find_unshare() };
-        let pid_namespace = found.unshare.as_deref().is_some_and(pid_namespace_works);
-        let found = Confinement { pid_namespace, ..found };
-        if found.is_complete() {
-            tracing::info!("bash commands are {}", found.describe());
-        } else {
-            tracing::warn!("bash commands are {}", found.describe());
-        }
-        found
+        let kernel_abi = kernel_landlock_abi();
+        let limit = std::env::var(ABI_LIMIT_ENV).ok().and_then(|v| v.trim().parse::<i32>().ok());
+        let landlock_abi = limit.map_or(kernel_abi, |l| l.clamp(0, kernel_abi));
+        let unshare = find_tool("unshare");
+        let setpriv = find_tool("setpriv");
+        let namespaces = unshare.as_deref().is_some_and(|u| probe(u, &["--pid", "--fork", "--kill-child", "--uts", "--ipc", "--", "true"]));
+        let net_namespace = unshare.as_deref().is_some_and(|u| probe(u, &["--net", "--", "true"]));
+        let drops_capabilities =
+            setpriv.as_deref().is_some_and(|s| probe(s, &[DROP_CAPABILITIES, &["true"]].concat()));
+        Confinement { landlock_abi, kernel_abi, namespaces, net_namespace, drops_capabilities, unshare, setpriv }
     })
 }
 
-/// A ruleset that must be enforced fully can only be created where the
-/// kernel has Landlock enabled.
-fn landlock_works() -> bool {
-    Ruleset::default()
-        .set_compatibility(CompatLevel::HardRequirement)
-        .handle_access(AccessFs::from_all(ABI::V1))
-        .and_then(|r| r.create())
-        .is_ok()
+/// The kernel's Landlock ABI version, 0 without Landlock.
+fn kernel_landlock_abi() -> i32 {
+    const LANDLOCK_CREATE_RULESET_VERSION: libc::c_uint = 1;
+    // SAFETY: the documented version query: no ruleset, size 0.
+    let v = unsafe {
+        libc::syscall(libc::SYS_landlock_create_ruleset, std::ptr::null::<libc::c_void>(), 0usize, LANDLOCK_CREATE_RULESET_VERSION)
+    };
+    v.max(0) as i32
 }
 
-fn find_unshare() -> Option<PathBuf> {
-    ["/usr/bin/unshare", "/bin/unshare", "/usr/sbin/unshare"].iter().map(PathBuf::from).find(|p| p.exists())
+fn find_tool(name: &str) -> Option<PathBuf> {
+    ["/usr/bin", "/bin", "/usr/sbin", "/sbin"].iter().map(|d| Path::new(d).join(name)).find(|p| p.exists())
 }
 
-/// Creating a PID namespace needs privileges (root, or user namespaces)
-/// that a container may withhold: try it once.
-fn pid_namespace_works(unshare: &Path) -> bool {
-    std::process::Command::new(unshare)
-        .args(["--pid", "--fork", "--kill-child", "--", "true"])
+/// Namespaces and capability changes need privileges (root, or user
+/// namespaces) that a container may withhold: try once.
+fn probe(program: &Path, args: &[&str]) -> bool {
+    std::process::Command::new(program)
+        .args(args)
         .env_clear()
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -130,17 +235,52 @@ fn pid_namespace_works(unshare: &Path) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-/// The Landlock ruleset of one command.
-fn ruleset(work_dir: &Path, tmp: &Path) -> Result<RulesetCreated, RulesetError> {
-    let all = AccessFs::from_all(LANDLOCK_ABI);
-    Ruleset::default()
-        .handle_access(all)?
-        .scope(Scope::from_all(LANDLOCK_ABI))?
+/// The Landlock ruleset that allows TCP connections to every port but the
+/// server's own. Built once (65,535 rules) and applied to every command on
+/// top of its filesystem ruleset.
+pub struct PortRules {
+    ruleset: RulesetCreated,
+}
+
+impl PortRules {
+    /// `None` where the kernel has no TCP rules (a network namespace keeps
+    /// commands off the ports there).
+    pub fn build(denied: &[u16]) -> Result<Option<PortRules>, RulesetError> {
+        if confinement().landlock_abi < NET_ABI {
+            return Ok(None);
+        }
+        let mut ruleset = Ruleset::default().handle_access(AccessNet::ConnectTcp)?.create()?;
+        for port in 1..=u16::MAX {
+            if !denied.contains(&port) {
+                ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+            }
+        }
+        Ok(Some(PortRules { ruleset }))
+    }
+}
+
+/// The filesystem ruleset of one command.
+fn fs_ruleset(abi: ABI, work_dir: &WorkDir, tmp: &Path) -> Result<RulesetCreated, RulesetError> {
+    let all = AccessFs::from_all(abi);
+    // Nothing that could block a file tool or reach a device: no FIFOs,
+    // sockets or device nodes in the working directory. The private
+    // temporary directory may hold FIFOs and sockets (scripts use them).
+    let devices = AccessFs::MakeChar | AccessFs::MakeBlock;
+    let work_rights: BitFlags<AccessFs> = all & !(devices | AccessFs::MakeFifo | AccessFs::MakeSock);
+    let tmp_rights: BitFlags<AccessFs> = all & !devices;
+    let mut ruleset = Ruleset::default().handle_access(all)?;
+    if abi >= ABI::V6 {
+        ruleset = ruleset.scope(Scope::from_all(abi))?;
+    }
+    ruleset
         .create()?
         // `path_beneath_rules` skips paths that do not exist (`/lib32`, ...).
-        .add_rules(path_beneath_rules(SYSTEM_DIRS, AccessFs::from_read(LANDLOCK_ABI)))?
+        .add_rules(path_beneath_rules(SYSTEM_DIRS, AccessFs::from_read(abi)))?
         .add_rules(path_beneath_rules(DEVICES, all))?
-        .add_rules(path_beneath_rules([work_dir, tmp], all))
+        // The directory that was checked, by its descriptor: not a path
+        // that could have been swapped for a symlink since.
+        .add_rule(PathBeneath::new(work_dir, work_rights))?
+        .add_rules(path_beneath_rules([tmp], tmp_rights))
 }
 
 impl Host for PluginState {
@@ -151,7 +291,8 @@ impl Host for PluginState {
         let Some(work_dir) = access.work_dir.clone() else {
             return Ok(Err("this session has no working directory".into()));
         };
-        Ok(run(work_dir, cmd).await.map_err(|err| format!("cannot run the command: {err}")))
+        let ports = access.ports.clone();
+        Ok(run(work_dir, ports, cmd).await.map_err(|err| format!("cannot run the command: {err}")))
     }
 }
 
@@ -171,39 +312,53 @@ impl Drop for KillGroup {
     }
 }
 
-async fn run(work_dir: PathBuf, cmd: Command) -> std::io::Result<Outcome> {
+/// The program line: namespaces, then no capabilities, then `bash -c`.
+fn command_line(confinement: &Confinement) -> tokio::process::Command {
+    let mut line: Vec<std::ffi::OsString> = Vec::new();
+    let mut push = |args: &[&str]| line.extend(args.iter().map(std::ffi::OsString::from));
+    let no_network = confinement.port_guard() == PortGuard::Namespace;
+    if let (Some(unshare), true) = (&confinement.unshare, confinement.namespaces) {
+        push(&[unshare.to_str().unwrap_or("unshare"), "--pid", "--fork", "--kill-child", "--uts", "--ipc"]);
+        if no_network {
+            push(&["--net"]);
+        }
+        push(&["--"]);
+    } else if let (Some(unshare), true) = (&confinement.unshare, no_network) {
+        push(&[unshare.to_str().unwrap_or("unshare"), "--net", "--"]);
+    }
+    if let (Some(setpriv), true) = (&confinement.setpriv, confinement.drops_capabilities) {
+        push(&[setpriv.to_str().unwrap_or("setpriv")]);
+        push(DROP_CAPABILITIES);
+    }
+    push(&["bash", "-c"]);
+    let mut command = tokio::process::Command::new(&line[0]);
+    command.args(&line[1..]);
+    command
+}
+
+async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortRules>>, cmd: Command) -> std::io::Result<Outcome> {
     let timeout = Duration::from_millis(cmd.timeout_ms.max(1).into()).min(MAX_TIMEOUT);
     let cap = (cmd.max_output_bytes as usize).clamp(256, MAX_OUTPUT);
     let confinement = confinement();
     // The command's own temporary directory: the only writable place
     // besides the working directory. Removed when the call returns.
     let tmp = tempfile::Builder::new().prefix("hangar-bash-").tempdir()?;
-    let ruleset = if confinement.landlock {
-        Some(ruleset(&work_dir, tmp.path()).map_err(std::io::Error::other)?)
+    let fs_rules = if confinement.landlock_abi > 0 {
+        let abi = ABI::from(confinement.landlock_abi).min(LANDLOCK_ABI);
+        Some(fs_ruleset(abi, &work_dir, tmp.path()).map_err(std::io::Error::other)?)
     } else {
         None
     };
+    let port_rules = ports.map(|p| p.ruleset.try_clone()).transpose()?;
     let (reader, writer) = std::io::pipe()?;
 
-    let mut command = match (&confinement.unshare, confinement.pid_namespace) {
-        (Some(unshare), true) => {
-            let mut c = tokio::process::Command::new(unshare);
-            c.args(["--pid", "--fork", "--kill-child", "--", "bash", "-c"]);
-            c
-        }
-        _ => {
-            let mut c = tokio::process::Command::new("bash");
-            c.arg("-c");
-            c
-        }
-    };
+    let mut command = command_line(confinement);
     command
         .arg(&cmd.script)
-        .current_dir(&work_dir)
         // Nothing of the server's environment (keys above all) reaches the command.
         .env_clear()
         .env("PATH", PATH)
-        .env("HOME", &work_dir)
+        .env("HOME", work_dir.path())
         .env("LANG", "C.UTF-8")
         .env("TERM", "dumb")
         .env("TMPDIR", tmp.path())
@@ -212,23 +367,33 @@ async fn run(work_dir: PathBuf, cmd: Command) -> std::io::Result<Outcome> {
         .stderr(writer)
         .process_group(0)
         .kill_on_drop(true);
-    if let Some(ruleset) = ruleset {
-        // The ruleset is built here, in the parent; the child only makes
-        // the two system calls that enforce it (no allocation after fork).
-        let slot = Mutex::new(Some(ruleset));
-        // SAFETY: the closure runs between fork and exec; it takes an
-        // uncontended lock (nothing in this copy of the process holds it)
-        // and calls prctl and landlock_restrict_self.
-        unsafe {
-            command.pre_exec(move || {
-                let ruleset = slot.lock().ok().and_then(|mut s| s.take());
-                match ruleset.map(RulesetCreated::restrict_self) {
-                    Some(Ok(RestrictionStatus { ruleset: RulesetStatus::FullyEnforced | RulesetStatus::PartiallyEnforced, .. })) => Ok(()),
-                    // Fail closed: a command that should be confined and is not never runs.
-                    _ => Err(std::io::Error::other("Landlock could not be enforced")),
+    // Everything the child needs is built here, in the parent; between fork
+    // and exec the child only makes system calls (no allocation).
+    // Open until `spawn` returns: `work_dir` is held by this function.
+    let dir = work_dir.as_fd().as_raw_fd();
+    let slot = Mutex::new((fs_rules, port_rules));
+    // SAFETY: the closure runs between fork and exec; it takes an
+    // uncontended lock (nothing in this copy of the process holds it) and
+    // calls fchdir, prctl and landlock_restrict_self.
+    unsafe {
+        command.pre_exec(move || {
+            // The working directory by its descriptor: the one that was checked.
+            if libc::fchdir(dir) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let (fs_rules, port_rules) = match slot.lock() {
+                Ok(mut s) => (s.0.take(), s.1.take()),
+                Err(_) => return Err(std::io::Error::other("confinement state poisoned")),
+            };
+            // Fail closed: a command that should be confined and is not never runs.
+            for ruleset in [fs_rules, port_rules].into_iter().flatten() {
+                match ruleset.restrict_self() {
+                    Ok(RestrictionStatus { ruleset: RulesetStatus::FullyEnforced, .. }) => {}
+                    _ => return Err(std::io::Error::other("Landlock could not be enforced")),
                 }
-            });
-        }
+            }
+            Ok(())
+        });
     }
     let mut child = command.spawn()?;
     // The command keeps copies of the pipe's write end: drop them, or the
