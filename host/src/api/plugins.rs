@@ -38,7 +38,8 @@ pub struct PluginView {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<String>,
     capabilities: CapabilitiesView,
-    /// For plugins granted `process`: how commands are confined here.
+    /// For plugins that ask for `process`: how commands are confined here
+    /// (the Landlock ABI, what is enforced and what is missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     confinement: Option<String>,
 }
@@ -56,6 +57,9 @@ pub struct GrantedView {
     filesystem: FsAccess,
     http: Vec<String>,
     process: bool,
+    /// Environment variables the host reads for this provider (its key and
+    /// base URL): a built-in's vendor variables, or what the operator lists.
+    env: Vec<String>,
 }
 
 fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
@@ -79,9 +83,10 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
                 filesystem: plugin.grants.filesystem,
                 http: plugin.grants.http.iter().map(ToString::to_string).collect(),
                 process: plugin.grants.process,
+                env: plugin.grants.env.clone(),
             },
         },
-        confinement: plugin.grants.process.then(|| policy::confinement().describe()),
+        confinement: m.capabilities.process.then(|| policy::confinement().describe()),
     }
 }
 

@@ -126,8 +126,11 @@ pub(crate) async fn provider(state: &AppState, id: &str) -> ApiResult<(Arc<Plugi
     }
 }
 
-fn env_value(name: Option<&String>) -> Option<String> {
-    name.and_then(|n| std::env::var(n).ok()).filter(|v| !v.is_empty())
+/// An environment variable the plugin's manifest names, read only when the
+/// plugin is granted it (built-ins: their vendor's; others: what the
+/// operator lists), so an uploaded manifest cannot read any other.
+fn env_value(plugin: &Plugin, name: Option<&String>) -> Option<String> {
+    name.filter(|n| plugin.grants.env.contains(n)).and_then(|n| std::env::var(n).ok()).filter(|v| !v.is_empty())
 }
 
 /// `OLLAMA_HOST=127.0.0.1:11434` is the usual form: without a scheme no
@@ -136,9 +139,13 @@ fn with_scheme(url: String) -> String {
     if url.contains("://") { url } else { format!("http://{url}") }
 }
 
-/// Where a provider's calls go and with which key. A stored key is bound to
-/// the base URL stored with it; with no stored key the vendor's environment
-/// variables apply.
+/// Where a provider's calls go and with which key.
+///
+/// A stored key is bound to the base URL stored with it. With no stored key
+/// the vendor's environment variables apply, and an environment key goes
+/// only where the environment says: the vendor's public origin, or the base
+/// URL from the vendor's own variable. A base URL set through the API gets
+/// no environment key (else one request could send it to any host).
 pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<ProviderAccess> {
     let record = state.store.auth_record(plugin.id()).await?;
     let section = &plugin.manifest.provider;
@@ -146,11 +153,10 @@ pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<Provi
         Some(AuthRecord { secret: Some(secret), base_url, .. }) => {
             ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
         }
-        record => ProviderAccess {
-            base_url: record
-                .and_then(|r| r.base_url)
-                .or_else(|| env_value(section.base_url_env.as_ref()).map(with_scheme)),
-            credential: env_value(section.key_env.as_ref()).map(Secret::new),
+        Some(AuthRecord { base_url: Some(base_url), .. }) => ProviderAccess { base_url: Some(base_url), credential: None },
+        _ => ProviderAccess {
+            base_url: env_value(plugin, section.base_url_env.as_ref()).map(with_scheme),
+            credential: env_value(plugin, section.key_env.as_ref()).map(Secret::new),
         },
     })
 }

@@ -11,7 +11,7 @@ use super::manifest::{FsAccess, Manifest};
 
 /// How `process` commands are confined on this machine (Landlock, PID
 /// namespace): probed once, for the server to report.
-pub use super::process::{Confinement, confinement};
+pub use super::process::{Confinement, PortGuard, confinement};
 
 /// Per-call limits of a plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +42,12 @@ pub struct PluginPolicy {
     pub http: Vec<String>,
     #[serde(default)]
     pub process: bool,
+    /// Environment variables a provider plugin may read for its key and
+    /// base URL (`key_env`, `base_url_env` in its manifest). Built-in
+    /// providers read only their vendor's variables; others read none
+    /// unless listed here.
+    #[serde(default)]
+    pub env: Vec<String>,
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub output_kb: Option<u64>,
@@ -54,6 +60,10 @@ pub struct Policy {
     pub defaults: Limits,
     /// Refuse to run `process` commands where the kernel cannot confine them.
     pub require_confinement: bool,
+    /// Run `process` commands even where nothing keeps them off the
+    /// server's own ports (no Landlock TCP rules, no network namespace), so
+    /// that they could call its API. Off by default.
+    pub allow_unconfined_commands: bool,
 }
 
 /// What a loaded plugin may do.
@@ -62,6 +72,8 @@ pub struct Grants {
     pub filesystem: FsAccess,
     pub http: Vec<OriginPattern>,
     pub process: bool,
+    /// Environment variables the host reads for this (provider) plugin.
+    pub env: Vec<String>,
     pub limits: Limits,
 }
 
@@ -69,23 +81,36 @@ impl Policy {
     /// The grants for a plugin, or the first capability its manifest asks
     /// for that the policy does not allow.
     pub fn grant(&self, manifest: &Manifest, builtin: bool) -> Result<Grants, RuntimeError> {
-        let confined = !manifest.capabilities.process || confinement().is_complete();
-        self.grant_on(manifest, builtin, confined)
+        self.grant_on(manifest, builtin, confinement())
     }
 
-    /// [`Policy::grant`] on a machine that can (`confined`) or cannot
-    /// confine commands. Where it cannot and the operator requires
-    /// confinement, `process` is withheld: the plugin still registers, but
-    /// fails to load with an error naming the capability, so `bash`
-    /// refuses to run rather than run unconfined.
-    fn grant_on(&self, manifest: &Manifest, builtin: bool, confined: bool) -> Result<Grants, RuntimeError> {
+    /// Why `process` is withheld on a machine that confines commands as
+    /// `confinement` says, if it is.
+    pub fn process_withheld(&self, confinement: &Confinement) -> Option<String> {
+        if self.require_confinement && !confinement.is_complete() {
+            return Some(format!("the operator requires confinement and this machine runs commands {}", confinement.describe()));
+        }
+        if confinement.port_guard() == PortGuard::None && !self.allow_unconfined_commands {
+            return Some(format!(
+                "nothing here keeps commands off the server's own API (no Landlock TCP rules, no network namespace); \
+                 set allow_unconfined_commands to run them anyway. Commands run {}",
+                confinement.describe()
+            ));
+        }
+        None
+    }
+
+    /// [`Policy::grant`] on a machine that confines commands as
+    /// `confinement` says. Where that is less than the operator requires,
+    /// `process` is withheld: the plugin still registers, but fails to load
+    /// with an error naming the capability, so `bash` refuses to run rather
+    /// than run unconfined.
+    fn grant_on(&self, manifest: &Manifest, builtin: bool, confinement: &Confinement) -> Result<Grants, RuntimeError> {
         let grants = self.grant_asked(manifest, builtin)?;
-        if grants.process && self.require_confinement && !confined {
-            tracing::warn!(
-                plugin = %manifest.name,
-                "not granting `process`: the operator requires confinement and this machine runs commands {}",
-                confinement().describe()
-            );
+        if grants.process
+            && let Some(reason) = self.process_withheld(confinement)
+        {
+            tracing::warn!(plugin = %manifest.name, "not granting `process`: {reason}");
             return Ok(Grants { process: false, ..grants });
         }
         Ok(grants)
@@ -106,8 +131,10 @@ impl Policy {
             // A command may run for up to 10 minutes; the call must outlive it.
             limits.deadline = limits.deadline.max(Duration::from_secs(660));
         }
+        let env: Vec<String> =
+            [&manifest.provider.key_env, &manifest.provider.base_url_env].into_iter().flatten().cloned().collect();
         if builtin {
-            return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, limits });
+            return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits });
         }
 
         let empty = PluginPolicy::default();
@@ -138,6 +165,14 @@ impl Policy {
                 ));
             }
         }
+        // An uploaded manifest could name any variable (`ANTHROPIC_API_KEY`
+        // as a base URL): only the operator's list is read.
+        if let Some(name) = env.iter().find(|name| !allowed.env.contains(name)) {
+            return Err(deny(
+                "environment",
+                format!("the manifest reads the environment variable `{name}`, which the operator policy does not list"),
+            ));
+        }
         if let Some(ms) = allowed.timeout_ms {
             limits.deadline = Duration::from_millis(ms);
         }
@@ -147,7 +182,7 @@ impl Policy {
         if let Some(kb) = allowed.output_kb {
             limits.output_bytes = (kb as usize) << 10;
         }
-        Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, limits })
+        Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits })
     }
 }
 
@@ -261,13 +296,56 @@ mod tests {
         assert!(policy.grant(&manifest("process = true"), true).unwrap().process);
     }
 
+    fn machine(landlock_abi: i32, namespaces: bool) -> Confinement {
+        Confinement::probed_as(landlock_abi, namespaces)
+    }
+
     #[test]
     fn required_confinement_withholds_process_where_the_machine_cannot_confine() {
         let mut policy = Policy::default();
-        assert!(policy.grant_on(&manifest("process = true"), true, false).unwrap().process, "not required: unconfined is allowed");
+        let process = manifest("process = true");
+        let partial = machine(3, true);
+        assert!(!partial.is_complete());
+        assert!(policy.grant_on(&process, true, &partial).unwrap().process, "not required: a partial confinement is allowed");
         policy.require_confinement = true;
-        assert!(!policy.grant_on(&manifest("process = true"), true, false).unwrap().process);
-        assert!(policy.grant_on(&manifest("process = true"), true, true).unwrap().process);
+        assert!(!policy.grant_on(&process, true, &partial).unwrap().process, "ABI 3 lacks what the server relies on");
+        assert!(policy.grant_on(&process, true, &machine(6, true)).unwrap().process);
+        assert!(!policy.grant_on(&process, true, &machine(6, false)).unwrap().process, "no namespaces");
+    }
+
+    #[test]
+    fn process_is_withheld_where_nothing_keeps_commands_off_the_api() {
+        let mut policy = Policy::default();
+        let process = manifest("process = true");
+        // Neither Landlock TCP rules (ABI 4) nor a network namespace.
+        let open = machine(3, false);
+        assert_eq!(open.port_guard(), PortGuard::None);
+        let withheld = policy.process_withheld(&open).unwrap();
+        assert!(withheld.contains("allow_unconfined_commands"), "{withheld}");
+        assert!(!policy.grant_on(&process, true, &open).unwrap().process);
+        policy.allow_unconfined_commands = true;
+        assert!(policy.grant_on(&process, true, &open).unwrap().process, "the operator opted in");
+        assert_eq!(machine(4, false).port_guard(), PortGuard::Landlock);
+        assert_eq!(machine(3, true).port_guard(), PortGuard::Namespace);
+    }
+
+    fn provider_manifest(env: &str) -> Manifest {
+        Manifest::parse(&format!("kind = \"provider\"\nname = \"p\"\nversion = \"1\"\n[provider]\n{env}"), "p").unwrap()
+    }
+
+    #[test]
+    fn a_provider_reads_only_the_environment_variables_the_operator_lists() {
+        let mut policy = Policy::default();
+        let m = provider_manifest("base_url_env = \"ANTHROPIC_API_KEY\"");
+        let err = policy.grant(&m, false).unwrap_err();
+        assert!(matches!(&err, RuntimeError::CapabilityDenied { capability, .. } if capability == "environment"), "{err}");
+        assert!(err.to_string().contains("ANTHROPIC_API_KEY"), "{err}");
+        policy.plugins.insert("p".into(), PluginPolicy { env: vec!["P_BASE_URL".into()], ..Default::default() });
+        assert!(policy.grant(&m, false).is_err(), "another name is listed");
+        let ok = policy.grant(&provider_manifest("base_url_env = \"P_BASE_URL\""), false).unwrap();
+        assert_eq!(ok.env, vec!["P_BASE_URL".to_string()]);
+        // Built-ins read what their manifests name.
+        assert_eq!(policy.grant(&m, true).unwrap().env, vec!["ANTHROPIC_API_KEY".to_string()]);
     }
 
     #[test]
