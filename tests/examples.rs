@@ -273,7 +273,7 @@ async fn hello_tool_counts_lines_words_and_bytes_in_the_work_dir() {
     let install = Install::new();
     install.config("[plugins.wc]\nfilesystem = \"read\"\n");
     let server = install.start();
-    install_by_api(&server, &shipped_manifest("hello-tool", "wc"), &wasm, json!({"filesystem": "read", "http": [], "process": false}))
+    install_by_api(&server, &shipped_manifest("hello-tool", "wc"), &wasm, json!({"filesystem": "read", "http": [], "process": false, "env": []}))
         .await;
     let (_, tools) = server.get("/tools").await;
     let spec = tools.as_array().unwrap().iter().find(|t| t["name"] == "wc").unwrap_or_else(|| panic!("{tools}"));
@@ -335,7 +335,7 @@ async fn http_tool_fetches_from_the_granted_origin_and_is_refused_elsewhere() {
         body["error"],
         "plugin `fetch` was refused the `http` capability: origin `https://docs.example.com:443` is not allowed by the operator policy"
     );
-    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "none", "http": [docs.url], "process": false})).await;
+    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "none", "http": [docs.url], "process": false, "env": []})).await;
 
     let mut script = Vec::new();
     script.extend(one_call("toolu_1", "fetch", json!({"url": format!("{}/guide.txt", docs.url)})));
@@ -382,7 +382,7 @@ async fn python_tool_summarises_a_csv_file() {
     // compile cache) and linked: that is the load time.
     let started = Instant::now();
     let manifest = shipped_manifest("python-tool", "csv_stats");
-    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "read", "http": [], "process": false})).await;
+    install_by_api(&server, &manifest, &wasm, json!({"filesystem": "read", "http": [], "process": false, "env": []})).await;
     eprintln!("python tool: POST /plugins answered in {:.1?}", started.elapsed());
     if let Some(line) = server.log().lines().find(|l| l.contains("plugin loaded") && l.contains("csv_stats")) {
         eprintln!("python tool: {line}");

@@ -36,7 +36,7 @@ async fn install_use_upgrade_and_remove_a_plugin() {
     assert_eq!(plugin["source"], "api");
     assert_eq!(plugin["state"], "ready");
     assert_eq!(plugin["capabilities"]["requested"]["filesystem"], "none");
-    assert_eq!(plugin["capabilities"]["granted"], json!({"filesystem": "none", "http": [], "process": false}));
+    assert_eq!(plugin["capabilities"]["granted"], json!({"filesystem": "none", "http": [], "process": false, "env": []}));
 
     let (_, plugins) = server.get("/plugins").await;
     let ids: Vec<&str> = plugins.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();

