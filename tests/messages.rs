@@ -61,6 +61,17 @@ impl Setup {
             .unwrap()
     }
 
+    /// A stream whose run is cancelled if this client goes away.
+    async fn stream_cancelling(&self, text: &str) -> reqwest::Response {
+        self.server
+            .client
+            .post(self.server.url(&format!("/sessions/{}/message/stream", self.session)))
+            .json(&json!({"agent_id": self.agent, "message": text, "on_disconnect": "cancel"}))
+            .send()
+            .await
+            .unwrap()
+    }
+
     async fn history(&self) -> Value {
         self.server.get(&format!("/sessions/{}", self.session)).await.1["history"].clone()
     }
@@ -303,14 +314,14 @@ async fn unknown_tools_and_bad_input_become_error_results() {
 }
 
 #[tokio::test]
-async fn a_client_that_disconnects_cancels_the_run() {
+async fn a_client_that_asked_to_cancel_on_disconnect_cancels_the_run_by_disconnecting() {
     let gate = Arc::new(Notify::new());
     let mut held = vec![anthropic::start(1)];
     held.extend(anthropic::text_block(0, &["partial"]));
     held.push(Chunk::Wait(gate.clone()));
     held.extend(anthropic::stop("end_turn", 1));
     let s = setup(vec![Reply::sse(held), Reply::sse(anthropic::text_answer(&["fresh"], 1, 1))], &[], json!([])).await;
-    let mut events = Events::new(s.stream("first").await);
+    let mut events = Events::new(s.stream_cancelling("first").await);
     assert_eq!(events.next().await.unwrap().0, "text");
     drop(events);
     // The session frees up without the provider ever finishing.
@@ -344,7 +355,7 @@ fn processes_matching(needle: &str) -> Vec<String> {
 }
 
 #[tokio::test]
-async fn disconnecting_kills_the_running_tool_processes() {
+async fn disconnecting_with_on_disconnect_cancel_kills_the_running_tool_processes() {
     // A sleep no other test runs, so it can be looked for in /proc.
     let command = "sleep 297.25";
     let input = json!({"command": command}).to_string();
@@ -354,7 +365,7 @@ async fn disconnecting_kills_the_running_tool_processes() {
         json!(["bash"]),
     )
     .await;
-    let mut events = Events::new(s.stream("sleep").await);
+    let mut events = Events::new(s.stream_cancelling("sleep").await);
     assert_eq!(events.next().await.unwrap().0, "tool_use");
     let mut seen = false;
     for _ in 0..200 {

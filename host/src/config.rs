@@ -68,6 +68,25 @@ pub struct ServeArgs {
     /// Most model calls in one run of the agent loop [default: 50]
     #[arg(long)]
     pub max_steps: Option<u32>,
+    /// How long a run's events are kept after it ends, for clients that
+    /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub event_retention: Option<Duration>,
+}
+
+/// `90`, `90s`, `30m`, `24h` or `7d`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = number.parse().map_err(|_| format!("`{text}` is not a duration such as 90s, 30m, 24h or 7d"))?;
+    let seconds = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return Err(format!("unknown unit `{unit}` in `{text}`: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(seconds))
 }
 
 /// The config file. Every key is optional.
@@ -85,6 +104,8 @@ pub struct FileConfig {
     #[serde(default)]
     pub work_roots: Vec<PathBuf>,
     pub max_steps: Option<u32>,
+    /// How long a run's events are kept after it ends (`24h`).
+    pub event_retention: Option<String>,
     /// Refuse `bash` where the kernel cannot confine it fully.
     #[serde(default)]
     pub require_confinement: bool,
@@ -126,6 +147,7 @@ pub struct Settings {
     pub token: Option<String>,
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
+    pub event_retention: Duration,
     pub policy: Policy,
 }
 
@@ -139,6 +161,8 @@ pub enum ConfigError {
     NoHome(&'static str),
     #[error("refusing to listen on {0} without an API token: set --token or HANGAR_TOKEN")]
     TokenRequired(IpAddr),
+    #[error("invalid event_retention in the config file: {0}")]
+    Retention(String),
     #[error("work root {path} is not a directory: {reason}")]
     WorkRoot { path: PathBuf, reason: String },
 }
@@ -182,6 +206,11 @@ impl Settings {
             memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
         };
+        let event_retention = match (args.event_retention, file.event_retention) {
+            (Some(d), _) => d,
+            (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
+            (None, None) => Duration::from_secs(24 * 3600),
+        };
         let db = match args.db.or(file.db) {
             Some(db) => db,
             None => data()?.join("hangar.db"),
@@ -204,6 +233,7 @@ impl Settings {
             token,
             work_roots,
             max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
+            event_retention,
             policy: Policy {
                 plugins: file.plugins,
                 defaults: limits,

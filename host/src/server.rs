@@ -5,10 +5,14 @@ use std::time::Duration;
 use axum::serve::ListenerExt;
 use tokio::net::TcpListener;
 
+use crate::agent::RunEvent;
 use crate::api::{self, AppState};
 use crate::config::Settings;
 use crate::runtime::{Runtime, RuntimeConfig, Source};
 use crate::store::Store;
+
+/// What a run interrupted by a stop or a crash is told, in its history and its events.
+const RESTART_REASON: &str = "the server stopped during the run (it was restarted or crashed); the call did not complete";
 
 /// Time running steps get to finish after SIGINT/SIGTERM before they are cancelled.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -62,9 +66,25 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
             tracing::debug!(%err, "cannot set TCP_NODELAY");
         }
     });
+    // Runs left running by a crash (or a stop that could not wait) are
+    // interrupted and their histories repaired before anything is served.
+    let interrupted = store
+        .interrupt_unfinished_runs(RESTART_REASON, |run| {
+            let (name, data) =
+                RunEvent::Error { run_id: run.to_string(), error: RESTART_REASON.into(), code: "interrupted".into() }.wire();
+            (name.to_string(), data)
+        })
+        .await?;
+    if !interrupted.is_empty() {
+        tracing::warn!(runs = ?interrupted, "runs interrupted by the last stop are marked `interrupted`");
+    }
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
-    let state = AppState::new(store, runtime, settings.clone(), cancel_rx);
+    let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let state = AppState::new(store, runtime, settings.clone(), cancel_rx, stopping_rx);
     let runs = state.runs.clone();
+    crate::api::start_queued_runs(&state).await?;
+    tokio::spawn(retention_loop(state.clone()));
+    let state_for_flush = state.clone();
     let app = api::router(state);
     tracing::info!(
         db = %settings.db.display(),
@@ -86,17 +106,52 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     });
     let signal = shutdown_signal().await;
     tracing::info!(signal, running = runs.count(), "shutting down: no new connections; running steps get {} s", SHUTDOWN_GRACE.as_secs());
+    let _ = stopping_tx.send(true);
     let _ = stop_tx.send(());
     let mut server = server;
-    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+    if !runs_end(&runs, SHUTDOWN_GRACE).await {
         tracing::info!(running = runs.count(), "cancelling the runs still going");
         let _ = cancel_tx.send(true);
-        if tokio::time::timeout(CANCEL_GRACE, &mut server).await.is_err() {
-            tracing::warn!("connections still open after cancelling; exiting anyway");
+        if !runs_end(&runs, CANCEL_GRACE).await {
+            tracing::warn!(running = runs.count(), "runs still going after cancelling; they will be marked interrupted at the next start");
         }
     }
+    if tokio::time::timeout(CANCEL_GRACE, &mut server).await.is_err() {
+        tracing::warn!("connections still open; exiting anyway");
+    }
+    // Every event published is stored before the process ends.
+    state_for_flush.bus.flush().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Waits up to `grace` for every active run to end.
+async fn runs_end(runs: &crate::agent::Runs, grace: Duration) -> bool {
+    let deadline = tokio::time::Instant::now() + grace;
+    while runs.count() > 0 {
+        if tokio::time::Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    true
+}
+
+/// Removes the events of runs that ended longer ago than the retention,
+/// and feeds nobody follows: every minute (more often for a short retention).
+async fn retention_loop(state: AppState) {
+    let every = (state.settings.event_retention / 2).clamp(Duration::from_millis(100), Duration::from_secs(60));
+    let mut tick = tokio::time::interval(every);
+    loop {
+        tick.tick().await;
+        let Ok(keep) = chrono::Duration::from_std(state.settings.event_retention) else { continue };
+        match state.store.prune_events(crate::store::now() - keep).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(events = n, "removed events past their retention"),
+            Err(err) => tracing::warn!(%err, "cannot remove old events"),
+        }
+        state.bus.sweep().await;
+    }
 }
 
 async fn shutdown_signal() -> &'static str {

@@ -32,6 +32,17 @@ impl Server {
         Server { child: Some(child), base, dir, args, envs, log, client: reqwest::Client::new() }
     }
 
+    /// Kills the server with SIGKILL (a crash) and starts it again on the
+    /// same data directory.
+    pub fn crash_and_restart(mut self) -> Server {
+        let mut child = self.child.take().expect("running");
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let (dir, args, envs) = (self.dir.clone(), self.args.clone(), self.envs.clone());
+        drop(self);
+        Self::launch(dir, args, envs)
+    }
+
     /// Stops with SIGTERM and starts again on the same data directory.
     pub fn restart(mut self) -> Server {
         let status = self.terminate();

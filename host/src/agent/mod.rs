@@ -2,22 +2,26 @@
 //! back, until it ends its turn or the step limit is reached. Events go out
 //! through a channel as they happen; history is stored after every step.
 
+pub mod bus;
 mod history;
 mod runs;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::mpsc;
+use tokio::sync::watch;
 use utoipa::ToSchema;
 
-pub use runs::{RunGuard, Runs};
+pub use bus::{Bus, Event, Feed, SubscribeError, Subscription};
+pub use runs::{Busy, Cancelled, Claim, Runs};
 
 use crate::runtime::{
     CompletionRequest, Event as ProviderEvent, FsAccess, ProviderAccess, ProviderError, Runtime, RuntimeError,
     StopReason as ModelStop, ToolInvocation, ToolSpec, WorkDir, WorkDirError,
 };
+pub use crate::store::{StopReason, ToolCallRecord, Usage};
 use crate::store::{Agent, Block, HistoryMessage, HistoryRole, Session, Store, StoreError, now};
 
 /// Retries of a retryable provider failure.
@@ -25,41 +29,74 @@ const MAX_RETRIES: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 
-/// Token counts, summed over a run.
-#[derive(Debug, Clone, Copy, Default, Serialize, ToSchema)]
-pub struct Usage {
-    pub input_tokens: u64,
-    pub output_tokens: u64,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum StopReason {
-    EndTurn,
-    MaxSteps,
-    Cancelled,
-}
-
-/// One tool call of a run, with its result.
+/// What happens during a run, in order: the SSE events of the session,
+/// each stored and sent with its `seq` as the SSE `id`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
-pub struct ToolCallRecord {
-    pub id: String,
-    pub name: String,
-    #[schema(value_type = Object)]
-    pub input: serde_json::Value,
-    pub output: String,
-    pub is_error: bool,
-}
-
-/// What happens during a run, in order.
-#[derive(Debug, Clone, Serialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum RunEvent {
+    /// A piece of the model's answer, as it arrives.
     Text { content: String },
-    ToolUse { id: String, name: String, input: serde_json::Value },
+    /// The model calls a tool.
+    ToolUse {
+        id: String,
+        name: String,
+        #[schema(value_type = Object)]
+        input: serde_json::Value,
+    },
+    /// A tool call's result, as the model gets it.
     ToolResult { tool_use_id: String, content: String, is_error: bool },
-    Done { usage: Usage, steps: u32, stop_reason: StopReason },
-    Error { error: String, code: &'static str },
+    /// The run ended; the last event of a run that did not fail.
+    Done { run_id: String, usage: Usage, steps: u32, stop_reason: StopReason },
+    /// The run failed (or was interrupted by a restart: code `interrupted`);
+    /// the last event of its run.
+    Error { run_id: String, error: String, code: String },
+    /// Sent instead of a replay when the cursor is older than the events
+    /// kept; the stream then closes.
+    ResyncRequired { error: String },
+}
+
+impl RunEvent {
+    /// The SSE event name and data (the JSON text stored and replayed).
+    pub fn wire(&self) -> (&'static str, String) {
+        let name = match self {
+            RunEvent::Text { .. } => "text",
+            RunEvent::ToolUse { .. } => "tool_use",
+            RunEvent::ToolResult { .. } => "tool_result",
+            RunEvent::Done { .. } => "done",
+            RunEvent::Error { .. } => "error",
+            RunEvent::ResyncRequired { .. } => "resync_required",
+        };
+        (name, serde_json::to_string(self).unwrap_or_default())
+    }
+}
+
+/// Where a run's events go, and how it learns it was cancelled.
+pub struct Emitter {
+    pub bus: Bus,
+    pub feed: Arc<Feed>,
+    pub run_id: String,
+    pub cancel: watch::Receiver<bool>,
+}
+
+impl Emitter {
+    pub fn send(&self, event: &RunEvent) -> Event {
+        let (name, data) = event.wire();
+        self.bus.publish(&self.feed, &self.run_id, name, data)
+    }
+
+    fn is_cancelled(&self) -> bool {
+        *self.cancel.borrow()
+    }
+
+    /// Resolves once the run is cancelled.
+    async fn cancelled(&self) {
+        let mut cancel = self.cancel.clone();
+        let _ = cancel.wait_for(|c| *c).await;
+        if !*cancel.borrow() {
+            // The canceller is gone without cancelling: never resolve.
+            std::future::pending::<()>().await;
+        }
+    }
 }
 
 /// How a run ended.
@@ -86,9 +123,18 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// The machine code of the `error` event (and of the HTTP error of the
+    /// blocking endpoint, which `api::error` maps to a status).
     pub fn code(&self) -> &'static str {
         match self {
             RunError::Provider { .. } => "provider_error",
+            RunError::Plugin(RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. }) => "unknown_plugin",
+            RunError::Plugin(
+                RuntimeError::Manifest { .. }
+                | RuntimeError::CapabilityDenied { .. }
+                | RuntimeError::Clash { .. }
+                | RuntimeError::Load { .. },
+            ) => "plugin_refused",
             RunError::Plugin(_) => "plugin_failed",
             RunError::Store(_) => "internal",
         }
@@ -107,7 +153,6 @@ pub struct Run {
     pub access: ProviderAccess,
     pub max_steps: u32,
     pub message: String,
-    pub guard: RunGuard,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
 }
 
@@ -125,24 +170,19 @@ enum StepEnd {
 }
 
 impl Run {
-    /// Runs to the end, sending events to `events`. A closed channel (the
-    /// client went away) or a server shutdown cancels the run at the next
-    /// await point; history is left valid either way.
-    pub async fn execute(mut self, events: mpsc::Sender<RunEvent>) -> Result<RunOutcome, RunError> {
-        let result = self.drive(&events).await;
-        let event = match &result {
-            Ok(outcome) => RunEvent::Done { usage: outcome.usage, steps: outcome.steps, stop_reason: outcome.stop_reason },
-            Err(err) => RunEvent::Error { error: err.to_string(), code: err.code() },
-        };
+    /// Runs to the end, publishing its events (not the closing `done` or
+    /// `error`: the caller stores the run's end first, then announces it).
+    /// A cancel or a server shutdown stops the run at the next await point;
+    /// history is left valid either way.
+    pub async fn execute(mut self, events: &Emitter) -> Result<RunOutcome, RunError> {
+        let result = self.drive(events).await;
         if let Err(err) = &result {
-            tracing::warn!(session = %self.session.id, %err, "run failed");
+            tracing::warn!(session = %self.session.id, run = %events.run_id, %err, "run failed");
         }
-        let _ = events.send(event).await;
-        drop(self.guard);
         result
     }
 
-    async fn drive(&mut self, events: &mpsc::Sender<RunEvent>) -> Result<RunOutcome, RunError> {
+    async fn drive(&mut self, events: &Emitter) -> Result<RunOutcome, RunError> {
         history::push_user_text(&mut self.session.history, &self.message);
         self.persist().await?;
 
@@ -206,7 +246,7 @@ impl Run {
                 return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::EndTurn));
             }
             for (id, name, input, _) in &calls {
-                let _ = events.send(RunEvent::ToolUse { id: id.clone(), name: name.clone(), input: input.clone() }).await;
+                events.send(&RunEvent::ToolUse { id: id.clone(), name: name.clone(), input: input.clone() });
             }
             self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
             let (results, cancelled) = self.run_tools(&calls, events).await;
@@ -254,15 +294,15 @@ impl Run {
         Ok(specs)
     }
 
-    fn cancelled(&self, events: &mpsc::Sender<RunEvent>) -> bool {
-        events.is_closed() || *self.shutdown.borrow()
+    fn cancelled(&self, events: &Emitter) -> bool {
+        events.is_cancelled() || *self.shutdown.borrow()
     }
 
     /// One model call, retried while nothing of it has reached the client.
     async fn step(
         &mut self,
         specs: &[ToolSpec],
-        events: &mpsc::Sender<RunEvent>,
+        events: &Emitter,
         text: &mut String,
         uses: &mut Vec<PendingToolUse>,
         usage: &mut Usage,
@@ -297,7 +337,7 @@ impl Run {
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(wait) => {}
-                _ = events.closed() => return Ok(StepEnd::Cancelled),
+                _ = events.cancelled() => return Ok(StepEnd::Cancelled),
                 _ = shutdown.wait_for(|s| *s) => return Ok(StepEnd::Cancelled),
             }
         }
@@ -309,7 +349,7 @@ impl Run {
         &mut self,
         provider: &str,
         request: &CompletionRequest,
-        events: &mpsc::Sender<RunEvent>,
+        events: &Emitter,
         text: &mut String,
         uses: &mut Vec<PendingToolUse>,
         usage: &mut Usage,
@@ -322,14 +362,14 @@ impl Run {
                 Ok(c) => c,
                 Err(e) => return Ok(Err(e)),
             },
-            _ = events.closed() => return Ok(Ok(StepEnd::Cancelled)),
+            _ = events.cancelled() => return Ok(Ok(StepEnd::Cancelled)),
             _ = shutdown.wait_for(|s| *s) => return Ok(Ok(StepEnd::Cancelled)),
         };
         let mut index: HashMap<String, usize> = HashMap::new();
         loop {
             let next = tokio::select! {
                 r = completion.next() => r?,
-                _ = events.closed() => return Ok(Ok(StepEnd::Cancelled)),
+                _ = events.cancelled() => return Ok(Ok(StepEnd::Cancelled)),
                 _ = shutdown.wait_for(|s| *s) => return Ok(Ok(StepEnd::Cancelled)),
             };
             let event = match next {
@@ -344,9 +384,7 @@ impl Run {
                     }
                     text.push_str(&delta);
                     *sent_anything = true;
-                    if events.send(RunEvent::Text { content: delta }).await.is_err() {
-                        return Ok(Ok(StepEnd::Cancelled));
-                    }
+                    events.send(&RunEvent::Text { content: delta });
                 }
                 ProviderEvent::ToolUseStart(start) => {
                     *sent_anything = true;
@@ -385,7 +423,7 @@ impl Run {
     async fn run_tools(
         &self,
         calls: &[(String, String, serde_json::Value, Option<String>)],
-        events: &mpsc::Sender<RunEvent>,
+        events: &Emitter,
     ) -> (Vec<Option<(String, bool)>>, bool) {
         let mut results: Vec<Option<(String, bool)>> = vec![None; calls.len()];
         let mut i = 0;
@@ -406,14 +444,12 @@ impl Run {
             let mut shutdown = self.shutdown.clone();
             let outputs = tokio::select! {
                 outputs = batch => outputs,
-                _ = events.closed() => return (results, true),
+                _ = events.cancelled() => return (results, true),
                 _ = shutdown.wait_for(|s| *s) => return (results, true),
             };
             for (k, output) in outputs.into_iter().enumerate() {
                 let (id, ..) = &calls[i + k];
-                let _ = events
-                    .send(RunEvent::ToolResult { tool_use_id: id.clone(), content: output.0.clone(), is_error: output.1 })
-                    .await;
+                events.send(&RunEvent::ToolResult { tool_use_id: id.clone(), content: output.0.clone(), is_error: output.1 });
                 results[i + k] = Some(output);
             }
             i = batch_end;
@@ -446,11 +482,4 @@ impl Run {
             Err(err) => (format!("the tool failed: {err}"), true),
         }
     }
-}
-
-/// Used by the SSE and blocking endpoints alike.
-pub type Events = mpsc::Receiver<RunEvent>;
-
-pub fn channel() -> (mpsc::Sender<RunEvent>, Events) {
-    mpsc::channel(256)
 }

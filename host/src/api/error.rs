@@ -40,12 +40,19 @@ pub enum ApiError {
     MethodNotAllowed { method: String, path: String },
     #[error("{0}")]
     Conflict(String),
+    /// A cursor older than the events kept.
+    #[error("{0}")]
+    Gone(String),
     #[error("missing or wrong API token: send `Authorization: Bearer <token>`")]
     Unauthorized,
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
     Provider(String),
+    /// A run that ended in failure, for the endpoint that waited for it;
+    /// `code` is its `error` event's.
+    #[error("{message}")]
+    RunFailed { run_id: String, code: String, message: String },
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
@@ -113,9 +120,20 @@ impl ApiError {
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Gone(_) => (StatusCode::GONE, "resync_required"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
+            ApiError::RunFailed { code, .. } => match code.as_str() {
+                "provider_error" => (StatusCode::BAD_GATEWAY, "provider_error"),
+                "plugin_refused" => (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused"),
+                "unknown_plugin" => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
+                "not_found" => (StatusCode::NOT_FOUND, "not_found"),
+                "invalid_request" => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+                "interrupted" => (StatusCode::SERVICE_UNAVAILABLE, "interrupted"),
+                "plugin_failed" => (StatusCode::BAD_GATEWAY, "plugin_failed"),
+                _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
             ApiError::Plugin(err) => match err {
                 RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
                 RuntimeError::Manifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {

@@ -1,25 +1,31 @@
-//! Messages: one run of the agent loop, answered whole or streamed as SSE.
+//! Messages: each starts a run of the agent loop, a stored resource of the
+//! server that outlives the request. The blocking endpoint waits for the
+//! run (or, with `background`, answers at once); the streaming endpoint
+//! sends its events as SSE, each with its `seq` as the `id`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::{Json, Router};
+use chrono::Duration as ChronoDuration;
 use futures::Stream;
-use serde::Deserialize;
-use tokio_stream::StreamExt;
-use tokio_stream::wrappers::ReceiverStream;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, JsonBody};
-use crate::agent::{Run, RunError, RunOutcome, channel};
-use crate::store::StoreError;
+use super::{ApiError, ApiResult, AppState, JsonBody, new_id};
+use crate::agent::{Busy, Claim, Emitter, Run, RunError, RunEvent, StopReason, ToolCallRecord, Usage};
+use crate::store::{RunFailure, RunRecord, RunRequest, RunResult, RunStatus, StoreError, now};
 
 /// Comment lines keep a quiet stream open through proxies.
-const KEEP_ALIVE: Duration = Duration::from_secs(15);
+pub(super) const KEEP_ALIVE: Duration = Duration::from_secs(15);
+/// How long an `Idempotency-Key` is remembered.
+const IDEMPOTENCY_WINDOW: ChronoDuration = ChronoDuration::hours(24);
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -27,13 +33,54 @@ pub fn routes() -> Router<AppState> {
         .route("/sessions/{id}/message/stream", post(stream))
 }
 
-#[derive(Debug, Deserialize, ToSchema)]
+/// What the client does if its connection drops.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum OnDisconnect {
+    /// The run goes on; its result lands in the history and the run.
+    #[default]
+    Continue,
+    /// The run is cancelled (the behaviour before runs were durable).
+    Cancel,
+}
+
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct MessageInput {
     /// The agent that answers.
     agent_id: String,
     /// The user's message.
     message: String,
+    /// `POST /sessions/{id}/message` only: answer `202` with the run at
+    /// once instead of waiting for it.
+    #[serde(default)]
+    background: bool,
+    #[serde(default)]
+    on_disconnect: OnDisconnect,
+    /// When the session is running another message: `reject` (409),
+    /// `enqueue`, or `interrupt` (cancel the active run, then start).
+    #[serde(default)]
+    multitask: Busy,
+}
+
+/// The blocking endpoint's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct MessageResult {
+    pub run_id: String,
+    /// The text of the last assistant message.
+    pub response: String,
+    pub tool_calls: Vec<ToolCallRecord>,
+    pub usage: Usage,
+    /// Model calls made.
+    pub steps: u32,
+    pub stop_reason: StopReason,
+}
+
+/// `202` for a background run.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunAccepted {
+    pub run_id: String,
+    pub status: RunStatus,
 }
 
 impl From<RunError> for ApiError {
@@ -47,30 +94,38 @@ impl From<RunError> for ApiError {
 }
 
 /// Everything that can be refused before a run starts is refused here, as
-/// a plain HTTP error.
-async fn prepare(state: &AppState, session_id: &str, input: MessageInput) -> ApiResult<Run> {
-    if !state.store.session_exists(session_id).await? {
-        return Err(StoreError::NotFound { kind: "session", id: session_id.to_string() }.into());
-    }
-    let agent = state.store.agent(&input.agent_id).await?;
-    if input.message.trim().is_empty() {
+/// a plain HTTP error; queued runs are checked again when they start.
+async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<()> {
+    let work_dir = state
+        .store
+        .session_work_dir(session_id)
+        .await?
+        .ok_or_else(|| StoreError::NotFound { kind: "session", id: session_id.to_string() })?;
+    let agent = state.store.agent(&request.agent_id).await?;
+    if request.message.trim().is_empty() {
         return Err(ApiError::Invalid("`message` must not be empty".into()));
     }
-    let (plugin, _) = super::providers::provider(state, &agent.provider.id)
+    super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
-    let access = super::providers::access(state, &plugin).await?;
-    let guard = state.runs.try_start(session_id).ok_or_else(|| {
-        ApiError::Conflict(format!("session `{session_id}` is already running a message; wait for it to finish"))
-    })?;
-    // Read again under the guard: the history is ours from here on.
-    let session = state.store.session(session_id).await?;
-    if !agent.tools.is_empty() && session.work_dir.is_none() {
+    if !agent.tools.is_empty() && work_dir.is_none() {
         return Err(ApiError::Invalid(format!(
             "agent `{}` has tools but session `{session_id}` has no work_dir; set one with PUT /sessions/{session_id}",
             agent.id
         )));
     }
+    Ok(())
+}
+
+/// The run, ready to go: the session read under its claim (the history is
+/// the run's from here on), the provider's access, the working directory
+/// opened and checked.
+async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
+    check(state, session_id, request).await?;
+    let agent = state.store.agent(&request.agent_id).await?;
+    let (plugin, _) = super::providers::provider(state, &agent.provider.id).await?;
+    let access = super::providers::access(state, &plugin).await?;
+    let session = state.store.session(session_id).await?;
     // Opened now, without following symlinks, and checked again: a
     // directory swapped for a link since the session was saved gets no
     // tool call (each is answered with the reason).
@@ -88,48 +143,247 @@ async fn prepare(state: &AppState, session_id: &str, input: MessageInput) -> Api
         work_dir,
         access,
         max_steps: state.settings.max_steps,
-        message: input.message,
-        guard,
+        message: request.message.clone(),
         shutdown: state.shutdown.clone(),
     })
 }
 
-#[utoipa::path(post, path = "/sessions/{id}/message", tag = "messages", params(("id" = String, Path)),
+/// Stores a new run and starts it, queues it, or refuses it (409), as the
+/// session's state and `multitask` say. With an idempotency key already
+/// used for the same body, the earlier run instead.
+async fn submit(
+    state: &AppState,
+    session_id: &str,
+    input: &MessageInput,
+    body: serde_json::Value,
+    key: Option<String>,
+) -> ApiResult<RunRecord> {
+    let request = RunRequest { agent_id: input.agent_id.clone(), message: input.message.clone(), body };
+    if let Some(key) = &key
+        && let Some((run, earlier)) = state.store.run_by_key(session_id, key, now() - IDEMPOTENCY_WINDOW).await?
+    {
+        if earlier.body != request.body {
+            return Err(ApiError::Invalid(format!(
+                "Idempotency-Key `{key}` was used for run `{}` with a different body; use a new key for a new message",
+                run.id
+            )));
+        }
+        return Ok(run);
+    }
+    check(state, session_id, &request).await?;
+    let busy = |active: String| {
+        ApiError::Conflict(format!(
+            "session `{session_id}` is already running a message (run `{active}`); wait for it, or send \"multitask\": \"enqueue\" or \"interrupt\""
+        ))
+    };
+    if input.multitask == Busy::Reject
+        && let Some(active) = state.runs.active(session_id)
+    {
+        return Err(busy(active));
+    }
+    let t = now();
+    let record = RunRecord {
+        id: new_id(),
+        session_id: session_id.to_string(),
+        agent_id: input.agent_id.clone(),
+        status: RunStatus::Queued,
+        created_at: t,
+        started_at: None,
+        ended_at: None,
+        response: None,
+        tool_calls: None,
+        usage: None,
+        steps: None,
+        stop_reason: None,
+        error: None,
+    };
+    let run = state.store.insert_run(record, request, key).await?;
+    match state.runs.claim_or(session_id, &run.id, input.multitask) {
+        Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), claim),
+        Ok(None) => tracing::info!(session = %session_id, run = %run.id, mode = ?input.multitask, "run queued"),
+        Err(active) => {
+            // Lost a race with another submit: this run never existed.
+            state.store.delete_run(&run.id).await?;
+            return Err(busy(active));
+        }
+    }
+    Ok(run)
+}
+
+/// Runs `claim`'s run, then each run queued behind it, on a task of their
+/// own: a run belongs to the server, not to the request that started it.
+pub(crate) fn launch(state: AppState, session_id: String, claim: Claim) {
+    tokio::spawn(async move {
+        let mut next = Some(claim);
+        while let Some(claim) = next.take() {
+            let run_id = claim.run_id.clone();
+            if let Err(err) = run_one(&state, &session_id, claim).await {
+                tracing::error!(run = %run_id, %err, "cannot record the run");
+            }
+            next = state.runs.finish(&session_id, &run_id);
+        }
+    });
+}
+
+/// One run, start to end: `running` is stored before anything is sent, the
+/// end is stored before `done` or `error` announces it.
+async fn run_one(state: &AppState, session_id: &str, claim: Claim) -> Result<(), StoreError> {
+    let run_id = claim.run_id;
+    let emitter = Emitter { bus: state.bus.clone(), feed: state.bus.feed(session_id).await?, run_id: run_id.clone(), cancel: claim.cancel };
+    let request = state.store.run_request(&run_id).await?;
+    state.store.start_run(&run_id, now()).await?;
+    let outcome = match prepare(state, session_id, &request).await {
+        Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
+        Err(err) => {
+            let body = err.body();
+            Err(RunFailure { error: body.error, code: body.code.into() })
+        }
+    };
+    let (status, result, event) = match outcome {
+        Ok(o) => {
+            let status = if o.stop_reason == StopReason::Cancelled { RunStatus::Cancelled } else { RunStatus::Completed };
+            let event = RunEvent::Done { run_id: run_id.clone(), usage: o.usage, steps: o.steps, stop_reason: o.stop_reason };
+            let result = RunResult {
+                response: Some(o.response),
+                tool_calls: Some(o.tool_calls),
+                usage: Some(o.usage),
+                steps: Some(o.steps),
+                stop_reason: Some(o.stop_reason),
+                error: None,
+            };
+            (status, result, event)
+        }
+        Err(failure) => {
+            let event = RunEvent::Error { run_id: run_id.clone(), error: failure.error.clone(), code: failure.code.clone() };
+            (RunStatus::Failed, RunResult { error: Some(failure), ..Default::default() }, event)
+        }
+    };
+    state.store.end_run(&run_id, status, now(), result).await?;
+    emitter.send(&event);
+    Ok(())
+}
+
+/// Cancels the run when dropped, for requests sent with
+/// `"on_disconnect": "cancel"` whose client goes away.
+pub(super) struct CancelOnDrop {
+    state: Option<AppState>,
+    session: String,
+    run: String,
+}
+
+impl CancelOnDrop {
+    fn new(state: &AppState, input: &MessageInput, run: &RunRecord) -> CancelOnDrop {
+        let state = (input.on_disconnect == OnDisconnect::Cancel).then(|| state.clone());
+        CancelOnDrop { state, session: run.session_id.clone(), run: run.id.clone() }
+    }
+
+    /// The request got its answer: nothing to cancel.
+    pub(super) fn disarm(&mut self) {
+        self.state = None;
+    }
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(state) = self.state.take() {
+            tracing::info!(run = %self.run, "the client went away; cancelling its run as it asked");
+            super::runs::cancel_now(&state, &self.session, &self.run);
+        }
+    }
+}
+
+fn idempotency_key(headers: &HeaderMap) -> ApiResult<Option<String>> {
+    match headers.get("idempotency-key") {
+        None => Ok(None),
+        Some(v) => match v.to_str() {
+            Ok(k) if !k.trim().is_empty() && k.len() <= 255 => Ok(Some(k.to_string())),
+            _ => Err(ApiError::Invalid("Idempotency-Key must be 1-255 visible ASCII characters".into())),
+        },
+    }
+}
+
+fn run_location(run: &RunRecord) -> HeaderValue {
+    HeaderValue::from_str(&format!("/sessions/{}/runs/{}", run.session_id, run.id)).expect("ids are ASCII")
+}
+
+/// The run's result as the blocking endpoint answers it (errors mapped to
+/// their HTTP status in `api::error`).
+pub(super) fn result_of(run: RunRecord) -> ApiResult<MessageResult> {
+    match run.status {
+        RunStatus::Completed | RunStatus::Cancelled => Ok(MessageResult {
+            run_id: run.id,
+            response: run.response.unwrap_or_default(),
+            tool_calls: run.tool_calls.unwrap_or_default(),
+            usage: run.usage.unwrap_or_default(),
+            steps: run.steps.unwrap_or_default(),
+            stop_reason: run.stop_reason.unwrap_or(StopReason::Cancelled),
+        }),
+        _ => {
+            let failure = run.error.unwrap_or(RunFailure { error: format!("run `{}` did not complete", run.id), code: "internal".into() });
+            Err(ApiError::RunFailed { run_id: run.id, code: failure.code, message: failure.error })
+        }
+    }
+}
+
+#[utoipa::path(post, path = "/sessions/{id}/message", tag = "messages", params(("id" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key and body returns the same run (kept 24 h)")),
     request_body = MessageInput,
-    responses((status = 200, body = RunOutcome), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
-        (status = 422, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
+    responses((status = 200, body = MessageResult, description = "the run's result"),
+        (status = 202, body = RunAccepted, description = "`background`: the run, started or queued", headers(("Location" = String))),
+        (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
+        (status = 422, body = super::ErrorBody), (status = 502, body = super::ErrorBody), (status = 503, body = super::ErrorBody)))]
 pub(super) async fn message(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(input): JsonBody<MessageInput>,
-) -> ApiResult<Json<RunOutcome>> {
-    let run = prepare(&state, &id, input).await?;
-    let (tx, mut rx) = channel();
-    // The run lives in its own task: if this request is dropped, the channel
-    // closes and the run cancels itself, leaving history valid.
-    let task = tokio::spawn(run.execute(tx));
-    while rx.recv().await.is_some() {}
-    let outcome = task.await.map_err(|e| ApiError::Internal(format!("the run panicked: {e}")))??;
-    Ok(Json(outcome))
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> ApiResult<Response> {
+    let input: MessageInput = super::from_json(body.clone())?;
+    let key = idempotency_key(&headers)?;
+    let run = submit(&state, &id, &input, body, key).await?;
+    if input.background {
+        let location = run_location(&run);
+        let accepted = RunAccepted { run_id: run.id, status: run.status };
+        return Ok((StatusCode::ACCEPTED, [(header::LOCATION, location)], Json(accepted)).into_response());
+    }
+    let mut guard = CancelOnDrop::new(&state, &input, &run);
+    let ended = super::runs::wait_for_end(&state, &id, &run.id).await?;
+    guard.disarm();
+    Ok(Json(result_of(ended)?).into_response())
 }
 
-#[utoipa::path(post, path = "/sessions/{id}/message/stream", tag = "messages", params(("id" = String, Path)),
+/// One stored event as SSE: its seq as the `id`, its name, its JSON.
+pub(super) fn sse(event: &crate::store::StoredEvent) -> SseEvent {
+    SseEvent::default().id(event.seq.to_string()).event(&event.name).data(&event.data)
+}
+
+#[utoipa::path(post, path = "/sessions/{id}/message/stream", tag = "messages", params(("id" = String, Path),
+        ("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key and body replays the same run")),
     request_body = MessageInput,
-    responses((status = 200, content_type = "text/event-stream",
-        description = "SSE events `text`, `tool_use`, `tool_result`, then `done` or `error`"),
-        (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+    responses((status = 200, content_type = "text/event-stream", body = RunEvent,
+        description = "SSE events `text`, `tool_use`, `tool_result`, then `done` or `error`; each with `id:` its seq",
+        headers(("Content-Location" = String, description = "The run: /sessions/{id}/runs/{run_id}"))),
+        (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn stream(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    JsonBody(input): JsonBody<MessageInput>,
-) -> ApiResult<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>> {
-    let run = prepare(&state, &id, input).await?;
-    let (tx, rx) = channel();
-    tokio::spawn(run.execute(tx));
-    let events = ReceiverStream::new(rx).map(|event| {
-        let value = serde_json::to_value(&event).unwrap_or_default();
-        let name = value.get("type").and_then(|t| t.as_str()).unwrap_or("message").to_string();
-        Ok(SseEvent::default().event(name).data(value.to_string()))
-    });
-    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    headers: HeaderMap,
+    JsonBody(body): JsonBody<serde_json::Value>,
+) -> ApiResult<Response> {
+    let input: MessageInput = super::from_json(body.clone())?;
+    if input.background {
+        return Err(ApiError::Invalid("`background` is for POST /sessions/{id}/message; the stream is the run".into()));
+    }
+    let key = idempotency_key(&headers)?;
+    let run = submit(&state, &id, &input, body, key).await?;
+    let guard = CancelOnDrop::new(&state, &input, &run);
+    let location = run_location(&run);
+    let events = super::runs::run_stream(state, id, run.id.clone(), 0, Some(guard)).await?;
+    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE));
+    Ok(([(header::CONTENT_LOCATION, location)], sse).into_response())
 }
+
+/// A stream of SSE events that never fails (errors become events).
+pub(super) type SseStream = std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>>;

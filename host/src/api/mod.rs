@@ -6,6 +6,7 @@ mod messages;
 mod openapi;
 mod plugins;
 mod providers;
+mod runs;
 mod security;
 mod sessions;
 
@@ -35,14 +36,24 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     pub runs: crate::agent::Runs,
     pub models: providers::ModelsCache,
+    /// Every session's events: live, and stored for replay.
+    pub bus: crate::agent::Bus,
     /// Which directories sessions may use.
     pub work_dirs: Arc<WorkDirRules>,
     /// Becomes `true` when running steps must stop (shutdown grace is over).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Becomes `true` when the server starts to stop: event followers end.
+    pub stopping: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
-    pub fn new(store: Store, runtime: Runtime, settings: Settings, shutdown: tokio::sync::watch::Receiver<bool>) -> AppState {
+    pub fn new(
+        store: Store,
+        runtime: Runtime,
+        settings: Settings,
+        shutdown: tokio::sync::watch::Receiver<bool>,
+        stopping: tokio::sync::watch::Receiver<bool>,
+    ) -> AppState {
         let work_dirs = WorkDirRules::new(
             settings.work_roots.clone(),
             &[("the database", &settings.db), ("the config file", &settings.config_path)],
@@ -53,6 +64,7 @@ impl AppState {
             ],
         );
         AppState {
+            bus: crate::agent::Bus::new(store.clone()),
             work_dirs: Arc::new(work_dirs),
             store,
             runtime,
@@ -60,6 +72,7 @@ impl AppState {
             runs: Default::default(),
             models: Default::default(),
             shutdown,
+            stopping,
         }
     }
 }
@@ -70,6 +83,12 @@ impl AppState {
 #[derive(FromRequest)]
 #[from_request(via(axum::Json), rejection(ApiError))]
 pub struct JsonBody<T>(pub T);
+
+/// A value of a JSON body read as `T`: wrong types and missing fields are
+/// a 422 naming the field, as with [`JsonBody`].
+pub fn from_json<T: serde::de::DeserializeOwned>(value: serde_json::Value) -> ApiResult<T> {
+    serde_json::from_value(value).map_err(|e| ApiError::Invalid(format!("invalid body: {e}")))
+}
 
 /// `{"status": "..."}`.
 #[derive(Debug, Serialize, ToSchema)]
@@ -90,6 +109,7 @@ pub fn router(state: AppState) -> Router {
         .merge(agents::routes())
         .merge(sessions::routes())
         .merge(messages::routes())
+        .merge(runs::routes())
         .merge(plugins::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
@@ -97,6 +117,16 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(security.cors_layer())
         .layer(axum::middleware::from_fn_with_state(Arc::new(security), security::guard))
+}
+
+/// Starts the runs a stop left queued, in the order they were submitted.
+pub async fn start_queued_runs(state: &AppState) -> Result<(), crate::store::StoreError> {
+    for run in state.store.queued_runs().await? {
+        if let Ok(Some(claim)) = state.runs.claim_or(&run.session_id, &run.id, crate::agent::Busy::Enqueue) {
+            messages::launch(state.clone(), run.session_id.clone(), claim);
+        }
+    }
+    Ok(())
 }
 
 /// Liveness: answers at once, even while plugins are still compiling.

@@ -17,12 +17,15 @@ use super::AppState;
         super::agents::list, super::agents::create, super::agents::show, super::agents::update, super::agents::remove,
         super::sessions::list, super::sessions::create, super::sessions::show, super::sessions::update, super::sessions::remove,
         super::messages::message, super::messages::stream,
+        super::runs::list, super::runs::show, super::runs::cancel, super::runs::abort, super::runs::run_events, super::runs::session_events,
         super::plugins::list, super::plugins::install, super::plugins::remove, super::plugins::reload, super::plugins::tools,
     ),
-    components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block)),
+    components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block,
+        crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent)),
     tags(
         (name = "health"), (name = "providers", description = "Model providers and their write-only credentials"),
-        (name = "agents"), (name = "sessions"), (name = "messages", description = "Runs of the agent loop"),
+        (name = "agents"), (name = "sessions"), (name = "messages", description = "Messages: each starts a run of the agent loop"),
+        (name = "runs", description = "Runs as stored resources, their cancel, and their events (resumable SSE)"),
         (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
     )
 )]

@@ -410,6 +410,11 @@ async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command)
     // calls fchdir, prctl and landlock_restrict_self.
     unsafe {
         command.pre_exec(move || {
+            // If the server dies (kill -9), so does the command: the tool
+            // thread that spawned it lives as long as the call.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // The working directory by its descriptor: the one that was checked.
             if libc::fchdir(dir) != 0 {
                 return Err(std::io::Error::last_os_error());

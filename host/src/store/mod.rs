@@ -14,7 +14,9 @@ use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
 mod records;
+mod runs;
 pub use records::*;
+pub use runs::RunRequest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -62,7 +64,9 @@ fn migrations() -> Migrations<'static> {
     ),
     // When credentials last changed, deletions included (a deleted record
     // can no longer carry the time itself).
-    M::up("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);")])
+    M::up("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
+    // Runs and the events of each session (issue: durable runs).
+    M::up(runs::MIGRATION)])
 }
 
 const AUTH_CHANGED: &str = "auth_updated_at";
@@ -385,6 +389,14 @@ impl Store {
         .await
     }
 
+    /// A session's `work_dir` (`None` if there is no such session), without
+    /// reading its history.
+    pub async fn session_work_dir(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| Ok(c.prepare_cached("SELECT work_dir FROM sessions WHERE id = ?1")?.query_row([&id], |r| r.get(0)).optional()?))
+            .await
+    }
+
     /// Whether a session exists, without reading (and decoding) its history.
     pub async fn session_exists(&self, id: &str) -> Result<bool, StoreError> {
         let id = id.to_string();
@@ -400,8 +412,16 @@ impl Store {
         .await
     }
 
+    /// Deletes a session with its runs and events.
     pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
-        self.write(delete_row("sessions", "session", id)).await
+        let delete = delete_row("sessions", "session", id);
+        let id = id.to_string();
+        self.write(move |c| {
+            c.execute("DELETE FROM events WHERE session_id = ?1", [&id])?;
+            c.execute("DELETE FROM runs WHERE session_id = ?1", [&id])?;
+            delete(c)
+        })
+        .await
     }
 
     // ----- provider credentials -----

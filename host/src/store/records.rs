@@ -83,6 +83,144 @@ pub enum Block {
     },
 }
 
+/// Token counts, summed over a run.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct Usage {
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+}
+
+/// Why a run stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StopReason {
+    EndTurn,
+    MaxSteps,
+    Cancelled,
+}
+
+/// One tool call of a run, with its result.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ToolCallRecord {
+    pub id: String,
+    pub name: String,
+    #[schema(value_type = Object)]
+    pub input: serde_json::Value,
+    pub output: String,
+    pub is_error: bool,
+}
+
+/// Where a run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Waiting for the session's active run to end.
+    Queued,
+    Running,
+    /// Waiting for a permission reply.
+    Waiting,
+    Completed,
+    Failed,
+    Cancelled,
+    /// The server stopped (or crashed) while it ran.
+    Interrupted,
+}
+
+impl RunStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunStatus::Queued => "queued",
+            RunStatus::Running => "running",
+            RunStatus::Waiting => "waiting",
+            RunStatus::Completed => "completed",
+            RunStatus::Failed => "failed",
+            RunStatus::Cancelled => "cancelled",
+            RunStatus::Interrupted => "interrupted",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<RunStatus> {
+        [
+            RunStatus::Queued,
+            RunStatus::Running,
+            RunStatus::Waiting,
+            RunStatus::Completed,
+            RunStatus::Failed,
+            RunStatus::Cancelled,
+            RunStatus::Interrupted,
+        ]
+        .into_iter()
+        .find(|s| s.as_str() == text)
+    }
+
+    /// Whether the run has ended for good.
+    pub fn is_final(self) -> bool {
+        matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted)
+    }
+}
+
+/// Why a run failed, as its `error` event said.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunFailure {
+    pub error: String,
+    pub code: String,
+}
+
+/// A run of the agent loop: one message and everything it led to.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct RunRecord {
+    /// ULID.
+    pub id: String,
+    pub session_id: String,
+    pub agent_id: String,
+    pub status: RunStatus,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub started_at: Option<DateTime<Utc>>,
+    #[serde(serialize_with = "rfc3339_opt")]
+    pub ended_at: Option<DateTime<Utc>>,
+    /// The text of the last assistant message, once the run has ended.
+    pub response: Option<String>,
+    pub tool_calls: Option<Vec<ToolCallRecord>>,
+    pub usage: Option<Usage>,
+    /// Model calls made.
+    pub steps: Option<u32>,
+    pub stop_reason: Option<StopReason>,
+    /// Set when the run failed or was interrupted.
+    pub error: Option<RunFailure>,
+}
+
+/// How a run ended, as stored with it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct RunResult {
+    pub response: Option<String>,
+    pub tool_calls: Option<Vec<ToolCallRecord>>,
+    pub usage: Option<Usage>,
+    pub steps: Option<u32>,
+    pub stop_reason: Option<StopReason>,
+    pub error: Option<RunFailure>,
+}
+
+/// One event of a session's stream, stored exactly as it was sent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoredEvent {
+    /// Strictly increasing within the session; the SSE `id:`.
+    pub seq: u64,
+    pub run_id: String,
+    /// The SSE event name (`text`, `tool_use`, ... `done`, `error`).
+    pub name: String,
+    /// The SSE data: the event's JSON text.
+    pub data: String,
+}
+
+fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => rfc3339(t, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// The same text as chrono's own `Serialize`, written in one piece: chrono
 /// writes through `Display`, which reaches serde_json's escaper one char at
 /// a time, and that was the largest single cost of `GET /agents`.

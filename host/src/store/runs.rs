@@ -1,0 +1,417 @@
+//! Runs and the events of each session: a run is a row with a status; every
+//! event a client was sent is a row with the session's next `seq`, kept so
+//! that a client that reconnects is replayed exactly what it missed.
+
+use chrono::{DateTime, Utc};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use super::{
+    Block, HistoryMessage, HistoryRole, RunRecord, RunResult, RunStatus, Store, StoreError, StoredEvent, parse_ts, ts,
+};
+
+pub(super) const MIGRATION: &str = "
+    CREATE TABLE runs (
+        id TEXT PRIMARY KEY,
+        session_id TEXT NOT NULL,
+        agent_id TEXT NOT NULL,
+        status TEXT NOT NULL,
+        request TEXT NOT NULL,
+        idempotency_key TEXT,
+        created_at TEXT NOT NULL,
+        started_at TEXT,
+        ended_at TEXT,
+        result TEXT
+    );
+    CREATE INDEX runs_by_session ON runs (session_id, id);
+    CREATE INDEX runs_by_status ON runs (status);
+    CREATE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+    CREATE TABLE events (
+        session_id TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        run_id TEXT NOT NULL,
+        name TEXT NOT NULL,
+        data TEXT NOT NULL,
+        PRIMARY KEY (session_id, seq)
+    ) WITHOUT ROWID;
+    CREATE INDEX events_by_run ON events (run_id, seq);
+    -- The highest seq removed by retention, per session: an older cursor
+    -- can no longer be served.
+    ALTER TABLE sessions ADD COLUMN events_pruned INTEGER NOT NULL DEFAULT 0;
+";
+
+/// What a run was asked to do: the message body, as stored with the run
+/// (a queued run starts from it; an idempotent repeat is compared with it).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunRequest {
+    pub agent_id: String,
+    pub message: String,
+    /// The whole body as sent: an idempotent repeat must send the same.
+    pub body: serde_json::Value,
+}
+
+const RUN_SELECT: &str =
+    "SELECT id, session_id, agent_id, status, created_at, started_at, ended_at, result FROM runs";
+
+fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, Option<String>)> {
+    let status: String = row.get(3)?;
+    let opt_ts = |i: usize| -> rusqlite::Result<Option<DateTime<Utc>>> { row.get::<_, Option<String>>(i)?.map(parse_ts).transpose() };
+    Ok((
+        RunRecord {
+            id: row.get(0)?,
+            session_id: row.get(1)?,
+            agent_id: row.get(2)?,
+            status: RunStatus::parse(&status).unwrap_or(RunStatus::Interrupted),
+            created_at: parse_ts(row.get(4)?)?,
+            started_at: opt_ts(5)?,
+            ended_at: opt_ts(6)?,
+            response: None,
+            tool_calls: None,
+            usage: None,
+            steps: None,
+            stop_reason: None,
+            error: None,
+        },
+        row.get(7)?,
+    ))
+}
+
+fn finish_run((mut record, result): (RunRecord, Option<String>)) -> Result<RunRecord, StoreError> {
+    if let Some(result) = result {
+        let r: RunResult = serde_json::from_str(&result)?;
+        record.response = r.response;
+        record.tool_calls = r.tool_calls;
+        record.usage = r.usage;
+        record.steps = r.steps;
+        record.stop_reason = r.stop_reason;
+        record.error = r.error;
+    }
+    Ok(record)
+}
+
+fn event_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
+    Ok(StoredEvent { seq: row.get::<_, i64>(0)? as u64, run_id: row.get(1)?, name: row.get(2)?, data: row.get(3)? })
+}
+
+fn max_seq(c: &Connection, session: &str) -> rusqlite::Result<u64> {
+    let stored: Option<i64> = c.query_row("SELECT MAX(seq) FROM events WHERE session_id = ?1", [session], |r| r.get(0))?;
+    let pruned: i64 =
+        c.query_row("SELECT events_pruned FROM sessions WHERE id = ?1", [session], |r| r.get(0)).optional()?.unwrap_or(0);
+    Ok(stored.unwrap_or(0).max(pruned) as u64)
+}
+
+/// Gives every `tool_use` of the history that has no result an error
+/// result saying why, so the history is valid for the provider again.
+pub fn answer_unanswered(history: &mut Vec<HistoryMessage>, reason: &str) -> usize {
+    let mut answered = std::collections::HashSet::new();
+    for message in history.iter() {
+        for block in &message.content {
+            if let Block::ToolResult { tool_use_id, .. } = block {
+                answered.insert(tool_use_id.clone());
+            }
+        }
+    }
+    let mut added = 0;
+    let mut i = 0;
+    while i < history.len() {
+        let missing: Vec<Block> = history[i]
+            .content
+            .iter()
+            .filter_map(|b| match b {
+                Block::ToolUse { id, .. } if !answered.contains(id) => {
+                    Some(Block::ToolResult { tool_use_id: id.clone(), content: reason.to_string(), is_error: true })
+                }
+                _ => None,
+            })
+            .collect();
+        if history[i].role == HistoryRole::Assistant && !missing.is_empty() {
+            added += missing.len();
+            match history.get_mut(i + 1) {
+                Some(next) if next.role == HistoryRole::User => {
+                    let mut content = missing;
+                    content.append(&mut next.content);
+                    next.content = content;
+                }
+                _ => history.insert(i + 1, HistoryMessage { role: HistoryRole::User, content: missing }),
+            }
+        }
+        i += 1;
+    }
+    added
+}
+
+impl Store {
+    /// Stores a new run.
+    pub async fn insert_run(&self, run: RunRecord, request: RunRequest, key: Option<String>) -> Result<RunRecord, StoreError> {
+        self.write(move |c| {
+            c.prepare_cached(
+                "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                run.id,
+                run.session_id,
+                run.agent_id,
+                run.status.as_str(),
+                serde_json::to_string(&request)?,
+                key,
+                ts(&run.created_at)
+            ])?;
+            Ok(run)
+        })
+        .await
+    }
+
+    pub async fn run(&self, session: &str, id: &str) -> Result<RunRecord, StoreError> {
+        let (session, id) = (session.to_string(), id.to_string());
+        self.read(move |c| {
+            let row = c
+                .prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1 AND session_id = ?2"))?
+                .query_row([&id, &session], run_row)
+                .optional()?
+                .ok_or(StoreError::NotFound { kind: "run", id })?;
+            finish_run(row)
+        })
+        .await
+    }
+
+    /// The request a run was started with.
+    pub async fn run_request(&self, id: &str) -> Result<RunRequest, StoreError> {
+        let id = id.to_string();
+        self.read(move |c| {
+            let text: String = c
+                .query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0))
+                .optional()?
+                .ok_or(StoreError::NotFound { kind: "run", id })?;
+            Ok(serde_json::from_str(&text)?)
+        })
+        .await
+    }
+
+    /// Removes a run that never started (a submit that lost a race).
+    pub async fn delete_run(&self, id: &str) -> Result<(), StoreError> {
+        self.write(super::delete_row("runs", "run", id)).await
+    }
+
+    /// A session's runs, newest first: at most `limit`, older than `before`.
+    pub async fn runs(&self, session: &str, limit: usize, before: Option<String>) -> Result<Vec<RunRecord>, StoreError> {
+        let session = session.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(&format!(
+                "{RUN_SELECT} WHERE session_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
+            ))?;
+            let rows = stmt.query_map(params![session, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(finish_run).collect()
+        })
+        .await
+    }
+
+    /// The run submitted with this idempotency key since `since`, with its request.
+    pub async fn run_by_key(
+        &self,
+        session: &str,
+        key: &str,
+        since: DateTime<Utc>,
+    ) -> Result<Option<(RunRecord, RunRequest)>, StoreError> {
+        let (session, key) = (session.to_string(), key.to_string());
+        self.read(move |c| {
+            let found: Option<String> = c
+                .query_row(
+                    "SELECT id FROM runs WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY id DESC LIMIT 1",
+                    params![session, key, ts(&since)],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            let Some(id) = found else { return Ok(None) };
+            let row = c.prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1"))?.query_row([&id], run_row)?;
+            let request: String = c.query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0))?;
+            Ok(Some((finish_run(row)?, serde_json::from_str(&request)?)))
+        })
+        .await
+    }
+
+    /// Marks a run started.
+    pub async fn start_run(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write(move |c| {
+            c.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1")?.execute(params![id, ts(&at)])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records how a run ended.
+    pub async fn end_run(&self, id: &str, status: RunStatus, at: DateTime<Utc>, result: RunResult) -> Result<(), StoreError> {
+        let id = id.to_string();
+        self.write(move |c| {
+            c.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")?.execute(params![
+                id,
+                status.as_str(),
+                ts(&at),
+                serde_json::to_string(&result)?
+            ])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs waiting to start, oldest first.
+    pub async fn queued_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
+        self.read(|c| {
+            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE status = 'queued' ORDER BY id"))?;
+            let rows = stmt.query_map([], run_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(finish_run).collect()
+        })
+        .await
+    }
+
+    /// Appends events, in order, in one transaction.
+    pub async fn insert_events(&self, events: Vec<(String, StoredEvent)>) -> Result<(), StoreError> {
+        self.write(move |c| {
+            let mut stmt =
+                c.prepare_cached("INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+            for (session, e) in &events {
+                stmt.execute(params![session, e.seq as i64, e.run_id, e.name, e.data])?;
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The last seq the session has used (stored or pruned); 0 for none.
+    pub async fn last_seq(&self, session: &str) -> Result<u64, StoreError> {
+        let session = session.to_string();
+        self.read(move |c| Ok(max_seq(c, &session)?)).await
+    }
+
+    /// The highest seq retention has removed from the session.
+    pub async fn events_pruned(&self, session: &str) -> Result<u64, StoreError> {
+        let session = session.to_string();
+        self.read(move |c| {
+            let pruned: Option<i64> =
+                c.query_row("SELECT events_pruned FROM sessions WHERE id = ?1", [&session], |r| r.get(0)).optional()?;
+            Ok(pruned.unwrap_or(0) as u64)
+        })
+        .await
+    }
+
+    /// Stored events with `after < seq < before`, of one run or all, in order.
+    pub async fn events(
+        &self,
+        session: &str,
+        after: u64,
+        before: Option<u64>,
+        run: Option<String>,
+    ) -> Result<Vec<StoredEvent>, StoreError> {
+        let session = session.to_string();
+        self.read(move |c| {
+            let before = before.map_or(i64::MAX, |b| b as i64);
+            let rows = match run {
+                Some(run) => c
+                    .prepare_cached(
+                        "SELECT seq, run_id, name, data FROM events WHERE run_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq",
+                    )?
+                    .query_map(params![run, after as i64, before], event_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+                None => c
+                    .prepare_cached(
+                        "SELECT seq, run_id, name, data FROM events WHERE session_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq",
+                    )?
+                    .query_map(params![session, after as i64, before], event_row)?
+                    .collect::<Result<Vec<_>, _>>()?,
+            };
+            Ok(rows)
+        })
+        .await
+    }
+
+    /// After a crash or a stop: every run left `running` or `waiting`
+    /// becomes `interrupted`, its session's history gets an error result
+    /// for each unanswered tool use, and its events end with the `error`
+    /// event `event(run_id)` gives. Returns the runs interrupted.
+    pub async fn interrupt_unfinished_runs(
+        &self,
+        reason: &'static str,
+        event: impl Fn(&str) -> (String, String) + Send + 'static,
+    ) -> Result<Vec<String>, StoreError> {
+        self.write(move |c| {
+            let runs: Vec<(String, String)> = c
+                .prepare("SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting') ORDER BY id")?
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            let at = super::now();
+            for (run, session) in &runs {
+                let result = RunResult {
+                    error: Some(super::RunFailure { error: reason.to_string(), code: "interrupted".into() }),
+                    ..Default::default()
+                };
+                c.execute(
+                    "UPDATE runs SET status = 'interrupted', ended_at = ?2, result = ?3 WHERE id = ?1",
+                    params![run, ts(&at), serde_json::to_string(&result)?],
+                )?;
+                let history: Option<String> =
+                    c.query_row("SELECT history FROM sessions WHERE id = ?1", [session], |r| r.get(0)).optional()?;
+                if let Some(history) = history {
+                    let mut history: Vec<HistoryMessage> = serde_json::from_str(&history)?;
+                    if answer_unanswered(&mut history, reason) > 0 {
+                        c.execute(
+                            "UPDATE sessions SET history = ?2, updated_at = ?3 WHERE id = ?1",
+                            params![session, serde_json::to_string(&history)?, ts(&at)],
+                        )?;
+                    }
+                }
+                let (name, data) = event(run);
+                let seq = max_seq(c, session)? + 1;
+                c.execute(
+                    "INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![session, seq as i64, run, name, data],
+                )?;
+            }
+            Ok(runs.into_iter().map(|(run, _)| run).collect())
+        })
+        .await
+    }
+
+    /// Removes the events of runs that ended before `before`; remembers,
+    /// per session, the highest seq removed. Returns how many were removed.
+    pub async fn prune_events(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+        self.write(move |c| {
+            let ended = "SELECT id FROM runs WHERE ended_at IS NOT NULL AND ended_at < ?1";
+            let pruned: Vec<(String, i64)> = c
+                .prepare(&format!("SELECT session_id, MAX(seq) FROM events WHERE run_id IN ({ended}) GROUP BY session_id"))?
+                .query_map([ts(&before)], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?;
+            for (session, seq) in &pruned {
+                c.execute("UPDATE sessions SET events_pruned = MAX(events_pruned, ?2) WHERE id = ?1", params![session, seq])?;
+            }
+            Ok(c.execute(&format!("DELETE FROM events WHERE run_id IN ({ended})"), [ts(&before)])?)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn msg(role: HistoryRole, content: Vec<Block>) -> HistoryMessage {
+        HistoryMessage { role, content }
+    }
+
+    #[test]
+    fn unanswered_tool_uses_get_an_error_result() {
+        let use_ = |id: &str| Block::ToolUse { id: id.into(), name: "bash".into(), input: json!({}) };
+        let result = |id: &str| Block::ToolResult { tool_use_id: id.into(), content: "ok".into(), is_error: false };
+        let mut history = vec![
+            msg(HistoryRole::User, vec![Block::Text { text: "go".into() }]),
+            msg(HistoryRole::Assistant, vec![use_("a"), use_("b")]),
+            msg(HistoryRole::User, vec![result("a")]),
+            msg(HistoryRole::Assistant, vec![use_("c")]),
+        ];
+        assert_eq!(answer_unanswered(&mut history, "restarted"), 2);
+        assert_eq!(history.len(), 5);
+        assert!(matches!(&history[2].content[0], Block::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "b"));
+        assert!(matches!(&history[4].content[0], Block::ToolResult { tool_use_id, content, .. } if tool_use_id == "c" && content == "restarted"));
+        assert_eq!(answer_unanswered(&mut history, "again"), 0, "a valid history is left as it is");
+    }
+}
