@@ -287,11 +287,11 @@ pub(super) async fn tools(State(state): State<AppState>) -> ApiResult<Json<Vec<T
             continue;
         }
         match state.runtime.tool_spec(plugin.id()).await {
-            Ok(spec) => out.push(ToolView {
-                name: spec.name,
-                description: spec.description,
-                input_schema: serde_json::from_str(&spec.input_schema).unwrap_or(serde_json::Value::Null),
-            }),
+            // A schema that is not a JSON object fails to load, so this parses.
+            Ok(spec) => match serde_json::from_str(&spec.input_schema) {
+                Ok(input_schema) => out.push(ToolView { name: spec.name, description: spec.description, input_schema }),
+                Err(err) => tracing::warn!(tool = %spec.name, %err, "tool left out of /tools: its input schema is not JSON"),
+            },
             // A plugin that failed to load shows its error in GET /plugins.
             Err(err) => tracing::debug!(%err, "tool left out of /tools"),
         }
