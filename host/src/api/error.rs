@@ -46,6 +46,8 @@ pub enum ApiError {
     Forbidden(String),
     #[error("{0}")]
     Provider(String),
+    #[error("too many connections open from {client}: at most {limit} at once")]
+    TooManyConnections { client: String, limit: usize },
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
@@ -113,6 +115,7 @@ impl ApiError {
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
+            ApiError::TooManyConnections { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
             ApiError::Plugin(err) => match err {
                 RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
                 RuntimeError::Manifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {
