@@ -1,5 +1,6 @@
 //! The HTTP layer against hostile clients, end to end on the real binary:
-//! half-sent requests time out and one client cannot hold every connection.
+//! half-sent requests time out, one client cannot hold every connection, and
+//! `Host` is parsed strictly.
 //!
 //! Raw `TcpStream`s where a client library would normalize the request.
 
@@ -121,5 +122,31 @@ async fn one_client_cannot_hold_more_than_its_share_of_connections() {
     assert!(log.contains("too many open from this client"), "the refusal is logged at debug level");
     for line in log.lines().filter(|l| l.contains("too many open")) {
         assert!(line.contains("DEBUG"), "{line}");
+    }
+}
+
+#[tokio::test]
+async fn host_and_request_target_must_name_loopback_exactly() {
+    let server = Server::start(&[]);
+    let port = addr(&server).port();
+    for host in ["localhost", &format!("localhost:{port}"), "127.0.0.1", &format!("127.0.0.1:{port}"), "[::1]", "[::1]:2323", "127.9.8.7", "LOCALHOST"] {
+        let response = raw(&server, &format!("GET /agents HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n")).await;
+        assert_eq!(status_of(&response), 200, "Host: {host}\n{response}");
+    }
+    let response = raw(&server, &format!("GET http://localhost:{port}/agents HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n")).await;
+    assert_eq!(status_of(&response), 200, "{response}");
+    for request in [
+        "GET /agents HTTP/1.1\r\nHost: [::1]evil.com\r\n",
+        "GET /agents HTTP/1.1\r\nHost: 127.0.0.1:80@evil.com\r\n",
+        "GET /agents HTTP/1.1\r\nHost: localhost:abc\r\n",
+        "GET /agents HTTP/1.1\r\nHost: localhost:99999\r\n",
+        "GET /agents HTTP/1.1\r\nHost: localhost\r\nHost: evil.com\r\n",
+        "GET /agents HTTP/1.1\r\nHost: localhost\r\nHost: localhost\r\n",
+        "GET http://evil.com/agents HTTP/1.1\r\nHost: localhost\r\n",
+        "GET http://evil.com:2323/agents HTTP/1.1\r\nHost: localhost:2323\r\n",
+    ] {
+        let response = raw(&server, &format!("{request}Connection: close\r\n\r\n")).await;
+        assert_eq!(status_of(&response), 403, "{request}\n{response}");
+        assert_eq!(body_of(&response)["code"], "forbidden", "{response}");
     }
 }
