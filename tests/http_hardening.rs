@@ -1,6 +1,6 @@
 //! The HTTP layer against hostile clients, end to end on the real binary:
-//! half-sent requests time out, one client cannot hold every connection, and
-//! `Host` is parsed strictly.
+//! half-sent requests time out, one client cannot hold every connection,
+//! `Host` is parsed strictly, and `--cors-origin '*'` means any origin.
 //!
 //! Raw `TcpStream`s where a client library would normalize the request.
 
@@ -149,4 +149,31 @@ async fn host_and_request_target_must_name_loopback_exactly() {
         assert_eq!(status_of(&response), 403, "{request}\n{response}");
         assert_eq!(body_of(&response)["code"], "forbidden", "{response}");
     }
+}
+
+#[tokio::test]
+async fn cors_origin_star_allows_any_origin() {
+    let server = Server::start(&["--cors-origin", "*"]);
+    let c = &server.client;
+    let response = c.get(server.url("/agents")).header("origin", "http://anything.test").send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["access-control-allow-origin"], "*");
+    let preflight = c
+        .request(reqwest::Method::OPTIONS, server.url("/agents"))
+        .header("origin", "https://other.test:8443")
+        .header("access-control-request-method", "POST")
+        .header("access-control-request-headers", "content-type")
+        .send()
+        .await
+        .unwrap();
+    assert!(preflight.status().is_success(), "{}", preflight.status());
+    assert_eq!(preflight.headers()["access-control-allow-origin"], "*");
+    assert!(
+        server.log().lines().any(|l| l.contains("WARN") && l.contains("--cors-origin '*'")),
+        "a warning at start:\n{}",
+        server.log()
+    );
+    // DNS rebinding is still refused: `*` is about origins, not hosts.
+    let (status, _) = server.send(c.get(server.url("/agents")).header("host", "evil.test")).await;
+    assert_eq!(status, 403);
 }

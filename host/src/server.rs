@@ -61,6 +61,13 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let addr = std::net::SocketAddr::new(settings.host, settings.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.to_string(), source })?;
     let local = listener.local_addr()?;
+    if settings.cors_origins.iter().any(|o| o == "*") {
+        tracing::warn!(
+            token = settings.token.is_some(),
+            "--cors-origin '*': any web page the user visits may call this API{}",
+            if settings.token.is_some() { " (it still needs the token)" } else { "; set --token to guard it" }
+        );
+    }
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
     let limits = ConnectionLimits {
         header_timeout: settings.header_timeout,

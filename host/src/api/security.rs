@@ -19,6 +19,8 @@ use crate::config::Settings;
 
 pub struct Security {
     loopback_only: bool,
+    /// `--cors-origin '*'`: every origin is allowed.
+    any_origin: bool,
     cors_origins: Vec<String>,
     token: Option<String>,
 }
@@ -27,16 +29,22 @@ impl Security {
     pub fn from_settings(settings: &Settings) -> Security {
         Security {
             loopback_only: settings.host.is_loopback(),
+            any_origin: settings.cors_origins.iter().any(|o| o == "*"),
             cors_origins: settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect(),
             token: settings.token.clone(),
         }
     }
 
-    /// Answers preflights and adds CORS headers for the listed origins only.
+    /// Answers preflights and adds CORS headers for the listed origins only
+    /// (any origin for `*`).
     pub fn cors_layer(&self) -> CorsLayer {
-        let origins: Vec<HeaderValue> = self.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        let allow = if self.any_origin {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(self.cors_origins.iter().filter_map(|o| o.parse::<HeaderValue>().ok()))
+        };
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT])
     }
@@ -51,7 +59,9 @@ pub async fn guard(State(security): State<Arc<Security>>, req: Request, next: Ne
         ))
         .into_response();
     }
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
+    if let Some(origin) = req.headers().get(header::ORIGIN)
+        && !security.any_origin
+    {
         let origin = origin.to_str().unwrap_or("");
         if !security.cors_origins.iter().any(|o| o == origin) {
             return ApiError::Forbidden(format!(
