@@ -1,19 +1,24 @@
 //! The HTTP layer against hostile clients, end to end on the real binary:
 //! half-sent requests time out, one client cannot hold every connection,
-//! `Host` is parsed strictly, and `--cors-origin '*'` means any origin.
+//! `Host` is parsed strictly, plugin uploads are streamed to disk and
+//! received at most two at once, and `--cors-origin '*'` means any origin.
 //!
 //! Raw `TcpStream`s where a client library would normalize the request.
 
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use common::server::Server;
+use reqwest::multipart::{Form, Part};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+const MANIFEST: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
 /// Liveness bound of anything the tests wait for: not a performance target.
 const PATIENCE: Duration = Duration::from_secs(60);
 
@@ -149,6 +154,157 @@ async fn host_and_request_target_must_name_loopback_exactly() {
         assert_eq!(status_of(&response), 403, "{request}\n{response}");
         assert_eq!(body_of(&response)["code"], "forbidden", "{response}");
     }
+}
+
+/// A multipart upload whose `wasm` part comes from a channel, so the test
+/// decides when each piece is sent.
+fn streamed_upload(server: &Server) -> (tokio::sync::mpsc::Sender<Result<Vec<u8>, std::io::Error>>, tokio::task::JoinHandle<reqwest::Result<reqwest::Response>>) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let body = reqwest::Body::wrap_stream(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let form = Form::new().text("manifest", MANIFEST).part("wasm", Part::stream(body).file_name("plugin.wasm"));
+    let request = server.client.post(server.url("/plugins")).multipart(form);
+    (tx, tokio::spawn(request.send()))
+}
+
+#[tokio::test]
+async fn at_most_two_uploads_are_received_at_once() {
+    let server = Server::start(&[]);
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    let (first_tx, first) = streamed_upload(&server);
+    let (second_tx, second) = streamed_upload(&server);
+    for tx in [&first_tx, &second_tx] {
+        tx.send(Ok(wasm[..1024].to_vec())).await.unwrap();
+    }
+    // Both are being received (the server says so at debug level).
+    eventually("two uploads being received", || async { server.log().matches("receiving a plugin upload").count() >= 2 }).await;
+
+    let form = Form::new().text("manifest", MANIFEST).part("wasm", Part::bytes(wasm.clone()).file_name("plugin.wasm"));
+    let third = server.client.post(server.url("/plugins")).multipart(form).send().await.unwrap();
+    assert_eq!(third.status(), 429);
+    assert_eq!(third.headers()["retry-after"], "5");
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["code"], "too_many_uploads", "{body}");
+
+    // The two held ones finish and install.
+    for (tx, upload) in [(first_tx, first), (second_tx, second)] {
+        tx.send(Ok(wasm[1024..].to_vec())).await.unwrap();
+        drop(tx);
+        let response = upload.await.unwrap().unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        assert!(status == 200 || status == 201, "{status} {body}");
+        assert_eq!(body["id"], "misbehave");
+    }
+    // And the slots are free again.
+    let form = Form::new().text("manifest", MANIFEST).part("wasm", Part::bytes(wasm).file_name("plugin.wasm"));
+    let (status, body) = server.send(server.client.post(server.url("/plugins")).multipart(form)).await;
+    assert_eq!(status, 200, "{body}");
+}
+
+fn vm_rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn upload_files(server: &Server) -> Vec<String> {
+    std::fs::read_dir(server.dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".hangar-upload-"))
+        .collect()
+}
+
+#[tokio::test]
+async fn an_upload_over_the_limit_is_refused_without_holding_it_in_memory() {
+    const MIB: usize = 1024 * 1024;
+    let server = Server::start(&[]);
+    // Settle first: built-in plugins load in the background at start.
+    eventually("every plugin loaded", || async {
+        let (_, plugins) = server.get("/plugins").await;
+        plugins.as_array().unwrap().iter().all(|p| p["state"] != "compiling")
+    })
+    .await;
+    let pid = server.pid();
+    let before = vm_rss_kib(pid);
+
+    // A declared length over the limit: refused before any of it is sent.
+    let response = raw(
+        &server,
+        &format!("POST /plugins HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary=B\r\nContent-Length: {}\r\n\r\n", 300 * MIB),
+    )
+    .await;
+    assert_eq!(status_of(&response), 413, "{response}");
+
+    // No length given (chunked): the server counts while it receives.
+    let mut tcp = TcpStream::connect(addr(&server)).await.unwrap();
+    let boundary = "hangar-test-boundary";
+    tcp.write_all(
+        format!("POST /plugins HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nTransfer-Encoding: chunked\r\n\r\n")
+            .as_bytes(),
+    )
+    .await
+    .unwrap();
+    let (mut reader, mut writer) = tcp.into_split();
+    let answered = Arc::new(AtomicBool::new(false));
+    let sent = Arc::new(AtomicU64::new(0));
+    let sending = {
+        let (answered, sent) = (answered.clone(), sent.clone());
+        tokio::spawn(async move {
+            let head = format!(
+                "--{boundary}\r\nContent-Disposition: form-data; name=\"manifest\"\r\n\r\n{MANIFEST}\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"wasm\"; filename=\"big.wasm\"\r\nContent-Type: application/wasm\r\n\r\n"
+            );
+            let piece = vec![0x61u8; MIB];
+            // 300 MiB of component, more than the 256 MiB limit.
+            let chunks = std::iter::once(head.into_bytes()).chain(std::iter::repeat_n(piece, 300));
+            for chunk in chunks {
+                if answered.load(Ordering::Relaxed) {
+                    break;
+                }
+                let framed = [format!("{:x}\r\n", chunk.len()).as_bytes(), &chunk, b"\r\n"].concat();
+                if writer.write_all(&framed).await.is_err() {
+                    break;
+                }
+                sent.fetch_add(chunk.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let watching = {
+        let answered = answered.clone();
+        tokio::spawn(async move {
+            let mut peak = 0;
+            while !answered.load(Ordering::Relaxed) {
+                peak = peak.max(vm_rss_kib(pid));
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            peak.max(vm_rss_kib(pid))
+        })
+    };
+    let mut response = Vec::new();
+    let mut buf = [0u8; 4096];
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while !String::from_utf8_lossy(&response).contains("\r\n\r\n") {
+        assert!(Instant::now() < deadline, "no answer to an oversized upload");
+        match tokio::time::timeout(PATIENCE, reader.read(&mut buf)).await.expect("an answer") {
+            Ok(0) | Err(_) => break,
+            Ok(n) => response.extend_from_slice(&buf[..n]),
+        }
+    }
+    answered.store(true, Ordering::Relaxed);
+    let peak = watching.await.unwrap();
+    sending.abort();
+    let response = String::from_utf8_lossy(&response).into_owned();
+    assert_eq!(status_of(&response), 413, "{response}");
+    let sent = sent.load(Ordering::Relaxed);
+    assert!(sent >= 256 * MIB as u64, "the server answered after {} MiB, before the limit", sent >> 20);
+    let grew = peak.saturating_sub(before) / 1024;
+    eprintln!("413 after {} MiB sent; server RSS {} MiB before, {} MiB at the peak", sent >> 20, before / 1024, peak / 1024);
+    assert!(grew < 100, "the server's RSS grew by {grew} MiB ({} MiB before) receiving {} MiB", before / 1024, sent >> 20);
+
+    // Nothing is left behind, and the server carries on.
+    eventually("the upload's temporary file removed", || async { upload_files(&server).is_empty() }).await;
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
 }
 
 #[tokio::test]

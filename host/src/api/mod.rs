@@ -37,6 +37,9 @@ pub struct AppState {
     pub models: providers::ModelsCache,
     /// Becomes `true` when running steps must stop (shutdown grace is over).
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// Plugin uploads being received (`POST /plugins`), at most
+    /// [`plugins::MAX_CONCURRENT_UPLOADS`] at once.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -48,6 +51,7 @@ impl AppState {
             runs: Default::default(),
             models: Default::default(),
             shutdown,
+            uploads: Arc::new(tokio::sync::Semaphore::new(plugins::MAX_CONCURRENT_UPLOADS)),
         }
     }
 }
