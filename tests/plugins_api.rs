@@ -108,6 +108,12 @@ async fn invalid_plugins_are_refused_with_the_reason() {
         (MANIFEST.replace("kind = \"tool\"", "kind = \"provider\""), wasm(), "provider"),
         // A manifest that is not one.
         ("kind = \"gadget\"".to_string(), wasm(), "manifest"),
+        // A tool whose spec()'s input schema is not JSON.
+        (
+            include_str!("fixtures/badschema/badschema.plugin.toml").to_string(),
+            common::build_component("tests/fixtures/badschema"),
+            "input_schema is not JSON",
+        ),
     ];
     for (manifest, bytes, mentions) in cases {
         let (status, body) = upload(&server, &manifest, bytes).await;
@@ -118,7 +124,9 @@ async fn invalid_plugins_are_refused_with_the_reason() {
     let (status, body) = server.send(server.client.post(server.url("/plugins")).json(&json!({}))).await;
     assert_eq!(status, 400, "{body}");
     let (_, plugins) = server.get("/plugins").await;
-    assert!(!plugins.as_array().unwrap().iter().any(|p| p["id"] == "misbehave"), "nothing refused was registered");
+    assert!(!plugins.as_array().unwrap().iter().any(|p| p["id"] == "misbehave" || p["id"] == "badschema"), "nothing refused was registered");
+    let (_, tools) = server.get("/tools").await;
+    assert!(!tools.as_array().unwrap().iter().any(|t| t["name"] == "badschema" || t["input_schema"].is_null()), "{tools}");
 }
 
 #[tokio::test]

@@ -68,6 +68,14 @@ pub struct ServeArgs {
     /// Most model calls in one run of the agent loop [default: 50]
     #[arg(long)]
     pub max_steps: Option<u32>,
+    /// Time a client gets to send a request's headers, also the most a
+    /// kept-alive connection may sit idle [default: 10000]
+    #[arg(long, value_name = "MS")]
+    pub header_timeout_ms: Option<u64>,
+    /// Most connections open at once from one client address; more get 429
+    /// [default: 1024]
+    #[arg(long, value_name = "N")]
+    pub max_connections_per_client: Option<usize>,
     /// How long a run's events are kept after it ends, for clients that
     /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -106,6 +114,8 @@ pub struct FileConfig {
     pub max_steps: Option<u32>,
     /// How long a run's events are kept after it ends (`24h`).
     pub event_retention: Option<String>,
+    pub header_timeout_ms: Option<u64>,
+    pub max_connections_per_client: Option<usize>,
     /// Refuse `bash` where the kernel cannot confine it fully.
     #[serde(default)]
     pub require_confinement: bool,
@@ -129,6 +139,12 @@ pub struct LimitsConfig {
     pub output_kb: Option<u64>,
 }
 
+/// Default of `--header-timeout-ms`.
+pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
+/// Default of `--max-connections-per-client`: above the 1,000 concurrent
+/// streams a single local client (a benchmark, a UI) may hold.
+pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 1024;
+
 /// The settings in force.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -149,6 +165,10 @@ pub struct Settings {
     pub max_steps: u32,
     pub event_retention: Duration,
     pub policy: Policy,
+    /// Time a client gets to send a request's headers (HTTP/1).
+    pub header_timeout: Duration,
+    /// Most connections open at once from one IP address.
+    pub max_connections_per_client: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -165,6 +185,8 @@ pub enum ConfigError {
     Retention(String),
     #[error("work root {path} is not a directory: {reason}")]
     WorkRoot { path: PathBuf, reason: String },
+    #[error("{setting} must be at least 1")]
+    Zero { setting: &'static str },
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -211,6 +233,15 @@ impl Settings {
             (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
             (None, None) => Duration::from_secs(24 * 3600),
         };
+        let header_timeout_ms = args.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(DEFAULT_HEADER_TIMEOUT_MS);
+        if header_timeout_ms == 0 {
+            return Err(ConfigError::Zero { setting: "--header-timeout-ms (header_timeout_ms)" });
+        }
+        let max_connections_per_client =
+            args.max_connections_per_client.or(file.max_connections_per_client).unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_CLIENT);
+        if max_connections_per_client == 0 {
+            return Err(ConfigError::Zero { setting: "--max-connections-per-client (max_connections_per_client)" });
+        }
         let db = match args.db.or(file.db) {
             Some(db) => db,
             None => data()?.join("hangar.db"),
@@ -240,6 +271,8 @@ impl Settings {
                 require_confinement: file.require_confinement,
                 allow_unconfined_commands: file.allow_unconfined_commands,
             },
+            header_timeout: Duration::from_millis(header_timeout_ms),
+            max_connections_per_client,
         })
     }
 }

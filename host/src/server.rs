@@ -1,12 +1,21 @@
 //! Starting and stopping the server.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
+use std::io::ErrorKind;
+use std::net::IpAddr;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use axum::serve::ListenerExt;
-use tokio::net::TcpListener;
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
 
 use crate::agent::RunEvent;
-use crate::api::{self, AppState};
+use crate::api::{self, ApiError, AppState};
 use crate::config::Settings;
 use crate::runtime::{Runtime, RuntimeConfig, Source};
 use crate::store::Store;
@@ -58,14 +67,6 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
     // No command may call this server's API: its port is closed to them.
     runtime.protect_ports(&[local.port()]);
-    // Streams send many small writes (one per SSE event): without
-    // TCP_NODELAY, Nagle's algorithm holds each behind the client's delayed
-    // ACK, adding ~40 ms to the first token.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(err) = tcp.set_nodelay(true) {
-            tracing::debug!(%err, "cannot set TCP_NODELAY");
-        }
-    });
     // Runs left running by a crash (or a stop that could not wait) are
     // interrupted and their histories repaired before anything is served.
     let interrupted = store
@@ -78,8 +79,19 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     if !interrupted.is_empty() {
         tracing::warn!(runs = ?interrupted, "runs interrupted by the last stop are marked `interrupted`");
     }
+    if settings.cors_origins.iter().any(|o| o == "*") {
+        tracing::warn!(
+            token = settings.token.is_some(),
+            "--cors-origin '*': any web page the user visits may call this API{}",
+            if settings.token.is_some() { " (it still needs the token)" } else { "; set --token to guard it" }
+        );
+    }
     let (cancel_tx, cancel_rx) = tokio::sync::watch::channel(false);
     let (stopping_tx, stopping_rx) = tokio::sync::watch::channel(false);
+    let limits = ConnectionLimits {
+        header_timeout: settings.header_timeout,
+        per_client: settings.max_connections_per_client,
+    };
     let state = AppState::new(store, runtime, settings.clone(), cancel_rx, stopping_rx);
     let runs = state.runs.clone();
     crate::api::start_queued_runs(&state).await?;
@@ -90,20 +102,13 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         db = %settings.db.display(),
         plugins = %settings.plugins_dir.display(),
         token = settings.token.is_some(),
+        header_timeout_ms = limits.header_timeout.as_millis() as u64,
+        max_connections_per_client = limits.per_client,
         "hangar listening on http://{local}"
     );
 
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        // `into_make_service` hands each connection a clone of the router (an
-        // `Arc`). Serving the `Router` itself rebuilds its route table for
-        // every connection (`with_state(())`): 24 KB of heap per open stream.
-        axum::serve(listener, app.into_make_service())
-            .with_graceful_shutdown(async {
-                let _ = stop_rx.await;
-            })
-            .await
-    });
+    let server = tokio::spawn(accept_loop(listener, app, limits, stop_rx));
     let signal = shutdown_signal().await;
     tracing::info!(signal, running = runs.count(), "shutting down: no new connections; running steps get {} s", SHUTDOWN_GRACE.as_secs());
     let _ = stopping_tx.send(true);
@@ -152,6 +157,152 @@ async fn retention_loop(state: AppState) {
         }
         state.bus.sweep().await;
     }
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    /// Time a client gets to send a request's headers; it also bounds how
+    /// long a kept-alive connection may sit idle between requests.
+    header_timeout: Duration,
+    /// Connections open at once from one IP address.
+    per_client: usize,
+}
+
+/// Most refusals (429 to a connection over the cap) being written at once;
+/// beyond that, during a flood, a refused connection is closed at once.
+const MAX_PENDING_REFUSALS: usize = 256;
+/// Time a refused connection gets to read its 429 before it is closed.
+const REFUSAL_LINGER: Duration = Duration::from_secs(1);
+
+/// Accepts connections until `stop`, then stops accepting, lets each
+/// connection finish its running request (idle ones close at once), and
+/// returns when all are closed.
+///
+/// HTTP/1 only, as `axum::serve` served here before. Not hyper-util's
+/// `auto::Builder`: before HTTP/1 starts (and with it the header-read
+/// timer) it waits, without a limit, for the bytes that tell HTTP/1 from
+/// HTTP/2, so a connection that sends nothing would stay open forever.
+async fn accept_loop(listener: TcpListener, app: Router, limits: ConnectionLimits, mut stop: tokio::sync::oneshot::Receiver<()>) {
+    let mut http = hyper::server::conn::http1::Builder::new();
+    // The timer runs from the moment a connection (or a kept-alive one,
+    // between requests) waits for a request head.
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout);
+    let graceful = GracefulShutdown::new();
+    let open = Arc::new(OpenConnections { limit: limits.per_client, by_client: Mutex::new(HashMap::new()) });
+    let refusals = Arc::new(tokio::sync::Semaphore::new(MAX_PENDING_REFUSALS));
+    loop {
+        let (tcp, peer) = tokio::select! {
+            biased;
+            _ = &mut stop => break,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(err) if matches!(err.kind(), ErrorKind::ConnectionAborted | ErrorKind::ConnectionReset | ErrorKind::ConnectionRefused) => continue,
+                Err(err) => {
+                    // Out of file descriptors, most likely: wait rather than spin.
+                    tracing::warn!(%err, "cannot accept a connection; retrying in 1 s");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    continue;
+                }
+            },
+        };
+        let client = peer.ip().to_canonical();
+        let Some(slot) = open.take(client) else {
+            // Debug only: a flood must not flood the log.
+            tracing::debug!(%client, limit = limits.per_client, "connection refused: too many open from this client");
+            refuse(tcp, client, limits.per_client, &refusals);
+            continue;
+        };
+        // Streams send many small writes (one per SSE event): without
+        // TCP_NODELAY, Nagle's algorithm holds each behind the client's
+        // delayed ACK, adding ~40 ms to the first token.
+        if let Err(err) = tcp.set_nodelay(true) {
+            tracing::debug!(%err, "cannot set TCP_NODELAY");
+        }
+        // A clone of the router is an `Arc`. (Serving it through its
+        // `Service<IncomingStream>` impl would rebuild the route table for
+        // every connection: 24 KB of heap per open stream.)
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(err) = conn.await {
+                tracing::debug!(%client, %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::debug!(open = graceful.count(), "waiting for open connections to finish");
+    graceful.shutdown().await;
+}
+
+/// Open connections by client address, within a cap.
+struct OpenConnections {
+    limit: usize,
+    by_client: Mutex<HashMap<IpAddr, usize>>,
+}
+
+impl OpenConnections {
+    /// A slot for one more connection from `client`, unless it has the most.
+    fn take(self: &Arc<Self>, client: IpAddr) -> Option<Slot> {
+        let mut by_client = self.by_client.lock().unwrap_or_else(PoisonError::into_inner);
+        let open = by_client.entry(client).or_insert(0);
+        if *open >= self.limit {
+            return None;
+        }
+        *open += 1;
+        Some(Slot { open: self.clone(), client })
+    }
+}
+
+/// One open connection; counted until dropped.
+struct Slot {
+    open: Arc<OpenConnections>,
+    client: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut by_client = self.open.by_client.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Entry::Occupied(mut entry) = by_client.entry(self.client) {
+            *entry.get_mut() -= 1;
+            if *entry.get() == 0 {
+                entry.remove();
+            }
+        }
+    }
+}
+
+/// Answers a connection over the cap with a short 429 and closes it.
+fn refuse(tcp: TcpStream, client: IpAddr, limit: usize, refusals: &Arc<tokio::sync::Semaphore>) {
+    let error = ApiError::TooManyConnections { client: client.to_string(), limit };
+    let (status, _) = error.status_and_code();
+    let body = serde_json::to_string(&error.body()).unwrap_or_default();
+    let response = format!(
+        "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        status.as_u16(),
+        status.canonical_reason().unwrap_or(""),
+        body.len()
+    );
+    let Ok(permit) = refusals.clone().try_acquire_owned() else {
+        // A fresh socket's send buffer takes these few bytes at once.
+        let _ = tcp.try_write(response.as_bytes());
+        return;
+    };
+    tokio::spawn(async move {
+        let _permit = permit;
+        let mut tcp = tcp;
+        let _ = tokio::time::timeout(REFUSAL_LINGER, async {
+            tcp.write_all(response.as_bytes()).await?;
+            tcp.shutdown().await?;
+            // Read what the client sent before closing: closing with unread
+            // input resets the connection, which can discard the 429 on
+            // the client's side before it is read.
+            let mut sink = [0u8; 4096];
+            while tcp.read(&mut sink).await? > 0 {}
+            Ok::<_, std::io::Error>(())
+        })
+        .await;
+    });
 }
 
 async fn shutdown_signal() -> &'static str {

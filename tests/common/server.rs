@@ -52,6 +52,11 @@ impl Server {
         Self::launch(dir, args, envs)
     }
 
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.dir.path().join("hangar.db")
     }

@@ -11,6 +11,9 @@ use utoipa::ToSchema;
 use crate::runtime::{RuntimeError, WorkDirError};
 use crate::store::StoreError;
 
+/// `Retry-After` of a refused plugin upload.
+const RETRY_UPLOAD_SECS: u64 = 5;
+
 /// The body of every error response.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorBody {
@@ -53,6 +56,10 @@ pub enum ApiError {
     /// `code` is its `error` event's.
     #[error("{message}")]
     RunFailed { run_id: String, code: String, message: String },
+    #[error("too many connections open from {client}: at most {limit} at once")]
+    TooManyConnections { client: String, limit: usize },
+    #[error("{limit} plugin uploads are already being received; try again in {RETRY_UPLOAD_SECS} s")]
+    TooManyUploads { limit: usize },
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
@@ -134,6 +141,8 @@ impl ApiError {
                 "plugin_failed" => (StatusCode::BAD_GATEWAY, "plugin_failed"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
+            ApiError::TooManyConnections { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
+            ApiError::TooManyUploads { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             ApiError::Plugin(err) => match err {
                 RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
                 RuntimeError::Manifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {
@@ -148,6 +157,14 @@ impl ApiError {
     pub fn body(&self) -> ErrorBody {
         ErrorBody { error: self.to_string(), code: self.status_and_code().1 }
     }
+
+    /// Seconds after which the client may try again (`Retry-After`).
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::TooManyUploads { .. } => Some(RETRY_UPLOAD_SECS),
+            _ => None,
+        }
+    }
 }
 
 impl IntoResponse for ApiError {
@@ -156,7 +173,11 @@ impl IntoResponse for ApiError {
         if status.is_server_error() {
             tracing::error!(error = %self, "request failed");
         }
-        (status, Json(self.body())).into_response()
+        let mut response = (status, Json(self.body())).into_response();
+        if let Some(secs) = self.retry_after() {
+            response.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -44,6 +44,9 @@ pub struct AppState {
     pub shutdown: tokio::sync::watch::Receiver<bool>,
     /// Becomes `true` when the server starts to stop: event followers end.
     pub stopping: tokio::sync::watch::Receiver<bool>,
+    /// Plugin uploads being received (`POST /plugins`), at most
+    /// [`plugins::MAX_CONCURRENT_UPLOADS`] at once.
+    pub uploads: Arc<tokio::sync::Semaphore>,
 }
 
 impl AppState {
@@ -73,6 +76,7 @@ impl AppState {
             models: Default::default(),
             shutdown,
             stopping,
+            uploads: Arc::new(tokio::sync::Semaphore::new(plugins::MAX_CONCURRENT_UPLOADS)),
         }
     }
 }

@@ -1,15 +1,18 @@
 //! Plugin management: list, install (multipart upload), remove, rescan the
 //! plugins directory, and the specs of every tool.
 
+use std::io::Read;
 use std::path::Path as FsPath;
 use std::sync::Arc;
 
-use axum::extract::multipart::MultipartRejection;
+use axum::extract::multipart::{Field, MultipartRejection};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use serde::Serialize;
+use tempfile::NamedTempFile;
+use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
 use super::{ApiError, ApiResult, AppState, Status, status};
@@ -17,6 +20,12 @@ use crate::runtime::{Capabilities, FsAccess, Kind, LoadState, Manifest, Plugin, 
 
 /// Largest plugin upload: a Python component alone is tens of MB.
 pub const PLUGIN_BODY_LIMIT: usize = 256 * 1024 * 1024;
+/// Most plugin uploads received at once; more get 429.
+pub const MAX_CONCURRENT_UPLOADS: usize = 2;
+/// Largest `manifest` field of an upload.
+const MANIFEST_LIMIT: usize = 1024 * 1024;
+/// Upload chunks are gathered into writes of this size.
+const UPLOAD_WRITE_BUFFER: usize = 1024 * 1024;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -109,27 +118,50 @@ pub struct PluginUpload {
 #[utoipa::path(post, path = "/plugins", tag = "plugins",
     request_body(content = PluginUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
-        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody),
+        (status = 429, body = super::ErrorBody, description = "two uploads are already being received; `Retry-After: 5`")))]
 pub(super) async fn install(
     State(state): State<AppState>,
+    headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
+    // A declared length over the limit is refused before a byte is read.
+    if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
+        && length > PLUGIN_BODY_LIMIT as u64
+    {
+        return Err(ApiError::TooLarge { limit: PLUGIN_BODY_LIMIT });
+    }
     let mut form = form?;
+    // Held until the plugin is installed: the body, then the component read
+    // back from its file, are at most this many at once.
+    let _permit = state
+        .uploads
+        .clone()
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyUploads { limit: MAX_CONCURRENT_UPLOADS })?;
+    tracing::debug!(receiving = MAX_CONCURRENT_UPLOADS - state.uploads.available_permits(), "receiving a plugin upload");
     let mut manifest_text = None;
     let mut wasm = None;
     while let Some(field) = form.next_field().await? {
         match field.name() {
-            Some("manifest") => manifest_text = Some(field.text().await?),
-            Some("wasm") => wasm = Some(field.bytes().await?),
+            Some("manifest") if manifest_text.is_none() => manifest_text = Some(receive_manifest(field).await?),
+            Some("wasm") if wasm.is_none() => wasm = Some(receive_wasm(&state.settings.installed_dir, field).await?),
+            Some(name @ ("manifest" | "wasm")) => return Err(ApiError::Invalid(format!("the form has more than one `{name}` field"))),
             other => return Err(ApiError::Invalid(format!("unexpected form field {other:?}; send `manifest` and `wasm`"))),
         }
     }
     let manifest_text = manifest_text.ok_or_else(|| ApiError::Invalid("the form has no `manifest` field".into()))?;
-    let wasm = wasm.filter(|w| !w.is_empty()).ok_or_else(|| ApiError::Invalid("the form has no `wasm` field".into()))?;
+    let (file, length) = wasm.filter(|(_, length)| *length > 0).ok_or_else(|| ApiError::Invalid("the form has no `wasm` field".into()))?;
     let manifest = Manifest::parse(&manifest_text, "upload")?;
+    // The runtime keeps a plugin's bytes in memory (to compile it, and to
+    // compare it on reload): read them back once, whole.
+    let wasm = tokio::task::spawn_blocking(move || read_upload(&file, length))
+        .await
+        .map_err(|e| ApiError::Internal(e.to_string()))?
+        .map_err(|e| ApiError::Internal(format!("cannot read back the uploaded component: {e}")))?;
     let id = manifest.name.clone();
     let existed = state.runtime.get(&id).is_some();
-    let plugin = state.runtime.install(manifest, Arc::from(&wasm[..]), Source::Api).await?;
+    let plugin = state.runtime.install(manifest, wasm.clone(), Source::Api).await?;
     // Stored beside the database, so it is back after a restart (and, the
     // compiled form being cached, without compiling again).
     let dir = state.settings.installed_dir.clone();
@@ -143,6 +175,61 @@ pub(super) async fn install(
     tracing::info!(plugin = %plugin.id(), upgrade = existed, "plugin installed through the API");
     let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
     Ok((code, Json(view(&state.runtime, &plugin))))
+}
+
+/// The `manifest` field, which is short text.
+async fn receive_manifest(mut field: Field<'_>) -> ApiResult<String> {
+    let mut text = Vec::new();
+    while let Some(chunk) = field.chunk().await? {
+        if text.len() + chunk.len() > MANIFEST_LIMIT {
+            return Err(ApiError::Invalid(format!("the `manifest` field is over {} KiB; a manifest is a short TOML file", MANIFEST_LIMIT >> 10)));
+        }
+        text.extend_from_slice(&chunk);
+    }
+    String::from_utf8(text).map_err(|_| ApiError::Invalid("the `manifest` field is not UTF-8 text".into()))
+}
+
+/// Streams the `wasm` field to a temporary file (removed when dropped), so
+/// an upload is never whole in memory while it arrives; returns the file
+/// and its length.
+async fn receive_wasm(installed_dir: &FsPath, mut field: Field<'_>) -> ApiResult<(NamedTempFile, u64)> {
+    let near = installed_dir.parent().filter(|p| !p.as_os_str().is_empty()).map(FsPath::to_path_buf);
+    let file = tokio::task::spawn_blocking(move || {
+        let builder = || {
+            let mut builder = tempfile::Builder::new();
+            builder.prefix(".hangar-upload-").suffix(".wasm");
+            builder
+        };
+        // Beside the database first (the plugin is stored there next);
+        // the system's temporary directory if that cannot be written.
+        near.and_then(|dir| builder().tempfile_in(dir).ok()).map_or_else(|| builder().tempfile(), Ok)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))?
+    .map_err(|e| ApiError::Internal(format!("cannot create a temporary file for the upload: {e}")))?;
+    let io = |e: std::io::Error| ApiError::Internal(format!("cannot write the upload to {}: {e}", file.path().display()));
+    let handle = file.as_file().try_clone().map_err(io)?;
+    let mut out = tokio::io::BufWriter::with_capacity(UPLOAD_WRITE_BUFFER, tokio::fs::File::from_std(handle));
+    let mut length: u64 = 0;
+    while let Some(chunk) = field.chunk().await? {
+        length += chunk.len() as u64;
+        if length > PLUGIN_BODY_LIMIT as u64 {
+            return Err(ApiError::TooLarge { limit: PLUGIN_BODY_LIMIT });
+        }
+        out.write_all(&chunk).await.map_err(io)?;
+    }
+    out.flush().await.map_err(io)?;
+    out.into_inner().flush().await.map_err(io)?;
+    Ok((file, length))
+}
+
+/// The uploaded component, read into one allocation.
+fn read_upload(file: &NamedTempFile, length: u64) -> std::io::Result<Arc<[u8]>> {
+    let length = usize::try_from(length).map_err(std::io::Error::other)?;
+    let mut bytes: Arc<[u8]> = std::iter::repeat_n(0u8, length).collect();
+    let buf = Arc::get_mut(&mut bytes).expect("not shared yet");
+    file.reopen()?.read_exact(buf)?;
+    Ok(bytes)
 }
 
 fn save(dir: &FsPath, id: &str, manifest: &str, wasm: &[u8]) -> std::io::Result<()> {
@@ -292,11 +379,11 @@ pub(super) async fn tools(State(state): State<AppState>) -> ApiResult<Json<Vec<T
             continue;
         }
         match state.runtime.tool_spec(plugin.id()).await {
-            Ok(spec) => out.push(ToolView {
-                name: spec.name,
-                description: spec.description,
-                input_schema: serde_json::from_str(&spec.input_schema).unwrap_or(serde_json::Value::Null),
-            }),
+            // A schema that is not a JSON object fails to load, so this parses.
+            Ok(spec) => match serde_json::from_str(&spec.input_schema) {
+                Ok(input_schema) => out.push(ToolView { name: spec.name, description: spec.description, input_schema }),
+                Err(err) => tracing::warn!(tool = %spec.name, %err, "tool left out of /tools: its input schema is not JSON"),
+            },
             // A plugin that failed to load shows its error in GET /plugins.
             Err(err) => tracing::debug!(%err, "tool left out of /tools"),
         }

@@ -6,6 +6,9 @@
 use std::sync::Arc;
 
 use axum::extract::{Request, State};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+
+use axum::http::uri::Authority;
 use axum::http::{HeaderValue, Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -16,6 +19,8 @@ use crate::config::Settings;
 
 pub struct Security {
     loopback_only: bool,
+    /// `--cors-origin '*'`: every origin is allowed.
+    any_origin: bool,
     cors_origins: Vec<String>,
     token: Option<String>,
 }
@@ -24,16 +29,22 @@ impl Security {
     pub fn from_settings(settings: &Settings) -> Security {
         Security {
             loopback_only: settings.host.is_loopback(),
+            any_origin: settings.cors_origins.iter().any(|o| o == "*"),
             cors_origins: settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect(),
             token: settings.token.clone(),
         }
     }
 
-    /// Answers preflights and adds CORS headers for the listed origins only.
+    /// Answers preflights and adds CORS headers for the listed origins only
+    /// (any origin for `*`).
     pub fn cors_layer(&self) -> CorsLayer {
-        let origins: Vec<HeaderValue> = self.cors_origins.iter().filter_map(|o| o.parse().ok()).collect();
+        let allow = if self.any_origin {
+            AllowOrigin::any()
+        } else {
+            AllowOrigin::list(self.cors_origins.iter().filter_map(|o| o.parse::<HeaderValue>().ok()))
+        };
         CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
+            .allow_origin(allow)
             .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT])
     }
@@ -41,16 +52,16 @@ impl Security {
 
 pub async fn guard(State(security): State<Arc<Security>>, req: Request, next: Next) -> Response {
     if security.loopback_only
-        && let Some(host) = req.headers().get(header::HOST)
-        && !is_loopback_host(host.to_str().unwrap_or(""))
+        && let Err(refused) = check_loopback_target(&req)
     {
         return ApiError::Forbidden(format!(
-            "host `{}` is refused: this server is bound to loopback and answers only `localhost` or a loopback address",
-            host.to_str().unwrap_or("?")
+            "{refused}: this server is bound to loopback and answers only `localhost` or a loopback address"
         ))
         .into_response();
     }
-    if let Some(origin) = req.headers().get(header::ORIGIN) {
+    if let Some(origin) = req.headers().get(header::ORIGIN)
+        && !security.any_origin
+    {
         let origin = origin.to_str().unwrap_or("");
         if !security.cors_origins.iter().any(|o| o == origin) {
             return ApiError::Forbidden(format!(
@@ -77,14 +88,72 @@ pub async fn guard(State(security): State<Arc<Security>>, req: Request, next: Ne
     next.run(req).await
 }
 
+/// Every name the request gives for its target must be loopback: the one
+/// `Host` header and, in an absolute-form request target
+/// (`GET http://name/path`), the URI's authority, which takes precedence
+/// over `Host`.
+fn check_loopback_target(req: &Request) -> Result<(), String> {
+    let mut hosts = req.headers().get_all(header::HOST).iter();
+    if let Some(host) = hosts.next() {
+        if hosts.next().is_some() {
+            return Err("a request with more than one `Host` header is refused".into());
+        }
+        let host = host.to_str().unwrap_or("");
+        if !is_loopback_host(host) {
+            return Err(format!("host `{}` is refused", host.escape_debug()));
+        }
+    }
+    if let Some(authority) = req.uri().authority()
+        && !is_loopback_host(authority.as_str())
+    {
+        return Err(format!("request target `{}` is refused", authority.as_str().escape_debug()));
+    }
+    Ok(())
+}
+
+/// `localhost`, a loopback IPv4 address, or `[::1]`, each with an optional
+/// port (1 to 5 digits, at most 65535); case-insensitive; nothing else
+/// (no user info, no trailing characters, no trailing dot).
 fn is_loopback_host(host: &str) -> bool {
-    let name = if let Some(rest) = host.strip_prefix('[') {
-        rest.split(']').next().unwrap_or("")
-    } else {
-        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    // The URI grammar first (no spaces, no stray characters), then ours.
+    let Ok(authority) = host.parse::<Authority>() else {
+        return false;
     };
-    name.eq_ignore_ascii_case("localhost")
-        || name.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    let authority = authority.as_str();
+    if authority.contains('@') {
+        return false;
+    }
+    let (name, port) = if let Some(rest) = authority.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return false;
+        };
+        let port = match after {
+            "" => None,
+            after => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return false,
+            },
+        };
+        match ip.parse::<Ipv6Addr>() {
+            Ok(ip) if IpAddr::V6(ip).to_canonical().is_loopback() => {}
+            _ => return false,
+        }
+        (None, port)
+    } else {
+        match authority.split_once(':') {
+            Some((name, port)) => (Some(name), Some(port)),
+            None => (Some(authority), None),
+        }
+    };
+    if let Some(port) = port
+        && !(matches!(port.len(), 1..=5) && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u32>().is_ok_and(|p| p <= 65535))
+    {
+        return false;
+    }
+    match name {
+        None => true,
+        Some(name) => name.eq_ignore_ascii_case("localhost") || name.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback()),
+    }
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
@@ -101,11 +170,77 @@ mod tests {
 
     #[test]
     fn loopback_hosts() {
-        for ok in ["localhost", "localhost:2323", "127.0.0.1:1", "127.1.2.3", "[::1]:2323", "LOCALHOST"] {
+        for ok in [
+            "localhost",
+            "localhost:2323",
+            "LOCALHOST",
+            "LocalHost:80",
+            "127.0.0.1",
+            "127.0.0.1:2323",
+            "127.0.0.1:1",
+            "127.1.2.3",
+            "127.255.255.255:65535",
+            "[::1]",
+            "[::1]:2323",
+            "[0:0:0:0:0:0:0:1]:2323",
+        ] {
             assert!(is_loopback_host(ok), "{ok}");
         }
-        for bad in ["evil.test", "evil.test:2323", "10.0.0.1", "localhost.evil.test", "[::2]:1", ""] {
+        for bad in [
+            "",
+            "evil.test",
+            "evil.test:2323",
+            "10.0.0.1",
+            "localhost.evil.test",
+            "[::2]:1",
+            // Trailing characters, user info, a port that is not one.
+            "[::1]evil.com",
+            "[::1]:2323evil.com",
+            "[::1]:",
+            "[::1",
+            "::1",
+            "127.0.0.1:80@evil.com",
+            "localhost@evil.com",
+            "user@localhost",
+            "localhost:abc",
+            "localhost:",
+            "localhost:65536",
+            "localhost:123456",
+            "localhost:+80",
+            "localhost:-1",
+            "localhost:80:80",
+            "localhost.",
+            "localhost evil.com",
+            "localhost/evil",
+            "localhost\tevil",
+            "127.0.0.1.evil.com",
+            "127.0.0.01",
+            "127.1",
+            "0x7f.0.0.1",
+            "[127.0.0.1]",
+            "[::1%25lo]",
+        ] {
             assert!(!is_loopback_host(bad), "{bad}");
         }
+    }
+
+    fn request(target: &str, hosts: &[&str]) -> Request {
+        let mut builder = Request::builder().uri(target);
+        for host in hosts {
+            builder = builder.header(header::HOST, *host);
+        }
+        builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn request_targets() {
+        assert!(check_loopback_target(&request("/agents", &["localhost:2323"])).is_ok());
+        assert!(check_loopback_target(&request("/agents", &[])).is_ok());
+        assert!(check_loopback_target(&request("http://localhost:2323/agents", &["localhost:2323"])).is_ok());
+        assert!(check_loopback_target(&request("/agents", &["localhost", "localhost"])).is_err());
+        assert!(check_loopback_target(&request("/agents", &["localhost", "evil.com"])).is_err());
+        assert!(check_loopback_target(&request("http://evil.com/agents", &["localhost"])).is_err());
+        assert!(check_loopback_target(&request("http://evil.com/agents", &[])).is_err());
+        assert!(check_loopback_target(&request("/agents", &["evil.com"])).is_err());
     }
 }

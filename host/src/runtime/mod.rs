@@ -406,6 +406,13 @@ impl Runtime {
                         reason: format!("spec() names the tool `{}`, the manifest `{id}`", spec.name),
                     });
                 }
+                // Served as is by GET /tools and sent to models: a JSON object.
+                if let Err(reason) = serde_json::from_str::<serde_json::Value>(&spec.input_schema)
+                    .map_err(|e| format!("is not JSON: {e}"))
+                    .and_then(|v| if v.is_object() { Ok(()) } else { Err("is not a JSON object".to_string()) })
+                {
+                    return Err(RuntimeError::Load { plugin: id.clone(), reason: format!("spec()'s input_schema {reason}") });
+                }
                 Loaded::Tool { pre, spec }
             }
             Kind::Provider => {
