@@ -38,6 +38,22 @@ fn native_read(work_dir: &Path, file_path: &str) -> String {
     out
 }
 
+/// The file's text as a `read` output shows it: the text after each
+/// `N<TAB>` line number, one line each; panics if the numbers skip.
+fn shown_content(output: &str) -> String {
+    let mut content = String::new();
+    let mut next = 1;
+    for line in output.lines() {
+        let Some((number, text)) = line.split_once('\t') else { continue };
+        let Ok(number) = number.trim_start().parse::<usize>() else { continue };
+        assert_eq!(number, next, "read_call: line numbers out of order in {output:?}");
+        next += 1;
+        content.push_str(text);
+        content.push('\n');
+    }
+    content
+}
+
 /// The helper: one JSON request per line on stdin, one JSON reply per line.
 fn helper_main() {
     let stdin = std::io::stdin();
@@ -93,6 +109,8 @@ impl Drop for Helper {
 
 struct Fixture {
     _dir: tempfile::TempDir,
+    /// This run's own compile cache, removed at the end.
+    _cache: tempfile::TempDir,
     work: PathBuf,
     /// `work`, opened as a run opens it.
     dir: std::sync::Arc<hangar::runtime::WorkDir>,
@@ -121,23 +139,48 @@ impl Fixture {
             serde_json::json!({"id": "call-1", "input": {"filePath": "file.txt"}, "work_dir": work}).to_string();
 
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-        let cache = std::env::temp_dir().join("hangar-bench-compile-cache");
+        // A private compile cache for this run (a shared, predictable path
+        // under /tmp is one anyone on the machine could fill first).
+        let cache = tempfile::tempdir().unwrap();
         let runtime = rt.block_on(async {
-            let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(cache), ..Default::default() }).unwrap();
+            let runtime =
+                Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().into()), ..Default::default() }).unwrap();
             runtime.add_builtins().unwrap();
             runtime.tool_spec("read").await.unwrap();
             runtime
         });
         // A run opens its working directory once.
         let open = std::sync::Arc::new(hangar::runtime::WorkDir::open(&work.canonicalize().unwrap()).unwrap());
-        Fixture { _dir: dir, work, dir: open, input, request, rt, runtime, helper: Helper::spawn() }
+        let fixture = Fixture { _dir: dir, _cache: cache, work, dir: open, input, request, rt, runtime, helper: Helper::spawn() };
+        fixture.check_same_content(&text);
+        fixture
     }
 
-    fn runtime_call(&self) -> usize {
+    /// Panics unless the Hangar side shows the file's content exactly as
+    /// the native side does, before anything is timed.
+    fn check_same_content(&self, file: &str) {
+        let native_text = native_read(&self.work, "file.txt");
+        let native = shown_content(&native_text);
+        assert_eq!(native, file, "read_call: the native side does not show the file's content");
+        let hangar_text = self.runtime_text();
+        let hangar = shown_content(&hangar_text);
+        if hangar != native {
+            panic!(
+                "read_call: the read tool (WASM) and the native read show different content of file.txt\n\
+                 --- native:\n{native_text}\n--- hangar runtime call_tool(\"read\"):\n{hangar_text}"
+            );
+        }
+    }
+
+    fn runtime_text(&self) -> String {
         let call = ToolInvocation { id: "call-1".into(), input: self.input.clone(), work_dir: Some(self.dir.clone()) };
         let out = self.rt.block_on(self.runtime.call_tool("read", call)).unwrap();
         assert!(!out.is_error, "{}", out.text);
-        out.text.len()
+        out.text
+    }
+
+    fn runtime_call(&self) -> usize {
+        self.runtime_text().len()
     }
 
     fn native_call(&self) -> usize {

@@ -36,13 +36,43 @@ struct Setup {
     agent: String,
     client: reqwest::Client,
     work: tempfile::TempDir,
+    /// This run's own compile cache; declared last, so removed after the
+    /// server has stopped.
+    _cache: tempfile::TempDir,
+}
+
+/// Runs hangar once on `cache` until every plugin is compiled, so that the
+/// measured server starts from a warm cache as it always has: compiling in
+/// the measured process would leave Cranelift's memory in it and change
+/// the RSS figures.
+async fn warm(cache: &std::path::Path, client: &reqwest::Client) {
+    let hangar = launch::start(cache);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(resp) = client.get(hangar.url("/plugins")).send().await
+            && resp.status() == 200
+        {
+            let body = resp.text().await.unwrap_or_default();
+            if body.contains("\"state\"") && !body.contains("\"compiling\"") {
+                assert!(!body.contains("\"failed\""), "a plugin failed to compile: {body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "plugins never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stopping waits for the process (blocking).
+    tokio::task::block_in_place(|| drop(hangar));
 }
 
 async fn setup() -> Setup {
     let fake = FakeServer::start(Vec::new()).await;
-    let cache = std::env::temp_dir().join("hangar-bench-compile-cache");
-    let hangar = launch::start(&cache);
+    // A private compile cache for this run (a shared, predictable path
+    // under /tmp is one anyone on the machine could fill first).
+    let cache = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
+    warm(cache.path(), &client).await;
+    let hangar = launch::start(cache.path());
     let work = tempfile::tempdir().unwrap();
     let r = client
         .put(hangar.url("/provider/auth"))
@@ -61,7 +91,7 @@ async fn setup() -> Setup {
         .json()
         .await
         .unwrap();
-    Setup { hangar, fake, agent: agent["id"].as_str().unwrap().into(), client, work }
+    Setup { hangar, fake, agent: agent["id"].as_str().unwrap().into(), client, work, _cache: cache }
 }
 
 impl Setup {

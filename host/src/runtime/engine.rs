@@ -1,10 +1,15 @@
 //! The one wasmtime `Engine`, its epoch clock, and the on-disk cache of
 //! compiled components.
 
+use std::ffi::CString;
+use std::fs::File;
 use std::hash::{Hash, Hasher};
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
@@ -93,63 +98,612 @@ impl Drop for EpochTicker {
 /// Compiled components on disk, keyed by the component's SHA-256 and
 /// everything about the engine that makes compiled code incompatible
 /// (wasmtime version, target, settings).
+///
+/// An entry is native code that the server maps and runs, so the cache is
+/// used only where no one but the server's own user can have written it:
+///
+/// * the directory is created `0700`, and refused (with one warning; the
+///   server then compiles every component) when it is a symbolic link, is
+///   owned by another uid than the server's effective uid, or is writable
+///   by its group or by others. It is opened once, checked on that open
+///   handle, and every entry is opened relative to the handle, so renaming
+///   or replacing the path afterwards does not redirect the cache;
+/// * each entry `NAME.cwasm` has a digest file `NAME.cwasm.sha256`, both
+///   written through private temporary files and renamed into place (the
+///   digest first: an entry never appears before its digest). Both are
+///   opened with `O_NOFOLLOW` and must be regular files owned by the
+///   server's uid and not writable by group or others;
+/// * the digest is SHA-256 over the entry's name (which holds the
+///   component's hash and the engine's settings), the component's full
+///   hash and the entry's bytes. The bytes are read once, checked, and
+///   deserialized from that same buffer.
+///
+/// An entry that fails any check is reported, deleted if it is ours, and
+/// the component is compiled again and written back.
 pub struct CompileCache {
-    dir: Option<PathBuf>,
+    dir: Option<CacheDir>,
 }
 
 impl CompileCache {
     pub fn new(dir: Option<PathBuf>) -> CompileCache {
-        if let Some(dir) = &dir
-            && let Err(err) = std::fs::create_dir_all(dir)
-        {
-            tracing::warn!(dir = %dir.display(), %err, "cannot create the compile cache; compiling without it");
-            return CompileCache { dir: None };
-        }
+        let dir = dir.and_then(|path| match CacheDir::open(&path) {
+            Ok(dir) => Some(dir),
+            Err(reason) => {
+                tracing::warn!(
+                    dir = %path.display(),
+                    "not using this compile cache directory: {reason}; compiling every component instead"
+                );
+                None
+            }
+        });
         CompileCache { dir }
     }
 
-    fn path(&self, engine: &Engine, wasm: &[u8]) -> Option<PathBuf> {
-        let dir = self.dir.as_ref()?;
-        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut engine_hash);
-        let digest = Sha256::digest(wasm);
-        Some(dir.join(format!(
-            "{}-{}-{:016x}.cwasm",
-            hex::encode(&digest[..16]),
-            WASMTIME_VERSION,
-            engine_hash.finish()
-        )))
-    }
-
-    /// The compiled component, from the cache when it holds it.
+    /// The compiled component, from the cache when it holds a valid entry.
     pub fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Component> {
-        let path = self.path(engine, wasm);
-        if let Some(path) = &path
-            && path.exists()
-        {
-            // SAFETY: the file was written by `Component::serialize` of this
-            // cache; the key ties it to the exact bytes and engine settings,
-            // and deserialization re-checks engine compatibility.
-            match unsafe { Component::deserialize_file(engine, path) } {
-                Ok(component) => return Ok(component),
-                Err(err) => tracing::warn!(path = %path.display(), %err, "ignoring a bad cache entry"),
+        let Some(dir) = &self.dir else {
+            return Component::new(engine, wasm);
+        };
+        let entry = Entry::new(engine, wasm);
+        let writable = match dir.read_verified(&entry) {
+            Ok(Some(bytes)) => {
+                // SAFETY: `Component::deserialize` checks that the bytes come
+                // from a compatible engine, but then maps the machine code in
+                // them as executable: crafted bytes would run as native code
+                // in this server. These bytes are trusted because
+                // (1) the directory was checked on an open handle to be ours
+                //     and writable by no one else, so only this uid (or root)
+                //     can create or replace a file in it;
+                // (2) the entry and its digest were opened relative to that
+                //     handle with O_NOFOLLOW and are regular files owned by
+                //     this uid, writable by no one else;
+                // (3) the digest, bound to this entry's name and component
+                //     hash, matches these exact bytes, which are already in
+                //     memory: nothing can change them between check and load.
+                // What this does not stop: a process running as this uid or as
+                // root can write an entry and a matching digest (the digest is
+                // not keyed by a secret). Such a process can as well replace
+                // the hangar binary or attach to the server, so the cache is
+                // not its easiest way in. The digest does catch torn or
+                // truncated writes, an entry copied or linked from another
+                // name, and any file put there without its matching digest.
+                match unsafe { Component::deserialize(engine, &bytes) } {
+                    Ok(component) => return Ok(component),
+                    Err(err) => {
+                        tracing::warn!(entry = %entry.name, dir = %dir.path.display(), "discarding a compile cache entry wasmtime refuses: {err:#}");
+                        dir.discard(&entry)
+                    }
+                }
             }
-        }
+            // A miss. The digest file may be left from an entry deleted by
+            // hand, or be a writer's that is about to add the entry:
+            // leave it; writing replaces it.
+            Ok(None) => dir.ours_or_absent(&entry.digest_name),
+            Err(reason) => {
+                tracing::warn!(entry = %entry.name, dir = %dir.path.display(), "discarding a compile cache entry: {reason}");
+                dir.discard(&entry)
+            }
+        };
         let component = Component::new(engine, wasm)?;
-        if let Some(path) = &path {
-            store_atomically(path, &component.serialize()?);
+        if writable {
+            dir.store(&entry, &component.serialize()?);
         }
         Ok(component)
     }
 }
 
-/// Writes through a temporary file and a rename, so that concurrent
-/// processes sharing the cache never see half an entry.
-fn store_atomically(path: &Path, bytes: &[u8]) {
-    let tmp = path.with_extension(format!("tmp{}", std::process::id()));
-    let result = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(err) = result {
-        let _ = std::fs::remove_file(&tmp);
-        tracing::warn!(path = %path.display(), %err, "cannot write the compile cache");
+/// The names of one component's entry, and what its digest is bound to.
+struct Entry {
+    name: String,
+    digest_name: String,
+    wasm_digest: [u8; 32],
+}
+
+impl Entry {
+    fn new(engine: &Engine, wasm: &[u8]) -> Entry {
+        let mut engine_hash = std::collections::hash_map::DefaultHasher::new();
+        engine.precompile_compatibility_hash().hash(&mut engine_hash);
+        let wasm_digest: [u8; 32] = Sha256::digest(wasm).into();
+        let name = format!("{}-{}-{:016x}.cwasm", hex::encode(&wasm_digest[..16]), WASMTIME_VERSION, engine_hash.finish());
+        Entry { digest_name: format!("{name}.sha256"), name, wasm_digest }
+    }
+
+    /// What the digest file of this entry holds for `artifact`: hex SHA-256
+    /// over the entry's name, the component's hash and the artifact, so an
+    /// entry and digest copied from another name do not pass.
+    fn digest(&self, artifact: &[u8]) -> String {
+        let mut hasher = Sha256::new();
+        hasher.update(b"hangar compile cache v1\0");
+        hasher.update(self.name.as_bytes());
+        hasher.update(b"\0");
+        hasher.update(self.wasm_digest);
+        hasher.update(artifact);
+        hex::encode(hasher.finalize())
+    }
+}
+
+/// The longest digest file read (64 hex digits and a newline, with room).
+const MAX_DIGEST_FILE: u64 = 256;
+
+/// The cache directory, opened once and checked on its handle; every file
+/// in it is reached relative to that handle.
+struct CacheDir {
+    path: PathBuf,
+    handle: File,
+    uid: u32,
+}
+
+impl CacheDir {
+    /// Creates the directory `0700` (with its missing parents) and opens it,
+    /// or says why it must not be used.
+    fn open(path: &Path) -> Result<CacheDir, String> {
+        // Rebuilt from its components: a trailing slash would make the
+        // kernel follow a symbolic link even with O_NOFOLLOW.
+        let path: PathBuf = path.components().collect();
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err("it is a symbolic link".into());
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&path)
+            .map_err(|e| format!("cannot create it: {e}"))?;
+        let handle = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) | Some(libc::ENOTDIR) => "it is a symbolic link or not a directory".to_string(),
+                _ => format!("cannot open it: {e}"),
+            })?;
+        let meta = handle.metadata().map_err(|e| format!("cannot inspect it: {e}"))?;
+        let uid = euid();
+        if !meta.is_dir() {
+            return Err("it is not a directory".into());
+        }
+        if meta.uid() != uid {
+            return Err(format!("it is owned by uid {}, and this server runs as uid {uid}", meta.uid()));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!(
+                "it is writable by {} (mode {:03o}); make it private with `chmod 700`",
+                if meta.mode() & 0o020 != 0 { "its group" } else { "others" },
+                meta.mode() & 0o777
+            ));
+        }
+        Ok(CacheDir { path, handle, uid })
+    }
+
+    /// The entry's bytes once they pass every check; `None` when there is
+    /// no entry; why not otherwise.
+    fn read_verified(&self, entry: &Entry) -> Result<Option<Vec<u8>>, String> {
+        let Some(bytes) = self.read_private(&entry.name, u64::MAX)? else {
+            return Ok(None);
+        };
+        let recorded = self.read_private(&entry.digest_name, MAX_DIGEST_FILE)?.ok_or("it has no digest file")?;
+        if recorded.trim_ascii() != entry.digest(&bytes).as_bytes() {
+            return Err("its digest file does not match its contents".into());
+        }
+        Ok(Some(bytes))
+    }
+
+    /// The contents of a regular file of ours, not writable by group or
+    /// others, not reached through a symbolic link; `None` if it does not
+    /// exist.
+    fn read_private(&self, name: &str, max: u64) -> Result<Option<Vec<u8>>, String> {
+        // O_NONBLOCK: a FIFO planted under the name must not hang the open.
+        let file = match self.open_at(name, libc::O_RDONLY | libc::O_NONBLOCK, 0) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => return Err(format!("`{name}` is a symbolic link")),
+            Err(e) => return Err(format!("cannot open `{name}`: {e}")),
+        };
+        let meta = file.metadata().map_err(|e| format!("cannot inspect `{name}`: {e}"))?;
+        if !meta.is_file() {
+            return Err(format!("`{name}` is not a regular file"));
+        }
+        if meta.uid() != self.uid {
+            return Err(format!("`{name}` is owned by uid {}, not by this server's uid {}", meta.uid(), self.uid));
+        }
+        if meta.mode() & 0o022 != 0 {
+            return Err(format!("`{name}` is writable by group or others (mode {:03o})", meta.mode() & 0o777));
+        }
+        if meta.len() > max {
+            return Err(format!("`{name}` is too large ({} bytes)", meta.len()));
+        }
+        let mut bytes = Vec::with_capacity(meta.len() as usize);
+        (&file)
+            .take(max.saturating_add(1))
+            .read_to_end(&mut bytes)
+            .map_err(|e| format!("cannot read `{name}`: {e}"))?;
+        if bytes.len() as u64 > max {
+            return Err(format!("`{name}` is too large"));
+        }
+        Ok(Some(bytes))
+    }
+
+    /// Whether `name` is free, or a file of ours that writing may replace.
+    fn ours_or_absent(&self, name: &str) -> bool {
+        match self.owner(name) {
+            Ok(None) => true,
+            Ok(Some(uid)) if uid == self.uid => true,
+            Ok(Some(uid)) => {
+                tracing::warn!(dir = %self.path.display(), "`{name}` belongs to uid {uid}: leaving it, and not caching this component");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), "cannot inspect `{name}`: {e}; not caching this component");
+                false
+            }
+        }
+    }
+
+    /// Deletes the entry and its digest file where they are ours; whether
+    /// both names are now free to write.
+    fn discard(&self, entry: &Entry) -> bool {
+        [&entry.name, &entry.digest_name].into_iter().fold(true, |free, name| {
+            let gone = self.ours_or_absent(name)
+                && match self.unlink_at(name) {
+                    Ok(()) => true,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => true,
+                    Err(e) => {
+                        tracing::warn!(dir = %self.path.display(), "cannot delete `{name}`: {e}");
+                        false
+                    }
+                };
+            free && gone
+        })
+    }
+
+    /// Writes the entry and its digest through private temporary files and
+    /// renames, the digest first, so that processes sharing the cache never
+    /// see half an entry, nor an entry without its digest (short of a
+    /// concurrent rewrite, which the digest check then catches).
+    fn store(&self, entry: &Entry, artifact: &[u8]) {
+        let digest = format!("{}\n", entry.digest(artifact));
+        let mut temporaries = Vec::new();
+        let mut result = self.write_temporary(digest.as_bytes()).and_then(|tmp| {
+            temporaries.push(tmp.clone());
+            self.rename_at(&tmp, &entry.digest_name)
+        });
+        if result.is_ok() {
+            result = self.write_temporary(artifact).and_then(|tmp| {
+                temporaries.push(tmp.clone());
+                self.rename_at(&tmp, &entry.name)
+            });
+        }
+        if let Err(err) = result {
+            for tmp in &temporaries {
+                let _ = self.unlink_at(tmp);
+            }
+            tracing::warn!(entry = %entry.name, dir = %self.path.display(), %err, "cannot write the compile cache");
+        }
+    }
+
+    /// A new file `0600` under a name no one else uses, holding `bytes`.
+    fn write_temporary(&self, bytes: &[u8]) -> std::io::Result<String> {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().subsec_nanos();
+        let name = format!(".tmp-{}-{}-{nanos}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let mut file = self.open_at(&name, libc::O_WRONLY | libc::O_CREAT | libc::O_EXCL, 0o600)?;
+        if let Err(e) = file.write_all(bytes) {
+            let _ = self.unlink_at(&name);
+            return Err(e);
+        }
+        Ok(name)
+    }
+
+    /// The owner of `name` itself (not of what a symbolic link points to),
+    /// or `None` if it does not exist.
+    fn owner(&self, name: &str) -> std::io::Result<Option<u32>> {
+        match self.open_at(name, libc::O_PATH, 0) {
+            Ok(file) => Ok(Some(file.metadata()?.uid())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `openat` on the directory's handle, never following a symbolic link
+    /// at `name`.
+    fn open_at(&self, name: &str, flags: libc::c_int, mode: libc::mode_t) -> std::io::Result<File> {
+        let name = CString::new(name)?;
+        // SAFETY: a system call on a descriptor that `self.handle` keeps
+        // open, with a NUL-terminated name that outlives the call.
+        let fd = unsafe {
+            libc::openat(
+                self.handle.as_raw_fd(),
+                name.as_ptr(),
+                flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                libc::c_uint::from(mode),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `fd` was just opened, and nothing else owns it.
+        Ok(unsafe { File::from_raw_fd(fd) })
+    }
+
+    fn rename_at(&self, from: &str, to: &str) -> std::io::Result<()> {
+        let (from, to) = (CString::new(from)?, CString::new(to)?);
+        let dir = self.handle.as_raw_fd();
+        // SAFETY: as in `open_at`.
+        if unsafe { libc::renameat(dir, from.as_ptr(), dir, to.as_ptr()) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    fn unlink_at(&self, name: &str) -> std::io::Result<()> {
+        let name = CString::new(name)?;
+        // SAFETY: as in `open_at`.
+        if unsafe { libc::unlinkat(self.handle.as_raw_fd(), name.as_ptr(), 0) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+}
+
+/// The server's effective uid.
+fn euid() -> u32 {
+    // SAFETY: `geteuid` has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::{PermissionsExt, symlink};
+
+    use super::*;
+
+    fn engine() -> Engine {
+        let mut config = Config::new();
+        config.wasm_component_model(true);
+        Engine::new(&config).unwrap()
+    }
+
+    fn builtin(name: &str) -> &'static [u8] {
+        crate::runtime::BUILTINS.iter().find(|b| b.name == name).unwrap().wasm
+    }
+
+    fn mode(path: &Path) -> u32 {
+        std::fs::metadata(path).unwrap().mode() & 0o777
+    }
+
+    fn chmod(path: &Path, mode: u32) {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    /// Files in `dir`, sorted.
+    fn listing(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> =
+            std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        names.sort();
+        names
+    }
+
+    fn running_as_root() -> bool {
+        euid() == 0
+    }
+
+    #[test]
+    fn a_fresh_directory_is_created_private_with_its_parents() {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("a/b/compiled");
+        let cache = CompileCache::new(Some(dir.clone()));
+        assert!(cache.dir.is_some());
+        for path in [tmp.path().join("a"), tmp.path().join("a/b"), dir] {
+            assert_eq!(mode(&path), 0o700, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn a_directory_writable_by_group_or_others_is_refused_and_left_alone() {
+        let engine = engine();
+        for bad in [0o777, 0o770, 0o702, 0o720] {
+            let tmp = tempfile::tempdir().unwrap();
+            chmod(tmp.path(), bad);
+            let cache = CompileCache::new(Some(tmp.path().into()));
+            assert!(cache.dir.is_none(), "mode {bad:03o} must be refused");
+            cache.load(&engine, builtin("read")).expect("compiles without the cache");
+            assert!(listing(tmp.path()).is_empty(), "nothing written in a refused directory");
+        }
+        // Readable by others is not a way in.
+        let tmp = tempfile::tempdir().unwrap();
+        chmod(tmp.path(), 0o755);
+        assert!(CompileCache::new(Some(tmp.path().into())).dir.is_some());
+    }
+
+    #[test]
+    fn a_symlinked_directory_is_refused() {
+        let engine = engine();
+        let tmp = tempfile::tempdir().unwrap();
+        let real = tmp.path().join("real");
+        std::fs::DirBuilder::new().mode(0o700).create(&real).unwrap();
+        let link = tmp.path().join("link");
+        symlink(&real, &link).unwrap();
+        for path in [link.clone(), tmp.path().join("link/"), tmp.path().join("link/.")] {
+            let cache = CompileCache::new(Some(path.clone()));
+            assert!(cache.dir.is_none(), "{} must be refused", path.display());
+            cache.load(&engine, builtin("read")).unwrap();
+        }
+        assert!(listing(&real).is_empty());
+        // A dangling link is refused too, not created through.
+        let dangling = tmp.path().join("dangling");
+        symlink(tmp.path().join("nowhere"), &dangling).unwrap();
+        assert!(CompileCache::new(Some(dangling)).dir.is_none());
+        assert!(!tmp.path().join("nowhere").exists());
+    }
+
+    #[test]
+    fn a_directory_of_another_user_is_refused() {
+        if !running_as_root() {
+            eprintln!("skipped: needs root to give a directory to another uid");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("theirs");
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
+        assert!(CompileCache::new(Some(dir)).dir.is_none());
+    }
+
+    /// A cache in a fresh directory with entries for `read` and `grep`.
+    struct Populated {
+        _tmp: tempfile::TempDir,
+        path: PathBuf,
+        cache: CompileCache,
+        engine: Engine,
+        read: Entry,
+        grep: Entry,
+    }
+
+    impl Populated {
+        fn new() -> Populated {
+            let tmp = tempfile::tempdir().unwrap();
+            let path = tmp.path().join("cache");
+            let engine = engine();
+            let cache = CompileCache::new(Some(path.clone()));
+            cache.load(&engine, builtin("read")).unwrap();
+            cache.load(&engine, builtin("grep")).unwrap();
+            let (read, grep) = (Entry::new(&engine, builtin("read")), Entry::new(&engine, builtin("grep")));
+            Populated { _tmp: tmp, path, cache, engine, read, grep }
+        }
+
+        fn dir(&self) -> &CacheDir {
+            self.cache.dir.as_ref().unwrap()
+        }
+
+        fn file(&self, name: &str) -> PathBuf {
+            self.path.join(name)
+        }
+
+        /// Plants something under `read`'s names with `plant`, checks the
+        /// cache refuses it, then that loading `read` replaces it with a
+        /// valid entry of `read`.
+        fn refuses(&self, what: &str, plant: impl FnOnce(&Populated)) {
+            self.refuses_at(what, Check::Files, plant)
+        }
+
+        fn refuses_at(&self, what: &str, check: Check, plant: impl FnOnce(&Populated)) {
+            let good = std::fs::read(self.file(&self.read.name)).unwrap();
+            plant(self);
+            // (Read only a regular file: opening a planted FIFO would hang.)
+            let path = self.file(&self.read.name);
+            let planted = std::fs::metadata(&path).is_ok_and(|m| m.is_file()).then(|| std::fs::read(&path).unwrap());
+            match (check, self.dir().read_verified(&self.read)) {
+                (Check::Files, Err(err)) => eprintln!("{what}: {err}"),
+                // Bytes under a well-bound digest get to wasmtime, whose own
+                // header check must refuse them.
+                (Check::Wasmtime, Ok(Some(bytes))) => {
+                    // SAFETY: a test's own short garbage, which fails
+                    // wasmtime's header check before anything is mapped.
+                    assert!(unsafe { Component::deserialize(&self.engine, &bytes) }.is_err(), "{what}")
+                }
+                (_, other) => panic!("{what}: {:?}", other.map(|b| b.map(|b| b.len()))),
+            }
+            self.cache.load(&self.engine, builtin("read")).unwrap_or_else(|e| panic!("{what}: {e}"));
+            let meta = std::fs::symlink_metadata(self.file(&self.read.name)).unwrap();
+            assert!(meta.is_file(), "{what}: a regular file again");
+            assert_eq!(meta.uid(), euid(), "{what}");
+            assert_eq!(meta.mode() & 0o777, 0o600, "{what}");
+            let now = self.dir().read_verified(&self.read).unwrap_or_else(|e| panic!("{what}: {e}")).expect(what);
+            assert!(now == good, "{what}: rewritten with `read`'s compiled code");
+            if let Some(planted) = &planted {
+                assert!(*planted == good || now != *planted, "{what}");
+            }
+        }
+    }
+
+    #[derive(Clone, Copy)]
+    enum Check {
+        /// The file checks or the digest refuse it.
+        Files,
+        /// It passes those, and wasmtime refuses it.
+        Wasmtime,
+    }
+
+    #[test]
+    fn entries_round_trip_and_a_hit_is_not_rewritten() {
+        let p = Populated::new();
+        let names = listing(&p.path);
+        for entry in [&p.read, &p.grep] {
+            assert!(names.contains(&entry.name) && names.contains(&entry.digest_name), "{names:?}");
+            assert_eq!(mode(&p.file(&entry.name)), 0o600);
+            assert_eq!(mode(&p.file(&entry.digest_name)), 0o600);
+        }
+        assert_eq!(names.len(), 4, "no temporary file left: {names:?}");
+        let inode = std::fs::metadata(p.file(&p.read.name)).unwrap().ino();
+        let again = CompileCache::new(Some(p.path.clone()));
+        again.load(&p.engine, builtin("read")).unwrap();
+        assert_eq!(std::fs::metadata(p.file(&p.read.name)).unwrap().ino(), inode, "a valid entry is used as is");
+    }
+
+    #[test]
+    fn entries_that_fail_a_check_are_discarded_and_rewritten() {
+        let p = Populated::new();
+        let copy = |from: &str, to: &str| std::fs::copy(p.file(from), p.file(to)).map(|_| ()).unwrap();
+        p.refuses("another component's entry and digest copied under this name", |p| {
+            copy(&p.grep.name, &p.read.name);
+            copy(&p.grep.digest_name, &p.read.digest_name);
+        });
+        p.refuses("another component's entry with a plain SHA-256 of it", |p| {
+            copy(&p.grep.name, &p.read.name);
+            let bytes = std::fs::read(p.file(&p.read.name)).unwrap();
+            std::fs::write(p.file(&p.read.digest_name), hex::encode(Sha256::digest(&bytes))).unwrap();
+        });
+        p.refuses("another component's entry under this entry's digest", |p| copy(&p.grep.name, &p.read.name));
+        p.refuses("garbage with a plain SHA-256 of it", |p| {
+            std::fs::write(p.file(&p.read.name), b"not a compiled component").unwrap();
+            std::fs::write(p.file(&p.read.digest_name), hex::encode(Sha256::digest(b"not a compiled component"))).unwrap();
+        });
+        p.refuses_at("garbage under a correctly bound digest", Check::Wasmtime, |p| {
+            std::fs::write(p.file(&p.read.name), b"garbage").unwrap();
+            std::fs::write(p.file(&p.read.digest_name), p.read.digest(b"garbage")).unwrap();
+        });
+        p.refuses("a digest file that does not match", |p| {
+            std::fs::write(p.file(&p.read.digest_name), "0".repeat(64)).unwrap();
+        });
+        p.refuses("no digest file", |p| std::fs::remove_file(p.file(&p.read.digest_name)).unwrap());
+        p.refuses("a truncated entry", |p| {
+            let bytes = std::fs::read(p.file(&p.read.name)).unwrap();
+            std::fs::write(p.file(&p.read.name), &bytes[..bytes.len() / 2]).unwrap();
+        });
+        p.refuses("an entry writable by others", |p| chmod(&p.file(&p.read.name), 0o666));
+        p.refuses("a digest file writable by its group", |p| chmod(&p.file(&p.read.digest_name), 0o620));
+        p.refuses("an entry that is a symbolic link to another entry", |p| {
+            std::fs::remove_file(p.file(&p.read.name)).unwrap();
+            symlink(p.file(&p.grep.name), p.file(&p.read.name)).unwrap();
+            copy(&p.grep.digest_name, &p.read.digest_name);
+        });
+        p.refuses("a digest file that is a symbolic link", |p| {
+            let digest = std::fs::read(p.file(&p.read.digest_name)).unwrap();
+            std::fs::write(p.file("elsewhere"), digest).unwrap();
+            std::fs::remove_file(p.file(&p.read.digest_name)).unwrap();
+            symlink(p.file("elsewhere"), p.file(&p.read.digest_name)).unwrap();
+        });
+        p.refuses("a FIFO under the entry's name (must not hang)", |p| {
+            std::fs::remove_file(p.file(&p.read.name)).unwrap();
+            let name = CString::new(p.file(&p.read.name).into_os_string().into_encoded_bytes()).unwrap();
+            // SAFETY: a NUL-terminated path that outlives the call.
+            assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
+        });
+    }
+
+    #[test]
+    fn an_entry_of_another_user_is_neither_used_nor_deleted_nor_replaced() {
+        if !running_as_root() {
+            eprintln!("skipped: needs root to give a file to another uid");
+            return;
+        }
+        let p = Populated::new();
+        std::fs::copy(p.file(&p.grep.name), p.file(&p.read.name)).unwrap();
+        std::fs::copy(p.file(&p.grep.digest_name), p.file(&p.read.digest_name)).unwrap();
+        std::os::unix::fs::chown(p.file(&p.read.name), Some(65534), None).unwrap();
+        let planted = std::fs::read(p.file(&p.read.name)).unwrap();
+        assert!(p.dir().read_verified(&p.read).is_err());
+        p.cache.load(&p.engine, builtin("read")).unwrap();
+        assert_eq!(std::fs::read(p.file(&p.read.name)).unwrap(), planted, "left as it was");
+        assert_eq!(std::fs::metadata(p.file(&p.read.name)).unwrap().uid(), 65534);
     }
 }

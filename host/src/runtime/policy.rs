@@ -30,6 +30,10 @@ impl Default for Limits {
     }
 }
 
+/// The shortest call deadline of a plugin granted `process`: a command may
+/// run for up to 10 minutes, and its own timeout must end it first.
+const PROCESS_MIN_DEADLINE: Duration = Duration::from_secs(660);
+
 /// What the operator lets one third-party plugin have (`[plugins.NAME]` in
 /// the config file). Built-in plugins get what their manifests ask for.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -129,7 +133,7 @@ impl Policy {
         let mut limits = self.defaults;
         if asked.process {
             // A command may run for up to 10 minutes; the call must outlive it.
-            limits.deadline = limits.deadline.max(Duration::from_secs(660));
+            limits.deadline = limits.deadline.max(PROCESS_MIN_DEADLINE);
         }
         let env: Vec<String> =
             [&manifest.provider.key_env, &manifest.provider.base_url_env].into_iter().flatten().cloned().collect();
@@ -175,6 +179,10 @@ impl Policy {
         }
         if let Some(ms) = allowed.timeout_ms {
             limits.deadline = Duration::from_millis(ms);
+            if asked.process {
+                // An operator may set a longer deadline, never a shorter one.
+                limits.deadline = limits.deadline.max(PROCESS_MIN_DEADLINE);
+            }
         }
         if let Some(mb) = allowed.memory_mb {
             limits.memory_bytes = (mb as usize) << 20;
@@ -346,6 +354,21 @@ mod tests {
         assert_eq!(ok.env, vec!["P_BASE_URL".to_string()]);
         // Built-ins read what their manifests name.
         assert_eq!(policy.grant(&m, true).unwrap().env, vec!["ANTHROPIC_API_KEY".to_string()]);
+    }
+
+    #[test]
+    fn a_timeout_override_never_takes_a_process_plugin_below_the_floor() {
+        let with_timeout = |process: bool, ms: u64| {
+            let mut policy = Policy::default();
+            policy.plugins.insert("x".into(), PluginPolicy { process, timeout_ms: Some(ms), ..Default::default() });
+            policy
+        };
+        let process = manifest("process = true");
+        let deadline = |policy: &Policy, m: &Manifest| policy.grant_on(m, false, &machine(6, true)).unwrap().limits.deadline;
+        assert_eq!(deadline(&with_timeout(true, 1_000), &process), PROCESS_MIN_DEADLINE, "lowered to the floor, not below");
+        assert_eq!(PROCESS_MIN_DEADLINE, Duration::from_secs(660), "the 11 minutes docs/plugins.md promises");
+        assert_eq!(deadline(&with_timeout(true, 900_000), &process), Duration::from_secs(900), "raised above it");
+        assert_eq!(deadline(&with_timeout(false, 1_000), &manifest("")), Duration::from_secs(1), "no process: as set");
     }
 
     #[test]
