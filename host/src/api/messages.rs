@@ -181,22 +181,7 @@ async fn submit(
     {
         return Err(busy(active));
     }
-    let t = now();
-    let record = RunRecord {
-        id: new_id(),
-        session_id: session_id.to_string(),
-        agent_id: input.agent_id.clone(),
-        status: RunStatus::Queued,
-        created_at: t,
-        started_at: None,
-        ended_at: None,
-        response: None,
-        tool_calls: None,
-        usage: None,
-        steps: None,
-        stop_reason: None,
-        error: None,
-    };
+    let record = RunRecord::queued(new_id(), session_id.to_string(), input.agent_id.clone(), now());
     let run = state.store.insert_run(record, request, key).await?;
     match state.runs.claim_or(session_id, &run.id, input.multitask) {
         Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), claim),
@@ -309,17 +294,18 @@ fn run_location(run: &RunRecord) -> HeaderValue {
 /// The run's result as the blocking endpoint answers it (errors mapped to
 /// their HTTP status in `api::error`).
 pub(super) fn result_of(run: RunRecord) -> ApiResult<MessageResult> {
+    let result = run.result;
     match run.status {
         RunStatus::Completed | RunStatus::Cancelled => Ok(MessageResult {
             run_id: run.id,
-            response: run.response.unwrap_or_default(),
-            tool_calls: run.tool_calls.unwrap_or_default(),
-            usage: run.usage.unwrap_or_default(),
-            steps: run.steps.unwrap_or_default(),
-            stop_reason: run.stop_reason.unwrap_or(StopReason::Cancelled),
+            response: result.response.unwrap_or_default(),
+            tool_calls: result.tool_calls.unwrap_or_default(),
+            usage: result.usage.unwrap_or_default(),
+            steps: result.steps.unwrap_or_default(),
+            stop_reason: result.stop_reason.unwrap_or(StopReason::Cancelled),
         }),
         _ => {
-            let failure = run.error.unwrap_or(RunFailure { error: format!("run `{}` did not complete", run.id), code: "internal".into() });
+            let failure = result.error.unwrap_or(RunFailure { error: format!("run `{}` did not complete", run.id), code: "internal".into() });
             Err(ApiError::RunFailed { run_id: run.id, code: failure.code, message: failure.error })
         }
     }

@@ -180,7 +180,31 @@ pub struct RunRecord {
     pub started_at: Option<DateTime<Utc>>,
     #[serde(serialize_with = "rfc3339_opt")]
     pub ended_at: Option<DateTime<Utc>>,
-    /// The text of the last assistant message, once the run has ended.
+    /// How it ended; every field `null` until then.
+    #[serde(flatten)]
+    pub result: RunResult,
+}
+
+impl RunRecord {
+    /// A run just submitted: queued until it starts.
+    pub fn queued(id: String, session_id: String, agent_id: String, created_at: DateTime<Utc>) -> RunRecord {
+        RunRecord {
+            id,
+            session_id,
+            agent_id,
+            status: RunStatus::Queued,
+            created_at,
+            started_at: None,
+            ended_at: None,
+            result: RunResult::default(),
+        }
+    }
+}
+
+/// How a run ended, as stored with it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct RunResult {
+    /// The text of the last assistant message.
     pub response: Option<String>,
     pub tool_calls: Option<Vec<ToolCallRecord>>,
     pub usage: Option<Usage>,
@@ -188,17 +212,6 @@ pub struct RunRecord {
     pub steps: Option<u32>,
     pub stop_reason: Option<StopReason>,
     /// Set when the run failed or was interrupted.
-    pub error: Option<RunFailure>,
-}
-
-/// How a run ended, as stored with it.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct RunResult {
-    pub response: Option<String>,
-    pub tool_calls: Option<Vec<ToolCallRecord>>,
-    pub usage: Option<Usage>,
-    pub steps: Option<u32>,
-    pub stop_reason: Option<StopReason>,
     pub error: Option<RunFailure>,
 }
 

@@ -64,12 +64,7 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, Option<Strin
             created_at: parse_ts(row.get(4)?)?,
             started_at: opt_ts(5)?,
             ended_at: opt_ts(6)?,
-            response: None,
-            tool_calls: None,
-            usage: None,
-            steps: None,
-            stop_reason: None,
-            error: None,
+            result: RunResult::default(),
         },
         row.get(7)?,
     ))
@@ -77,13 +72,7 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, Option<Strin
 
 fn finish_run((mut record, result): (RunRecord, Option<String>)) -> Result<RunRecord, StoreError> {
     if let Some(result) = result {
-        let r: RunResult = serde_json::from_str(&result)?;
-        record.response = r.response;
-        record.tool_calls = r.tool_calls;
-        record.usage = r.usage;
-        record.steps = r.steps;
-        record.stop_reason = r.stop_reason;
-        record.error = r.error;
+        record.result = serde_json::from_str(&result)?;
     }
     Ok(record)
 }
