@@ -41,8 +41,8 @@ fi
 COMPONENTIZE_PY=0.25.1
 if [ "$(componentize-py --version 2>/dev/null)" != "componentize-py $COMPONENTIZE_PY" ]; then
     say "installing componentize-py $COMPONENTIZE_PY"
-    python3 -m pip install --quiet --disable-pip-version-check "componentize-py==$COMPONENTIZE_PY" \
-        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "componentize-py==$COMPONENTIZE_PY"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "componentize-py==$COMPONENTIZE_PY" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "componentize-py==$COMPONENTIZE_PY"
     # Where Python comes from pyenv, its shims learn of the new command this way.
     if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
