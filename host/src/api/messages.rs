@@ -121,11 +121,16 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
 /// the run's from here on), the provider's access, the working directory
 /// opened and checked.
 async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
-    check(state, session_id, request).await?;
     let agent = state.store.agent(&request.agent_id).await?;
-    let (plugin, _) = super::providers::provider(state, &agent.provider.id).await?;
+    let (plugin, _) = super::providers::provider(state, &agent.provider.id)
+        .await
+        .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
     let access = super::providers::access(state, &plugin).await?;
     let session = state.store.session(session_id).await?;
+    // What `check` refused at submit may have changed while the run was queued.
+    if !agent.tools.is_empty() && session.work_dir.is_none() {
+        return Err(ApiError::Invalid(format!("agent `{}` has tools but session `{session_id}` has no work_dir", agent.id)));
+    }
     // Opened now, without following symlinks, and checked again: a
     // directory swapped for a link since the session was saved gets no
     // tool call (each is answered with the reason).
@@ -181,10 +186,25 @@ async fn submit(
     {
         return Err(busy(active));
     }
-    let record = RunRecord::queued(new_id(), session_id.to_string(), input.agent_id.clone(), now());
+    let mut record = RunRecord::queued(new_id(), session_id.to_string(), input.agent_id.clone(), now());
+    // An idle session: the run is claimed, stored as running and started,
+    // with one write before the model is asked.
+    if let Ok(claim) = state.runs.try_claim(session_id, &record.id) {
+        record.status = RunStatus::Running;
+        record.started_at = Some(record.created_at);
+        let run = match state.store.insert_run(record, request.clone(), key).await {
+            Ok(run) => run,
+            Err(err) => {
+                state.runs.finish(session_id, &claim.run_id);
+                return Err(err.into());
+            }
+        };
+        launch(state.clone(), session_id.to_string(), Start { claim, request: Some(request) });
+        return Ok(run);
+    }
     let run = state.store.insert_run(record, request, key).await?;
     match state.runs.claim_or(session_id, &run.id, input.multitask) {
-        Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), claim),
+        Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), Start { claim, request: None }),
         Ok(None) => tracing::info!(session = %session_id, run = %run.id, mode = ?input.multitask, "run queued"),
         Err(active) => {
             // Lost a race with another submit: this run never existed.
@@ -197,26 +217,39 @@ async fn submit(
 
 /// Runs `claim`'s run, then each run queued behind it, on a task of their
 /// own: a run belongs to the server, not to the request that started it.
-pub(crate) fn launch(state: AppState, session_id: String, claim: Claim) {
+/// A claimed run about to start: with its request when it was stored as
+/// `running` already (started at once), without when it waited in the queue.
+pub(crate) struct Start {
+    pub claim: Claim,
+    pub request: Option<RunRequest>,
+}
+
+pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
     tokio::spawn(async move {
-        let mut next = Some(claim);
-        while let Some(claim) = next.take() {
-            let run_id = claim.run_id.clone();
-            if let Err(err) = run_one(&state, &session_id, claim).await {
+        let mut next = Some(start);
+        while let Some(start) = next.take() {
+            let run_id = start.claim.run_id.clone();
+            if let Err(err) = run_one(&state, &session_id, start).await {
                 tracing::error!(run = %run_id, %err, "cannot record the run");
             }
-            next = state.runs.finish(&session_id, &run_id);
+            next = state.runs.finish(&session_id, &run_id).map(|claim| Start { claim, request: None });
         }
     });
 }
 
 /// One run, start to end: `running` is stored before anything is sent, the
 /// end is stored before `done` or `error` announces it.
-async fn run_one(state: &AppState, session_id: &str, claim: Claim) -> Result<(), StoreError> {
+async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: Start) -> Result<(), StoreError> {
     let run_id = claim.run_id;
     let emitter = Emitter { bus: state.bus.clone(), feed: state.bus.feed(session_id).await?, run_id: run_id.clone(), cancel: claim.cancel };
-    let request = state.store.run_request(&run_id).await?;
-    state.store.start_run(&run_id, now()).await?;
+    let request = match request {
+        Some(request) => request,
+        None => {
+            let request = state.store.run_request(&run_id).await?;
+            state.store.start_run(&run_id, now()).await?;
+            request
+        }
+    };
     let outcome = match prepare(state, session_id, &request).await {
         Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
         Err(err) => {

@@ -127,7 +127,7 @@ pub fn router(state: AppState) -> Router {
 pub async fn start_queued_runs(state: &AppState) -> Result<(), crate::store::StoreError> {
     for run in state.store.queued_runs().await? {
         if let Ok(Some(claim)) = state.runs.claim_or(&run.session_id, &run.id, crate::agent::Busy::Enqueue) {
-            messages::launch(state.clone(), run.session_id.clone(), claim);
+            messages::launch(state.clone(), run.session_id.clone(), messages::Start { claim, request: None });
         }
     }
     Ok(())

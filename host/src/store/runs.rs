@@ -133,8 +133,8 @@ impl Store {
     pub async fn insert_run(&self, run: RunRecord, request: RunRequest, key: Option<String>) -> Result<RunRecord, StoreError> {
         self.write(move |c| {
             c.prepare_cached(
-                "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
             .execute(params![
                 run.id,
@@ -143,7 +143,8 @@ impl Store {
                 run.status.as_str(),
                 serde_json::to_string(&request)?,
                 key,
-                ts(&run.created_at)
+                ts(&run.created_at),
+                run.started_at.as_ref().map(ts)
             ])?;
             Ok(run)
         })
