@@ -195,7 +195,10 @@ async fn submit(
         let run = match state.store.insert_run(record, request.clone(), key).await {
             Ok(run) => run,
             Err(err) => {
-                state.runs.finish(session_id, &claim.run_id);
+                // Hand the session on, as a run that ended would.
+                if let Some(next) = state.runs.finish(session_id, &claim.run_id) {
+                    launch(state.clone(), session_id.to_string(), Start { claim: next, request: None });
+                }
                 return Err(err.into());
             }
         };
