@@ -66,18 +66,6 @@ impl Runs {
         Ok(activate(entry, run_id))
     }
 
-    /// Queues `run_id` behind the session's active run; with `front`, it
-    /// goes first (an interrupting run).
-    pub fn enqueue(&self, session: &str, run_id: &str, front: bool) {
-        let mut map = self.lock();
-        let entry = map.entry(session.to_string()).or_default();
-        if front {
-            entry.queue.push_front(run_id.to_string());
-        } else {
-            entry.queue.push_back(run_id.to_string());
-        }
-    }
-
     /// In one step: claims the session for `run_id` when it is idle, or
     /// else, as `busy` says, refuses (the active run's id), queues it
     /// behind the active run, or queues it first and cancels the active
@@ -170,9 +158,10 @@ mod tests {
         let runs = Runs::default();
         let first = runs.try_claim("s", "r1").unwrap();
         assert_eq!(runs.try_claim("s", "r2").err().as_deref(), Some("r1"));
-        runs.enqueue("s", "r2", false);
-        runs.enqueue("s", "r3", false);
-        runs.enqueue("s", "r0", true);
+        assert!(runs.claim_or("s", "r2", Busy::Enqueue).unwrap().is_none());
+        assert!(runs.claim_or("s", "r3", Busy::Enqueue).unwrap().is_none());
+        assert!(runs.claim_or("s", "r0", Busy::Interrupt).unwrap().is_none());
+        assert_eq!(runs.claim_or("s", "r9", Busy::Reject).err().as_deref(), Some("r1"));
         assert_eq!(runs.cancel("s", "r3"), Cancelled::Queued);
         assert_eq!(runs.cancel("s", "r1"), Cancelled::Active);
         assert!(*first.cancel.borrow());
