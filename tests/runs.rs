@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
 use common::server::Server;
+use common::sse::{Events, Sse};
 use futures::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -90,68 +91,6 @@ impl Setup {
         let resp = req.send().await.unwrap();
         assert_eq!(resp.status(), 200);
         resp
-    }
-}
-
-/// One SSE event: id, name, data (the JSON text as sent).
-#[derive(Debug, Clone, PartialEq)]
-struct Sse {
-    id: Option<u64>,
-    name: String,
-    data: String,
-}
-
-struct Events {
-    body: futures::stream::BoxStream<'static, reqwest::Result<bytes::Bytes>>,
-    buf: String,
-}
-
-impl Events {
-    fn new(resp: reqwest::Response) -> Events {
-        assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
-        Events { body: resp.bytes_stream().boxed(), buf: String::new() }
-    }
-
-    async fn next(&mut self) -> Option<Sse> {
-        loop {
-            if let Some(end) = self.buf.find("\n\n") {
-                let frame: String = self.buf.drain(..end + 2).collect();
-                let (mut id, mut name, mut data) = (None, String::new(), String::new());
-                for line in frame.lines() {
-                    if let Some(v) = line.strip_prefix("id:") {
-                        id = Some(v.trim().parse().unwrap());
-                    } else if let Some(v) = line.strip_prefix("event:") {
-                        name = v.trim().into();
-                    } else if let Some(v) = line.strip_prefix("data:") {
-                        data.push_str(v.strip_prefix(' ').unwrap_or(v));
-                    }
-                }
-                if name.is_empty() && data.is_empty() {
-                    continue; // a keep-alive comment
-                }
-                return Some(Sse { id, name, data });
-            }
-            match tokio::time::timeout(Duration::from_secs(30), self.body.next()).await.expect("an event within 30 s") {
-                Some(Ok(bytes)) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
-                _ => return None,
-            }
-        }
-    }
-
-    async fn take(&mut self, n: usize) -> Vec<Sse> {
-        let mut out = Vec::new();
-        for _ in 0..n {
-            out.push(self.next().await.expect("the stream ended early"));
-        }
-        out
-    }
-
-    async fn all(mut self) -> Vec<Sse> {
-        let mut out = Vec::new();
-        while let Some(e) = self.next().await {
-            out.push(e);
-        }
-        out
     }
 }
 

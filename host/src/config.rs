@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
+use crate::permissions::{Action, Compiled, Origin, Rule, RuleError};
 use crate::runtime::policy::{Limits, PluginPolicy, Policy};
 
 /// Hangar runs AI agents behind a REST API. Their tools (bash, read, write,
@@ -129,7 +130,35 @@ pub struct FileConfig {
     /// Capabilities granted to third-party plugins, by plugin name.
     #[serde(default)]
     pub plugins: HashMap<String, PluginPolicy>,
+    /// Permission rules for every agent, the default action and how long a
+    /// question waits for its answer.
+    #[serde(default)]
+    pub permissions: PermissionsConfig,
 }
+
+/// `[permissions]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PermissionsConfig {
+    /// What a call no rule matches gets: `allow` (the default), `ask` or `deny`.
+    pub default: Option<Action>,
+    /// Seconds a permission request waits before it is `timed_out` [default: 600].
+    pub timeout_s: Option<u64>,
+    /// Rules applied before each agent's own (`[[permissions.rules]]`).
+    #[serde(default)]
+    pub rules: Vec<Rule>,
+}
+
+/// The permission settings in force.
+#[derive(Debug, Clone)]
+pub struct PermissionSettings {
+    pub default: Action,
+    pub timeout: Duration,
+    pub rules: Vec<Compiled>,
+}
+
+/// Default of `[permissions] timeout_s`.
+pub const DEFAULT_PERMISSION_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -169,6 +198,7 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Most connections open at once from one IP address.
     pub max_connections_per_client: usize,
+    pub permissions: std::sync::Arc<PermissionSettings>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +217,8 @@ pub enum ConfigError {
     WorkRoot { path: PathBuf, reason: String },
     #[error("{setting} must be at least 1")]
     Zero { setting: &'static str },
+    #[error("invalid permission rule: {0}")]
+    Permission(#[from] RuleError),
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -246,7 +278,17 @@ impl Settings {
             Some(db) => db,
             None => data()?.join("hangar.db"),
         };
+        let timeout_s = file.permissions.timeout_s.unwrap_or(DEFAULT_PERMISSION_TIMEOUT.as_secs());
+        if timeout_s == 0 {
+            return Err(ConfigError::Zero { setting: "[permissions] timeout_s" });
+        }
+        let permissions = std::sync::Arc::new(PermissionSettings {
+            default: file.permissions.default.unwrap_or_default(),
+            timeout: Duration::from_secs(timeout_s),
+            rules: crate::permissions::compile(&file.permissions.rules, Origin::Config)?,
+        });
         Ok(Settings {
+            permissions,
             host,
             installed_dir: db.with_extension("plugins"),
             port: args.port.or(file.port).unwrap_or(2323),

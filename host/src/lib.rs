@@ -9,6 +9,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod permissions;
 pub mod runtime;
 pub mod server;
 pub mod store;

@@ -20,6 +20,7 @@ pub fn runtime() -> Runtime {
 pub mod listen;
 pub mod server;
 pub mod fake;
+pub mod sse;
 
 /// Whether `command` is on `PATH`. A test that needs a tool the machine
 /// lacks is skipped with a printed reason when run by hand (`cargo test`);

@@ -2,6 +2,7 @@
 //! back, until it ends its turn or the step limit is reached. Events go out
 //! through a channel as they happen; history is stored after every step.
 
+mod approvals;
 pub mod bus;
 mod history;
 mod runs;
@@ -14,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use utoipa::ToSchema;
 
+pub use approvals::Approvals;
 pub use bus::{Bus, Event, Feed, SubscribeError, Subscription};
 pub use runs::{Busy, Cancelled, Claim, Runs};
 
@@ -22,7 +24,12 @@ use crate::runtime::{
     StopReason as ModelStop, ToolInvocation, ToolSpec, WorkDir, WorkDirError,
 };
 pub use crate::store::{StopReason, ToolCallRecord, Usage};
-use crate::store::{Agent, Block, HistoryMessage, HistoryRole, Session, Store, StoreError, now};
+use crate::config::PermissionSettings;
+use crate::permissions::{self, Compiled, Decision, Subject};
+use crate::runtime::manifest::PatternKind;
+use crate::store::{
+    Agent, Answer, Block, HistoryMessage, HistoryRole, PermissionRequest, PermissionStatus, Reply, Session, Store, StoreError, now,
+};
 
 /// Retries of a retryable provider failure.
 const MAX_RETRIES: u32 = 3;
@@ -45,6 +52,27 @@ pub enum RunEvent {
     },
     /// A tool call's result, as the model gets it.
     ToolResult { tool_use_id: String, content: String, is_error: bool },
+    /// A tool call waits for a person's answer
+    /// (`POST /sessions/{id}/permissions/{request_id}`); the run is `waiting`.
+    PermissionRequest {
+        request_id: String,
+        run_id: String,
+        tool_use_id: String,
+        tool: String,
+        #[schema(value_type = Object)]
+        input: serde_json::Value,
+        /// What an `always` answer allows from then on in this session.
+        patterns: Vec<String>,
+    },
+    /// A permission request was answered, timed out, or ended with its run.
+    PermissionReplied {
+        request_id: String,
+        run_id: String,
+        tool_use_id: String,
+        status: PermissionStatus,
+        reply: Option<Reply>,
+        message: Option<String>,
+    },
     /// The run ended; the last event of a run that did not fail.
     Done { run_id: String, usage: Usage, steps: u32, stop_reason: StopReason },
     /// The run failed (or was interrupted by a restart: code `interrupted`);
@@ -62,6 +90,8 @@ impl RunEvent {
             RunEvent::Text { .. } => "text",
             RunEvent::ToolUse { .. } => "tool_use",
             RunEvent::ToolResult { .. } => "tool_result",
+            RunEvent::PermissionRequest { .. } => "permission_request",
+            RunEvent::PermissionReplied { .. } => "permission_replied",
             RunEvent::Done { .. } => "done",
             RunEvent::Error { .. } => "error",
             RunEvent::ResyncRequired { .. } => "resync_required",
@@ -71,6 +101,7 @@ impl RunEvent {
 }
 
 /// Where a run's events go, and how it learns it was cancelled.
+#[derive(Clone)]
 pub struct Emitter {
     pub bus: Bus,
     pub feed: Arc<Feed>,
@@ -154,7 +185,26 @@ pub struct Run {
     pub max_steps: u32,
     pub message: String,
     pub shutdown: tokio::sync::watch::Receiver<bool>,
+    /// The server's permission settings (its rules come before the agent's).
+    pub permissions: Arc<PermissionSettings>,
+    /// The agent's rules, compiled.
+    pub rules: Vec<Compiled>,
+    pub approvals: Approvals,
 }
+
+/// Whether a call may run, once its permission is settled.
+enum Gate {
+    Run,
+    /// Not run; the model gets this text as an error result.
+    Refuse(String),
+    /// Waiting for an answer.
+    Ask(Answered),
+}
+
+/// The settled answer to a permission request: `Ok` to run the call, `Err`
+/// with what the model is told. Shared so that a run that stops early can
+/// still wait for every request to be settled before it ends.
+type Answered = futures::future::Shared<futures::future::BoxFuture<'static, Result<(), String>>>;
 
 /// A tool use being assembled from stream events.
 struct PendingToolUse {
@@ -249,6 +299,10 @@ impl Run {
                 events.send(&RunEvent::ToolUse { id: id.clone(), name: name.clone(), input: input.clone() });
             }
             self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
+            // Stored before any tool runs: a call may wait long for a
+            // person, and a crash meanwhile must leave the calls on record
+            // (the restart answers each as interrupted).
+            self.persist().await?;
             let (results, cancelled) = self.run_tools(&calls, events).await;
             let mut result_blocks = Vec::new();
             for ((id, name, input, _), result) in calls.iter().zip(results) {
@@ -418,18 +472,30 @@ impl Run {
     }
 
     /// Runs the calls: consecutive read-only tools together, the others one
-    /// at a time, results in the model's order. `None` marks a call not run
-    /// because the run was cancelled.
+    /// at a time, results in the model's order. Permissions are settled
+    /// first, and every question of the step is asked at once; a call that
+    /// waits for its answer holds back only the calls after it that are
+    /// not in its read-only batch. `None` marks a call not run because the
+    /// run was cancelled.
     async fn run_tools(
         &self,
         calls: &[(String, String, serde_json::Value, Option<String>)],
         events: &Emitter,
     ) -> (Vec<Option<(String, bool)>>, bool) {
+        let (gates, waiters) = self.gates(calls, events).await;
+        let mut gates: Vec<Option<Gate>> = gates.into_iter().map(Some).collect();
+        // A run that stops while calls wait settles their requests first
+        // (`rejected` on cancel, `interrupted` on shutdown), so its end is
+        // the last thing a client hears of them.
+        let stop = |results| async move {
+            futures::future::join_all(waiters).await;
+            (results, true)
+        };
         let mut results: Vec<Option<(String, bool)>> = vec![None; calls.len()];
         let mut i = 0;
         while i < calls.len() {
             if self.cancelled(events) {
-                return (results, true);
+                return stop(results).await;
             }
             let batch_end = if self.read_only(&calls[i].1) {
                 let mut j = i;
@@ -440,21 +506,163 @@ impl Run {
             } else {
                 i + 1
             };
-            let batch = futures::future::join_all(calls[i..batch_end].iter().map(|call| self.run_tool(call)));
-            let mut shutdown = self.shutdown.clone();
-            let outputs = tokio::select! {
-                outputs = batch => outputs,
-                _ = events.cancelled() => return (results, true),
-                _ = shutdown.wait_for(|s| *s) => return (results, true),
-            };
-            for (k, output) in outputs.into_iter().enumerate() {
-                let (id, ..) = &calls[i + k];
+            // Results go out in the model's order, each as soon as it and
+            // every call before it in the batch are done.
+            let mut batch: futures::stream::FuturesOrdered<_> =
+                (i..batch_end).map(|k| self.gated_tool(&calls[k], gates[k].take().unwrap_or(Gate::Run))).collect();
+            let mut k = i;
+            loop {
+                let mut shutdown = self.shutdown.clone();
+                let output = tokio::select! {
+                    output = futures::StreamExt::next(&mut batch) => match output {
+                        Some(output) => Some(output),
+                        None => break,
+                    },
+                    _ = events.cancelled() => None,
+                    _ = shutdown.wait_for(|s| *s) => None,
+                };
+                let Some(output) = output else { return stop(results).await };
+                let (id, ..) = &calls[k];
                 events.send(&RunEvent::ToolResult { tool_use_id: id.clone(), content: output.0.clone(), is_error: output.1 });
-                results[i + k] = Some(output);
+                results[k] = Some(output);
+                k += 1;
             }
             i = batch_end;
         }
+        drop(stop);
         (results, false)
+    }
+
+    async fn gated_tool(&self, call: &(String, String, serde_json::Value, Option<String>), gate: Gate) -> (String, bool) {
+        match gate {
+            Gate::Run => self.run_tool(call).await,
+            Gate::Refuse(why) => (why, true),
+            Gate::Ask(answer) => match answer.await {
+                Ok(()) => self.run_tool(call).await,
+                Err(why) => (why, true),
+            },
+        }
+    }
+
+    /// Whether no rule can say anything but `allow` (then nothing is checked).
+    fn everything_allowed(&self) -> bool {
+        self.permissions.default == permissions::Action::Allow
+            && self.permissions.rules.iter().chain(&self.rules).all(|r| r.rule.action == permissions::Action::Allow)
+    }
+
+    /// What the permission rules (and the session's grants) say about each
+    /// call; the questions are stored, announced and waited for.
+    async fn gates(
+        &self,
+        calls: &[(String, String, serde_json::Value, Option<String>)],
+        events: &Emitter,
+    ) -> (Vec<Gate>, Vec<Answered>) {
+        if self.everything_allowed() {
+            return (calls.iter().map(|_| Gate::Run).collect(), Vec::new());
+        }
+        let grants = match self.store.permission_grants(&self.session.id).await {
+            Ok(grants) => grants,
+            Err(err) => {
+                tracing::warn!(session = %self.session.id, %err, "cannot read the session's permission grants");
+                Vec::new()
+            }
+        };
+        let policy = permissions::Policy {
+            rules: self.permissions.rules.iter().chain(&self.rules).collect(),
+            default: self.permissions.default,
+            grants: &grants,
+        };
+        let mut gates = Vec::with_capacity(calls.len());
+        let mut asks = Vec::new();
+        for (k, (id, name, input, invalid)) in calls.iter().enumerate() {
+            // A call that cannot run anyway is answered with its error.
+            if invalid.is_some() || !self.agent.tools.iter().any(|t| t == name) {
+                gates.push(Gate::Run);
+                continue;
+            }
+            match policy.decide(name, &self.subject(name, input)) {
+                Decision::Allow => gates.push(Gate::Run),
+                Decision::Deny(why) => gates.push(Gate::Refuse(why)),
+                Decision::Ask { patterns } => {
+                    gates.push(Gate::Run);
+                    asks.push((
+                        k,
+                        PermissionRequest {
+                            id: crate::api::new_id(),
+                            session_id: self.session.id.clone(),
+                            run_id: events.run_id.clone(),
+                            tool_use_id: id.clone(),
+                            tool: name.clone(),
+                            input: input.clone(),
+                            patterns,
+                            status: PermissionStatus::Pending,
+                            reply: None,
+                            message: None,
+                            created_at: now(),
+                            answered_at: None,
+                        },
+                    ));
+                }
+            }
+        }
+        if asks.is_empty() {
+            return (gates, Vec::new());
+        }
+        let waiters: Vec<_> = asks.iter().map(|(_, r)| self.approvals.wait(&r.id)).collect();
+        let requests: Vec<PermissionRequest> = asks.iter().map(|(_, r)| r.clone()).collect();
+        if let Err(err) = self.store.insert_permission_requests(requests).await {
+            for (k, request) in &asks {
+                self.approvals.forget(&request.id);
+                gates[*k] = Gate::Refuse(format!("`{}` was not run: its permission request could not be stored: {err}", request.tool));
+            }
+            return (gates, Vec::new());
+        }
+        let mut waiting = Vec::new();
+        for ((k, request), answer) in asks.into_iter().zip(waiters) {
+            events.send(&RunEvent::PermissionRequest {
+                request_id: request.id.clone(),
+                run_id: request.run_id.clone(),
+                tool_use_id: request.tool_use_id.clone(),
+                tool: request.tool.clone(),
+                input: request.input.clone(),
+                patterns: request.patterns.clone(),
+            });
+            let waiter = Waiter {
+                store: self.store.clone(),
+                approvals: self.approvals.clone(),
+                events: events.clone(),
+                shutdown: self.shutdown.clone(),
+                timeout: self.permissions.timeout,
+            };
+            let task = tokio::spawn(waiter.wait(request, answer));
+            let answered: Answered = futures::FutureExt::shared(futures::FutureExt::boxed(async move {
+                task.await.unwrap_or_else(|err| Err(format!("the permission request failed: {err}")))
+            }));
+            waiting.push(answered.clone());
+            gates[k] = Gate::Ask(answered);
+        }
+        (gates, waiting)
+    }
+
+    /// What a call's permission is decided on: the field its manifest
+    /// names, read as a command line, a path or text.
+    fn subject(&self, tool: &str, input: &serde_json::Value) -> Subject {
+        let Some(plugin) = self.runtime.get(tool) else { return Subject { kind: PatternKind::Text, value: None } };
+        let section = &plugin.manifest.tool;
+        let value = section
+            .pattern_field
+            .as_ref()
+            .and_then(|field| match input.get(field) {
+                Some(serde_json::Value::String(s)) => Some(s.clone()),
+                Some(serde_json::Value::Null) | None => None,
+                Some(other) => Some(other.to_string()),
+            })
+            .or_else(|| section.pattern_default.clone());
+        let value = match section.pattern_kind {
+            PatternKind::Path => value.map(|p| permissions::normalise_path(&p, self.session.work_dir.as_deref())),
+            _ => value,
+        };
+        Subject { kind: section.pattern_kind, value }
     }
 
     fn read_only(&self, tool: &str) -> bool {
@@ -480,6 +688,84 @@ impl Run {
         match self.runtime.call_tool(name, call).await {
             Ok(out) => (out.text, out.is_error),
             Err(err) => (format!("the tool failed: {err}"), true),
+        }
+    }
+}
+
+/// Waits for the answer to one permission request, on a task of its own so
+/// that its time-out runs from when it was asked, whatever the run is busy
+/// with; settles the request in the store and announces how it ended.
+struct Waiter {
+    store: Store,
+    approvals: Approvals,
+    events: Emitter,
+    shutdown: watch::Receiver<bool>,
+    timeout: Duration,
+}
+
+impl Waiter {
+    /// `Ok` to run the call, `Err` with what the model is told.
+    async fn wait(self, request: PermissionRequest, answer: tokio::sync::oneshot::Receiver<PermissionRequest>) -> Result<(), String> {
+        let mut shutdown = self.shutdown.clone();
+        let ended = tokio::select! {
+            answered = answer => match answered {
+                Ok(answered) => Ok(answered),
+                Err(_) => self.store.permission_request(&request.session_id, &request.id).await,
+            },
+            _ = tokio::time::sleep(self.timeout) => {
+                let message = format!("no answer within {} s", self.timeout.as_secs());
+                self.settle(&request, PermissionStatus::TimedOut, message).await
+            }
+            _ = self.events.cancelled() => {
+                let stopping = *self.shutdown.borrow();
+                if stopping {
+                    self.settle(&request, PermissionStatus::Interrupted, "the server stopped".into()).await
+                } else {
+                    self.settle(&request, PermissionStatus::Rejected, "the run was cancelled".into()).await
+                }
+            }
+            _ = async { let _ = shutdown.wait_for(|s| *s).await; } => {
+                self.settle(&request, PermissionStatus::Interrupted, "the server stopped".into()).await
+            }
+        };
+        self.approvals.forget(&request.id);
+        let ended = match ended {
+            Ok(ended) => ended,
+            Err(err) => {
+                tracing::warn!(request = %request.id, %err, "cannot settle a permission request");
+                return Err(format!("`{}` was not run: its permission request failed: {err}", request.tool));
+            }
+        };
+        self.events.send(&RunEvent::PermissionReplied {
+            request_id: ended.id.clone(),
+            run_id: ended.run_id.clone(),
+            tool_use_id: ended.tool_use_id.clone(),
+            status: ended.status,
+            reply: ended.reply,
+            message: ended.message.clone(),
+        });
+        let tool = &ended.tool;
+        let because = |what: &str| match &ended.message {
+            Some(m) if !m.trim().is_empty() => format!("`{tool}` was not run: {what}: {m}"),
+            _ => format!("`{tool}` was not run: {what}"),
+        };
+        match ended.status {
+            PermissionStatus::Approved => Ok(()),
+            PermissionStatus::Rejected if ended.reply == Some(Reply::Reject) => Err(because("the user rejected this call")),
+            PermissionStatus::Rejected => Err(because("permission was not given")),
+            PermissionStatus::TimedOut => Err(because("the permission request timed out")),
+            PermissionStatus::Interrupted => Err(because("the permission request was interrupted")),
+            PermissionStatus::Pending => Err(because("the permission request is still pending")),
+        }
+    }
+
+    /// Ends a request without a reply, unless a reply got there first (then
+    /// that reply stands).
+    async fn settle(&self, request: &PermissionRequest, status: PermissionStatus, message: String) -> Result<PermissionRequest, StoreError> {
+        let answer = Answer { status, reply: None, message: Some(message) };
+        match self.store.answer_permission(&request.session_id, &request.id, answer).await {
+            Err(StoreError::Answered { .. }) => self.store.permission_request(&request.session_id, &request.id).await,
+            other => other,
         }
     }
 }

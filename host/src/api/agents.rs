@@ -11,6 +11,7 @@ use utoipa::ToSchema;
 
 use super::{ApiError, ApiResult, AppState, JsonBody, Status, new_id, status};
 use crate::runtime::Kind;
+use crate::permissions::{Origin, Rule};
 use crate::store::{Agent, AgentProvider, now};
 
 const DEFAULT_MAX_TOKENS: u32 = 4096;
@@ -31,6 +32,9 @@ pub struct AgentInput {
     /// Tool names, each a loaded tool plugin.
     tools: Option<Vec<String>>,
     provider: Option<ProviderInput>,
+    /// Permission rules, evaluated after the config file's; the last rule
+    /// that matches a call decides (`allow`, `ask` or `deny`).
+    permissions: Option<Vec<Rule>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -66,6 +70,22 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
         }
         if agent.tools[..i].contains(tool) {
             return Err(ApiError::Invalid(format!("tool `{tool}` is listed twice")));
+        }
+    }
+    let compiled = crate::permissions::compile(&agent.permissions, Origin::Agent).map_err(|e| ApiError::Invalid(e.to_string()))?;
+    for (i, rule) in compiled.iter().enumerate() {
+        let rule_text = &rule.rule;
+        if rule_text.tool == "*" {
+            continue;
+        }
+        let Some(plugin) = state.runtime.get(&rule_text.tool).filter(|p| p.manifest.kind == Kind::Tool) else {
+            return Err(ApiError::Invalid(format!("`permissions[{i}]` {rule_text}: unknown tool `{}`", rule_text.tool)));
+        };
+        if !rule.is_any() && plugin.manifest.tool.pattern_field.is_none() {
+            return Err(ApiError::Invalid(format!(
+                "`permissions[{i}]` {rule_text}: tool `{}` names no input field for patterns, so its rules can only use the pattern `*`",
+                rule_text.tool
+            )));
         }
     }
     let p = &agent.provider;
@@ -106,6 +126,7 @@ pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonB
         instructions: input.instructions.unwrap_or_default(),
         tools: input.tools.unwrap_or_default(),
         provider: provider.apply(AgentProvider { max_tokens: DEFAULT_MAX_TOKENS, ..Default::default() }),
+        permissions: input.permissions.unwrap_or_default(),
         created_at: now,
         updated_at: now,
     };
@@ -138,6 +159,9 @@ pub(super) async fn update(
     }
     if let Some(provider) = input.provider {
         agent.provider = provider.apply(agent.provider);
+    }
+    if let Some(permissions) = input.permissions {
+        agent.permissions = permissions;
     }
     agent.updated_at = now().max(agent.updated_at);
     validate(&state, &agent).await?;

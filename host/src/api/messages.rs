@@ -122,6 +122,8 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
 /// opened and checked.
 async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
     let agent = state.store.agent(&request.agent_id).await?;
+    let rules = crate::permissions::compile(&agent.permissions, crate::permissions::Origin::Agent)
+        .map_err(|e| ApiError::Invalid(format!("agent `{}`: {e}", agent.id)))?;
     let (plugin, _) = super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
@@ -150,6 +152,9 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         max_steps: state.settings.max_steps,
         message: request.message.clone(),
         shutdown: state.shutdown.clone(),
+        permissions: state.settings.permissions.clone(),
+        rules,
+        approvals: state.approvals.clone(),
     })
 }
 

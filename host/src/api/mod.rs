@@ -4,6 +4,7 @@ mod agents;
 pub mod error;
 mod messages;
 mod openapi;
+mod permissions;
 mod plugins;
 mod providers;
 mod runs;
@@ -38,6 +39,8 @@ pub struct AppState {
     pub models: providers::ModelsCache,
     /// Every session's events: live, and stored for replay.
     pub bus: crate::agent::Bus,
+    /// Tool calls waiting for a person's answer.
+    pub approvals: crate::agent::Approvals,
     /// Which directories sessions may use.
     pub work_dirs: Arc<WorkDirRules>,
     /// Becomes `true` when running steps must stop (shutdown grace is over).
@@ -73,6 +76,7 @@ impl AppState {
             runtime,
             settings: Arc::new(settings),
             runs: Default::default(),
+            approvals: Default::default(),
             models: Default::default(),
             shutdown,
             stopping,
@@ -114,6 +118,7 @@ pub fn router(state: AppState) -> Router {
         .merge(sessions::routes())
         .merge(messages::routes())
         .merge(runs::routes())
+        .merge(permissions::routes())
         .merge(plugins::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)

@@ -18,14 +18,17 @@ use super::AppState;
         super::sessions::list, super::sessions::create, super::sessions::show, super::sessions::update, super::sessions::remove,
         super::messages::message, super::messages::stream,
         super::runs::list, super::runs::show, super::runs::cancel, super::runs::abort, super::runs::run_events, super::runs::session_events,
+        super::permissions::list, super::permissions::show, super::permissions::reply,
         super::plugins::list, super::plugins::install, super::plugins::remove, super::plugins::reload, super::plugins::tools,
     ),
     components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block,
-        crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent)),
+        crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent,
+        crate::permissions::Rule, crate::permissions::Action)),
     tags(
         (name = "health"), (name = "providers", description = "Model providers and their write-only credentials"),
         (name = "agents"), (name = "sessions"), (name = "messages", description = "Messages: each starts a run of the agent loop"),
         (name = "runs", description = "Runs as stored resources, their cancel, and their events (resumable SSE)"),
+        (name = "permissions", description = "Tool calls waiting for a person's answer (allow, ask or deny rules)"),
         (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
     )
 )]

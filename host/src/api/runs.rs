@@ -52,7 +52,7 @@ pub struct EventsQuery {
     after: Option<u64>,
 }
 
-async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> {
+pub(super) async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> {
     if state.store.session_exists(id).await? {
         Ok(())
     } else {

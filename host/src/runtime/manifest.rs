@@ -55,6 +55,32 @@ pub struct ProviderSection {
     pub base_url_env: Option<String>,
 }
 
+/// How a tool call's permission subject is read (see `crate::permissions`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Deserialize, serde::Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PatternKind {
+    /// A shell command line: each simple command is matched on its own.
+    Command,
+    /// A path in the working directory, matched relative to it.
+    Path,
+    /// Any other text, matched as it is.
+    #[default]
+    Text,
+}
+
+/// Tool-only settings: what permission rules match a call against.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ToolSection {
+    /// The input field rule patterns match (`command`, `path`); without
+    /// one, only the pattern `*` can match this tool's calls.
+    pub pattern_field: Option<String>,
+    #[serde(default)]
+    pub pattern_kind: PatternKind,
+    /// The field's value when a call leaves it out (`.` for a search path).
+    pub pattern_default: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
@@ -67,6 +93,8 @@ pub struct Manifest {
     pub capabilities: Capabilities,
     #[serde(default)]
     pub provider: ProviderSection,
+    #[serde(default)]
+    pub tool: ToolSection,
 }
 
 impl Manifest {

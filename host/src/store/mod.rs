@@ -13,8 +13,10 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
+mod permissions;
 mod records;
 mod runs;
+pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
 pub use runs::RunRequest;
 
@@ -22,6 +24,8 @@ pub use runs::RunRequest;
 pub enum StoreError {
     #[error("{kind} `{id}` does not exist")]
     NotFound { kind: &'static str, id: String },
+    #[error("permission request `{id}` is already answered ({status})")]
+    Answered { id: String, status: &'static str },
     #[error("database: {0}")]
     Sqlite(#[from] rusqlite::Error),
     #[error("database migration: {0}")]
@@ -66,7 +70,9 @@ fn migrations() -> Migrations<'static> {
     // can no longer carry the time itself).
     M::up("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
     // Runs and the events of each session (issue: durable runs).
-    M::up(runs::MIGRATION)])
+    M::up(runs::MIGRATION),
+    // Permission rules of agents, requests and grants (issue: permissions).
+    M::up(permissions::MIGRATION)])
 }
 
 const AUTH_CHANGED: &str = "auth_updated_at";
@@ -277,8 +283,8 @@ impl Store {
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             c.execute(
-                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
                 params![
                     agent.id,
                     agent.name,
@@ -286,7 +292,8 @@ impl Store {
                     serde_json::to_string(&agent.tools)?,
                     serde_json::to_string(&agent.provider)?,
                     ts(&agent.created_at),
-                    ts(&agent.updated_at)
+                    ts(&agent.updated_at),
+                    serde_json::to_string(&agent.permissions)?
                 ],
             )?;
             Ok(agent)
@@ -297,14 +304,15 @@ impl Store {
     pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             let n = c.execute(
-                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6 WHERE id = ?1",
+                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7 WHERE id = ?1",
                 params![
                     agent.id,
                     agent.name,
                     agent.instructions,
                     serde_json::to_string(&agent.tools)?,
                     serde_json::to_string(&agent.provider)?,
-                    ts(&agent.updated_at)
+                    ts(&agent.updated_at),
+                    serde_json::to_string(&agent.permissions)?
                 ],
             )?;
             if n == 0 {
@@ -419,6 +427,7 @@ impl Store {
         self.write(move |c| {
             c.execute("DELETE FROM events WHERE session_id = ?1", [&id])?;
             c.execute("DELETE FROM runs WHERE session_id = ?1", [&id])?;
+            permissions::delete_for_session(c, &id)?;
             delete(c)
         })
         .await
@@ -505,18 +514,19 @@ fn delete_row(
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at FROM agents";
+const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions FROM agents";
 const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at FROM sessions";
 
 /// A row before its JSON columns are decoded (rusqlite's row closure cannot
 /// return our error type).
-struct RawAgent(Agent, String, String);
+struct RawAgent(Agent, String, String, String);
 
 impl RawAgent {
     fn finish(self) -> Result<Agent, StoreError> {
-        let RawAgent(mut agent, tools, provider) = self;
+        let RawAgent(mut agent, tools, provider, permissions) = self;
         agent.tools = serde_json::from_str(&tools)?;
         agent.provider = serde_json::from_str(&provider)?;
+        agent.permissions = serde_json::from_str(&permissions)?;
         Ok(agent)
     }
 }
@@ -529,11 +539,13 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
             instructions: row.get(2)?,
             tools: Vec::new(),
             provider: AgentProvider::default(),
+            permissions: Vec::new(),
             created_at: parse_ts(row.get(5)?)?,
             updated_at: parse_ts(row.get(6)?)?,
         },
         row.get(3)?,
         row.get(4)?,
+        row.get(7)?,
     ))
 }
 

@@ -15,6 +15,9 @@ pub struct Agent {
     /// Names of the tools the agent may call.
     pub tools: Vec<String>,
     pub provider: AgentProvider,
+    /// Rules deciding which tool calls run, wait for an answer, or are
+    /// refused; the last that matches wins (after the config file's).
+    pub permissions: Vec<crate::permissions::Rule>,
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
@@ -227,7 +230,7 @@ pub struct StoredEvent {
     pub data: String,
 }
 
-fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => rfc3339(t, s),
         None => s.serialize_none(),
@@ -237,7 +240,7 @@ fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, 
 /// The same text as chrono's own `Serialize`, written in one piece: chrono
 /// writes through `Display`, which reaches serde_json's escaper one char at
 /// a time, and that was the largest single cost of `GET /agents`.
-fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub(super) fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 

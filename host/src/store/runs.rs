@@ -329,6 +329,7 @@ impl Store {
                 .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
                 .collect::<Result<_, _>>()?;
             let at = super::now();
+            super::permissions::interrupt_pending(c, &at)?;
             for (run, session) in &runs {
                 let result = RunResult {
                     error: Some(super::RunFailure { error: reason.to_string(), code: "interrupted".into() }),
