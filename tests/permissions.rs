@@ -494,3 +494,21 @@ async fn a_bad_config_rule_stops_the_server_at_start_naming_it() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("rule 0 of [permissions] in the config file"), "{err}");
 }
+
+#[tokio::test]
+async fn a_symlink_cannot_carry_a_write_past_a_path_rule() {
+    let s = setup(
+        vec![calls("w1", "write", json!({"filePath": "src/link/stolen.txt", "content": "x"})), done()],
+        "",
+        json!([{"tool": "write", "pattern": "*", "action": "deny"}, {"tool": "write", "pattern": "src/**", "action": "allow"}]),
+    )
+    .await;
+    std::fs::create_dir_all(s.work.path().join("src")).unwrap();
+    std::fs::create_dir_all(s.work.path().join("config")).unwrap();
+    std::os::unix::fs::symlink("../config", s.work.path().join("src/link")).unwrap();
+    let (status, body) = s.server.post(&s.path("/message"), json!({"agent_id": s.agent, "message": "go"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!s.work.path().join("config/stolen.txt").exists(), "the write went through the link");
+    let text = s.result_sent("w1")["content"].to_string();
+    assert!(text.contains("config/stolen.txt") && text.contains("denied"), "{text}");
+}

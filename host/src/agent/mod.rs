@@ -659,7 +659,16 @@ impl Run {
             })
             .or_else(|| section.pattern_default.clone());
         let value = match section.pattern_kind {
-            PatternKind::Path => value.map(|p| permissions::normalise_path(&p, self.session.work_dir.as_deref())),
+            PatternKind::Path => value.map(|p| {
+                let lexical = permissions::normalise_path(&p, self.session.work_dir.as_deref());
+                // Where the path really leads inside the working directory
+                // (a link in `src/` to `../secrets` is `secrets`); a path
+                // that leads out keeps its text, and the sandbox refuses it.
+                match &self.work_dir {
+                    Some(Ok(dir)) if !lexical.starts_with('/') => dir.resolve(&lexical).unwrap_or(lexical),
+                    _ => lexical,
+                }
+            }),
             _ => value,
         };
         Subject { kind: section.pattern_kind, value }

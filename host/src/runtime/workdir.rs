@@ -75,6 +75,63 @@ impl WorkDir {
         &self.path
     }
 
+    /// Where a relative path inside this directory really leads, symlinks
+    /// followed, as a path relative to it (`None` when the path leads out
+    /// of it, or cannot be read). The part of the path that does not exist
+    /// yet (a file about to be written) is kept as given. Permission rules
+    /// match this, so a link inside `src/` cannot carry a write elsewhere.
+    pub fn resolve(&self, relative: &str) -> Option<String> {
+        let parts: Vec<&str> = relative.split('/').filter(|p| !p.is_empty() && *p != ".").collect();
+        if parts.contains(&"..") {
+            return None;
+        }
+        let base = std::fs::read_link(self.fd_path()).ok()?;
+        for existing in (0..=parts.len()).rev() {
+            let prefix = if existing == 0 { ".".to_string() } else { parts[..existing].join("/") };
+            match self.open_beneath(&prefix) {
+                Ok(fd) => {
+                    let real = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+                    let mut inside = real.strip_prefix(&base).ok()?.to_string_lossy().into_owned();
+                    for rest in &parts[existing..] {
+                        if !inside.is_empty() {
+                            inside.push('/');
+                        }
+                        inside.push_str(rest);
+                    }
+                    return Some(if inside.is_empty() { ".".into() } else { inside });
+                }
+                Err(e) if e.raw_os_error() == Some(libc::ENOENT) || e.raw_os_error() == Some(libc::ENOTDIR) => continue,
+                Err(_) => return None,
+            }
+        }
+        None
+    }
+
+    /// Opens a path below this directory without leaving it
+    /// (`RESOLVE_BENEATH`), as `O_PATH`: nothing is read, a FIFO does not block.
+    fn open_beneath(&self, relative: &str) -> io::Result<OwnedFd> {
+        let c_path = CString::new(relative.as_bytes()).map_err(io::Error::other)?;
+        // SAFETY: zeroed `open_how` is valid (all fields are integers).
+        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
+        how.resolve = libc::RESOLVE_BENEATH;
+        // SAFETY: valid descriptor, C string and `open_how` of the size passed.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_openat2,
+                self.fd.as_raw_fd(),
+                c_path.as_ptr(),
+                &how as *const libc::open_how,
+                std::mem::size_of::<libc::open_how>(),
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+    }
+
     /// A path that opens this very directory whatever its name leads to
     /// now (`/proc/self/fd/N`), for APIs that take a path.
     pub fn fd_path(&self) -> PathBuf {
@@ -190,6 +247,23 @@ fn resolved(path: &Path) -> PathBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resolve_follows_links_inside_and_refuses_links_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(root.join("src/deep")).unwrap();
+        std::fs::create_dir(root.join("other")).unwrap();
+        std::os::unix::fs::symlink("../other", root.join("src/link")).unwrap();
+        std::os::unix::fs::symlink("/etc", root.join("src/out")).unwrap();
+        let w = WorkDir::open(&root).unwrap();
+        assert_eq!(w.resolve("src/deep/new.rs").as_deref(), Some("src/deep/new.rs"));
+        assert_eq!(w.resolve("src/link/x.txt").as_deref(), Some("other/x.txt"));
+        assert_eq!(w.resolve("src/link").as_deref(), Some("other"));
+        assert_eq!(w.resolve(".").as_deref(), Some("."));
+        assert_eq!(w.resolve("src/out/passwd"), None);
+        assert_eq!(w.resolve("../x"), None);
+    }
 
     #[test]
     fn a_work_dir_may_not_hold_or_lie_inside_the_servers_files() {
