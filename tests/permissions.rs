@@ -422,6 +422,11 @@ action = "allow"
 tool = "write"
 pattern = "*"
 action = "deny"
+
+[[permissions.enforce]]
+tool = "bash"
+pattern = "sudo *"
+action = "deny"
 "#;
     let s = setup(
         vec![
@@ -430,11 +435,12 @@ action = "deny"
                 ("w1", "write", json!({"filePath": "a.txt", "content": "changed"})),
                 ("w2", "write", json!({"filePath": "notes/n.txt", "content": "n"})),
                 ("b1", "bash", json!({"command": "ls"})),
+                ("b2", "bash", json!({"command": "ls; sudo id"})),
             ]),
             done(),
         ],
         config,
-        json!([{"tool": "write", "pattern": "notes/**", "action": "allow"}]),
+        json!([{"tool": "write", "pattern": "notes/**", "action": "allow"}, {"tool": "bash", "pattern": "sudo *", "action": "allow"}]),
     )
     .await;
     std::fs::write(s.work.path().join("a.txt"), "a").unwrap();
@@ -452,6 +458,7 @@ action = "deny"
     assert_eq!(by_id("w2")["is_error"], false, "the agent's rule comes after the config's");
     assert_eq!(std::fs::read_to_string(s.work.path().join("a.txt")).unwrap(), "a");
     assert!(s.work.path().join("notes/n.txt").exists());
+    assert!(by_id("b2")["content"].as_str().unwrap().contains("enforced rule 0"), "an agent cannot lift an enforced rule: {results:?}");
 }
 
 #[tokio::test]

@@ -144,9 +144,14 @@ pub struct PermissionsConfig {
     pub default: Option<Action>,
     /// Seconds a permission request waits before it is `timed_out` [default: 600].
     pub timeout_s: Option<u64>,
-    /// Rules applied before each agent's own (`[[permissions.rules]]`).
+    /// Rules applied before each agent's own (`[[permissions.rules]]`):
+    /// defaults an agent's rules may override.
     #[serde(default)]
     pub rules: Vec<Rule>,
+    /// Rules applied after each agent's own (`[[permissions.enforce]]`):
+    /// limits no agent can lift, such as a `deny` of `sudo *`.
+    #[serde(default)]
+    pub enforce: Vec<Rule>,
 }
 
 /// The permission settings in force.
@@ -155,6 +160,7 @@ pub struct PermissionSettings {
     pub default: Action,
     pub timeout: Duration,
     pub rules: Vec<Compiled>,
+    pub enforce: Vec<Compiled>,
 }
 
 /// Default of `[permissions] timeout_s`.
@@ -286,6 +292,7 @@ impl Settings {
             default: file.permissions.default.unwrap_or_default(),
             timeout: Duration::from_secs(timeout_s),
             rules: crate::permissions::compile(&file.permissions.rules, Origin::Config)?,
+            enforce: crate::permissions::compile(&file.permissions.enforce, Origin::Enforced)?,
         });
         Ok(Settings {
             permissions,

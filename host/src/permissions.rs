@@ -74,6 +74,9 @@ pub enum Origin {
     Config(usize),
     /// The agent's `permissions`, by index.
     Agent(usize),
+    /// `[[permissions.enforce]]` of the config file, by index: after the
+    /// agent's, so no agent can override them.
+    Enforced(usize),
 }
 
 impl fmt::Display for Origin {
@@ -81,6 +84,7 @@ impl fmt::Display for Origin {
         match self {
             Origin::Config(i) => write!(f, "rule {i} of [permissions] in the config file"),
             Origin::Agent(i) => write!(f, "`permissions[{i}]` of the agent"),
+            Origin::Enforced(i) => write!(f, "enforced rule {i} of [permissions] in the config file"),
         }
     }
 }
@@ -195,7 +199,8 @@ pub enum Decision {
 
 /// Everything that decides a session's calls for one agent.
 pub struct Policy<'a> {
-    /// The config file's rules, then the agent's.
+    /// The config file's rules, then the agent's, then the config file's
+    /// enforced ones.
     pub rules: Vec<&'a Compiled>,
     pub default: Action,
     pub grants: &'a [Grant],

@@ -547,7 +547,7 @@ impl Run {
     /// Whether no rule can say anything but `allow` (then nothing is checked).
     fn everything_allowed(&self) -> bool {
         self.permissions.default == permissions::Action::Allow
-            && self.permissions.rules.iter().chain(&self.rules).all(|r| r.rule.action == permissions::Action::Allow)
+            && self.permissions.rules.iter().chain(&self.rules).chain(&self.permissions.enforce).all(|r| r.rule.action == permissions::Action::Allow)
     }
 
     /// What the permission rules (and the session's grants) say about each
@@ -568,7 +568,7 @@ impl Run {
             }
         };
         let policy = permissions::Policy {
-            rules: self.permissions.rules.iter().chain(&self.rules).collect(),
+            rules: self.permissions.rules.iter().chain(&self.rules).chain(&self.permissions.enforce).collect(),
             default: self.permissions.default,
             grants: &grants,
         };

@@ -91,17 +91,22 @@ fn max_seq(c: &Connection, session: &str) -> rusqlite::Result<u64> {
 /// Gives every `tool_use` of the history that has no result an error
 /// result saying why, so the history is valid for the provider again.
 pub fn answer_unanswered(history: &mut Vec<HistoryMessage>, reason: &str) -> usize {
-    let mut answered = std::collections::HashSet::new();
-    for message in history.iter() {
-        for block in &message.content {
-            if let Block::ToolResult { tool_use_id, .. } = block {
-                answered.insert(tool_use_id.clone());
-            }
-        }
-    }
     let mut added = 0;
     let mut i = 0;
     while i < history.len() {
+        // A call is answered by a result in the message right after it
+        // (ids are only unique per turn: some models reuse them).
+        let answered: std::collections::HashSet<String> = match history.get(i + 1) {
+            Some(next) if next.role == HistoryRole::User => next
+                .content
+                .iter()
+                .filter_map(|b| match b {
+                    Block::ToolResult { tool_use_id, .. } => Some(tool_use_id.clone()),
+                    _ => None,
+                })
+                .collect(),
+            _ => Default::default(),
+        };
         let missing: Vec<Block> = history[i]
             .content
             .iter()
@@ -404,5 +409,10 @@ mod tests {
         assert!(matches!(&history[2].content[0], Block::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "b"));
         assert!(matches!(&history[4].content[0], Block::ToolResult { tool_use_id, content, .. } if tool_use_id == "c" && content == "restarted"));
         assert_eq!(answer_unanswered(&mut history, "again"), 0, "a valid history is left as it is");
+        // An id used again in a later turn is answered there, not by the
+        // earlier turn's result.
+        history.push(msg(HistoryRole::Assistant, vec![use_("a")]));
+        assert_eq!(answer_unanswered(&mut history, "restarted"), 1);
+        assert!(matches!(&history[6].content[0], Block::ToolResult { tool_use_id, .. } if tool_use_id == "a"));
     }
 }
