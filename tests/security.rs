@@ -322,3 +322,76 @@ async fn fifos_fail_fast_and_500_of_them_in_one_turn_leave_the_server_responsive
     let grep = &calls[READS as usize + 2];
     assert!(grep["output"].as_str().unwrap().contains("plain.txt"), "grep skips the FIFO and searches the rest: {grep}");
 }
+
+/// The database and its WAL, as bytes.
+fn database_bytes(server: &Server) -> Vec<u8> {
+    let db = server.db_path();
+    let mut bytes = std::fs::read(&db).unwrap();
+    if let Ok(wal) = std::fs::read(db.with_extension("db-wal")) {
+        bytes.extend(wal);
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+#[tokio::test]
+async fn provider_keys_are_sealed_at_rest_and_a_lost_server_key_is_a_clear_error() {
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::text_answer(&["one"], 1, 1)),
+        Reply::sse(anthropic::text_answer(&["two"], 1, 1)),
+    ])
+    .await;
+    let server = Server::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let (agent, session) = agent_and_session(&server, &fake, json!([]), work.path()).await;
+    assert!(!contains(&database_bytes(&server), KEY), "the database holds the key in plain text");
+    let key_file = server.dir.path().join("data/hangar/secret.key");
+    let meta = std::fs::metadata(&key_file).expect("the server key file is created on first start");
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o777, 0o600);
+
+    let message = json!({"agent_id": agent, "message": "hi"});
+    let (status, body) = server.post(&format!("/sessions/{session}/message"), message.clone()).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY), "the sealed key opens for the run");
+
+    // The key file is lost: a new one is made at start, and the stored key
+    // cannot be opened. A clear error naming the file, not a crash.
+    std::fs::remove_file(&key_file).unwrap();
+    let server = server.restart();
+    let (status, body) = server.post(&format!("/sessions/{session}/message"), message.clone()).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "key_unreadable");
+    assert!(body["error"].as_str().unwrap().contains(key_file.to_str().unwrap()), "{body}");
+    let (status, _) = server.get("/provider/auth").await;
+    assert_eq!(status, 200, "the rest of the API works");
+    // Storing the key again heals it.
+    let (status, _) = server
+        .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}}))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = server.post(&format!("/sessions/{session}/message"), message).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!server.log().contains(KEY), "no log line holds the key");
+}
+
+#[tokio::test]
+async fn keys_stored_in_plain_text_by_an_older_version_are_sealed_at_start() {
+    let fake = FakeServer::start(vec![Reply::sse(anthropic::text_answer(&["ok"], 1, 1))]).await;
+    let mut server = Server::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    let (agent, session) = agent_and_session(&server, &fake, json!([]), work.path()).await;
+    assert!(server.terminate().success());
+    // What an older version left: the key as it was sent.
+    let db = rusqlite::Connection::open(server.db_path()).unwrap();
+    db.execute("UPDATE provider_auth SET secret = ?1", [KEY]).unwrap();
+    drop(db);
+    let server = server.restart_stopped();
+    assert!(server.log().contains("sealed provider keys stored in plain text"), "{}", server.log());
+    assert!(!contains(&database_bytes(&server), KEY));
+    let (status, body) = server.post(&format!("/sessions/{session}/message"), json!({"agent_id": agent, "message": "hi"})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY));
+}

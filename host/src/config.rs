@@ -77,6 +77,11 @@ pub struct ServeArgs {
     /// [default: 1024]
     #[arg(long, value_name = "N")]
     pub max_connections_per_client: Option<usize>,
+    /// File holding the server key that seals provider keys in the
+    /// database, created (mode 0600) on first start; `HANGAR_SECRET_KEY`
+    /// (64 hex digits) wins over it [default: $XDG_DATA_HOME/hangar/secret.key]
+    #[arg(long, value_name = "FILE")]
+    pub secret_key_file: Option<PathBuf>,
     /// How long a run's events are kept after it ends, for clients that
     /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
@@ -115,6 +120,8 @@ pub struct FileConfig {
     pub max_steps: Option<u32>,
     /// How long a run's events are kept after it ends (`24h`).
     pub event_retention: Option<String>,
+    /// The server key's file (see `--secret-key-file`).
+    pub secret_key_file: Option<PathBuf>,
     pub header_timeout_ms: Option<u64>,
     pub max_connections_per_client: Option<usize>,
     /// Refuse `bash` where the kernel cannot confine it fully.
@@ -205,6 +212,10 @@ pub struct Settings {
     /// Most connections open at once from one IP address.
     pub max_connections_per_client: usize,
     pub permissions: std::sync::Arc<PermissionSettings>,
+    /// The server key's file: one of the server's own files, like the database.
+    pub secret_key_file: PathBuf,
+    /// `HANGAR_SECRET_KEY`, when set (it wins over the file).
+    pub secret_key: Option<crate::runtime::Secret>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -294,7 +305,14 @@ impl Settings {
             rules: crate::permissions::compile(&file.permissions.rules, Origin::Config)?,
             enforce: crate::permissions::compile(&file.permissions.enforce, Origin::Enforced)?,
         });
+        let secret_key_file = match args.secret_key_file.or(file.secret_key_file) {
+            Some(path) => path,
+            None => data()?.join("secret.key"),
+        };
+        let secret_key = std::env::var("HANGAR_SECRET_KEY").ok().filter(|k| !k.is_empty()).map(crate::runtime::Secret::new);
         Ok(Settings {
+            secret_key_file,
+            secret_key,
             permissions,
             host,
             installed_dir: db.with_extension("plugins"),

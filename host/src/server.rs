@@ -38,10 +38,18 @@ pub enum ServeError {
     Bind { addr: String, source: std::io::Error },
     #[error("server: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    SecretKey(#[from] crate::store::secrets::SecretError),
 }
 
+use crate::store::secrets::SecretBox;
+
 pub async fn serve(settings: Settings) -> Result<(), ServeError> {
-    let store = Store::open(&settings.db)?;
+    let secrets = SecretBox::load(settings.secret_key.as_ref().map(|k| k.expose()), &settings.secret_key_file)?;
+    let (store, sealed) = Store::open(&settings.db)?.with_secrets(secrets).await?;
+    if sealed > 0 {
+        tracing::info!(keys = sealed, "sealed provider keys stored in plain text by an older version");
+    }
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(settings.cache_dir.clone()),
         policy: settings.policy.clone(),

@@ -52,6 +52,15 @@ impl Server {
         Self::launch(dir, args, envs)
     }
 
+    /// Starts a server stopped with [`Server::terminate`] again, on the same
+    /// data directory.
+    pub fn restart_stopped(mut self) -> Server {
+        assert!(self.child.is_none(), "stopped first");
+        let (dir, args, envs) = (self.dir.clone(), self.args.clone(), self.envs.clone());
+        drop(self);
+        Self::launch(dir, args, envs)
+    }
+
     /// The server's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("running").id()
@@ -138,6 +147,7 @@ fn spawn(dir: &Path, args: &[String], envs: &[(String, String)]) -> Result<(Chil
         .env_remove("OPENAI_BASE_URL")
         .env_remove("OLLAMA_HOST")
         .env_remove("HANGAR_TOKEN")
+        .env_remove("HANGAR_SECRET_KEY")
         .env("RUST_LOG", "info,hangar=debug")
         .stdout(Stdio::null())
         .stderr(Stdio::piped());

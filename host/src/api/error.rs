@@ -64,6 +64,9 @@ pub enum ApiError {
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
     WorkDir(#[from] WorkDirError),
+    /// A stored provider key that the server key cannot open.
+    #[error("{0}")]
+    KeyUnreadable(String),
     #[error("{0}")]
     Store(StoreError),
     #[error("{0}")]
@@ -140,6 +143,7 @@ impl ApiError {
                 "invalid_request" => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
                 "interrupted" => (StatusCode::SERVICE_UNAVAILABLE, "interrupted"),
                 "plugin_failed" => (StatusCode::BAD_GATEWAY, "plugin_failed"),
+                "key_unreadable" => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
             ApiError::TooManyConnections { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
@@ -151,6 +155,7 @@ impl ApiError {
                 }
                 _ => (StatusCode::BAD_GATEWAY, "plugin_failed"),
             },
+            ApiError::KeyUnreadable(_) => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
             ApiError::Store(_) | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }

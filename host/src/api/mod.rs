@@ -62,7 +62,7 @@ impl AppState {
     ) -> AppState {
         let work_dirs = WorkDirRules::new(
             settings.work_roots.clone(),
-            &[("the database", &settings.db), ("the config file", &settings.config_path)],
+            &[("the database", &settings.db), ("the config file", &settings.config_path), ("the secret key file", &settings.secret_key_file)],
             &[
                 ("the compile cache", &settings.cache_dir),
                 ("the plugins directory", &settings.plugins_dir),

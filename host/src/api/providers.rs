@@ -74,6 +74,9 @@ pub struct ProviderAuthStatus {
     source: Option<&'static str>,
     /// The base URL in force, if not the vendor's default.
     base_url: Option<String>,
+    /// Why the stored key cannot be used (it was sealed under another server key).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// `PUT /provider/auth`: merged into what is stored.
@@ -149,6 +152,9 @@ fn with_scheme(url: String) -> String {
 pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<ProviderAccess> {
     let record = state.store.auth_record(plugin.id()).await?;
     let section = &plugin.manifest.provider;
+    if let Some(why) = record.as_ref().and_then(|r| r.unreadable.clone()) {
+        return Err(ApiError::KeyUnreadable(why));
+    }
     Ok(match record {
         Some(AuthRecord { secret: Some(secret), base_url, .. }) => {
             ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
@@ -188,9 +194,15 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
     let mut providers_out = BTreeMap::new();
     for (plugin, info) in providers(&state).await? {
         let record = records.get(plugin.id());
-        let access = access(&state, &plugin).await?;
+        // A key the server key cannot open is still a stored key; the
+        // error shows here rather than failing the whole list.
+        let unreadable = record.and_then(|r| r.unreadable.clone());
+        let access = match access(&state, &plugin).await {
+            Err(ApiError::KeyUnreadable(_)) => ProviderAccess { base_url: record.and_then(|r| r.base_url.clone()), credential: None },
+            other => other?,
+        };
         let needs_key = !info.auth_types.is_empty();
-        let source = match (record.and_then(|r| r.secret.as_ref()), &access.credential) {
+        let source = match (record.and_then(|r| r.secret.as_ref().or(r.unreadable.as_ref())), &access.credential) {
             (Some(_), _) => Some("stored"),
             (None, Some(_)) => Some("environment"),
             (None, None) => None,
@@ -199,9 +211,10 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
             info.id.clone(),
             ProviderAuthStatus {
                 auth_type: info.auth_types.first().cloned().unwrap_or_else(|| "none".into()),
-                configured: !needs_key || source.is_some(),
+                configured: !needs_key || (source.is_some() && unreadable.is_none()),
                 source,
                 base_url: access.base_url,
+                error: unreadable,
             },
         );
     }
@@ -257,6 +270,7 @@ pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): Js
             secret: input.key.or_else(|| existing.and_then(|r| r.secret)),
             base_url: new_base,
             updated_at: now(),
+            unreadable: None,
         });
     }
     let changed: Vec<String> = records.iter().map(|r| r.provider.clone()).collect();

@@ -16,6 +16,7 @@ use rusqlite_migration::{M, Migrations};
 mod permissions;
 mod records;
 mod runs;
+pub mod secrets;
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
 pub use runs::RunRequest;
@@ -125,6 +126,8 @@ pub struct Store {
     readers: Arc<Mutex<Vec<Connection>>>,
     path: Arc<Path>,
     agents: Arc<AgentCache>,
+    /// Seals provider keys before they are written, opens them when read.
+    secrets: Arc<secrets::SecretBox>,
 }
 
 /// Every agent, in memory: a small table read by every `GET /agents` and
@@ -180,6 +183,9 @@ impl Store {
         let mut conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // What a write replaces is overwritten where that costs no extra
+        // I/O: an old (or plain-text) provider key does not linger in a page.
+        conn.pragma_update(None, "secure_delete", "FAST")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
@@ -199,7 +205,47 @@ impl Store {
         };
         spawn("hangar-db-writer", Box::new(move || write_loop(conn, jobs, wake, written)))?;
         spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wakes, written_too)))?;
-        Ok(Store { writer, readers: Default::default(), path: path.into(), agents: Default::default() })
+        Ok(Store {
+            writer,
+            readers: Default::default(),
+            path: path.into(),
+            agents: Default::default(),
+            secrets: Arc::new(secrets::SecretBox::ephemeral()),
+        })
+    }
+
+    /// Seals provider keys with `secrets` (the server key) from now on, and
+    /// seals any key still stored in plain text (from before keys were
+    /// sealed). Returns how many were sealed now.
+    pub async fn with_secrets(mut self, secrets: secrets::SecretBox) -> Result<(Store, usize), StoreError> {
+        self.secrets = Arc::new(secrets);
+        let sealer = self.secrets.clone();
+        let sealed = self
+            .write(move |c| {
+                let plain: Vec<(String, String)> = c
+                    .prepare("SELECT provider, secret FROM provider_auth WHERE secret IS NOT NULL")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                    .filter(|row| row.as_ref().map_or(true, |(_, s): &(String, String)| !secrets::SecretBox::is_sealed(s)))
+                    .collect::<Result<_, _>>()?;
+                for (provider, secret) in &plain {
+                    c.execute("UPDATE provider_auth SET secret = ?2 WHERE provider = ?1", params![provider, sealer.seal(secret)])?;
+                }
+                Ok(plain.len())
+            })
+            .await?;
+        if sealed > 0 {
+            // Copy the sealed pages over the plain ones in the database file
+            // now, and empty the WAL that held the plain text.
+            let path = self.path.clone();
+            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                let conn = Self::open_connection(&path)?;
+                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                Ok(())
+            })
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))??;
+        }
+        Ok((self, sealed))
     }
 
     /// A further connection to the database `open` migrated.
@@ -443,6 +489,25 @@ impl Store {
             Ok(rows)
         })
         .await
+        .map(|rows| rows.into_iter().map(|r| self.unseal(r)).collect())
+    }
+
+    /// Opens a record's sealed key; one sealed under another server key
+    /// is kept out, with the reason.
+    fn unseal(&self, mut record: AuthRecord) -> AuthRecord {
+        if let Some(stored) = record.secret.take() {
+            if !secrets::SecretBox::is_sealed(&stored) {
+                record.secret = Some(stored);
+            } else if let Some(plain) = self.secrets.open(&stored) {
+                record.secret = Some(plain);
+            } else {
+                record.unreadable = Some(format!(
+                    "the stored key of provider `{}` cannot be opened with the server key from {}: it was sealed under another key (was the key file replaced or lost?); store the key again with PUT /provider/auth",
+                    record.provider, self.secrets.source
+                ));
+            }
+        }
+        record
     }
 
     pub async fn auth_record(&self, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
@@ -456,16 +521,19 @@ impl Store {
             .optional()?)
         })
         .await
+        .map(|r| r.map(|r| self.unseal(r)))
     }
 
     /// Writes several records at once: a PUT either applies whole or not at all.
     pub async fn put_auth_records(&self, records: Vec<AuthRecord>) -> Result<(), StoreError> {
+        let sealer = self.secrets.clone();
         self.write(move |c| {
             for r in &records {
+                let secret = r.secret.as_deref().map(|s| sealer.seal(s));
                 c.execute(
                     "INSERT INTO provider_auth (provider, auth_type, secret, base_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
                      ON CONFLICT(provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
-                    params![r.provider, r.auth_type, r.secret, r.base_url, ts(&r.updated_at)],
+                    params![r.provider, r.auth_type, secret, r.base_url, ts(&r.updated_at)],
                 )?;
                 touch_auth(c, &r.updated_at)?;
             }
@@ -579,6 +647,7 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
         secret: row.get(2)?,
         base_url: row.get(3)?,
         updated_at: parse_ts(row.get(4)?)?,
+        unreadable: None,
     })
 }
 

@@ -253,6 +253,8 @@ pub struct AuthRecord {
     pub secret: Option<String>,
     pub base_url: Option<String>,
     pub updated_at: DateTime<Utc>,
+    /// Why a stored key could not be opened (sealed under another server key).
+    pub unreadable: Option<String>,
 }
 
 impl std::fmt::Debug for AuthRecord {
