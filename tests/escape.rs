@@ -317,3 +317,31 @@ mkfifo \"$TMPDIR/fifo\"; echo tmpfifo=$?";
     assert_eq!(fs::read_to_string("/proc/sys/kernel/hostname").unwrap(), hostname);
     assert!(!fx.work.join("kmsg").exists() && !fx.work.join("fifo").exists());
 }
+
+#[tokio::test]
+async fn a_command_running_as_root_reads_only_the_parts_of_etc_programs_need() {
+    let rt = common::runtime();
+    let fx = fixture();
+    let script = "for f in /etc/shadow /etc/gshadow /etc/sudoers /etc/ssh/sshd_config /etc/hostname /etc/machine-id; do
+  if [ -e \"$f\" ]; then cat \"$f\" > /dev/null 2>&1; echo \"$f=$?\"; fi
+done
+ls /etc > /dev/null 2>&1; echo list=$?
+head -c 5 /etc/passwd; echo
+getent passwd root | cut -d: -f1
+echo tls=$(ls /etc/ssl/certs | head -1 | wc -l)
+id -un";
+    let out = common::call(&rt, "bash", json!({"command": script}), &fx.work).await;
+    let text = out.text;
+    if hangar::runtime::policy::confinement().landlock_abi == 0 {
+        eprintln!("SKIPPED: no Landlock on this kernel");
+        return;
+    }
+    assert!(text.contains("/etc/shadow=1"), "shadow is unreadable, even to root: {text}");
+    for line in text.lines().filter(|l| l.starts_with("/etc/")) {
+        assert!(!line.ends_with("=0"), "read outside the list: {line} in {text}");
+    }
+    assert!(text.contains("list=2"), "/etc cannot be listed: {text}");
+    assert!(text.contains("root:"), "passwd is readable: {text}");
+    assert!(text.contains("\nroot\n"), "users resolve by name: {text}");
+    assert!(text.contains("tls=1"), "TLS roots are readable: {text}");
+}

@@ -69,8 +69,47 @@ const NET_ABI: i32 = 4;
 /// (for testing what the server reports and does there).
 pub const ABI_LIMIT_ENV: &str = "HANGAR_LANDLOCK_ABI";
 
-/// Read and execute: programs, libraries, configuration.
-const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc"];
+/// Read and execute: programs and libraries.
+const SYSTEM_DIRS: &[&str] = &["/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"];
+/// The parts of `/etc` programs need (the loader, users and groups by name,
+/// name resolution, TLS roots, time zone, shell start-up, alternatives),
+/// readable even by a command running as root; never `shadow`, `gshadow`,
+/// `sudoers`, `ssh/` or anything else. A listed symlink grants its target.
+const ETC_READABLE: &[&str] = &[
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.conf.d",
+    "/etc/passwd",
+    "/etc/group",
+    "/etc/nsswitch.conf",
+    "/etc/host.conf",
+    "/etc/hosts",
+    "/etc/resolv.conf",
+    "/etc/gai.conf",
+    "/etc/services",
+    "/etc/protocols",
+    "/etc/ssl",
+    "/etc/ca-certificates",
+    "/etc/ca-certificates.conf",
+    "/etc/pki",
+    "/etc/alternatives",
+    "/etc/localtime",
+    "/etc/timezone",
+    "/etc/profile",
+    "/etc/profile.d",
+    "/etc/bash.bashrc",
+    "/etc/inputrc",
+    "/etc/environment",
+    "/etc/mime.types",
+    "/etc/magic",
+    "/etc/terminfo",
+    "/etc/os-release",
+    "/etc/debian_version",
+    "/etc/lsb-release",
+    "/etc/gitconfig",
+    "/etc/python3",
+    "/etc/locale.alias",
+];
 /// Devices scripts expect to write to or read from; none reveals anything.
 const DEVICES: &[&str] = &["/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom"];
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -306,6 +345,7 @@ fn fs_ruleset(abi: ABI, work_dir: &WorkDir, tmp: &Path) -> Result<RulesetCreated
         .create()?
         // `path_beneath_rules` skips paths that do not exist (`/lib32`, ...).
         .add_rules(path_beneath_rules(SYSTEM_DIRS, AccessFs::from_read(abi)))?
+        .add_rules(path_beneath_rules(ETC_READABLE, AccessFs::from_read(abi)))?
         .add_rules(path_beneath_rules(DEVICES, all))?
         // The directory that was checked, by its descriptor: not a path
         // that could have been swapped for a symlink since.
