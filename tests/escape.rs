@@ -345,3 +345,49 @@ id -un";
     assert!(text.contains("\nroot\n"), "users resolve by name: {text}");
     assert!(text.contains("tls=1"), "TLS roots are readable: {text}");
 }
+
+/// A runtime whose commands get `limits`.
+fn runtime_with_command_limits(limits: hangar::runtime::cgroup::CommandLimits) -> Runtime {
+    let rt = bare_runtime(Policy { commands: limits, ..Default::default() });
+    rt.add_builtins().unwrap();
+    rt
+}
+
+#[tokio::test]
+async fn commands_are_held_to_their_memory_process_and_file_size_limits() {
+    let limits = hangar::runtime::cgroup::CommandLimits {
+        memory_bytes: 64 << 20,
+        max_processes: 32,
+        cpu_seconds: None,
+        file_size_bytes: 1 << 20,
+    };
+    let rt = runtime_with_command_limits(limits);
+    let fx = fixture();
+    let controllers = hangar::runtime::cgroup::controllers();
+
+    // 2 GB asked for: stopped at the memory limit, and the host carries on.
+    let hog = "python3 -c 'b = bytearray(2 * 1024 ** 3); print(len(b))'";
+    let out = common::call(&rt, "bash", json!({"command": hog}), &fx.work).await;
+    assert!(!out.text.contains("2147483648"), "the allocation succeeded: {}", out.text);
+    if controllers.memory.is_some() {
+        assert!(out.text.contains("killed: memory limit 64 MB"), "{}", out.text);
+    }
+
+    // A file over the size limit is cut off and the result says so.
+    let big = "head -c 3000000 /dev/zero > big.bin";
+    let out = common::call(&rt, "bash", json!({"command": big}), &fx.work).await;
+    assert!(out.text.contains("file size limit 1 MB"), "{}", out.text);
+    assert!(fs::metadata(fx.work.join("big.bin")).unwrap().len() <= 1 << 20);
+
+    // A fork bomb meets the process limit and ends with its call.
+    if controllers.pids.is_some() {
+        let bomb = "bomb() { bomb | bomb & }; bomb; sleep 2; echo survived";
+        let out = common::call(&rt, "bash", json!({"command": bomb, "timeout": 8000}), &fx.work).await;
+        assert!(out.text.contains("process limit 32 reached"), "{}", out.text);
+    } else {
+        eprintln!("SKIPPED: fork bomb check: no pids cgroup on this host");
+    }
+    // The host is fine: a normal command still runs.
+    let out = common::call(&rt, "bash", json!({"command": "echo still-here"}), &fx.work).await;
+    assert!(out.text.contains("still-here"), "{}", out.text);
+}

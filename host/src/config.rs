@@ -134,6 +134,9 @@ pub struct FileConfig {
     /// Default per-call limits of every plugin.
     #[serde(default)]
     pub limits: LimitsConfig,
+    /// Limits of each command a plugin granted `process` runs.
+    #[serde(default)]
+    pub process: ProcessConfig,
     /// Capabilities granted to third-party plugins, by plugin name.
     #[serde(default)]
     pub plugins: HashMap<String, PluginPolicy>,
@@ -172,6 +175,20 @@ pub struct PermissionSettings {
 
 /// Default of `[permissions] timeout_s`.
 pub const DEFAULT_PERMISSION_TIMEOUT: Duration = Duration::from_secs(600);
+
+/// `[process]`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessConfig {
+    /// Memory of one command and everything it starts [default: 1024].
+    pub memory_mb: Option<u64>,
+    /// Processes (and threads) at once [default: 256].
+    pub max_processes: Option<u64>,
+    /// CPU time [default: the call's timeout].
+    pub cpu_seconds: Option<u64>,
+    /// Largest file a command may write [default: 1024].
+    pub file_size_mb: Option<u64>,
+}
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -337,6 +354,16 @@ impl Settings {
                 defaults: limits,
                 require_confinement: file.require_confinement,
                 allow_unconfined_commands: file.allow_unconfined_commands,
+                commands: {
+                    let d = crate::runtime::cgroup::CommandLimits::default();
+                    let p = &file.process;
+                    crate::runtime::cgroup::CommandLimits {
+                        memory_bytes: p.memory_mb.map(|mb| mb << 20).unwrap_or(d.memory_bytes),
+                        max_processes: p.max_processes.unwrap_or(d.max_processes),
+                        cpu_seconds: p.cpu_seconds.or(d.cpu_seconds),
+                        file_size_bytes: p.file_size_mb.map(|mb| mb << 20).unwrap_or(d.file_size_bytes),
+                    }
+                },
             },
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,

@@ -9,6 +9,7 @@ pub mod http;
 mod log;
 pub mod manifest;
 pub mod policy;
+pub mod cgroup;
 mod process;
 mod state;
 mod workdir;
@@ -531,7 +532,11 @@ impl Runtime {
         });
         let process = grants
             .process
-            .then(|| ProcessAccess { work_dir: work_dir.cloned(), ports: self.inner.ports.get().cloned() });
+            .then(|| ProcessAccess {
+                work_dir: work_dir.cloned(),
+                ports: self.inner.ports.get().cloned(),
+                limits: self.inner.policy.commands,
+            });
         let state = PluginState {
             plugin: Arc::from(plugin.id()),
             wasi: wasi.build(),

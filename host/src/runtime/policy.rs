@@ -68,6 +68,8 @@ pub struct Policy {
     /// server's own ports (no Landlock TCP rules, no network namespace), so
     /// that they could call its API. Off by default.
     pub allow_unconfined_commands: bool,
+    /// Memory, processes, CPU time and file size of each command.
+    pub commands: super::cgroup::CommandLimits,
 }
 
 /// What a loaded plugin may do.

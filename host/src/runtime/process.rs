@@ -122,6 +122,7 @@ pub struct ProcessAccess {
     pub work_dir: Option<Arc<WorkDir>>,
     /// What keeps commands off the server's own ports.
     pub ports: Option<Arc<PortGate>>,
+    pub limits: super::cgroup::CommandLimits,
 }
 
 /// How this machine confines commands. Probed once per process.
@@ -221,6 +222,8 @@ impl Confinement {
         } else {
             missing.push("dropping capabilities (setpriv)");
         }
+        have.push("/etc limited to what programs need".into());
+        have.push(format!("limits on {}", super::cgroup::controllers().describe()));
         let have = if have.is_empty() { "nothing".to_string() } else { have.join(", ") };
         match (self.is_complete(), missing.is_empty()) {
             (true, _) | (_, true) => format!("confined: {have}"),
@@ -362,7 +365,7 @@ impl Host for PluginState {
             return Ok(Err("this session has no working directory".into()));
         };
         let ports = access.ports.clone();
-        Ok(run(work_dir, ports, cmd).await.map_err(|err| format!("cannot run the command: {err}")))
+        Ok(run(work_dir, ports, access.limits, cmd).await.map_err(|err| format!("cannot run the command: {err}")))
     }
 }
 
@@ -406,7 +409,12 @@ fn command_line(confinement: &Confinement) -> tokio::process::Command {
     command
 }
 
-async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command) -> std::io::Result<Outcome> {
+async fn run(
+    work_dir: Arc<WorkDir>,
+    ports: Option<Arc<PortGate>>,
+    limits: super::cgroup::CommandLimits,
+    cmd: Command,
+) -> std::io::Result<Outcome> {
     let timeout = Duration::from_millis(cmd.timeout_ms.max(1).into()).min(MAX_TIMEOUT);
     let cap = (cmd.max_output_bytes as usize).clamp(256, MAX_OUTPUT);
     let confinement = confinement();
@@ -423,6 +431,10 @@ async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command)
         Some(gate) => gate.rules().await.map_err(std::io::Error::other)?.map(|r| r.ruleset.try_clone()).transpose()?,
         None => None,
     };
+    // Its own cgroup (memory, processes) and rlimits (CPU, file size).
+    let cgroup = super::cgroup::CallGroup::create(&ulid::Ulid::new().to_string(), limits)?;
+    let join = cgroup.join_fds();
+    let rlimits = cgroup.rlimits(timeout.as_secs());
     let (reader, writer) = std::io::pipe()?;
 
     let mut command = command_line(confinement);
@@ -459,6 +471,7 @@ async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command)
             if libc::fchdir(dir) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            super::cgroup::enter(&join, &rlimits)?;
             let (fs_rules, port_rules) = match slot.lock() {
                 Ok(mut s) => (s.0.take(), s.1.take()),
                 Err(_) => return Err(std::io::Error::other("confinement state poisoned")),
@@ -490,13 +503,21 @@ async fn run(work_dir: Arc<WorkDir>, ports: Option<Arc<PortGate>>, cmd: Command)
         let _ = child.wait().await;
         wait_group_gone(pgid).await;
     }
-    let (output, truncated) = match tokio::time::timeout(DRAIN_GRACE, &mut reading).await {
+    let (mut output, truncated) = match tokio::time::timeout(DRAIN_GRACE, &mut reading).await {
         Ok(Ok(result)) => result,
         _ => {
             reading.abort();
             ("(output unavailable: a process that left the command's group still holds it)".into(), false)
         }
     };
+    // A limit the command ran into is named in its result.
+    if let Some(verdict) = cgroup.verdict(exit_code) {
+        if !output.is_empty() && !output.ends_with('\n') {
+            output.push('\n');
+        }
+        output.push_str(&format!("({verdict})\n"));
+    }
+    drop(cgroup);
     Ok(Outcome { output, exit_code, timed_out, truncated })
 }
 
