@@ -360,6 +360,7 @@ async fn commands_are_held_to_their_memory_process_and_file_size_limits() {
         max_processes: 32,
         cpu_seconds: None,
         file_size_bytes: 1 << 20,
+        ..Default::default()
     };
     let rt = runtime_with_command_limits(limits);
     let fx = fixture();
@@ -390,4 +391,36 @@ async fn commands_are_held_to_their_memory_process_and_file_size_limits() {
     // The host is fine: a normal command still runs.
     let out = common::call(&rt, "bash", json!({"command": "echo still-here"}), &fx.work).await;
     assert!(out.text.contains("still-here"), "{}", out.text);
+}
+
+#[tokio::test]
+async fn without_network_a_command_reaches_only_the_ports_the_operator_allows() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let other_port = other.local_addr().unwrap().port();
+    let connect = |p: u16| {
+        format!("python3 -c \"import socket; socket.create_connection(('127.0.0.1', {p}), 2); print('connected-{p}')\" 2>&1 | tail -1")
+    };
+    let fx = fixture();
+    let none = hangar::runtime::cgroup::CommandLimits { network: false, ..Default::default() };
+    let rt = runtime_with_command_limits(none);
+    let out = common::call(&rt, "bash", json!({"command": connect(port)}), &fx.work).await;
+    assert!(!out.text.contains(&format!("connected-{port}")), "no network means no connection: {}", out.text);
+
+    let listed = hangar::runtime::cgroup::CommandLimits { network: false, allowed_ports: vec![port], ..Default::default() };
+    let rt = runtime_with_command_limits(listed);
+    if hangar::runtime::policy::confinement().landlock_abi < 4 {
+        eprintln!("SKIPPED: allowed ports need Landlock TCP rules (ABI 4)");
+        return;
+    }
+    let script = format!("{}; {}", connect(port), connect(other_port));
+    let out = common::call(&rt, "bash", json!({"command": script}), &fx.work).await;
+    assert!(out.text.contains(&format!("connected-{port}")), "an allowed port is reachable: {}", out.text);
+    assert!(!out.text.contains(&format!("connected-{other_port}")), "{}", out.text);
+
+    let all = runtime_with_command_limits(Default::default());
+    let out = common::call(&all, "bash", json!({"command": connect(other_port)}), &fx.work).await;
+    assert!(out.text.contains(&format!("connected-{other_port}")), "`all` keeps loopback services reachable: {}", out.text);
+    drop((listener, other));
 }

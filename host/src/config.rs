@@ -188,6 +188,18 @@ pub struct ProcessConfig {
     pub cpu_seconds: Option<u64>,
     /// Largest file a command may write [default: 1024].
     pub file_size_mb: Option<u64>,
+    /// `all` (the default) or `none`: no network for commands.
+    pub network: Option<NetworkAccess>,
+    /// With `network = "none"`: TCP ports commands may still connect to.
+    #[serde(default)]
+    pub allowed_ports: Vec<u16>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetworkAccess {
+    All,
+    None,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -362,6 +374,8 @@ impl Settings {
                         max_processes: p.max_processes.unwrap_or(d.max_processes),
                         cpu_seconds: p.cpu_seconds.or(d.cpu_seconds),
                         file_size_bytes: p.file_size_mb.map(|mb| mb << 20).unwrap_or(d.file_size_bytes),
+                        network: p.network != Some(NetworkAccess::None),
+                        allowed_ports: p.allowed_ports.clone(),
                     }
                 },
             },

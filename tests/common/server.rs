@@ -54,7 +54,7 @@ impl Server {
 
     /// Starts a server stopped with [`Server::terminate`] again, on the same
     /// data directory.
-    pub fn restart_stopped(mut self) -> Server {
+    pub fn restart_stopped(self) -> Server {
         assert!(self.child.is_none(), "stopped first");
         let (dir, args, envs) = (self.dir.clone(), self.args.clone(), self.envs.clone());
         drop(self);

@@ -11,18 +11,30 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 /// The limits of one command.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandLimits {
     pub memory_bytes: u64,
     pub max_processes: u64,
     /// CPU time; `None`: as long as the call's timeout.
     pub cpu_seconds: Option<u64>,
     pub file_size_bytes: u64,
+    /// `false`: no network (`[process] network = "none"`), but for
+    /// `allowed_ports`.
+    pub network: bool,
+    /// TCP ports a command may still connect to without network.
+    pub allowed_ports: Vec<u16>,
 }
 
 impl Default for CommandLimits {
     fn default() -> Self {
-        CommandLimits { memory_bytes: 1024 << 20, max_processes: 256, cpu_seconds: None, file_size_bytes: 1024 << 20 }
+        CommandLimits {
+            memory_bytes: 1024 << 20,
+            max_processes: 256,
+            cpu_seconds: None,
+            file_size_bytes: 1024 << 20,
+            network: true,
+            allowed_ports: Vec::new(),
+        }
     }
 }
 
@@ -80,7 +92,7 @@ pub struct CallGroup {
 impl CallGroup {
     pub fn create(name: &str, limits: CommandLimits) -> io::Result<CallGroup> {
         let available = controllers();
-        let mut group = CallGroup { memory: None, pids: None, procs: Vec::new(), limits };
+        let mut group = CallGroup { memory: None, pids: None, procs: Vec::new(), limits: limits.clone() };
         if let Some(parent) = &available.memory {
             let dir = parent.join(name);
             std::fs::create_dir(&dir)?;

@@ -299,6 +299,15 @@ impl PortRules {
         }
         Ok(Some(PortRules { ruleset }))
     }
+
+    /// No TCP connection or bind but to `allowed` ports.
+    pub fn only(allowed: &[u16]) -> Result<PortRules, RulesetError> {
+        let mut ruleset = Ruleset::default().handle_access(AccessNet::ConnectTcp | AccessNet::BindTcp)?.create()?;
+        for &port in allowed {
+            ruleset = ruleset.add_rule(NetPort::new(port, AccessNet::ConnectTcp))?;
+        }
+        Ok(PortRules { ruleset })
+    }
 }
 
 /// The server's ports, closed to commands. The ruleset is built once, in
@@ -365,7 +374,7 @@ impl Host for PluginState {
             return Ok(Err("this session has no working directory".into()));
         };
         let ports = access.ports.clone();
-        Ok(run(work_dir, ports, access.limits, cmd).await.map_err(|err| format!("cannot run the command: {err}")))
+        Ok(run(work_dir, ports, access.limits.clone(), cmd).await.map_err(|err| format!("cannot run the command: {err}")))
     }
 }
 
@@ -386,10 +395,10 @@ impl Drop for KillGroup {
 }
 
 /// The program line: namespaces, then no capabilities, then `bash -c`.
-fn command_line(confinement: &Confinement) -> tokio::process::Command {
+fn command_line(confinement: &Confinement, own_network: bool) -> tokio::process::Command {
     let mut line: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |args: &[&str]| line.extend(args.iter().map(std::ffi::OsString::from));
-    let no_network = confinement.port_guard() == PortGuard::Namespace;
+    let no_network = own_network || confinement.port_guard() == PortGuard::Namespace;
     if let (Some(unshare), true) = (&confinement.unshare, confinement.namespaces) {
         push(&[unshare.to_str().unwrap_or("unshare"), "--pid", "--fork", "--kill-child", "--uts", "--ipc"]);
         if no_network {
@@ -427,17 +436,30 @@ async fn run(
     } else {
         None
     };
-    let port_rules = match &ports {
-        Some(gate) => gate.rules().await.map_err(std::io::Error::other)?.map(|r| r.ruleset.try_clone()).transpose()?,
-        None => None,
+    // Network: every port but the server's, or (`network = "none"`) none
+    // at all: a network namespace of its own where the host can make one
+    // and no port is allowed (UDP too is then cut off), else Landlock TCP
+    // rules allowing only `allowed_ports`.
+    let own_network = !limits.network && limits.allowed_ports.is_empty() && confinement.net_namespace;
+    let port_rules = if limits.network {
+        match &ports {
+            Some(gate) => gate.rules().await.map_err(std::io::Error::other)?.map(|r| r.ruleset.try_clone()).transpose()?,
+            None => None,
+        }
+    } else if own_network {
+        None
+    } else if confinement.landlock_abi >= NET_ABI {
+        Some(PortRules::only(&limits.allowed_ports).map_err(std::io::Error::other)?.ruleset)
+    } else {
+        return Err(std::io::Error::other("`network = \"none\"` cannot be enforced here: no network namespace and no Landlock TCP rules"));
     };
     // Its own cgroup (memory, processes) and rlimits (CPU, file size).
-    let cgroup = super::cgroup::CallGroup::create(&ulid::Ulid::new().to_string(), limits)?;
+    let cgroup = super::cgroup::CallGroup::create(&ulid::Ulid::new().to_string(), limits.clone())?;
     let join = cgroup.join_fds();
     let rlimits = cgroup.rlimits(timeout.as_secs());
     let (reader, writer) = std::io::pipe()?;
 
-    let mut command = command_line(confinement);
+    let mut command = command_line(confinement, own_network);
     command
         .arg(&cmd.script)
         // Nothing of the server's environment (keys above all) reaches the command.
