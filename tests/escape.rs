@@ -424,3 +424,27 @@ async fn without_network_a_command_reaches_only_the_ports_the_operator_allows() 
     assert!(out.text.contains(&format!("connected-{other_port}")), "`all` keeps loopback services reachable: {}", out.text);
     drop((listener, other));
 }
+
+#[tokio::test]
+async fn a_command_runs_as_the_owner_of_its_working_directory_not_as_root() {
+    // SAFETY: plain syscall.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED: the server is not root, so commands already run as its user");
+        return;
+    }
+    let rt = common::runtime();
+    let fx = fixture();
+    std::os::unix::fs::chown(&fx.work, Some(4242), Some(4243)).unwrap();
+    fs::write(fx.work.join("root-only.txt"), "ROOT-ONLY").unwrap();
+    fs::set_permissions(fx.work.join("root-only.txt"), std::os::unix::fs::PermissionsExt::from_mode(0o600)).unwrap();
+    let script = "id -u; id -g; touch made.txt; echo hi > \"$TMPDIR/t\" && echo tmp-ok; cat root-only.txt 2>&1 | head -1";
+    let out = common::call(&rt, "bash", json!({"command": script}), &fx.work).await;
+    let lines: Vec<&str> = out.text.lines().collect();
+    assert_eq!(&lines[..3], ["4242", "4243", "tmp-ok"], "{}", out.text);
+    assert!(!out.text.contains("ROOT-ONLY"), "{}", out.text);
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!(fs::metadata(fx.work.join("made.txt")).unwrap().uid(), 4242);
+    // The WASM file tools still work on what the command made.
+    let read = common::call(&rt, "write", json!({"filePath": "made.txt", "content": "by the tool"}), &fx.work).await;
+    assert!(!read.is_error, "{}", read.text);
+}

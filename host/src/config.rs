@@ -88,6 +88,17 @@ pub struct ServeArgs {
     pub event_retention: Option<Duration>,
 }
 
+/// The uid and gid of a user name (from the system's user database).
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let c_name = std::ffi::CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    let mut result: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: valid C string, struct and buffer of the size passed.
+    let rc = unsafe { libc::getpwnam_r(c_name.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut result) };
+    (rc == 0 && !result.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+}
+
 /// `90`, `90s`, `30m`, `24h` or `7d`.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let text = text.trim();
@@ -193,6 +204,9 @@ pub struct ProcessConfig {
     /// With `network = "none"`: TCP ports commands may still connect to.
     #[serde(default)]
     pub allowed_ports: Vec<u16>,
+    /// The user commands run as when the server runs as root [default:
+    /// the owner of the session's work_dir].
+    pub user: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -265,6 +279,8 @@ pub enum ConfigError {
     Zero { setting: &'static str },
     #[error("invalid permission rule: {0}")]
     Permission(#[from] RuleError),
+    #[error("[process] user `{0}` is not a user of this machine")]
+    UnknownUser(String),
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -376,6 +392,10 @@ impl Settings {
                         file_size_bytes: p.file_size_mb.map(|mb| mb << 20).unwrap_or(d.file_size_bytes),
                         network: p.network != Some(NetworkAccess::None),
                         allowed_ports: p.allowed_ports.clone(),
+                        user: match &p.user {
+                            Some(name) => Some(user_ids(name).ok_or_else(|| ConfigError::UnknownUser(name.clone()))?),
+                            None => None,
+                        },
                     }
                 },
             },

@@ -23,6 +23,9 @@ pub struct CommandLimits {
     pub network: bool,
     /// TCP ports a command may still connect to without network.
     pub allowed_ports: Vec<u16>,
+    /// `[process] user`: the uid and gid commands run as (when the server
+    /// runs as root); `None`: the owner of the working directory.
+    pub user: Option<(u32, u32)>,
 }
 
 impl Default for CommandLimits {
@@ -34,6 +37,7 @@ impl Default for CommandLimits {
             file_size_bytes: 1024 << 20,
             network: true,
             allowed_ports: Vec::new(),
+            user: None,
         }
     }
 }

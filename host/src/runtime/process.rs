@@ -394,8 +394,9 @@ impl Drop for KillGroup {
     }
 }
 
-/// The program line: namespaces, then no capabilities, then `bash -c`.
-fn command_line(confinement: &Confinement, own_network: bool) -> tokio::process::Command {
+/// The program line: namespaces, then another user and no capabilities,
+/// then `bash -c`.
+fn command_line(confinement: &Confinement, own_network: bool, user: Option<(u32, u32)>) -> tokio::process::Command {
     let mut line: Vec<std::ffi::OsString> = Vec::new();
     let mut push = |args: &[&str]| line.extend(args.iter().map(std::ffi::OsString::from));
     let no_network = own_network || confinement.port_guard() == PortGuard::Namespace;
@@ -410,6 +411,10 @@ fn command_line(confinement: &Confinement, own_network: bool) -> tokio::process:
     }
     if let (Some(setpriv), true) = (&confinement.setpriv, confinement.drops_capabilities) {
         push(&[setpriv.to_str().unwrap_or("setpriv")]);
+        if let Some((uid, gid)) = user {
+            let (uid, gid) = (format!("--reuid={uid}"), format!("--regid={gid}"));
+            push(&[&uid, &gid, "--clear-groups"]);
+        }
         push(DROP_CAPABILITIES);
     }
     push(&["bash", "-c"]);
@@ -459,7 +464,14 @@ async fn run(
     let rlimits = cgroup.rlimits(timeout.as_secs());
     let (reader, writer) = std::io::pipe()?;
 
-    let mut command = command_line(confinement, own_network);
+    // Not as root when it can be helped: as the owner of the working
+    // directory (or `[process] user`), switched to after the namespaces are
+    // made. The private temporary directory becomes that user's.
+    let user = command_user(&work_dir, &limits)?;
+    if let Some((uid, gid)) = user {
+        std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid))?;
+    }
+    let mut command = command_line(confinement, own_network, user);
     command
         .arg(&cmd.script)
         // Nothing of the server's environment (keys above all) reaches the command.
@@ -541,6 +553,25 @@ async fn run(
     }
     drop(cgroup);
     Ok(Outcome { output, exit_code, timed_out, truncated })
+}
+
+/// The user a command runs as, when it is not the server's own: only a
+/// server running as root can switch, and only with `setpriv`.
+fn command_user(work_dir: &WorkDir, limits: &super::cgroup::CommandLimits) -> std::io::Result<Option<(u32, u32)>> {
+    // SAFETY: plain syscall.
+    let euid = unsafe { libc::geteuid() };
+    if euid != 0 || !confinement().drops_capabilities {
+        return Ok(None);
+    }
+    let (uid, gid) = match limits.user {
+        Some(ids) => ids,
+        None => {
+            use std::os::unix::fs::MetadataExt;
+            let meta = std::fs::metadata(work_dir.fd_path())?;
+            (meta.uid(), meta.gid())
+        }
+    };
+    Ok((uid != 0).then_some((uid, gid)))
 }
 
 /// Waits until no process of the group is left (its PID 1 is reaped only
