@@ -422,6 +422,14 @@ async fn without_network_a_command_reaches_only_the_ports_the_operator_allows() 
     let all = runtime_with_command_limits(Default::default());
     let out = common::call(&all, "bash", json!({"command": connect(other_port)}), &fx.work).await;
     assert!(out.text.contains(&format!("connected-{other_port}")), "`all` keeps loopback services reachable: {}", out.text);
+
+    // The operator's per-plugin setting wins over `[process]`.
+    let overrides = hangar::runtime::policy::CommandOverrides { network: Some(false), ..Default::default() };
+    let plugins = [("bash".to_string(), PluginPolicy { commands: overrides, ..Default::default() })].into_iter().collect();
+    let rt = bare_runtime(Policy { plugins, ..Default::default() });
+    rt.add_builtins().unwrap();
+    let out = common::call(&rt, "bash", json!({"command": connect(other_port)}), &fx.work).await;
+    assert!(!out.text.contains(&format!("connected-{other_port}")), "[plugins.bash.commands] network = false: {}", out.text);
     drop((listener, other));
 }
 

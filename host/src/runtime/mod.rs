@@ -535,7 +535,7 @@ impl Runtime {
             .then(|| ProcessAccess {
                 work_dir: work_dir.cloned(),
                 ports: self.inner.ports.get().cloned(),
-                limits: self.inner.policy.commands.clone(),
+                limits: grants.commands.clone(),
             });
         let state = PluginState {
             plugin: Arc::from(plugin.id()),

@@ -55,6 +55,36 @@ pub struct PluginPolicy {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub output_kb: Option<u64>,
+    /// What this plugin's commands get, over `[process]`.
+    #[serde(default)]
+    pub commands: CommandOverrides,
+}
+
+/// `[plugins.NAME.commands]`: the `[process]` limits, for one plugin's commands.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommandOverrides {
+    pub memory_mb: Option<u64>,
+    pub max_processes: Option<u64>,
+    pub cpu_seconds: Option<u64>,
+    pub file_size_mb: Option<u64>,
+    /// `true`: network as with `network = "all"`; `false`: none.
+    pub network: Option<bool>,
+    pub allowed_ports: Option<Vec<u16>>,
+}
+
+impl CommandOverrides {
+    fn apply(&self, base: &super::cgroup::CommandLimits) -> super::cgroup::CommandLimits {
+        super::cgroup::CommandLimits {
+            memory_bytes: self.memory_mb.map(|mb| mb << 20).unwrap_or(base.memory_bytes),
+            max_processes: self.max_processes.unwrap_or(base.max_processes),
+            cpu_seconds: self.cpu_seconds.or(base.cpu_seconds),
+            file_size_bytes: self.file_size_mb.map(|mb| mb << 20).unwrap_or(base.file_size_bytes),
+            network: self.network.unwrap_or(base.network),
+            allowed_ports: self.allowed_ports.clone().unwrap_or_else(|| base.allowed_ports.clone()),
+            user: base.user,
+        }
+    }
 }
 
 /// The operator's capability policy.
@@ -81,6 +111,8 @@ pub struct Grants {
     /// Environment variables the host reads for this (provider) plugin.
     pub env: Vec<String>,
     pub limits: Limits,
+    /// What its commands get (with `process`).
+    pub commands: super::cgroup::CommandLimits,
 }
 
 impl Policy {
@@ -139,12 +171,14 @@ impl Policy {
         }
         let env: Vec<String> =
             [&manifest.provider.key_env, &manifest.provider.base_url_env].into_iter().flatten().cloned().collect();
-        if builtin {
-            return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits });
-        }
-
         let empty = PluginPolicy::default();
         let allowed = self.plugins.get(name).unwrap_or(&empty);
+        // The operator may tune the commands of a built-in (`[plugins.bash.commands]`) too.
+        let commands = allowed.commands.apply(&self.commands);
+        if builtin {
+            return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands });
+        }
+
         let deny = |capability: &str, reason: String| RuntimeError::CapabilityDenied {
             plugin: name.clone(),
             capability: capability.to_string(),
@@ -192,7 +226,7 @@ impl Policy {
         if let Some(kb) = allowed.output_kb {
             limits.output_bytes = (kb as usize) << 10;
         }
-        Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits })
+        Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands })
     }
 }
 
