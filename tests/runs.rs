@@ -317,6 +317,28 @@ async fn an_idempotent_repeat_returns_the_same_run() {
 }
 
 #[tokio::test]
+async fn concurrent_submits_with_one_idempotency_key_make_one_run() {
+    let s = setup(vec![Reply::sse(anthropic::text_answer(&["once"], 1, 1))], &[], json!([])).await;
+    let body = json!({"agent_id": s.agent, "message": "go", "background": true, "multitask": "enqueue"});
+    let sends = (0..24).map(|_| {
+        s.server.send(s.server.client.post(s.server.url(&s.path("/message"))).header("Idempotency-Key", "raced").json(&body))
+    });
+    let answers = futures::future::join_all(sends).await;
+    let ids: std::collections::BTreeSet<String> = answers
+        .iter()
+        .map(|(status, body)| {
+            assert_eq!(*status, 202, "{body}");
+            body["run_id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "every submit got the one run: {ids:?}");
+    s.ended(ids.iter().next().unwrap()).await;
+    let (_, runs) = s.server.get(&s.path("/runs")).await;
+    assert_eq!(runs.as_array().unwrap().len(), 1, "{runs}");
+    assert_eq!(s.fake.requests().len(), 1, "the model was asked once");
+}
+
+#[tokio::test]
 async fn kill_9_during_a_tool_call_or_a_stream_leaves_an_interrupted_run_a_valid_history_and_a_working_session() {
     let command = json!({"command": "sleep 42432"}).to_string();
     let gate = Arc::new(Notify::new());

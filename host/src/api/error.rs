@@ -77,7 +77,7 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound { .. } => ApiError::NotFound(err.to_string()),
-            StoreError::Answered { .. } => ApiError::Conflict(err.to_string()),
+            StoreError::Answered { .. } | StoreError::KeyTaken { .. } => ApiError::Conflict(err.to_string()),
             other => ApiError::Store(other),
         }
     }

@@ -169,15 +169,10 @@ async fn submit(
     key: Option<String>,
 ) -> ApiResult<RunRecord> {
     let request = RunRequest { agent_id: input.agent_id.clone(), message: input.message.clone(), body };
+    let key_since = now() - IDEMPOTENCY_WINDOW;
     if let Some(key) = &key
-        && let Some((run, earlier)) = state.store.run_by_key(session_id, key, now() - IDEMPOTENCY_WINDOW).await?
+        && let Some(run) = earlier_run(state, session_id, key, &request).await?
     {
-        if earlier.body != request.body {
-            return Err(ApiError::Invalid(format!(
-                "Idempotency-Key `{key}` was used for run `{}` with a different body; use a new key for a new message",
-                run.id
-            )));
-        }
         return Ok(run);
     }
     check(state, session_id, &request).await?;
@@ -197,20 +192,23 @@ async fn submit(
     if let Ok(claim) = state.runs.try_claim(session_id, &record.id) {
         record.status = RunStatus::Running;
         record.started_at = Some(record.created_at);
-        let run = match state.store.insert_run(record, request.clone(), key).await {
+        let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since).await {
             Ok(run) => run,
             Err(err) => {
                 // Hand the session on, as a run that ended would.
                 if let Some(next) = state.runs.finish(session_id, &claim.run_id) {
                     launch(state.clone(), session_id.to_string(), Start { claim: next, request: None });
                 }
-                return Err(err.into());
+                return lost_key_race(state, session_id, key, &request, err).await;
             }
         };
         launch(state.clone(), session_id.to_string(), Start { claim, request: Some(request) });
         return Ok(run);
     }
-    let run = state.store.insert_run(record, request, key).await?;
+    let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since).await {
+        Ok(run) => run,
+        Err(err) => return lost_key_race(state, session_id, key, &request, err).await,
+    };
     match state.runs.claim_or(session_id, &run.id, input.multitask) {
         Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), Start { claim, request: None }),
         Ok(None) => tracing::info!(session = %session_id, run = %run.id, mode = ?input.multitask, "run queued"),
@@ -221,6 +219,38 @@ async fn submit(
         }
     }
     Ok(run)
+}
+
+/// The run an idempotency key already started with the same body; the same
+/// key with another body is a 422.
+async fn earlier_run(state: &AppState, session_id: &str, key: &str, request: &RunRequest) -> ApiResult<Option<RunRecord>> {
+    let Some((run, earlier)) = state.store.run_by_key(session_id, key, now() - IDEMPOTENCY_WINDOW).await? else {
+        return Ok(None);
+    };
+    if earlier.body != request.body {
+        return Err(ApiError::Invalid(format!(
+            "Idempotency-Key `{key}` was used for run `{}` with a different body; use a new key for a new message",
+            run.id
+        )));
+    }
+    Ok(Some(run))
+}
+
+/// A run that could not be stored: when a concurrent submit with the same
+/// key stored its run first, that run is the answer.
+async fn lost_key_race(
+    state: &AppState,
+    session_id: &str,
+    key: Option<String>,
+    request: &RunRequest,
+    err: StoreError,
+) -> ApiResult<RunRecord> {
+    if let (StoreError::KeyTaken { .. }, Some(key)) = (&err, &key)
+        && let Some(run) = earlier_run(state, session_id, key, request).await?
+    {
+        return Ok(run);
+    }
+    Err(err.into())
 }
 
 /// Runs `claim`'s run, then each run queued behind it, on a task of their

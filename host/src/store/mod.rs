@@ -25,6 +25,9 @@ pub use runs::RunRequest;
 pub enum StoreError {
     #[error("{kind} `{id}` does not exist")]
     NotFound { kind: &'static str, id: String },
+    /// Another run took this idempotency key first (a concurrent submit).
+    #[error("Idempotency-Key `{key}` is in use by another run")]
+    KeyTaken { key: String },
     #[error("permission request `{id}` is already answered ({status})")]
     Answered { id: String, status: &'static str },
     #[error("database: {0}")]
@@ -73,7 +76,9 @@ fn migrations() -> Migrations<'static> {
     // Runs and the events of each session (issue: durable runs).
     M::up(runs::MIGRATION),
     // Permission rules of agents, requests and grants (issue: permissions).
-    M::up(permissions::MIGRATION)])
+    M::up(permissions::MIGRATION),
+    // One run per idempotency key (concurrent submits with one key).
+    M::up(runs::KEY_MIGRATION)])
 }
 
 const AUTH_CHANGED: &str = "auth_updated_at";

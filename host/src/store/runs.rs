@@ -39,6 +39,17 @@ pub(super) const MIGRATION: &str = "
     ALTER TABLE sessions ADD COLUMN events_pruned INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// One run per idempotency key and session: a second insert with a key in
+/// use fails instead of making a second run (two submits racing with one
+/// key). Older duplicates keep their run but lose the key.
+pub(super) const KEY_MIGRATION: &str = "
+    UPDATE runs SET idempotency_key = NULL
+     WHERE idempotency_key IS NOT NULL
+       AND rowid NOT IN (SELECT MAX(rowid) FROM runs WHERE idempotency_key IS NOT NULL GROUP BY session_id, idempotency_key);
+    DROP INDEX runs_by_key;
+    CREATE UNIQUE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+";
+
 /// What a run was asked to do: the message body, as stored with the run
 /// (a queued run starts from it; an idempotent repeat is compared with it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -134,10 +145,21 @@ pub fn answer_unanswered(history: &mut Vec<HistoryMessage>, reason: &str) -> usi
 }
 
 impl Store {
-    /// Stores a new run.
-    pub async fn insert_run(&self, run: RunRecord, request: RunRequest, key: Option<String>) -> Result<RunRecord, StoreError> {
+    /// Stores a new run. A key used by a run since `key_since` is
+    /// [`StoreError::KeyTaken`]; an older run's use of it is forgotten.
+    pub async fn insert_run(
+        &self,
+        run: RunRecord,
+        request: RunRequest,
+        key: Option<String>,
+        key_since: DateTime<Utc>,
+    ) -> Result<RunRecord, StoreError> {
         self.write(move |c| {
-            c.prepare_cached(
+            if let Some(key) = &key {
+                c.prepare_cached("UPDATE runs SET idempotency_key = NULL WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at < ?3")?
+                    .execute(params![run.session_id, key, ts(&key_since)])?;
+            }
+            let inserted = c.prepare_cached(
                 "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?
@@ -150,8 +172,16 @@ impl Store {
                 key,
                 ts(&run.created_at),
                 run.started_at.as_ref().map(ts)
-            ])?;
-            Ok(run)
+            ]);
+            match inserted {
+                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation && key.is_some() => {
+                    Err(StoreError::KeyTaken { key: key.unwrap_or_default() })
+                }
+                other => {
+                    other?;
+                    Ok(run)
+                }
+            }
         })
         .await
     }
