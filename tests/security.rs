@@ -395,3 +395,50 @@ async fn keys_stored_in_plain_text_by_an_older_version_are_sealed_at_start() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY));
 }
+
+#[tokio::test]
+async fn a_provider_key_goes_only_to_its_own_origin_in_its_own_header() {
+    let a = FakeServer::start(vec![]).await;
+    let b = FakeServer::start(vec![]).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("hangar.toml");
+    std::fs::write(&config, format!("[plugins.keyleak]\nhttp = [{:?}, {:?}]\n", a.url, b.url)).unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let manifest = include_str!("fixtures/keyleak/keyleak.plugin.toml").replace("http = []", &format!("http = [{:?}, {:?}]", a.url, b.url));
+    let wasm = common::build_component("tests/fixtures/keyleak");
+    let form = reqwest::multipart::Form::new()
+        .text("manifest", manifest)
+        .part("wasm", reqwest::multipart::Part::bytes(wasm).file_name("keyleak.wasm"));
+    let (status, body) = server.send(server.client.post(server.url("/plugins")).multipart(form)).await;
+    assert!(status == 201 || status == 200, "{body}");
+    let (status, body) =
+        server.put("/provider/auth", json!({"providers": {"keyleak": {"type": "api_key", "key": KEY, "base_url": a.url}}})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, agent) = server.post("/agents", json!({"name": "t", "provider": {"id": "keyleak", "model": "m"}})).await;
+    let (_, session) = server.post("/sessions", json!({})).await;
+    let script = [
+        format!("{}/own bearer", a.url),
+        format!("{}/other bearer", b.url),
+        format!("{}/other x-leak", b.url),
+        format!("{}/own x-leak", a.url),
+        format!("{}/plain none", b.url),
+    ]
+    .join("\n");
+    let (status, body) = server
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": script}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let report = body["response"].as_str().unwrap();
+    let outcome = |prefix: String| report.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("{prefix}: {report}")).to_string();
+    assert!(outcome(format!("{}/own bearer", a.url)).contains("sent"), "{report}");
+    assert!(outcome(format!("{}/other bearer", b.url)).contains("refused"), "{report}");
+    assert!(outcome(format!("{}/other x-leak", b.url)).contains("refused"), "{report}");
+    assert!(outcome(format!("{}/own x-leak", a.url)).contains("refused"), "a header the manifest does not declare: {report}");
+    assert!(outcome(format!("{}/plain none", b.url)).contains("sent"), "without the key B is reachable: {report}");
+    let at_a: Vec<String> = a.requests().iter().map(|r| r.raw_text()).collect();
+    assert_eq!(at_a.len(), 1, "{at_a:?}");
+    assert!(at_a[0].contains(&format!("authorization: Bearer {KEY}")), "{at_a:?}");
+    for request in b.requests() {
+        assert!(!request.raw_text().contains(KEY), "the key reached B: {}", request.raw_text());
+    }
+}

@@ -39,6 +39,11 @@ pub struct HttpAccess {
     pub client: reqwest::Client,
     pub allowed: Vec<OriginPattern>,
     pub credential: Option<Secret>,
+    /// The one origin the credential goes to (the stored base URL's, or
+    /// the vendor's); `None`: it goes nowhere.
+    pub credential_origin: Option<Origin>,
+    /// The one header it travels in (lowercase; `authorization` is bearer).
+    pub credential_header: String,
 }
 
 /// The HTTP client shared by all plugins. It follows no redirect: a
@@ -94,6 +99,28 @@ impl Host for PluginState {
             }
             builder = builder.header(name, value);
         }
+        // The key goes only to the origin it was stored for, in the header
+        // the manifest declares: a plugin granted several origins cannot
+        // send it to another, nor put it where a server would echo it.
+        if !matches!(req.credential, Credential::None) && access.credential.is_some() {
+            if access.credential_origin.as_ref() != Some(&origin) {
+                let to = access.credential_origin.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "no origin".into());
+                tracing::warn!(plugin = %plugin, %origin, "refused to send the provider key to another origin");
+                return Ok(Err(HttpError::Denied(format!("the key of plugin `{plugin}` goes only to {to}, not to {origin}"))));
+            }
+            let header = match &req.credential {
+                Credential::Bearer => "authorization".to_string(),
+                Credential::Header(name) => name.to_ascii_lowercase(),
+                Credential::None => String::new(),
+            };
+            if header != access.credential_header {
+                return Ok(Err(HttpError::Denied(format!(
+                    "the key of plugin `{plugin}` travels only in `{}` (its manifest's key_header), not in `{header}`",
+                    access.credential_header
+                ))));
+            }
+        }
+        let with_credential = !matches!(req.credential, Credential::None);
         match (&req.credential, &access.credential) {
             (Credential::None, _) => {}
             (_, None) => return Ok(Err(HttpError::MissingCredential)),
@@ -107,6 +134,17 @@ impl Host for PluginState {
             Ok(Err(err)) => return Ok(Err(HttpError::Connection(describe(&err)))),
             Ok(Ok(response)) => response,
         };
+        // The scrubber sees plain bytes only: a compressed answer to a
+        // request that carried the key could hide the key from it.
+        if with_credential
+            && let Some(encoding) = response.headers().get(reqwest::header::CONTENT_ENCODING)
+            && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
+        {
+            return Ok(Err(HttpError::Connection(format!(
+                "a response with Content-Encoding `{}` to a request that carried the key is refused",
+                String::from_utf8_lossy(encoding.as_bytes())
+            ))));
+        }
         let scrubber = Scrubber::new(access.credential.as_ref());
         let headers = response
             .headers()

@@ -53,6 +53,12 @@ pub struct ProviderSection {
     pub key_env: Option<String>,
     /// Environment variable holding a base URL (`ANTHROPIC_BASE_URL`).
     pub base_url_env: Option<String>,
+    /// The vendor's origin, the only one its key is sent to when no base
+    /// URL is stored (default: the one `http` origin, when there is one).
+    pub key_origin: Option<String>,
+    /// The header the key travels in: `authorization` (as a bearer token,
+    /// the default) or a vendor's own (`x-api-key`).
+    pub key_header: Option<String>,
 }
 
 /// How a tool call's permission subject is read (see `crate::permissions`).
@@ -109,6 +115,12 @@ impl Manifest {
                 plugin: origin.to_string(),
                 reason: format!("name `{}` must be 1-64 characters of a-z, 0-9, `_` and `-`", manifest.name),
             });
+        }
+        if let Some(origin_text) = &manifest.provider.key_origin {
+            super::policy::Origin::parse(origin_text).map_err(|reason| RuntimeError::Manifest {
+                plugin: manifest.name.clone(),
+                reason: format!("key_origin `{origin_text}`: {reason}"),
+            })?;
         }
         for origin_text in &manifest.capabilities.http {
             super::policy::Origin::parse(origin_text).map_err(|reason| RuntimeError::Manifest {

@@ -521,13 +521,25 @@ impl Runtime {
         let http = (!grants.http.is_empty()).then(|| {
             let mut allowed = grants.http.clone();
             let base = provider.and_then(|p| p.base_url.as_deref());
-            if let Some(origin) = base.and_then(|b| policy::Origin::parse(b).ok()) {
-                allowed.push(policy::OriginPattern::exact(origin));
+            let base_origin = base.and_then(|b| policy::Origin::parse(b).ok());
+            if let Some(origin) = &base_origin {
+                allowed.push(policy::OriginPattern::exact(origin.clone()));
             }
+            let section = &plugin.manifest.provider;
+            // The key's one origin: the stored (or environment) base URL's,
+            // else the vendor's as the manifest names it.
+            let vendor = section.key_origin.as_deref().and_then(|o| policy::Origin::parse(o).ok()).or_else(|| {
+                match plugin.manifest.capabilities.http.as_slice() {
+                    [only] => policy::Origin::parse(only).ok(),
+                    _ => None,
+                }
+            });
             HttpAccess {
                 client: self.inner.http_client.clone(),
                 allowed,
                 credential: provider.and_then(|p| p.credential.clone()),
+                credential_origin: base_origin.or(vendor),
+                credential_header: section.key_header.as_deref().unwrap_or("authorization").to_ascii_lowercase(),
             }
         });
         let process = grants
