@@ -152,7 +152,7 @@ impl Policy {
             return Err(deny(
                 "filesystem",
                 format!(
-                    "the manifest asks for {:?} access and the operator policy allows {:?}",
+                    "the manifest asks for `{}` access and the operator policy allows `{}`",
                     asked.filesystem, allowed.filesystem
                 ),
             ));
@@ -289,7 +289,7 @@ mod tests {
     }
 
     fn manifest(caps: &str) -> Manifest {
-        Manifest::parse(&format!("kind = \"tool\"\nname = \"x\"\nversion = \"1\"\n[capabilities]\n{caps}"), "x").unwrap()
+        Manifest::parse(&format!("kind = \"tool\"\nname = \"x\"\nversion = \"1\"\n[capabilities]\n{caps}"), Some("x")).unwrap()
     }
 
     #[test]
@@ -338,7 +338,7 @@ mod tests {
     }
 
     fn provider_manifest(env: &str) -> Manifest {
-        Manifest::parse(&format!("kind = \"provider\"\nname = \"p\"\nversion = \"1\"\n[provider]\n{env}"), "p").unwrap()
+        Manifest::parse(&format!("kind = \"provider\"\nname = \"p\"\nversion = \"1\"\n[provider]\n{env}"), Some("p")).unwrap()
     }
 
     #[test]
