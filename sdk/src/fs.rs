@@ -199,7 +199,12 @@ fn leads_outside(work_dir: &Path, rel: &Path, depth: u32) -> bool {
     if !is_link || depth > 16 {
         return false;
     }
-    let Ok(target) = fs::read_link(&full) else { return false };
+    // The sandbox does not reveal an absolute target (cap-std refuses to
+    // read it, as it refuses to follow it): such a link leads out.
+    let Ok(target) = fs::read_link(&full) else { return true };
+    if target.is_absolute() && !target.starts_with(work_dir) {
+        return true;
+    }
     let parent = full.parent().unwrap_or(work_dir);
     match lexically_inside(work_dir, &parent.join(target)) {
         None => true,
