@@ -186,7 +186,7 @@ async fn python_tool_template_builds_installs_and_answers() {
 
 #[tokio::test]
 async fn javascript_tool_template_builds_installs_and_answers() {
-    if !common::have_command("jco", "npm install -g @bytecodealliance/jco @bytecodealliance/componentize-js") {
+    if !common::have_command("jco", "npm install -g @bytecodealliance/jco@1.34.0 @bytecodealliance/componentize-js@0.23.0") {
         return;
     }
     let name = "words_js";
@@ -214,7 +214,7 @@ fn missing_toolchains_and_unbuilt_projects_say_what_to_do() {
         (
             "a_js",
             "js",
-            "`jco` is not installed (or not on PATH): npm install -g @bytecodealliance/jco @bytecodealliance/componentize-js",
+            "`jco` is not installed (or not on PATH): npm install -g @bytecodealliance/jco@1.34.0 @bytecodealliance/componentize-js@0.23.0",
         ),
     ] {
         let out = hangar(parent.path(), &["plugin", "new", name, "--lang", lang], None);

@@ -16,8 +16,9 @@ mod embedded {
 
 /// The componentize-py release the Python template is built and tested with.
 pub const COMPONENTIZE_PY: &str = "0.25.1";
-/// How to install what the JavaScript template is built with.
-pub const JCO_INSTALL: &str = "npm install -g @bytecodealliance/jco @bytecodealliance/componentize-js";
+/// How to install what the JavaScript template is built and tested with
+/// (jco 1.35.0 fails to read a WIT directory).
+pub const JCO_INSTALL: &str = "npm install -g @bytecodealliance/jco@1.34.0 @bytecodealliance/componentize-js@0.23.0";
 
 /// What can go wrong writing, building or installing a plugin project.
 #[derive(Debug, thiserror::Error)]
