@@ -157,16 +157,47 @@ async fn rust_provider_template_builds_installs_and_answers() {
     let server = Server::start(&[]);
     let (plugin, _) = install(&project, &server);
     assert_eq!((plugin["id"].as_str(), plugin["kind"].as_str()), (Some(name), Some("provider")), "{plugin}");
+    assert_eq!(provider_answer(&server, name).await, "echo_rs heard: hello there");
+}
+
+#[tokio::test]
+async fn python_provider_template_builds_installs_and_answers() {
+    if !common::have_command("componentize-py", "pip install componentize-py==0.25.1") {
+        return;
+    }
+    let name = "echo_py";
+    let (_parent, project) = tokio::task::spawn_blocking(move || new_and_build(name, "provider", "python")).await.unwrap();
+    let server = Server::start(&[]);
+    let (plugin, _) = install(&project, &server);
+    assert_eq!((plugin["id"].as_str(), plugin["kind"].as_str()), (Some(name), Some("provider")), "{plugin}");
+    assert_eq!(provider_answer(&server, name).await, "echo_py heard: hello there");
+}
+
+#[tokio::test]
+async fn javascript_provider_template_builds_installs_and_answers() {
+    if !common::have_command("jco", "npm install -g @bytecodealliance/jco@1.34.0 @bytecodealliance/componentize-js@0.23.0") {
+        return;
+    }
+    let name = "echo_js";
+    let (_parent, project) = tokio::task::spawn_blocking(move || new_and_build(name, "provider", "js")).await.unwrap();
+    let server = Server::start(&[]);
+    let (plugin, _) = install(&project, &server);
+    assert_eq!((plugin["id"].as_str(), plugin["kind"].as_str()), (Some(name), Some("provider")), "{plugin}");
+    assert_eq!(provider_answer(&server, name).await, "echo_js heard: hello there");
+}
+
+/// An agent on the provider `name`: its answer to "hello there".
+async fn provider_answer(server: &Server, name: &str) -> Value {
     let (status, agent) =
-        server.post("/agents", json!({"name": "t", "tools": [], "provider": {"id": name, "model": "echo_rs-1"}})).await;
+        server.post("/agents", json!({"name": "t", "tools": [], "provider": {"id": name, "model": format!("{name}-1")}})).await;
     assert_eq!(status, 201, "{agent}");
     let (_, session) = server.post("/sessions", json!({})).await;
     let (status, body) = server
         .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "hello there"}))
         .await;
     assert_eq!(status, 200, "{body}\n{}", server.log());
-    assert_eq!(body["response"], "echo_rs heard: hello there", "{body}");
-    assert_eq!(body["stop_reason"], "end_turn");
+    assert_eq!(body["stop_reason"], "end_turn", "{body}");
+    body["response"].clone()
 }
 
 #[tokio::test]

@@ -27,7 +27,7 @@ pub enum AuthoringError {
     BadName(String),
     #[error("`{}` already exists; pick another directory or name", .0.display())]
     Exists(PathBuf),
-    #[error("there is no {lang} template for a {kind} yet; {lang} is available for tools (`--kind tool`)")]
+    #[error("this hangar binary carries no {lang} template for a {kind}")]
     NoTemplate { kind: &'static str, lang: &'static str },
     #[error("{}: {source}", .path.display())]
     Io { path: PathBuf, source: std::io::Error },
