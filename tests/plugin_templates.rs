@@ -255,7 +255,7 @@ fn missing_toolchains_and_unbuilt_projects_say_what_to_do() {
         assert!(text(&out).contains(says), "{lang}: {}", text(&out));
         let out = hangar(parent.path(), &["plugin", "install", name, "--server", "http://127.0.0.1:9"], None);
         assert!(!out.status.success());
-        assert!(text(&out).contains(&format!("build it first with `hangar plugin build")), "{}", text(&out));
+        assert!(text(&out).contains("build it first with `hangar plugin build"), "{}", text(&out));
     }
     let out = hangar(parent.path(), &["plugin", "new", "a_rs"], None);
     assert!(!out.status.success() && text(&out).contains("already exists"), "{}", text(&out));
