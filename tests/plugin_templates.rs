@@ -74,13 +74,14 @@ fn install(project: &Path, server: &Server) -> (Value, String) {
 }
 
 /// Has the `anthropic` provider, pointed at a scripted fake, call `tool`
-/// once per input in a session on `work`; returns each call's output.
+/// once per input, one step after the other in one run, in a session on
+/// `work`; returns each call as the run reports it.
 async fn call_tool(server: &Server, work: &Path, tool: &str, inputs: &[Value]) -> Vec<Value> {
     let mut script = Vec::new();
     for (i, input) in inputs.iter().enumerate() {
         script.push(Reply::sse(anthropic::tool_answer(&format!("call-{i}"), tool, &[&input.to_string()], 10, 5)));
-        script.push(Reply::sse(anthropic::text_answer(&["Done."], 20, 2)));
     }
+    script.push(Reply::sse(anthropic::text_answer(&["Done."], 20, 2)));
     let fake = FakeServer::start(script).await;
     let (status, body) = server
         .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}}))
@@ -95,17 +96,13 @@ async fn call_tool(server: &Server, work: &Path, tool: &str, inputs: &[Value]) -
     assert_eq!(status, 201, "{agent}");
     let (status, session) = server.post("/sessions", json!({"work_dir": work})).await;
     assert_eq!(status, 201, "{session}");
-    let mut outputs = Vec::new();
-    for _ in inputs {
-        let (status, body) = server
-            .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "go"}))
-            .await;
-        assert_eq!(status, 200, "{body}\n{}", server.log());
-        let calls = body["tool_calls"].as_array().unwrap_or_else(|| panic!("no tool_calls in {body}"));
-        assert_eq!(calls.len(), 1, "{body}");
-        outputs.push(calls[0].clone());
-    }
-    outputs
+    let (status, body) = server
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "go"}))
+        .await;
+    assert_eq!(status, 200, "{body}\n{}", server.log());
+    let calls = body["tool_calls"].as_array().unwrap_or_else(|| panic!("no tool_calls in {body}"));
+    assert_eq!(calls.len(), inputs.len(), "{body}");
+    calls.clone()
 }
 
 fn work_dir_with_notes() -> (tempfile::TempDir, PathBuf) {
