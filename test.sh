@@ -19,10 +19,11 @@ fi
 
 # Debian packages the tests run: bash, util-linux's unshare and setpriv
 # (confined commands), capsh and ip (tests that try what a command may do),
-# curl (commands that try the server's own API), python3 with pip.
+# curl (commands that try the server's own API), python3 with pip, node
+# with npm (the JavaScript plugin template).
 declare -A debian=(
     [bash]=bash [unshare]=util-linux [setpriv]=util-linux [capsh]=libcap2-bin
-    [ip]=iproute2 [curl]=curl [python3]=python3
+    [ip]=iproute2 [curl]=curl [python3]=python3 [node]=nodejs [npm]=npm
 )
 missing=()
 for command in "${!debian[@]}"; do
@@ -47,6 +48,17 @@ if [ "$(componentize-py --version 2>/dev/null)" != "componentize-py $COMPONENTIZ
     if command -v pyenv >/dev/null; then pyenv rehash; fi
 fi
 command -v componentize-py >/dev/null || { say "componentize-py is still not on PATH"; exit 1; }
+
+# The JavaScript plugin template is built with jco and componentize-js
+# (pinned together: jco 1.35.0 cannot read a WIT directory here).
+JCO=1.34.0
+COMPONENTIZE_JS=0.23.0
+if [ "$(jco --version 2>/dev/null)" != "$JCO" ] \
+    || ! npm ls -g --depth=0 "@bytecodealliance/componentize-js@$COMPONENTIZE_JS" >/dev/null 2>&1; then
+    say "installing jco $JCO and componentize-js $COMPONENTIZE_JS"
+    npm install -g --silent --no-fund --no-audit "@bytecodealliance/jco@$JCO" "@bytecodealliance/componentize-js@$COMPONENTIZE_JS" >/dev/null
+fi
+command -v jco >/dev/null || { say "jco is still not on PATH"; exit 1; }
 
 # Every test; none may skip for a missing tool.
 export CI="${CI:-true}"

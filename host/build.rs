@@ -17,9 +17,10 @@ fn main() {
     let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = host_dir.parent().unwrap().to_path_buf();
     let plugins = root.join("plugins");
-    for dir in ["plugins", "sdk", "wit"] {
+    for dir in ["plugins", "sdk", "wit", "host/templates", "rust-toolchain.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
+    embed_authoring_files(&root);
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
     let target_dir = env::var_os("CARGO_TARGET_DIR")
@@ -54,6 +55,46 @@ fn main() {
     entries.push(']');
     let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("builtin_plugins.rs");
     fs::write(out, entries).unwrap();
+}
+
+/// What `hangar plugin new` writes, carried in the binary so a new project
+/// needs no path into this repository: the SDK's source, the WIT, the
+/// toolchain file and the templates (`host/templates/LANG-KIND/`).
+fn embed_authoring_files(root: &Path) {
+    let mut out = String::new();
+    for (name, dir, skip) in [
+        ("SDK_FILES", root.join("sdk"), &["target", "Cargo.lock"][..]),
+        ("WIT_FILES", root.join("wit"), &[][..]),
+        ("TEMPLATE_FILES", root.join("host/templates"), &["README.md"][..]),
+    ] {
+        let mut files = Vec::new();
+        collect(&dir, &dir, skip, &mut files);
+        files.sort();
+        writeln!(out, "pub static {name}: &[(&str, &str)] = &[").unwrap();
+        for (rel, path) in files {
+            writeln!(out, "    ({rel:?}, include_str!({:?})),", path.display().to_string()).unwrap();
+        }
+        writeln!(out, "];").unwrap();
+    }
+    writeln!(out, "pub static TOOLCHAIN: &str = include_str!({:?});", root.join("rust-toolchain.toml").display().to_string()).unwrap();
+    fs::write(PathBuf::from(env::var("OUT_DIR").unwrap()).join("authoring_files.rs"), out).unwrap();
+}
+
+/// Every file under `dir` (relative path with `/`, full path), leaving out
+/// the top-level entries named in `skip`.
+fn collect(base: &Path, dir: &Path, skip: &[&str], out: &mut Vec<(String, PathBuf)>) {
+    for entry in fs::read_dir(dir).unwrap().filter_map(|e| e.ok()) {
+        let path = entry.path();
+        let rel = path.strip_prefix(base).unwrap().to_string_lossy().replace('\\', "/");
+        if dir == base && skip.contains(&rel.as_str()) {
+            continue;
+        }
+        if path.is_dir() {
+            collect(base, &path, skip, out);
+        } else {
+            out.push((rel, path));
+        }
+    }
 }
 
 /// A fresh machine may have the pinned toolchain without the wasm target

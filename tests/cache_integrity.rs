@@ -20,7 +20,7 @@ fn runtime_on(cache: &Path) -> Runtime {
     let pool = PoolSize { instances: 16, ..Default::default() };
     let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(cache.into()), pool, ..Default::default() }).unwrap();
     for builtin in BUILTINS.iter().filter(|b| b.name == "read" || b.name == "grep") {
-        let manifest = Manifest::parse(builtin.manifest, builtin.name).unwrap();
+        let manifest = Manifest::parse(builtin.manifest, Some(builtin.name)).unwrap();
         runtime.add(manifest, Arc::from(builtin.wasm), Source::Builtin).unwrap();
     }
     runtime

@@ -235,7 +235,7 @@ fn builtin(name: &str) -> &'static hangar::runtime::Builtin {
 }
 
 fn manifest(name: &str, caps: &str) -> Manifest {
-    Manifest::parse(&format!("kind = \"tool\"\nname = \"{name}\"\nversion = \"0.1.0\"\n[capabilities]\n{caps}\n"), name).unwrap()
+    Manifest::parse(&format!("kind = \"tool\"\nname = \"{name}\"\nversion = \"0.1.0\"\n[capabilities]\n{caps}\n"), Some(name)).unwrap()
 }
 
 fn bare_runtime(policy: Policy) -> Runtime {
@@ -249,7 +249,7 @@ async fn third_party_plugins_are_refused_every_capability_the_policy_does_not_gr
         [("read", "filesystem"), ("glob", "filesystem"), ("grep", "filesystem"), ("write", "filesystem"), ("edit", "filesystem"), ("bash", "process")]
     {
         let b = builtin(name);
-        let m = Manifest::parse(b.manifest, name).unwrap();
+        let m = Manifest::parse(b.manifest, Some(name)).unwrap();
         match rt.add(m, Arc::from(b.wasm), Source::Api) {
             Err(RuntimeError::CapabilityDenied { plugin, capability: denied, .. }) => {
                 assert_eq!((plugin.as_str(), denied.as_str()), (name, capability));
@@ -286,6 +286,12 @@ async fn a_tool_without_filesystem_sees_no_files_and_a_read_grant_cannot_write()
     let fx = fixture();
     let out = common::call(&rt, "read", json!({"filePath": "hello.txt"}), &fx.work).await;
     assert!(out.is_error && !out.text.contains("hello\n"), "no filesystem grant, no file: {}", out.text);
+    // The tool is told why, rather than "No such file".
+    assert!(
+        out.text.contains("this plugin has no filesystem access (add `filesystem = \"read\"` to its manifest and the operator's policy)"),
+        "{}",
+        out.text
+    );
     let out = common::call(&rt, "write", json!({"filePath": "new.txt", "content": "x"}), &fx.work).await;
     assert!(out.is_error, "a read-only grant cannot create files: {}", out.text);
     assert!(!fx.work.join("new.txt").exists());

@@ -18,7 +18,7 @@ async fn runtime_with(policy: PluginPolicy) -> Runtime {
     let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy: p, ..Default::default() }).unwrap();
     runtime.add_builtins().unwrap();
     let wasm = common::build_component("tests/fixtures/misbehave");
-    runtime.install(Manifest::parse(MANIFEST, "misbehave").unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    runtime.install(Manifest::parse(MANIFEST, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
     runtime
 }
 
@@ -84,7 +84,7 @@ async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_r
     runtime.add_builtins().unwrap();
     let manifest = format!("{MANIFEST}\n[capabilities]\nfilesystem = \"read\"\n");
     let wasm = common::build_component("tests/fixtures/misbehave");
-    runtime.install(Manifest::parse(&manifest, "misbehave").unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    runtime.install(Manifest::parse(&manifest, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
     let work = tempfile::tempdir().unwrap();
     let fifo = std::ffi::CString::new(work.path().join("fifo").to_str().unwrap()).unwrap();
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);

@@ -3,6 +3,7 @@
 
 mod common;
 
+use common::fake::{FakeServer, Reply, anthropic};
 use common::server::Server;
 use reqwest::multipart::{Form, Part};
 use serde_json::{Value, json};
@@ -17,6 +18,10 @@ async fn upload(server: &Server, manifest: &str, wasm: Vec<u8>) -> (u16, Value) 
     server.send(server.client.post(server.url("/plugins")).multipart(form(manifest, wasm))).await
 }
 
+async fn upload_form(server: &Server, form: Form) -> (u16, Value) {
+    server.send(server.client.post(server.url("/plugins")).multipart(form)).await
+}
+
 fn wasm() -> Vec<u8> {
     common::build_component("tests/fixtures/misbehave")
 }
@@ -29,6 +34,8 @@ fn assert_refused(status: u16, body: &Value, expected: u16, mentions: &str) {
 #[tokio::test]
 async fn install_use_upgrade_and_remove_a_plugin() {
     let server = Server::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("notes.txt"), "hello\n").unwrap();
     let (status, plugin) = upload(&server, MANIFEST, wasm()).await;
     assert_eq!(status, 201, "{plugin}");
     assert_eq!(plugin["id"], "misbehave");
@@ -37,8 +44,15 @@ async fn install_use_upgrade_and_remove_a_plugin() {
     assert_eq!(plugin["state"], "ready");
     assert_eq!(plugin["capabilities"]["requested"]["filesystem"], "none");
     assert_eq!(plugin["capabilities"]["granted"], json!({"filesystem": "none", "http": [], "process": false, "env": []}));
+    // A tool that declares no filesystem access is installed, with a warning
+    // in the answer and the log: every open it tries would fail.
+    let warning = plugin["warnings"][0].as_str().unwrap_or_else(|| panic!("a warning: {plugin}"));
+    assert!(warning.contains("tool `misbehave` declares no filesystem access"), "{warning}");
+    assert!(warning.contains("add `filesystem = \"read\"` to its manifest and the operator's policy"), "{warning}");
+    assert!(server.log().contains("declares no filesystem access"), "{}", server.log());
 
     let (_, plugins) = server.get("/plugins").await;
+    assert!(plugins.as_array().unwrap().iter().all(|p| p.get("warnings").is_none()), "warnings come with the install only");
     let ids: Vec<&str> = plugins.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap()).collect();
     for id in ["anthropic", "bash", "misbehave", "read"] {
         assert!(ids.contains(&id), "{ids:?}");
@@ -61,6 +75,29 @@ async fn install_use_upgrade_and_remove_a_plugin() {
     let (status, plugin) = upload(&server, &upgraded, wasm()).await;
     assert_eq!(status, 200, "{plugin}");
     assert_eq!(plugin["version"], "0.2.0");
+
+    // At call time, a failed open in a store with no preopen says why.
+    let (_, session) = server.post("/sessions", json!({"work_dir": work.path()})).await;
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::tool_answer("call-1", "misbehave", &[r#"{"mode": "read-file"}"#], 10, 5)),
+        Reply::sse(anthropic::text_answer(&["Done."], 20, 2)),
+    ])
+    .await;
+    let (status, body) = server
+        .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = server
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "go"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let call = &body["tool_calls"][0];
+    assert_eq!(call["is_error"], true, "{body}");
+    assert_eq!(
+        call["output"],
+        "this plugin has no filesystem access (add `filesystem = \"read\"` to its manifest and the operator's policy)",
+        "{body}"
+    );
 
     // Removing a tool that agents still list names them.
     let (status, body) = server.delete("/plugins/misbehave").await;
@@ -99,7 +136,11 @@ async fn invalid_plugins_are_refused_with_the_reason() {
         // Capabilities the operator did not grant.
         (format!("{MANIFEST}\n[capabilities]\nprocess = true\n"), wasm(), "process"),
         (format!("{MANIFEST}\n[capabilities]\nhttp = [\"https://example.test\"]\n"), wasm(), "https://example.test"),
-        (format!("{MANIFEST}\n[capabilities]\nfilesystem = \"read-write\"\n"), wasm(), "filesystem"),
+        (
+            format!("{MANIFEST}\n[capabilities]\nfilesystem = \"read-write\"\n"),
+            wasm(),
+            "the manifest asks for `read-write` access and the operator policy allows `none`",
+        ),
         // Not a component at all.
         (MANIFEST.to_string(), b"\0asm not really".to_vec(), "not a valid component"),
         // A component whose spec() names another tool.
@@ -107,7 +148,9 @@ async fn invalid_plugins_are_refused_with_the_reason() {
         // A tool component presented as a provider.
         (MANIFEST.replace("kind = \"tool\"", "kind = \"provider\""), wasm(), "provider"),
         // A manifest that is not one.
-        ("kind = \"gadget\"".to_string(), wasm(), "manifest"),
+        ("kind = \"gadget\"".to_string(), wasm(), "the uploaded manifest is invalid"),
+        // One that names its plugin is reported under that name.
+        (MANIFEST.replace("kind = \"tool\"", "kind = \"gadget\""), wasm(), "plugin `misbehave` has an invalid manifest"),
         // A tool whose spec()'s input schema is not JSON.
         (
             include_str!("fixtures/badschema/badschema.plugin.toml").to_string(),
@@ -121,6 +164,11 @@ async fn invalid_plugins_are_refused_with_the_reason() {
     }
     let (status, body) = server.send(server.client.post(server.url("/plugins")).multipart(Form::new().text("manifest", MANIFEST))).await;
     assert_refused(status, &body, 422, "wasm");
+    let (status, body) = upload_form(&server, form(MANIFEST, wasm()).part("file", Part::bytes(vec![1]).file_name("x"))).await;
+    assert_refused(status, &body, 422, "unexpected form field `file`; send `manifest` and `wasm`");
+    // Every refusal is in the log too.
+    assert!(server.log().contains("plugin upload refused"), "{}", server.log());
+    assert!(server.log().contains("the uploaded manifest is invalid"), "{}", server.log());
     let (status, body) = server.send(server.client.post(server.url("/plugins")).json(&json!({}))).await;
     assert_eq!(status, 400, "{body}");
     let (_, plugins) = server.get("/plugins").await;

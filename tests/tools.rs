@@ -285,3 +285,67 @@ async fn each_tool_reports_the_name_its_manifest_gives() {
         assert_eq!(schema["type"], "object", "{name}");
     }
 }
+
+/// A path that leads out of the working directory is refused by the
+/// sandbox (the WASI open fails in the host); the tool then says why, in
+/// words the model can act on, instead of "No such file" with a WASI errno.
+#[tokio::test]
+async fn refusals_say_the_path_is_outside_the_working_directory() {
+    let rt = common::runtime();
+    let root = tempfile::tempdir().unwrap();
+    let w = root.path().join("work");
+    let outside = root.path().join("outside");
+    fs::create_dir_all(w.join("sub")).unwrap();
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("secret.txt"), "secret").unwrap();
+    std::os::unix::fs::symlink(outside.join("secret.txt"), w.join("abs-link")).unwrap();
+    std::os::unix::fs::symlink("../outside/secret.txt", w.join("rel-link")).unwrap();
+    std::os::unix::fs::symlink(&outside, w.join("dir-link")).unwrap();
+    std::os::unix::fs::symlink("sub", w.join("inner-link")).unwrap();
+    let secret = outside.join("secret.txt");
+    let secret = secret.to_str().unwrap();
+
+    let cases = [
+        ("read", json!({"filePath": "../outside/secret.txt"}), "path `../outside/secret.txt` is outside the working directory"),
+        ("read", json!({"filePath": "sub/../../outside/secret.txt"}), "path `sub/../../outside/secret.txt` is outside the working directory"),
+        ("read", json!({"filePath": secret}), &format!("path `{secret}` is outside the working directory")),
+        ("read", json!({"filePath": "/etc/hostname"}), "path `/etc/hostname` is outside the working directory"),
+        ("read", json!({"filePath": "abs-link"}), "path `abs-link` is a symlink pointing outside the working directory"),
+        ("read", json!({"filePath": "rel-link"}), "path `rel-link` is a symlink pointing outside the working directory"),
+        (
+            "read",
+            json!({"filePath": "dir-link/secret.txt"}),
+            "path `dir-link/secret.txt` goes through `dir-link`, a symlink pointing outside the working directory",
+        ),
+        ("read", json!({"filePath": ".."}), "path `..` is outside the working directory"),
+        // write makes the parent directories first: that is what is refused.
+        (
+            "write",
+            json!({"filePath": "../outside/new.txt", "content": "x"}),
+            "cannot create the directories of `../outside/new.txt`: path `../outside` is outside the working directory",
+        ),
+        ("write", json!({"filePath": "abs-link", "content": "x"}), "path `abs-link` is a symlink pointing outside the working directory"),
+        (
+            "edit",
+            json!({"filePath": "rel-link", "oldString": "secret", "newString": "x"}),
+            "path `rel-link` is a symlink pointing outside the working directory",
+        ),
+        ("glob", json!({"pattern": "*", "path": "../outside"}), "path `../outside` is outside the working directory"),
+        ("grep", json!({"pattern": "secret", "path": "dir-link"}), "path `dir-link` is a symlink pointing outside the working directory"),
+    ];
+    for (tool, input, expected) in cases {
+        let text = err(&call(&rt, tool, input.clone(), &w).await).to_string();
+        assert!(text.contains(expected), "{tool} {input}: expected `{expected}`, got `{text}`");
+        assert!(!text.contains("os error"), "{tool} {input}: a WASI errno number in `{text}`");
+    }
+    assert_eq!(fs::read_to_string(outside.join("secret.txt")).unwrap(), "secret");
+    assert!(!outside.join("new.txt").exists());
+
+    // Inside the working directory, a missing file is just that, with the
+    // error's Linux name; a symlink that stays inside is followed.
+    let text = err(&call(&rt, "read", json!({"filePath": "missing.txt"}), &w).await).to_string();
+    assert!(text.contains("No such file or directory (ENOENT)") && !text.contains("outside"), "{text}");
+    fs::write(w.join("sub/in.txt"), "inside\n").unwrap();
+    let text = ok(&call(&rt, "read", json!({"filePath": "inner-link/in.txt"}), &w).await).to_string();
+    assert!(text.contains("inside"), "{text}");
+}

@@ -34,6 +34,11 @@ pub enum Command {
     /// Every setting can also come from the config file; flags win. Logs go
     /// to standard error, filtered by RUST_LOG (default `info`).
     Serve(ServeArgs),
+    /// Write, build and install plugins: `hangar plugin new NAME --kind
+    /// tool|provider --lang rust|python|js`, `hangar plugin build [DIR]`,
+    /// `hangar plugin install FILE|DIR --server URL`.
+    #[command(subcommand)]
+    Plugin(crate::authoring::PluginCommand),
 }
 
 #[derive(Debug, Default, Args)]

@@ -4,10 +4,12 @@
 //! - [`api`]: the REST API (axum), one module per resource;
 //! - [`agent`]: the agent loop;
 //! - [`runtime`]: the wasmtime engine, plugin registry and capabilities;
-//! - [`store`]: persistence on SQLite.
+//! - [`store`]: persistence on SQLite;
+//! - [`authoring`]: `hangar plugin new|build|install` for plugin authors.
 
 pub mod agent;
 pub mod api;
+pub mod authoring;
 pub mod config;
 pub mod permissions;
 pub mod runtime;

@@ -13,6 +13,16 @@ fn main() -> std::process::ExitCode {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let result = match cli.command {
+        // An author's command: its error is for the terminal, not the log.
+        Command::Plugin(command) => {
+            return match hangar::authoring::run(command) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("hangar: {err}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
         Command::Serve(args) => Settings::resolve(args).map_err(|e| e.to_string()).and_then(|settings| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -14,21 +14,21 @@
 //! other feature's items are left unlinked on purpose.)
 //!
 //! ```ignore
-//! use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool};
+//! use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 //!
 //! struct Hello;
 //!
-//! #[derive(serde::Deserialize)]
-//! struct Input { name: String }
+//! #[derive(serde::Deserialize, JsonSchema)]
+//! struct Input {
+//!     /// Who to greet.
+//!     name: String,
+//! }
 //!
 //! impl Tool for Hello {
 //!     type Input = Input;
 //!     fn spec() -> ToolSpec {
-//!         hangar_sdk::tool_spec("hello", "Greets someone.", serde_json::json!({
-//!             "type": "object",
-//!             "properties": { "name": { "type": "string" } },
-//!             "required": ["name"]
-//!         }))
+//!         // The input schema the model reads is derived from `Input`.
+//!         tool_spec_for::<Input>("hello", "Greets someone.")
 //!     }
 //!     fn run(_ctx: &Context, input: Input) -> Result<String, Error> {
 //!         Ok(format!("Hello, {}!", input.name))
@@ -87,7 +87,16 @@ pub use error::Error;
 #[cfg(feature = "provider")]
 pub use provider::{EventStream, Provider};
 #[cfg(feature = "tool")]
-pub use tool::{Context, Tool, tool_spec};
+pub use tool::{Context, Tool, input_schema, tool_spec, tool_spec_for};
+
+/// JSON Schema generation (the `schemars` crate), re-exported so that a
+/// tool derives its input schema with no dependency of its own: bring it in
+/// scope with `use hangar_sdk::schemars;` and derive [`JsonSchema`].
+#[cfg(feature = "tool")]
+pub use schemars;
+/// Derive it on a tool's input type; see [`tool_spec_for`].
+#[cfg(feature = "tool")]
+pub use schemars::JsonSchema;
 
 /// The data types of the plugin contract (`hangar:plugin/types` in WIT):
 /// tool specs and calls, chat messages, usage, stop reasons, model info.

@@ -27,7 +27,81 @@ pub trait Tool {
     fn run(ctx: &Context, input: Self::Input) -> Result<String, Error>;
 }
 
-/// Builds a [`ToolSpec`] from a JSON Schema value.
+/// Builds a [`ToolSpec`] whose input schema is derived from the tool's
+/// input type, which derives [`JsonSchema`](crate::JsonSchema) beside
+/// `serde::Deserialize`:
+///
+/// ```ignore
+/// use hangar_sdk::{JsonSchema, schemars};
+///
+/// /// Greets someone.
+/// #[derive(serde::Deserialize, JsonSchema)]
+/// struct Input {
+///     /// Who to greet.
+///     name: String,
+/// }
+///
+/// fn spec() -> hangar_sdk::ToolSpec {
+///     hangar_sdk::tool_spec_for::<Input>("hello", "Greets someone.")
+/// }
+/// ```
+///
+/// Doc comments on fields become their `description`s, which the model
+/// reads; `#[serde(deny_unknown_fields)]` becomes `additionalProperties:
+/// false`. (The `use hangar_sdk::schemars` line lets the derive find the
+/// crate through the SDK, so the plugin needs no dependency of its own.)
+pub fn tool_spec_for<I: crate::JsonSchema>(name: &str, description: &str) -> ToolSpec {
+    tool_spec(name, description, input_schema::<I>())
+}
+
+/// The JSON Schema of an input type, as a tool spec carries it: an object
+/// schema (draft 2020-12) without the `$schema` and `title` keys, which
+/// only add tokens for the model. An `Option` field is optional (left out
+/// of `required`) and typed as its inner type.
+pub fn input_schema<I: crate::JsonSchema>() -> serde_json::Value {
+    let mut schema = schemars::SchemaGenerator::default().into_root_schema_for::<I>().to_value();
+    if let Some(object) = schema.as_object_mut() {
+        object.remove("$schema");
+        object.remove("title");
+    }
+    drop_null(&mut schema);
+    schema
+}
+
+/// An `Option` field is one the model may leave out: typed as its inner
+/// type, not as "T or null" (`"type": ["string", "null"]`, or an `anyOf`
+/// with `{"type": "null"}`).
+fn drop_null(schema: &mut serde_json::Value) {
+    use serde_json::Value;
+    let Value::Object(object) = schema else {
+        if let Value::Array(items) = schema {
+            items.iter_mut().for_each(drop_null);
+        }
+        return;
+    };
+    if let Some(Value::Array(types)) = object.get_mut("type") {
+        types.retain(|t| t != "null");
+        if types.len() == 1 {
+            let only = types.pop().expect("one type");
+            object.insert("type".into(), only);
+        }
+    }
+    if let Some(Value::Array(any_of)) = object.get("anyOf") {
+        let rest: Vec<Value> = any_of.iter().filter(|s| s.get("type").is_none_or(|t| t != "null")).cloned().collect();
+        if rest.len() == 1 && any_of.len() == 2 {
+            object.remove("anyOf");
+            if let Value::Object(inner) = &rest[0] {
+                for (k, v) in inner {
+                    object.entry(k.clone()).or_insert_with(|| v.clone());
+                }
+            }
+        }
+    }
+    object.values_mut().for_each(drop_null);
+}
+
+/// Builds a [`ToolSpec`] from a JSON Schema value written by hand (see
+/// [`tool_spec_for`] to derive it from the input type instead).
 pub fn tool_spec(name: &str, description: &str, input_schema: serde_json::Value) -> ToolSpec {
     ToolSpec {
         name: name.to_string(),
@@ -60,7 +134,9 @@ impl Context {
     ///
     /// This does no checking of its own. The sandbox decides: a path that
     /// leads outside the working directory (through `..`, an absolute path
-    /// or a symlink) fails when it is opened.
+    /// or a symlink) fails when it is opened, and the helpers of
+    /// [`crate::fs`] then say so (`` path `../x` is outside the working
+    /// directory ``).
     pub fn path(&self, path: &str) -> Result<PathBuf, Error> {
         let path = Path::new(path);
         if path.is_absolute() {
@@ -92,6 +168,8 @@ pub fn __invoke<T: Tool>(call: ToolCall) -> ToolOutput {
             };
         }
     };
+    crate::fs::set_work_dir((!call.work_dir.is_empty()).then(|| PathBuf::from(&call.work_dir)));
+    crate::fs::set_work_dir((!call.work_dir.is_empty()).then(|| PathBuf::from(&call.work_dir)));
     let ctx = Context {
         call_id: call.id,
         work_dir: (!call.work_dir.is_empty()).then(|| PathBuf::from(call.work_dir)),
@@ -123,4 +201,34 @@ macro_rules! export_tool {
 
         $crate::__bindings::__export_tool_world!(__HangarToolExport with_types_in $crate::__bindings);
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use crate::{JsonSchema, schemars};
+
+    #[allow(dead_code)]
+    #[derive(serde::Deserialize, JsonSchema)]
+    #[serde(rename_all = "camelCase", deny_unknown_fields)]
+    struct Input {
+        /// Path of the file
+        file_path: String,
+        /// First line
+        #[schemars(range(min = 1))]
+        offset: Option<u32>,
+    }
+
+    #[test]
+    fn input_schema_is_a_plain_object_schema_with_optional_fields_not_nullable() {
+        let schema = super::input_schema::<Input>();
+        assert_eq!(schema["type"], "object");
+        assert_eq!(schema["additionalProperties"], false);
+        assert_eq!(schema["required"], json!(["filePath"]));
+        assert_eq!(schema["properties"]["filePath"], json!({"type": "string", "description": "Path of the file"}));
+        assert_eq!(schema["properties"]["offset"]["type"], "integer");
+        assert_eq!(schema["properties"]["offset"]["minimum"], 1);
+        assert!(schema.get("$schema").is_none() && schema.get("title").is_none(), "{schema}");
+    }
 }

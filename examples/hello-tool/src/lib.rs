@@ -4,15 +4,18 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader};
 
-use hangar_sdk::serde_json::json;
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 struct Wc;
 
-#[derive(Deserialize)]
+// The input schema the model reads is derived from this type (see
+// `tool_spec_for` below); the doc comment is the field's description.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    /// Files, relative to the working directory
+    #[schemars(length(min = 1))]
     paths: Vec<String>,
 }
 
@@ -20,19 +23,10 @@ impl Tool for Wc {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "wc",
             "Counts the lines, words and bytes of one or more files in the working directory. \
              Use it to size a file up before reading it.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "paths": {"type": "array", "items": {"type": "string"}, "minItems": 1,
-                              "description": "Files, relative to the working directory"}
-                },
-                "required": ["paths"],
-                "additionalProperties": false
-            }),
         )
     }
 

@@ -6,8 +6,7 @@
 //! can read.
 
 use hangar_sdk::http::{HttpError, Request};
-use hangar_sdk::serde_json::json;
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 /// The model gets at most this much of a body; a page is rarely worth more.
@@ -16,9 +15,11 @@ const TIMEOUT_MS: u32 = 15_000;
 
 struct Fetch;
 
-#[derive(Deserialize)]
+// The doc comment of the field is the description the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    /// An absolute http or https URL
     url: String,
 }
 
@@ -26,16 +27,10 @@ impl Tool for Fetch {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "fetch",
             "Fetches a URL with GET and returns the HTTP status and the body as text \
              (cut at 20,000 characters). Only the sites the operator allows can be reached.",
-            json!({
-                "type": "object",
-                "properties": {"url": {"type": "string", "description": "An absolute http or https URL"}},
-                "required": ["url"],
-                "additionalProperties": false
-            }),
         )
     }
 

@@ -51,6 +51,11 @@ pub struct PluginView {
     /// (the Landlock ABI, what is enforced and what is missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     confinement: Option<String>,
+    /// In the answer to an install only: what the plugin will likely trip
+    /// over, although it was installed (a tool that declares no filesystem
+    /// access, for one).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    warnings: Vec<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -96,7 +101,25 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
             },
         },
         confinement: m.capabilities.process.then(|| policy::confinement().describe()),
+        warnings: Vec::new(),
     }
+}
+
+/// What an installed plugin will likely trip over. A tool with no
+/// `filesystem` grant is warned: Rust's wasip2 standard library imports the
+/// WASI filesystem whether the tool opens files or not, so nothing refuses
+/// it at load, and each open would fail at call time.
+fn install_warnings(plugin: &Plugin) -> Vec<String> {
+    let m = &plugin.manifest;
+    let mut warnings = Vec::new();
+    if m.kind == Kind::Tool && m.capabilities.filesystem == FsAccess::None {
+        warnings.push(format!(
+            "tool `{}` declares no filesystem access, so it cannot open any file of the session's working directory; \
+             if it reads files, add `filesystem = \"read\"` to its manifest and the operator's policy",
+            m.name
+        ));
+    }
+    warnings
 }
 
 #[utoipa::path(get, path = "/plugins", tag = "plugins", responses((status = 200, body = Vec<PluginView>)))]
@@ -125,6 +148,18 @@ pub(super) async fn install(
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
+    let result = receive_and_install(state, headers, form).await;
+    if let Err(err) = &result {
+        tracing::warn!(%err, "plugin upload refused");
+    }
+    result
+}
+
+async fn receive_and_install(
+    state: AppState,
+    headers: HeaderMap,
+    form: Result<Multipart, MultipartRejection>,
+) -> ApiResult<(StatusCode, Json<PluginView>)> {
     // A declared length over the limit is refused before a byte is read.
     if let Some(length) = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok())
         && length > PLUGIN_BODY_LIMIT as u64
@@ -147,12 +182,13 @@ pub(super) async fn install(
             Some("manifest") if manifest_text.is_none() => manifest_text = Some(receive_manifest(field).await?),
             Some("wasm") if wasm.is_none() => wasm = Some(receive_wasm(&state.settings.installed_dir, field).await?),
             Some(name @ ("manifest" | "wasm")) => return Err(ApiError::Invalid(format!("the form has more than one `{name}` field"))),
-            other => return Err(ApiError::Invalid(format!("unexpected form field {other:?}; send `manifest` and `wasm`"))),
+            Some(other) => return Err(ApiError::Invalid(format!("unexpected form field `{other}`; send `manifest` and `wasm`"))),
+            None => return Err(ApiError::Invalid("a form field has no name; send `manifest` and `wasm`".into())),
         }
     }
     let manifest_text = manifest_text.ok_or_else(|| ApiError::Invalid("the form has no `manifest` field".into()))?;
     let (file, length) = wasm.filter(|(_, length)| *length > 0).ok_or_else(|| ApiError::Invalid("the form has no `wasm` field".into()))?;
-    let manifest = Manifest::parse(&manifest_text, "upload")?;
+    let manifest = Manifest::parse(&manifest_text, None)?;
     // The runtime keeps a plugin's bytes in memory (to compile it, and to
     // compare it on reload): read them back once, whole.
     let wasm = tokio::task::spawn_blocking(move || read_upload(&file, length))
@@ -173,8 +209,12 @@ pub(super) async fn install(
         return Err(ApiError::Internal(format!("cannot store plugin `{}`: {err}", plugin.id())));
     }
     tracing::info!(plugin = %plugin.id(), upgrade = existed, "plugin installed through the API");
+    let warnings = install_warnings(&plugin);
+    for warning in &warnings {
+        tracing::warn!(plugin = %plugin.id(), "{warning}");
+    }
     let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((code, Json(view(&state.runtime, &plugin))))
+    Ok((code, Json(PluginView { warnings, ..view(&state.runtime, &plugin) })))
 }
 
 /// The `manifest` field, which is short text.
@@ -358,6 +398,7 @@ pub(super) async fn reload(State(state): State<AppState>) -> ApiResult<Json<Relo
 fn plugin_of(err: &crate::runtime::RuntimeError) -> String {
     use crate::runtime::RuntimeError as E;
     match err {
+        E::UploadedManifest { .. } => "upload".into(),
         E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
         other => other.to_string(),
     }

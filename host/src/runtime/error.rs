@@ -14,6 +14,10 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` has an invalid manifest: {reason}")]
     Manifest { plugin: String, reason: String },
 
+    /// An uploaded manifest that does not even name its plugin.
+    #[error("the uploaded manifest is invalid: {reason}")]
+    UploadedManifest { reason: String },
+
     #[error("plugin `{plugin}` was refused the `{capability}` capability: {reason}")]
     CapabilityDenied { plugin: String, capability: String, reason: String },
 

@@ -31,6 +31,23 @@ pub enum FsAccess {
     ReadWrite,
 }
 
+impl FsAccess {
+    /// The manifest's spelling: `none`, `read`, `read-write`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsAccess::None => "none",
+            FsAccess::Read => "read",
+            FsAccess::ReadWrite => "read-write",
+        }
+    }
+}
+
+impl std::fmt::Display for FsAccess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Capabilities a manifest asks for. Nothing is granted unless asked for.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -104,17 +121,22 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    pub fn parse(text: &str, origin: &str) -> Result<Manifest, RuntimeError> {
-        let manifest: Manifest = toml::from_str(text)
-            .map_err(|e| RuntimeError::Manifest { plugin: origin.to_string(), reason: e.to_string() })?;
+    /// Parses a manifest. `origin` names the plugin in errors when the text
+    /// does not name it (a file's stem; `None` for an upload).
+    pub fn parse(text: &str, origin: Option<&str>) -> Result<Manifest, RuntimeError> {
+        let invalid = |reason: String| match origin {
+            Some(plugin) => RuntimeError::Manifest { plugin: plugin.to_string(), reason },
+            None => match named_in(text) {
+                Some(plugin) => RuntimeError::Manifest { plugin, reason },
+                None => RuntimeError::UploadedManifest { reason },
+            },
+        };
+        let manifest: Manifest = toml::from_str(text).map_err(|e| invalid(e.to_string()))?;
         let valid_name = !manifest.name.is_empty()
             && manifest.name.len() <= 64
             && manifest.name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
         if !valid_name {
-            return Err(RuntimeError::Manifest {
-                plugin: origin.to_string(),
-                reason: format!("name `{}` must be 1-64 characters of a-z, 0-9, `_` and `-`", manifest.name),
-            });
+            return Err(invalid(format!("name `{}` must be 1-64 characters of a-z, 0-9, `_` and `-`", manifest.name)));
         }
         if let Some(origin_text) = &manifest.provider.key_origin {
             super::policy::Origin::parse(origin_text).map_err(|reason| RuntimeError::Manifest {
@@ -130,4 +152,15 @@ impl Manifest {
         }
         Ok(manifest)
     }
+}
+
+/// The `name` of a manifest that does not parse as a whole, when it has a
+/// valid-looking one.
+fn named_in(text: &str) -> Option<String> {
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let name = table.get("name")?.as_str()?;
+    let plausible = !name.is_empty()
+        && name.len() <= 64
+        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-');
+    plausible.then(|| name.to_string())
 }

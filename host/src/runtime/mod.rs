@@ -232,7 +232,7 @@ impl Runtime {
     /// Registers every built-in plugin.
     pub fn add_builtins(&self) -> Result<(), RuntimeError> {
         for builtin in BUILTINS {
-            let manifest = Manifest::parse(builtin.manifest, builtin.name)?;
+            let manifest = Manifest::parse(builtin.manifest, Some(builtin.name))?;
             self.add(manifest, Arc::from(builtin.wasm), Source::Builtin)?;
         }
         Ok(())
@@ -251,7 +251,7 @@ impl Runtime {
             found.push((|| {
                 let text = std::fs::read_to_string(&path)
                     .map_err(|e| RuntimeError::Manifest { plugin: name.into(), reason: e.to_string() })?;
-                let manifest = Manifest::parse(&text, name)?;
+                let manifest = Manifest::parse(&text, Some(name))?;
                 if manifest.name != name {
                     return Err(RuntimeError::Manifest {
                         plugin: name.into(),

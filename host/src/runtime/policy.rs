@@ -188,7 +188,7 @@ impl Policy {
             return Err(deny(
                 "filesystem",
                 format!(
-                    "the manifest asks for {:?} access and the operator policy allows {:?}",
+                    "the manifest asks for `{}` access and the operator policy allows `{}`",
                     asked.filesystem, allowed.filesystem
                 ),
             ));
@@ -325,7 +325,7 @@ mod tests {
     }
 
     fn manifest(caps: &str) -> Manifest {
-        Manifest::parse(&format!("kind = \"tool\"\nname = \"x\"\nversion = \"1\"\n[capabilities]\n{caps}"), "x").unwrap()
+        Manifest::parse(&format!("kind = \"tool\"\nname = \"x\"\nversion = \"1\"\n[capabilities]\n{caps}"), Some("x")).unwrap()
     }
 
     #[test]
@@ -374,7 +374,7 @@ mod tests {
     }
 
     fn provider_manifest(env: &str) -> Manifest {
-        Manifest::parse(&format!("kind = \"provider\"\nname = \"p\"\nversion = \"1\"\n[provider]\n{env}"), "p").unwrap()
+        Manifest::parse(&format!("kind = \"provider\"\nname = \"p\"\nversion = \"1\"\n[provider]\n{env}"), Some("p")).unwrap()
     }
 
     #[test]

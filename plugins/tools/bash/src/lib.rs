@@ -6,7 +6,7 @@
 //! command ends or times out.
 
 use hangar_sdk::process::{self, Command};
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 const DEFAULT_TIMEOUT_MS: u64 = 120_000;
@@ -16,12 +16,17 @@ const MAX_OUTPUT: u32 = 30_000;
 
 struct Bash;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    /// The command to run
     command: String,
+    /// Timeout in milliseconds (default 120000, at most 600000)
+    #[schemars(range(min = 1, max = MAX_TIMEOUT_MS))]
     timeout: Option<u64>,
-    /// What the command does, for people watching; not used to run it.
+    /// What the command does, in 5-10 words
+    // For people watching; not used to run it.
     #[allow(dead_code)]
     description: Option<String>,
 }
@@ -30,23 +35,13 @@ impl Tool for Bash {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "bash",
             "Runs a command with `bash -c` in the working directory and returns its combined \
              stdout and stderr (at most 30,000 characters: the head and the tail) and its exit \
              code. Only the working directory and a private temporary directory ($TMPDIR) are \
              writable; system directories are readable. Every process the command starts, \
              including background ones, is killed when it ends or times out.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "command": {"type": "string", "description": "The command to run"},
-                    "timeout": {"type": "integer", "minimum": 1, "maximum": MAX_TIMEOUT_MS, "description": "Timeout in milliseconds (default 120000, at most 600000)"},
-                    "description": {"type": "string", "description": "What the command does, in 5-10 words"}
-                },
-                "required": ["command"],
-                "additionalProperties": false
-            }),
         )
     }
 

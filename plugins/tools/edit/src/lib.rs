@@ -1,6 +1,6 @@
 //! `edit`: replaces an exact piece of text in a file and shows the diff.
 
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 use similar::TextDiff;
 
@@ -9,12 +9,17 @@ const MAX_DIFF_BYTES: usize = 20 * 1024;
 
 struct Edit;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Input {
+    /// Path of the file, relative to the working directory or absolute inside it
     file_path: String,
+    /// The exact text to replace
     old_string: String,
+    /// The text to put in its place (must differ from oldString)
     new_string: String,
+    /// Replace every occurrence instead of requiring exactly one (default false)
     #[serde(default)]
     replace_all: bool,
 }
@@ -23,23 +28,12 @@ impl Tool for Edit {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "edit",
             "Replaces `oldString` with `newString` in a file of the working directory. The match \
              is exact (whitespace and indentation included) and must be unique unless \
              `replaceAll` is true; include enough surrounding lines to make it unique. Returns a \
              unified diff of the change.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "Path of the file, relative to the working directory or absolute inside it"},
-                    "oldString": {"type": "string", "description": "The exact text to replace"},
-                    "newString": {"type": "string", "description": "The text to put in its place (must differ from oldString)"},
-                    "replaceAll": {"type": "boolean", "description": "Replace every occurrence instead of requiring exactly one (default false)"}
-                },
-                "required": ["filePath", "oldString", "newString"],
-                "additionalProperties": false
-            }),
         )
     }
 

@@ -6,17 +6,20 @@
 
 use std::time::SystemTime;
 
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 const MAX_RESULTS: usize = 100;
 
 struct Glob;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    /// Glob pattern, matched against paths relative to the searched directory
     pattern: String,
+    /// Directory to search (default: the working directory)
     path: Option<String>,
 }
 
@@ -24,27 +27,18 @@ impl Tool for Glob {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "glob",
             "Finds files by name pattern, like `**/*.rs` or `src/**/*.{ts,tsx}`, in the working \
              directory (or in `path` inside it). A pattern without `/` matches file names in any \
              directory. Skips `.git` and gitignored paths. Returns paths newest first, at most 100.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "pattern": {"type": "string", "description": "Glob pattern, matched against paths relative to the searched directory"},
-                    "path": {"type": "string", "description": "Directory to search (default: the working directory)"}
-                },
-                "required": ["pattern"],
-                "additionalProperties": false
-            }),
         )
     }
 
     fn run(ctx: &Context, input: Input) -> Result<String, Error> {
         let root = ctx.path(input.path.as_deref().unwrap_or("."))?;
         let shown_root = ctx.display(&root).into_owned();
-        let meta = std::fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
+        let meta = std::fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {}", hangar_sdk::fs::explain(&root, e))))?;
         if !meta.is_dir() {
             return Err(Error::msg(format!("`{shown_root}` is not a directory; `path` must name a directory")));
         }

@@ -8,7 +8,7 @@ use std::fs::{self, File};
 use std::io::Read;
 use std::path::Path;
 
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use regex::bytes::{Regex, RegexBuilder};
 use serde::Deserialize;
 
@@ -21,11 +21,15 @@ const BINARY_PROBE: usize = 8192;
 
 struct Grep;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 struct Input {
+    /// Regular expression to search for
     pattern: String,
+    /// File or directory to search (default: the working directory)
     path: Option<String>,
+    /// Glob of the files to search, e.g. `*.rs`
     include: Option<String>,
 }
 
@@ -33,22 +37,12 @@ impl Tool for Grep {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "grep",
             "Searches file contents with a regular expression (Rust regex syntax) in the working \
              directory (or in `path` inside it). `include` filters files by glob, like `*.rs` or \
              `*.{ts,tsx}`. Skips binary files, `.git` and gitignored paths. Returns \
              `path:line: text` lines, at most 100.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "pattern": {"type": "string", "description": "Regular expression to search for"},
-                    "path": {"type": "string", "description": "File or directory to search (default: the working directory)"},
-                    "include": {"type": "string", "description": "Glob of the files to search, e.g. `*.rs`"}
-                },
-                "required": ["pattern"],
-                "additionalProperties": false
-            }),
         )
     }
 
@@ -61,7 +55,7 @@ impl Tool for Grep {
         let include = input.include.as_deref().map(|p| hangar_walk::glob(p, "include")).transpose()?;
         let root = ctx.path(input.path.as_deref().unwrap_or("."))?;
         let shown_root = ctx.display(&root).into_owned();
-        fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
+        fs::metadata(&root).map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {}", hangar_sdk::fs::explain(&root, e))))?;
 
         let mut search = Search { out: String::new(), matches: 0, cut: false, skipped_large: 0 };
         for entry in hangar_walk::walker(&root).flatten() {

@@ -3,7 +3,7 @@
 use std::fs;
 use std::io::{BufRead, BufReader, Read};
 
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 const DEFAULT_LIMIT: usize = 2000;
@@ -14,11 +14,17 @@ const CHUNK: usize = 256 * 1024;
 
 struct Read_;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Input {
+    /// Path of the file, relative to the working directory or absolute inside it
     file_path: String,
+    /// First line to return (1-based, default 1)
+    #[schemars(range(min = 1))]
     offset: Option<usize>,
+    /// Number of lines to return (default 2000)
+    #[schemars(range(min = 1))]
     limit: Option<usize>,
 }
 
@@ -26,35 +32,25 @@ impl Tool for Read_ {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "read",
             "Reads a file from the working directory and returns its lines numbered from 1. \
              By default up to 2000 lines from the start; use `offset` (the first line to show, \
              1-based) and `limit` to page through large files. Lines longer than 2000 \
              characters are cut. Reading a directory lists its entries. Binary files are refused.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "Path of the file, relative to the working directory or absolute inside it"},
-                    "offset": {"type": "integer", "minimum": 1, "description": "First line to return (1-based, default 1)"},
-                    "limit": {"type": "integer", "minimum": 1, "description": "Number of lines to return (default 2000)"}
-                },
-                "required": ["filePath"],
-                "additionalProperties": false
-            }),
         )
     }
 
     fn run(ctx: &Context, input: Input) -> Result<String, Error> {
         let path = ctx.path(&input.file_path)?;
         let shown = ctx.display(&path).into_owned();
-        let meta = fs::metadata(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
+        let meta = fs::metadata(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {}", hangar_sdk::fs::explain(&path, e))))?;
         if meta.is_dir() {
             return list_dir(&path, &shown);
         }
         // Never a FIFO or a device: opening one could block the call.
         hangar_sdk::fs::ensure_regular(&meta).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
-        let file = fs::File::open(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
+        let file = fs::File::open(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {}", hangar_sdk::fs::explain(&path, e))))?;
         let mut reader = BufReader::with_capacity(CHUNK, file);
         if looks_binary(reader.fill_buf()?) {
             return Err(Error::msg(format!("`{shown}` is a binary file; read only shows text")));
@@ -126,7 +122,7 @@ fn finish(mut out: String, shown: &str, next: Option<usize>, last: usize) -> Str
 
 fn list_dir(path: &std::path::Path, shown: &str) -> Result<String, Error> {
     let mut entries: Vec<String> = fs::read_dir(path)
-        .map_err(|e| Error::msg(format!("cannot list `{shown}`: {e}")))?
+        .map_err(|e| Error::msg(format!("cannot list `{shown}`: {}", hangar_sdk::fs::explain(path, e))))?
         .filter_map(|entry| entry.ok())
         .map(|entry| {
             let name = entry.file_name().to_string_lossy().into_owned();

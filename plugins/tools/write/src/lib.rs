@@ -2,15 +2,18 @@
 
 use std::fs;
 
-use hangar_sdk::{Context, Error, Tool, ToolSpec, export_tool, serde_json::json, tool_spec};
+use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
 use serde::Deserialize;
 
 struct Write;
 
-#[derive(Deserialize)]
+// The doc comments of the fields are the descriptions the model reads.
+#[derive(Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Input {
+    /// Path of the file, relative to the working directory or absolute inside it
     file_path: String,
+    /// The whole new content of the file
     content: String,
 }
 
@@ -18,19 +21,10 @@ impl Tool for Write {
     type Input = Input;
 
     fn spec() -> ToolSpec {
-        tool_spec(
+        tool_spec_for::<Input>(
             "write",
             "Writes a file in the working directory, replacing its content if it exists and \
              creating missing parent directories. Prefer `edit` to change part of an existing file.",
-            json!({
-                "type": "object",
-                "properties": {
-                    "filePath": {"type": "string", "description": "Path of the file, relative to the working directory or absolute inside it"},
-                    "content": {"type": "string", "description": "The whole new content of the file"}
-                },
-                "required": ["filePath", "content"],
-                "additionalProperties": false
-            }),
         )
     }
 
@@ -42,7 +36,7 @@ impl Tool for Write {
         // symlink) cannot be created or opened.
         if let Some(parent) = path.parent() {
             fs::create_dir_all(parent)
-                .map_err(|e| Error::msg(format!("cannot create the directories of `{shown}`: {e}")))?;
+                .map_err(|e| Error::msg(format!("cannot create the directories of `{shown}`: {}", hangar_sdk::fs::explain(parent, e))))?;
         }
         if fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false) {
             return Err(Error::msg(format!("`{shown}` is a directory; give the path of a file")));
