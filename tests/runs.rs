@@ -317,6 +317,16 @@ async fn an_idempotent_repeat_returns_the_same_run() {
 }
 
 #[tokio::test]
+async fn a_message_sent_as_soon_as_the_last_one_answered_never_finds_the_session_busy() {
+    let script = (0..30).map(|i| Reply::sse(anthropic::text_answer(&[&format!("answer {i}")], 1, 1))).collect();
+    let s = setup(script, &[], json!([])).await;
+    for i in 0..30 {
+        let (status, body) = s.send(json!({})).await;
+        assert_eq!(status, 200, "message {i}: {body}");
+    }
+}
+
+#[tokio::test]
 async fn concurrent_submits_with_one_idempotency_key_make_one_run() {
     let s = setup(vec![Reply::sse(anthropic::text_answer(&["once"], 1, 1))], &[], json!([])).await;
     let body = json!({"agent_id": s.agent, "message": "go", "background": true, "multitask": "enqueue"});

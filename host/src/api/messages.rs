@@ -267,17 +267,23 @@ pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
         let mut next = Some(start);
         while let Some(start) = next.take() {
             let run_id = start.claim.run_id.clone();
-            if let Err(err) = run_one(&state, &session_id, start).await {
-                tracing::error!(run = %run_id, %err, "cannot record the run");
-            }
-            next = state.runs.finish(&session_id, &run_id).map(|claim| Start { claim, request: None });
+            let handed = match run_one(&state, &session_id, start).await {
+                Ok(handed) => handed,
+                Err(err) => {
+                    tracing::error!(run = %run_id, %err, "cannot record the run");
+                    state.runs.finish(&session_id, &run_id)
+                }
+            };
+            next = handed.map(|claim| Start { claim, request: None });
         }
     });
 }
 
 /// One run, start to end: `running` is stored before anything is sent, the
-/// end is stored before `done` or `error` announces it.
-async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: Start) -> Result<(), StoreError> {
+/// end is stored before `done` or `error` announces it, and the session is
+/// free (or handed to the next queued run, returned) before that too: a
+/// client that sends its next message on `done` never finds it busy.
+async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: Start) -> Result<Option<Claim>, StoreError> {
     let run_id = claim.run_id;
     let emitter = Emitter { bus: state.bus.clone(), feed: state.bus.feed(session_id).await?, run_id: run_id.clone(), cancel: claim.cancel };
     let request = match request {
@@ -315,8 +321,9 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
         }
     };
     state.store.end_run(&run_id, status, now(), result).await?;
+    let next = state.runs.finish(session_id, &run_id);
     emitter.send(&event);
-    Ok(())
+    Ok(next)
 }
 
 /// Cancels the run when dropped, for requests sent with
