@@ -80,6 +80,23 @@ pub struct ServeArgs {
     /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub event_retention: Option<Duration>,
+    /// Size of the SQLite write-ahead log (`DB-wal`) past which it is
+    /// copied back and truncated, also the size it is cut to after a
+    /// checkpoint [default: 64]
+    #[arg(long, value_name = "MB")]
+    pub wal_limit_mb: Option<u64>,
+    /// Log lines as text for a person, or one JSON object a line for a log
+    /// shipper.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// `90`, `90s`, `30m`, `24h` or `7d`.
@@ -116,6 +133,8 @@ pub struct FileConfig {
     pub event_retention: Option<String>,
     pub header_timeout_ms: Option<u64>,
     pub max_connections_per_client: Option<usize>,
+    /// Size of the write-ahead log past which it is truncated, in MB.
+    pub wal_limit_mb: Option<u64>,
     /// Refuse `bash` where the kernel cannot confine it fully.
     #[serde(default)]
     pub require_confinement: bool,
@@ -145,6 +164,9 @@ pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// streams a single local client (a benchmark, a UI) may hold.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 1024;
 
+/// Default of `--wal-limit-mb`.
+pub const DEFAULT_WAL_LIMIT_MB: u64 = 64;
+
 /// The settings in force.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -169,6 +191,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Most connections open at once from one IP address.
     pub max_connections_per_client: usize,
+    /// Write-ahead log size past which it is checkpointed and truncated.
+    pub wal_limit_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -242,6 +266,11 @@ impl Settings {
         if max_connections_per_client == 0 {
             return Err(ConfigError::Zero { setting: "--max-connections-per-client (max_connections_per_client)" });
         }
+        let wal_limit_mb = args.wal_limit_mb.or(file.wal_limit_mb).unwrap_or(DEFAULT_WAL_LIMIT_MB);
+        if wal_limit_mb == 0 {
+            return Err(ConfigError::Zero { setting: "--wal-limit-mb (wal_limit_mb)" });
+        }
+        let wal_limit_bytes = wal_limit_mb << 20;
         let db = match args.db.or(file.db) {
             Some(db) => db,
             None => data()?.join("hangar.db"),
@@ -273,6 +302,7 @@ impl Settings {
             },
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,
+            wal_limit_bytes,
         })
     }
 }

@@ -4,7 +4,8 @@
 //! - [`api`]: the REST API (axum), one module per resource;
 //! - [`agent`]: the agent loop;
 //! - [`runtime`]: the wasmtime engine, plugin registry and capabilities;
-//! - [`store`]: persistence on SQLite.
+//! - [`store`]: persistence on SQLite;
+//! - [`telemetry`]: metrics (`GET /metrics`) and log lines.
 
 pub mod agent;
 pub mod api;
@@ -12,3 +13,4 @@ pub mod config;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod telemetry;

@@ -4,14 +4,8 @@ use hangar::config::{Cli, Command, Settings};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let Command::Serve(args) = &cli.command;
+    hangar::telemetry::init_logs(args.log_format);
     let result = match cli.command {
         Command::Serve(args) => Settings::resolve(args).map_err(|e| e.to_string()).and_then(|settings| {
             tokio::runtime::Builder::new_multi_thread()
