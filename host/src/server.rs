@@ -41,7 +41,15 @@ pub enum ServeError {
 }
 
 pub async fn serve(settings: Settings) -> Result<(), ServeError> {
-    let store = Store::open(&settings.db)?;
+    crate::telemetry::install();
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            crate::telemetry::upkeep();
+        }
+    });
+    let store = Store::open_with(&settings.db, settings.wal_limit_bytes)?;
     let runtime = Runtime::new(RuntimeConfig {
         cache_dir: Some(settings.cache_dir.clone()),
         policy: settings.policy.clone(),
