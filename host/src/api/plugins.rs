@@ -15,7 +15,8 @@ use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, Status, status};
+use super::page::{self, Page, PageQuery};
+use super::{ApiError, ApiResult, AppState, QueryParams, Status, status};
 use crate::runtime::{Capabilities, FsAccess, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
 
 /// Largest plugin upload: a Python component alone is tens of MB.
@@ -99,9 +100,21 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
     }
 }
 
-#[utoipa::path(get, path = "/plugins", tag = "plugins", responses((status = 200, body = Vec<PluginView>)))]
-pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<PluginView>> {
-    Json(state.runtime.plugins().iter().map(|p| view(&state.runtime, p)).collect())
+#[utoipa::path(get, path = "/plugins", tag = "plugins", params(PageQuery),
+    responses((status = 200, body = Vec<PluginView>, description = "by id; `Link: <…>; rel=\"next\"` when there is more",
+        headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<PluginView>> {
+    let limit = page::limit(q.limit)?;
+    let mut plugins = state.runtime.plugins();
+    plugins.sort_by(|a, b| a.id().cmp(b.id()));
+    let items = plugins
+        .iter()
+        .filter(|p| q.after.as_deref().is_none_or(|after| p.id() > after))
+        .take(limit + 1)
+        .map(|p| view(&state.runtime, p))
+        .collect();
+    Ok(Page::from_extra(items, limit, |last: &PluginView| page::link("/plugins", &[("limit", &limit.to_string()), ("after", &last.id)])))
 }
 
 /// The multipart form of `POST /plugins`.

@@ -4,24 +4,22 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
-use axum::response::sse::{KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::messages::{CancelOnDrop, KEEP_ALIVE, SseStream, sse};
-use super::{ApiError, ApiResult, AppState};
+use super::messages::{CancelOnDrop, SseStream, sse, sse_response};
+use super::page::{self, Page};
+use super::{ApiError, ApiResult, AppState, QueryParams};
 use crate::agent::{Cancelled, RunEvent, SubscribeError};
-use crate::store::{RunRecord, RunResult, RunStatus, StopReason, StoreError, now};
+use crate::store::{RunRecord, RunResult, RunStatus, RunsFrom, StopReason, StoreError, now};
 
 /// How long a cancel waits for the run to stop before answering it as it stands.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -38,9 +36,11 @@ pub fn routes() -> Router<AppState> {
 pub struct RunsQuery {
     /// At most this many runs (default 100, at most 1000).
     #[param(minimum = 1, maximum = 1000)]
-    limit: Option<usize>,
-    /// Only runs older than this run id.
+    limit: Option<u32>,
+    /// Newest first, only runs older than this run id.
     before: Option<String>,
+    /// Oldest first, only runs newer than this run id (not with `before`).
+    after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -61,15 +61,26 @@ async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> {
 }
 
 #[utoipa::path(operation_id = "list_runs", get, path = "/sessions/{id}/runs", tag = "runs", params(("id" = String, Path), RunsQuery),
-    responses((status = 200, body = Vec<RunRecord>, description = "newest first"), (status = 404, body = super::ErrorBody),
-        (status = 422, body = super::ErrorBody)))]
-pub(super) async fn list(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<RunsQuery>) -> ApiResult<Json<Vec<RunRecord>>> {
+    responses((status = 200, body = Vec<RunRecord>,
+            description = "newest first (oldest first with `after`); `Link: <…>; rel=\"next\"` when there is more",
+            headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 404, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<RunsQuery>,
+) -> ApiResult<Page<RunRecord>> {
+    let limit = page::limit(q.limit)?;
+    let from = match (q.before, q.after) {
+        (Some(_), Some(_)) => return Err(ApiError::Invalid("give `before` or `after`, not both".into())),
+        (before, None) => RunsFrom::Before(before),
+        (None, Some(after)) => RunsFrom::After(after),
+    };
     session_exists(&state, &id).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::Invalid(format!("limit must be between 1 and {MAX_LIMIT}")));
-    }
-    Ok(Json(state.store.runs(&id, limit, q.before).await?))
+    let cursor = if matches!(from, RunsFrom::After(_)) { "after" } else { "before" };
+    let rows = state.store.runs_page(&id, limit + 1, from).await?;
+    let path = format!("/sessions/{id}/runs");
+    Ok(Page::from_extra(rows, limit, |last: &RunRecord| page::link(&path, &[("limit", &limit.to_string()), (cursor, &last.id)])))
 }
 
 #[utoipa::path(operation_id = "get_run", get, path = "/sessions/{id}/runs/{run_id}", tag = "runs", params(("id" = String, Path), ("run_id" = String, Path)),
@@ -274,13 +285,13 @@ enum Following<F> {
 pub(super) async fn run_events(
     State(state): State<AppState>,
     Path((id, run_id)): Path<(String, String)>,
-    Query(q): Query<EventsQuery>,
+    QueryParams(q): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     let after = cursor(&headers, &q)?.unwrap_or(0);
     state.store.run(&id, &run_id).await?;
     let stream = run_stream(state, id, run_id, after, None).await?;
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(stream))
 }
 
 #[utoipa::path(get, path = "/sessions/{id}/events", tag = "runs",
@@ -292,7 +303,7 @@ pub(super) async fn run_events(
 pub(super) async fn session_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    QueryParams(q): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     session_exists(&state, &id).await?;
@@ -303,5 +314,5 @@ pub(super) async fn session_events(
     };
     let subscription = state.bus.subscribe(&id, after, None).await;
     let stream: SseStream = Box::pin(async_stream(subscription, Some(state.stopping.clone()), |_| false));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(stream))
 }
