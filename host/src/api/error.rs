@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -93,6 +93,24 @@ impl From<JsonRejection> for ApiError {
     }
 }
 
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: super::BODY_LIMIT }
+        } else {
+            ApiError::MalformedJson(rejection.body_text())
+        }
+    }
+}
+
+/// A query string that does not fit the route's parameters: a value of the
+/// wrong type is an invalid value (422), as in a body.
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::Invalid(rejection.body_text())
+    }
+}
+
 impl From<MultipartRejection> for ApiError {
     fn from(rejection: MultipartRejection) -> Self {
         match rejection {
@@ -122,6 +140,11 @@ impl ApiError {
             ApiError::MalformedForm(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            // A `work_dir` that does not exist is like an `agent_id` that
+            // does not: the thing the body names is not found.
+            ApiError::WorkDir(WorkDirError::Unusable { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+                (StatusCode::NOT_FOUND, "not_found")
+            }
             ApiError::WorkDir(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),
