@@ -102,7 +102,7 @@ async fn credentials_are_write_only_and_bound_to_their_origin() {
     assert_error(status, &body, 422, "base_url");
     // A stored key never follows a new origin...
     let (status, body) = server.put("/provider/auth", json!({"providers": {"anthropic": {"base_url": "http://127.0.0.1:9"}}})).await;
-    assert_error(status, &body, 422, "key again");
+    assert_error(status, &body, 409, "key again");
     // ...unless it is sent again with it.
     let (status, _) = server
         .put("/provider/auth", json!({"providers": {"anthropic": {"key": KEY, "base_url": "http://127.0.0.1:9"}}}))
@@ -307,13 +307,15 @@ async fn sessions_crud_and_work_dir_rules() {
     std::fs::write(&file, "x").unwrap();
     for (dir, mentions) in [
         (json!("relative/dir"), "absolute"),
-        (json!("/no/such/dir/anywhere"), "/no/such/dir/anywhere"),
         (json!(file.to_str().unwrap()), "not a directory"),
         (json!(7), "work_dir"),
     ] {
         let (status, body) = server.post("/sessions", json!({"work_dir": dir})).await;
         assert_error(status, &body, 422, mentions);
     }
+    // A directory that does not exist is not found, as an agent_id would be.
+    let (status, body) = server.post("/sessions", json!({"work_dir": "/no/such/dir/anywhere"})).await;
+    assert_error(status, &body, 404, "/no/such/dir/anywhere");
 
     let other = tempfile::tempdir().unwrap();
     let other_dir = other.path().canonicalize().unwrap().to_str().unwrap().to_string();
