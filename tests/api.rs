@@ -307,15 +307,13 @@ async fn sessions_crud_and_work_dir_rules() {
     std::fs::write(&file, "x").unwrap();
     for (dir, mentions) in [
         (json!("relative/dir"), "absolute"),
+        (json!("/no/such/dir/anywhere"), "/no/such/dir/anywhere"),
         (json!(file.to_str().unwrap()), "not a directory"),
         (json!(7), "work_dir"),
     ] {
         let (status, body) = server.post("/sessions", json!({"work_dir": dir})).await;
         assert_error(status, &body, 422, mentions);
     }
-    // A directory that does not exist is not found, as an agent_id would be.
-    let (status, body) = server.post("/sessions", json!({"work_dir": "/no/such/dir/anywhere"})).await;
-    assert_error(status, &body, 404, "/no/such/dir/anywhere");
 
     let other = tempfile::tempdir().unwrap();
     let other_dir = other.path().canonicalize().unwrap().to_str().unwrap().to_string();
@@ -370,7 +368,7 @@ async fn messages_are_refused_before_the_run_starts() {
         let (status, body) = server.post(&format!("/sessions/{sid}/{endpoint}"), json!({"agent_id": agent_id})).await;
         assert_error(status, &body, 422, "message");
         let (status, body) = server.post(&format!("/sessions/{sid}/{endpoint}"), json!({"agent_id": agent_id, "message": "hi"})).await;
-        assert_error(status, &body, 422, "work_dir");
+        assert_error(status, &body, 409, "work_dir");
     }
 }
 

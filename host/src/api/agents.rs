@@ -8,7 +8,7 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::page::{self, Page, PageQuery};
-use super::{ApiError, ApiResult, AppState, JsonBody, QueryParams, Status, new_id, status};
+use super::{ApiError, ApiResult, AppState, JsonBody, Object, QueryParams, Status, new_id, status};
 use crate::runtime::Kind;
 use crate::store::{Agent, AgentProvider, now};
 
@@ -33,7 +33,8 @@ pub struct AgentCreate {
     /// Tool names, each a loaded tool plugin, each once (`uniqueItems`).
     #[serde(default)]
     tools: Vec<String>,
-    provider: ProviderCreate,
+    #[schema(value_type = ProviderCreate)]
+    provider: Object<ProviderCreate>,
 }
 
 /// The model of a new agent.
@@ -46,6 +47,7 @@ pub struct ProviderCreate {
     #[schema(min_length = 1, pattern = r"\S")]
     model: String,
     /// Upper bound on output tokens per model call; default 4096.
+    #[serde(default, deserialize_with = "whole_u32")]
     #[schema(minimum = 1)]
     max_tokens: Option<u32>,
     /// Sampling temperature; `null` or absent leaves the provider's default.
@@ -64,7 +66,8 @@ pub struct AgentInput {
     instructions: Option<String>,
     /// Tool names, each a loaded tool plugin, each once (`uniqueItems`).
     tools: Option<Vec<String>>,
-    provider: Option<ProviderInput>,
+    #[schema(value_type = Option<ProviderInput>)]
+    provider: Option<Object<ProviderInput>>,
 }
 
 /// Changes to an agent's model: only the fields given change.
@@ -77,11 +80,28 @@ pub struct ProviderInput {
     #[schema(min_length = 1, pattern = r"\S")]
     model: Option<String>,
     /// Upper bound on output tokens per model call.
+    #[serde(default, deserialize_with = "whole_u32")]
     #[schema(minimum = 1)]
     max_tokens: Option<u32>,
     /// Sampling temperature; `null` keeps what is set.
     #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f64>,
+}
+
+/// A JSON integer in `u32`'s range: `4096` or `4096.0` (JSON Schema counts
+/// a number with no fraction as an integer, and so does this), or `null`.
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => Some(f as u64),
+        _ => None,
+    };
+    whole
+        .and_then(|u| u32::try_from(u).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected an integer from 0 to {}", u32::MAX)))
 }
 
 impl ProviderInput {
@@ -148,7 +168,7 @@ pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryPar
         (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<AgentCreate>) -> ApiResult<(StatusCode, Json<Agent>)> {
     let now = now();
-    let p = input.provider;
+    let Object(p) = input.provider;
     let agent = Agent {
         id: new_id(),
         name: input.name,
@@ -192,7 +212,7 @@ pub(super) async fn update(
         agent.tools = tools;
     }
     if let Some(provider) = input.provider {
-        agent.provider = provider.apply(agent.provider);
+        agent.provider = provider.0.apply(agent.provider);
     }
     agent.updated_at = now().max(agent.updated_at);
     validate(&state, &agent).await?;

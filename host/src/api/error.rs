@@ -140,11 +140,6 @@ impl ApiError {
             ApiError::MalformedForm(_) => (StatusCode::BAD_REQUEST, "malformed_body"),
             ApiError::TooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "body_too_large"),
             ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
-            // A `work_dir` that does not exist is like an `agent_id` that
-            // does not: the thing the body names is not found.
-            ApiError::WorkDir(WorkDirError::Unusable { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
-                (StatusCode::NOT_FOUND, "not_found")
-            }
             ApiError::WorkDir(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::NoRoute { .. } => (StatusCode::NOT_FOUND, "no_route"),

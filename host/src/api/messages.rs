@@ -75,10 +75,12 @@ pub struct StreamMessageInput {
     /// The user's message; not blank.
     #[schema(min_length = 1, pattern = r"\S")]
     message: String,
-    on_disconnect: Option<OnDisconnect>,
+    #[serde(default)]
+    on_disconnect: OnDisconnect,
     /// When the session is running another message: `reject` (409),
     /// `enqueue`, or `interrupt` (cancel the active run, then start).
-    multitask: Option<Busy>,
+    #[serde(default)]
+    multitask: Busy,
 }
 
 /// The blocking endpoint's answer.
@@ -126,8 +128,9 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
     super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
+    // Both are well formed; together they conflict: 409.
     if !agent.tools.is_empty() && work_dir.is_none() {
-        return Err(ApiError::Invalid(format!(
+        return Err(ApiError::Conflict(format!(
             "agent `{}` has tools but session `{session_id}` has no work_dir; set one with PUT /sessions/{session_id}",
             agent.id
         )));
@@ -185,8 +188,9 @@ async fn submit(
     if let Some(key) = &key
         && let Some((run, earlier)) = state.store.run_by_key(session_id, key, now() - IDEMPOTENCY_WINDOW).await?
     {
+        // A well-formed request that conflicts with the stored one: 409.
         if earlier.body != request.body {
-            return Err(ApiError::Invalid(format!(
+            return Err(ApiError::Conflict(format!(
                 "Idempotency-Key `{key}` was used for run `{}` with a different body; use a new key for a new message",
                 run.id
             )));

@@ -118,6 +118,19 @@ fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
     essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
 }
 
+/// A JSON object inside a body, read as `T`. Serde reads a struct from an
+/// array too (`[null, null]` as the struct's fields in order), which the
+/// document does not allow: this reads an object or nothing.
+#[derive(Debug)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        serde_json::from_value(serde_json::Value::Object(map)).map(Object).map_err(serde::de::Error::custom)
+    }
+}
+
 /// A query string read as `T`; a value of the wrong type is a 422.
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]

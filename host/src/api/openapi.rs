@@ -87,10 +87,27 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     schemas["AuthUpdate"]["properties"]["providers"] =
         json!({"type": "object", "properties": by_provider, "additionalProperties": false});
 
+    // `u32` has no JSON Schema format of its own (utoipa says int32).
+    for (schema, nullable) in [("ProviderCreate", true), ("ProviderInput", true)] {
+        let types = if nullable { json!(["integer", "null"]) } else { json!("integer") };
+        schemas[schema]["properties"]["max_tokens"] = json!({"type": types, "minimum": 1, "maximum": u32::MAX});
+    }
+    // A multipart upload has exactly its two fields.
+    schemas["PluginUpload"]["additionalProperties"] = json!(false);
+    // An SSE event as the wire has it: its `data` is a RunEvent in JSON.
+    schemas["SseEvent"] = json!({
+        "type": "object", "required": ["event", "data"],
+        "description": "One Server-Sent Event; `data` is a RunEvent as JSON, `id` its seq (none on resync_required)",
+        "properties": {
+            "event": {"type": "string", "enum": ["text", "tool_use", "tool_result", "done", "error", "resync_required"]},
+            "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/RunEvent"}},
+            "id": {"type": "string", "pattern": "^[0-9]+$"},
+            "retry": {"type": "integer"}}});
+
     schemas["SessionInput"]["properties"]["work_dir"]["pattern"] = json!(work_dir_pattern(&state.settings.work_roots));
     schemas["SessionInput"]["properties"]["work_dir"]["maxLength"] = json!(2048);
 
-    guard_every_operation(&mut doc, state.settings.token.is_some());
+    finish_operations(&mut doc, state.settings.token.is_some());
     Ok(Json(doc))
 }
 
@@ -118,11 +135,16 @@ fn regex_escape(text: &str) -> String {
         .collect()
 }
 
-/// Every operation may be refused before its handler runs: 403 (a
-/// browser origin that is not allowed, or a `Host` that is not this
-/// server's), 429 (too many connections from one client), and 401 without
-/// the token, when the server has one (`/health` excepted).
-fn guard_every_operation(doc: &mut Value, token: bool) {
+/// What holds for every operation:
+///
+/// - it may be refused before its handler runs: 403 (a browser origin that
+///   is not allowed, or a `Host` that is not this server's), 429 (too many
+///   connections from one client), and 401 without the token, when the
+///   server has one (`/health` excepted);
+/// - a query or header parameter is absent or has a value: `null` is not a
+///   value of one (utoipa marks an `Option` nullable);
+/// - an SSE response's schema describes each event (`SseEvent`).
+fn finish_operations(doc: &mut Value, token: bool) {
     let error = json!({"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}});
     if token {
         doc["components"]["securitySchemes"] = json!({"token": {"type": "http", "scheme": "bearer"}});
@@ -131,7 +153,22 @@ fn guard_every_operation(doc: &mut Value, token: bool) {
     for (path, item) in paths.iter_mut() {
         let Some(item) = item.as_object_mut() else { continue };
         for operation in item.values_mut() {
+            if let Some(parameters) = operation.get_mut("parameters").and_then(Value::as_array_mut) {
+                for parameter in parameters {
+                    if let Some(types) = parameter["schema"]["type"].as_array_mut() {
+                        types.retain(|t| t != "null");
+                        if types.len() == 1 {
+                            parameter["schema"]["type"] = types[0].clone();
+                        }
+                    }
+                }
+            }
             let Some(responses) = operation.get_mut("responses").and_then(Value::as_object_mut) else { continue };
+            for response in responses.values_mut() {
+                if let Some(sse) = response.pointer_mut("/content/text~1event-stream") {
+                    sse["schema"] = json!({"$ref": "#/components/schemas/SseEvent"});
+                }
+            }
             for (status, description) in [("403", "refused: browser origin or Host not allowed"), ("429", "too many connections from this client")] {
                 let mut response = error.clone();
                 response["description"] = json!(description);

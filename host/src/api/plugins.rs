@@ -131,7 +131,8 @@ pub struct PluginUpload {
 #[utoipa::path(post, path = "/plugins", tag = "plugins",
     request_body(content = PluginUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
-        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody),
+        (status = 400, body = super::ErrorBody, description = "not a multipart/form-data body, or a malformed one"),
+        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody, description = "the manifest or the component is refused"),
         (status = 429, body = super::ErrorBody, description = "two uploads are already being received; `Retry-After: 5`")))]
 pub(super) async fn install(
     State(state): State<AppState>,
@@ -279,9 +280,9 @@ async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
 pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
     let plugin = state.runtime.get(&id).ok_or_else(|| ApiError::NotFound(format!("plugin `{id}` does not exist")))?;
     match plugin.source {
-        Source::Builtin => return Err(ApiError::Invalid(format!("`{id}` is built in and cannot be deleted"))),
+        Source::Builtin => return Err(ApiError::Conflict(format!("`{id}` is built in and cannot be deleted"))),
         Source::Directory => {
-            return Err(ApiError::Invalid(format!(
+            return Err(ApiError::Conflict(format!(
                 "`{id}` comes from the plugins directory {}: remove its files there and POST /plugins/reload",
                 state.settings.plugins_dir.display()
             )));

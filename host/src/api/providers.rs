@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, JsonBody, Status, status};
+use super::{ApiError, ApiResult, AppState, JsonBody, Object, Status, status};
 use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret};
 use crate::store::{AuthRecord, now};
 
@@ -80,7 +80,8 @@ pub struct ProviderAuthStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthUpdate {
-    providers: BTreeMap<String, AuthInput>,
+    #[schema(value_type = BTreeMap<String, AuthInput>)]
+    providers: BTreeMap<String, Object<AuthInput>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -216,7 +217,7 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
 pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): JsonBody<AuthUpdate>) -> ApiResult<Json<Status>> {
     let known = providers(&state).await?;
     let mut records = Vec::new();
-    for (id, input) in update.providers {
+    for (id, Object(input)) in update.providers {
         let Some((_, info)) = known.iter().find(|(p, _)| p.id() == id) else {
             let names: Vec<&str> = known.iter().map(|(p, _)| p.id()).collect();
             return Err(ApiError::Invalid(format!("unknown provider `{id}`; known providers: {}", names.join(", "))));

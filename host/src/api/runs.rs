@@ -39,7 +39,8 @@ pub struct RunsQuery {
     limit: Option<u32>,
     /// Newest first, only runs older than this run id.
     before: Option<String>,
-    /// Oldest first, only runs newer than this run id (not with `before`).
+    /// Oldest first, only runs newer than this run id (and, with `before`,
+    /// older than that one).
     after: Option<String>,
 }
 
@@ -49,7 +50,7 @@ pub struct EventsQuery {
     /// Replay events with a seq above this one (the `Last-Event-ID` header
     /// says the same and wins).
     #[param(minimum = 0)]
-    after: Option<u64>,
+    after: Option<i64>,
 }
 
 async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> {
@@ -71,16 +72,26 @@ pub(super) async fn list(
     QueryParams(q): QueryParams<RunsQuery>,
 ) -> ApiResult<Page<RunRecord>> {
     let limit = page::limit(q.limit)?;
-    let from = match (q.before, q.after) {
-        (Some(_), Some(_)) => return Err(ApiError::Invalid("give `before` or `after`, not both".into())),
-        (before, None) => RunsFrom::Before(before),
-        (None, Some(after)) => RunsFrom::After(after),
+    let (before, after) = (q.before, q.after);
+    let from = match after.clone() {
+        None => RunsFrom::Before(before.clone()),
+        Some(after) => RunsFrom::After { after, before: before.clone() },
     };
     session_exists(&state, &id).await?;
-    let cursor = if matches!(from, RunsFrom::After(_)) { "after" } else { "before" };
     let rows = state.store.runs_page(&id, limit + 1, from).await?;
     let path = format!("/sessions/{id}/runs");
-    Ok(Page::from_extra(rows, limit, |last: &RunRecord| page::link(&path, &[("limit", &limit.to_string()), (cursor, &last.id)])))
+    let limit_text = limit.to_string();
+    Ok(Page::from_extra(rows, limit, |last: &RunRecord| match &after {
+        // Oldest first: on after the last one, still below `before`.
+        Some(_) => {
+            let mut params = vec![("limit", limit_text.as_str()), ("after", last.id.as_str())];
+            if let Some(before) = &before {
+                params.push(("before", before.as_str()));
+            }
+            page::link(&path, &params)
+        }
+        None => page::link(&path, &[("limit", &limit_text), ("before", &last.id)]),
+    }))
 }
 
 #[utoipa::path(operation_id = "get_run", get, path = "/sessions/{id}/runs/{run_id}", tag = "runs", params(("id" = String, Path), ("run_id" = String, Path)),
@@ -161,7 +172,7 @@ pub(super) async fn cancel(State(state): State<AppState>, Path((id, run_id)): Pa
 
 #[utoipa::path(operation_id = "abort_session", post, path = "/sessions/{id}/abort", tag = "runs", params(("id" = String, Path)),
     responses((status = 200, body = RunRecord, description = "the session's active run, cancelled; with none active, its latest run unchanged"),
-        (status = 404, body = super::ErrorBody)))]
+        (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody, description = "the session has no run")))]
 pub(super) async fn abort(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<RunRecord>> {
     session_exists(&state, &id).await?;
     let run = match state.runs.active(&id) {
@@ -172,21 +183,30 @@ pub(super) async fn abort(State(state): State<AppState>, Path(id): Path<String>)
             .await?
             .pop()
             .map(|r| r.id)
-            .ok_or_else(|| ApiError::NotFound(format!("session `{id}` has no run")))?,
+            // The session exists; there is nothing in it to abort.
+            .ok_or_else(|| ApiError::Conflict(format!("session `{id}` has no run to abort")))?,
     };
     Ok(Json(cancel_and_answer(&state, &id, &run).await?))
 }
 
 /// The cursor of an events request: `Last-Event-ID`, else `?after=`.
 fn cursor(headers: &HeaderMap, query: &EventsQuery) -> ApiResult<Option<u64>> {
+    // Seqs are SQLite integers: 0 to 2^63 - 1.
+    let seq = |n: i64| u64::try_from(n).ok();
+    // `after` is checked even when the header wins over it.
+    let after = match query.after {
+        Some(after) => Some(seq(after).ok_or_else(|| ApiError::Invalid("`after` must be 0 or more".into()))?),
+        None => None,
+    };
     match headers.get("last-event-id") {
         Some(v) => v
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse().ok())
+            .and_then(seq)
             .map(Some)
             .ok_or_else(|| ApiError::Invalid("Last-Event-ID must be the integer id of an event".into())),
-        None => Ok(query.after),
+        None => Ok(after),
     }
 }
 
@@ -278,7 +298,7 @@ enum Following<F> {
 
 #[utoipa::path(get, path = "/sessions/{id}/runs/{run_id}/events", tag = "runs",
     params(("id" = String, Path), ("run_id" = String, Path), EventsQuery,
-        ("Last-Event-ID" = Option<u64>, Header, description = "Replay events after this id")),
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Replay events after this id")),
     responses((status = 200, content_type = "text/event-stream", body = RunEvent,
         description = "The run's events after the cursor, stored then live; ends after `done` or `error`"),
         (status = 404, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
@@ -295,7 +315,7 @@ pub(super) async fn run_events(
 }
 
 #[utoipa::path(get, path = "/sessions/{id}/events", tag = "runs",
-    params(("id" = String, Path), EventsQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Replay events after this id")),
+    params(("id" = String, Path), EventsQuery, ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Replay events after this id")),
     responses((status = 200, content_type = "text/event-stream", body = RunEvent,
         description = "The session's events after the cursor (without one: every event kept), then live events of every run, \
                        with a comment every 15 s; `resync_required` when the cursor is older than what is kept"),

@@ -21,7 +21,7 @@ pub fn routes() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct SessionInput {
     /// Absolute path of an existing directory (inside a `--work-root` when
-    /// any are set), or `null` for none. One that does not exist is a 404.
+    /// any are set), or `null` for none.
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<String>, pattern = "^/")]
     work_dir: Option<Option<String>>,
@@ -71,7 +71,7 @@ pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryPar
 
 #[utoipa::path(operation_id = "create_session", post, path = "/sessions", tag = "sessions", request_body = SessionInput,
     responses((status = 201, body = Session), (status = 400, body = super::ErrorBody),
-        (status = 404, body = super::ErrorBody, description = "`work_dir` does not exist"), (status = 413, body = super::ErrorBody),
+        (status = 413, body = super::ErrorBody),
         (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<SessionInput>) -> ApiResult<(StatusCode, Json<Session>)> {
     let work_dir = match input.work_dir.flatten() {
@@ -91,7 +91,7 @@ pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
 
 #[utoipa::path(operation_id = "update_session", put, path = "/sessions/{id}", tag = "sessions", params(("id" = String, Path)), request_body = SessionInput,
     responses((status = 200, body = Session), (status = 400, body = super::ErrorBody),
-        (status = 404, body = super::ErrorBody, description = "no such session, or `work_dir` does not exist"),
+        (status = 404, body = super::ErrorBody),
         (status = 409, body = super::ErrorBody), (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
         (status = 422, body = super::ErrorBody)))]
 pub(super) async fn update(

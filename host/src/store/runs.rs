@@ -192,12 +192,13 @@ impl Store {
     pub async fn runs_page(&self, session: &str, limit: usize, from: RunsFrom) -> Result<Vec<RunRecord>, StoreError> {
         let session = session.to_string();
         self.read(move |c| {
-            let (condition, cursor) = match from {
-                RunsFrom::Before(before) => ("(?2 IS NULL OR id < ?2) ORDER BY id DESC", before),
-                RunsFrom::After(after) => ("id > ?2 ORDER BY id", Some(after)),
+            let (condition, after, before) = match from {
+                RunsFrom::Before(before) => ("(?3 IS NULL OR id < ?3) ORDER BY id DESC", None, before),
+                RunsFrom::After { after, before } => ("id > ?2 AND (?3 IS NULL OR id < ?3) ORDER BY id", Some(after), before),
             };
-            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE session_id = ?1 AND {condition} LIMIT ?3"))?;
-            let rows = stmt.query_map(params![session, cursor, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
+            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE session_id = ?1 AND {condition} LIMIT ?4"))?;
+            let rows =
+                stmt.query_map(params![session, after, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(finish_run).collect()
         })
         .await
@@ -419,6 +420,6 @@ mod tests {
 pub enum RunsFrom {
     /// Newest first, older than this run (from the newest without one).
     Before(Option<String>),
-    /// Oldest first, newer than this run.
-    After(String),
+    /// Oldest first, newer than `after` (and older than `before`).
+    After { after: String, before: Option<String> },
 }
