@@ -127,7 +127,10 @@ pub struct Object<T>(pub T);
 impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Object<T> {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
-        serde_json::from_value(serde_json::Value::Object(map)).map(Object).map_err(serde::de::Error::custom)
+        // The inner field's name stays in the message (`provider: max_tokens: ...`).
+        serde_path_to_error::deserialize(serde_json::Value::Object(map))
+            .map(Object)
+            .map_err(|e| serde::de::Error::custom(format!("{}: {}", e.path(), e.inner())))
     }
 }
 
