@@ -18,9 +18,10 @@ if ! rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
 fi
 
 # Debian packages the tests run: bash, util-linux's unshare and setpriv
-# (confined commands), capsh and ip (tests that try what a command may do),
-# curl (commands that try the server's own API), python3 with pip, node
-# with npm (the JavaScript plugin template).
+# (confined commands, and the fuzzer's private network), capsh and ip
+# (tests that try what a command may do), curl (commands that try the
+# server's own API), python3 with pip, node with npm (the JavaScript plugin
+# template).
 declare -A debian=(
     [bash]=bash [unshare]=util-linux [setpriv]=util-linux [capsh]=libcap2-bin
     [ip]=iproute2 [curl]=curl [python3]=python3 [node]=nodejs [npm]=npm
@@ -59,6 +60,25 @@ if [ "$(jco --version 2>/dev/null)" != "$JCO" ] \
     npm install -g --silent --no-fund --no-audit "@bytecodealliance/jco@$JCO" "@bytecodealliance/componentize-js@$COMPONENTIZE_JS" >/dev/null
 fi
 command -v jco >/dev/null || { say "jco is still not on PATH"; exit 1; }
+# Schemathesis fuzzes the API against its own OpenAPI document (pinned:
+# its checks change between releases).
+SCHEMATHESIS=4.32.5
+if [ "$(python3 -m pip show schemathesis 2>/dev/null | sed -n 's/^Version: //p')" != "$SCHEMATHESIS" ]; then
+    say "installing schemathesis $SCHEMATHESIS"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "schemathesis==$SCHEMATHESIS" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "schemathesis==$SCHEMATHESIS"
+    if command -v pyenv >/dev/null; then pyenv rehash; fi
+fi
+command -v st >/dev/null || { say "schemathesis (st) is still not on PATH"; exit 1; }
+
+# The metrics test reads `GET /metrics` with the reference Prometheus
+# client's text parser.
+PROMETHEUS_CLIENT=0.26.0
+if [ "$(python3 -m pip show prometheus-client 2>/dev/null | sed -n 's/^Version: //p')" != "$PROMETHEUS_CLIENT" ]; then
+    say "installing prometheus-client $PROMETHEUS_CLIENT"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "prometheus-client==$PROMETHEUS_CLIENT" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "prometheus-client==$PROMETHEUS_CLIENT"
+fi
 
 # Every test; none may skip for a missing tool.
 export CI="${CI:-true}"

@@ -51,5 +51,9 @@ echo "|---|---|---|---|---|---|"
 run "GET /agents" "$BASE/agents"
 WORK_DIR=$TMP/work run "POST /sessions" -s bench/post_sessions.lua "$BASE/sessions"
 echo
+size() { stat -c %s "$1" 2>/dev/null || echo 0; }
+echo "after POST /sessions: WAL $(size "$TMP/hangar.db-wal") bytes beside a $(size "$TMP/hangar.db")-byte database (--wal-limit-mb 64)"
+sleep 3
+echo "after 3 s idle: WAL $(size "$TMP/hangar.db-wal") bytes"
 echo "peak RSS of hangar: $(awk '/VmHWM/ {printf "%.1f MB", $2/1024}' /proc/$PID/status)"
 if [ -n "${VERBOSE:-}" ]; then cat "$TMP"/*.txt; fi

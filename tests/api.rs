@@ -102,7 +102,7 @@ async fn credentials_are_write_only_and_bound_to_their_origin() {
     assert_error(status, &body, 422, "base_url");
     // A stored key never follows a new origin...
     let (status, body) = server.put("/provider/auth", json!({"providers": {"anthropic": {"base_url": "http://127.0.0.1:9"}}})).await;
-    assert_error(status, &body, 422, "key again");
+    assert_error(status, &body, 409, "key again");
     // ...unless it is sent again with it.
     let (status, _) = server
         .put("/provider/auth", json!({"providers": {"anthropic": {"key": KEY, "base_url": "http://127.0.0.1:9"}}}))
@@ -368,7 +368,7 @@ async fn messages_are_refused_before_the_run_starts() {
         let (status, body) = server.post(&format!("/sessions/{sid}/{endpoint}"), json!({"agent_id": agent_id})).await;
         assert_error(status, &body, 422, "message");
         let (status, body) = server.post(&format!("/sessions/{sid}/{endpoint}"), json!({"agent_id": agent_id, "message": "hi"})).await;
-        assert_error(status, &body, 422, "work_dir");
+        assert_error(status, &body, 409, "work_dir");
     }
 }
 

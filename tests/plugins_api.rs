@@ -103,7 +103,7 @@ async fn install_use_upgrade_and_remove_a_plugin() {
     let (status, body) = server.delete("/plugins/misbehave").await;
     assert_refused(status, &body, 409, agent["id"].as_str().unwrap());
     let (status, body) = server.delete("/plugins/read").await;
-    assert_refused(status, &body, 422, "built in");
+    assert_refused(status, &body, 409, "built in");
     let (status, body) = server.delete("/plugins/nope").await;
     assert_refused(status, &body, 404, "nope");
 
@@ -209,7 +209,7 @@ async fn reload_rescans_the_plugins_directory() {
     let (_, report) = server.post("/plugins/reload", json!({})).await;
     assert_eq!(report["unchanged"], json!(["misbehave"]), "{report}");
     let (status, body) = server.delete("/plugins/misbehave").await;
-    assert_refused(status, &body, 422, "plugins directory");
+    assert_refused(status, &body, 409, "plugins directory");
     std::fs::remove_file(plugins.path().join("misbehave.plugin.toml")).unwrap();
     let (_, report) = server.post("/plugins/reload", json!({})).await;
     assert_eq!(report["removed"], json!(["misbehave"]), "{report}");

@@ -298,7 +298,7 @@ async fn an_idempotent_repeat_returns_the_same_run() {
     assert_eq!((status, &again), (200, &first), "the same run, not a second one");
     assert_eq!(s.fake.requests().len(), 1, "the model was asked once");
     let (status, body) = send("key-1", "something else").await;
-    assert_eq!((status, body["code"].as_str()), (422, Some("invalid_request")), "{body}");
+    assert_eq!((status, body["code"].as_str()), (409, Some("conflict")), "{body}");
     // The stream with the same key replays that run's events.
     let resp = s
         .server

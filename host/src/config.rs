@@ -91,6 +91,23 @@ pub struct ServeArgs {
     /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub event_retention: Option<Duration>,
+    /// Size of the SQLite write-ahead log (`DB-wal`) past which it is
+    /// copied back and truncated, also the size it is cut to after a
+    /// checkpoint [default: 64]
+    #[arg(long, value_name = "MB")]
+    pub wal_limit_mb: Option<u64>,
+    /// Log lines as text for a person, or one JSON object a line for a log
+    /// shipper.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// `--log-format`.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 /// The uid and gid of a user name (from the system's user database).
@@ -140,6 +157,8 @@ pub struct FileConfig {
     pub secret_key_file: Option<PathBuf>,
     pub header_timeout_ms: Option<u64>,
     pub max_connections_per_client: Option<usize>,
+    /// Size of the write-ahead log past which it is truncated, in MB.
+    pub wal_limit_mb: Option<u64>,
     /// Refuse `bash` where the kernel cannot confine it fully.
     #[serde(default)]
     pub require_confinement: bool,
@@ -235,6 +254,9 @@ pub const DEFAULT_HEADER_TIMEOUT_MS: u64 = 10_000;
 /// streams a single local client (a benchmark, a UI) may hold.
 pub const DEFAULT_MAX_CONNECTIONS_PER_CLIENT: usize = 1024;
 
+/// Default of `--wal-limit-mb`.
+pub const DEFAULT_WAL_LIMIT_MB: u64 = 64;
+
 /// The settings in force.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -264,6 +286,8 @@ pub struct Settings {
     pub secret_key_file: PathBuf,
     /// `HANGAR_SECRET_KEY`, when set (it wins over the file).
     pub secret_key: Option<crate::runtime::Secret>,
+    /// Write-ahead log size past which it is checkpointed and truncated.
+    pub wal_limit_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -341,6 +365,11 @@ impl Settings {
         if max_connections_per_client == 0 {
             return Err(ConfigError::Zero { setting: "--max-connections-per-client (max_connections_per_client)" });
         }
+        let wal_limit_mb = args.wal_limit_mb.or(file.wal_limit_mb).unwrap_or(DEFAULT_WAL_LIMIT_MB);
+        if wal_limit_mb == 0 {
+            return Err(ConfigError::Zero { setting: "--wal-limit-mb (wal_limit_mb)" });
+        }
+        let wal_limit_bytes = wal_limit_mb << 20;
         let db = match args.db.or(file.db) {
             Some(db) => db,
             None => data()?.join("hangar.db"),
@@ -406,6 +435,7 @@ impl Settings {
             },
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,
+            wal_limit_bytes,
         })
     }
 }

@@ -6,6 +6,7 @@
 //! - [`runtime`]: the wasmtime engine, plugin registry and capabilities;
 //! - [`store`]: persistence on SQLite;
 //! - [`authoring`]: `hangar plugin new|build|install` for plugin authors.
+//! - [`telemetry`]: metrics (`GET /metrics`) and log lines.
 
 pub mod agent;
 pub mod api;
@@ -15,3 +16,4 @@ pub mod permissions;
 pub mod runtime;
 pub mod server;
 pub mod store;
+pub mod telemetry;

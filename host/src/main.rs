@@ -4,14 +4,12 @@ use hangar::config::{Cli, Command, Settings};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // An author's commands log as plain text; the server as it is told.
+    let format = match &cli.command {
+        Command::Serve(args) => args.log_format,
+        Command::Plugin(_) => Default::default(),
+    };
+    hangar::telemetry::init_logs(format);
     let result = match cli.command {
         // An author's command: its error is for the terminal, not the log.
         Command::Plugin(command) => {

@@ -45,8 +45,16 @@ pub enum ServeError {
 use crate::store::secrets::SecretBox;
 
 pub async fn serve(settings: Settings) -> Result<(), ServeError> {
+    crate::telemetry::install();
+    tokio::spawn(async {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            crate::telemetry::upkeep();
+        }
+    });
     let secrets = SecretBox::load(settings.secret_key.as_ref().map(|k| k.expose()), &settings.secret_key_file)?;
-    let (store, sealed) = Store::open(&settings.db)?.with_secrets(secrets).await?;
+    let (store, sealed) = Store::open_with(&settings.db, settings.wal_limit_bytes)?.with_secrets(secrets).await?;
     if sealed > 0 {
         tracing::info!(keys = sealed, "sealed provider keys stored in plain text by an older version");
     }

@@ -16,7 +16,8 @@ pub fn listen_address(stderr: ChildStderr, mut each_line: impl FnMut(&str) + Sen
             if let Some(addr) = line.split("listening on ").nth(1)
                 && let Some(tx) = tx.take()
             {
-                let _ = tx.send(addr.split_whitespace().next().unwrap_or("").to_string());
+                // Text logs end the address with a space, JSON logs with a quote.
+                let _ = tx.send(addr.split(|c: char| c.is_whitespace() || c == '"').next().unwrap_or("").to_string());
             }
             each_line(&line);
         }

@@ -40,6 +40,23 @@ pub fn have_command(command: &str, install: &str) -> bool {
     false
 }
 
+/// Whether `python3` can import `module`; skipped or failed as
+/// [`have_command`] says.
+pub fn have_python_module(module: &str, install: &str) -> bool {
+    let found = std::process::Command::new("python3")
+        .args(["-c", &format!("import {module}")])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if found {
+        return true;
+    }
+    let reason = format!("python3 cannot import `{module}`; `./test.sh` installs it ({install})");
+    assert!(std::env::var_os("CI").is_none(), "{reason}");
+    eprintln!("SKIPPED: {reason}");
+    false
+}
+
 /// A working directory opened as a run opens it.
 pub fn open_dir(path: &std::path::Path) -> std::sync::Arc<hangar::runtime::WorkDir> {
     let path = path.canonicalize().unwrap();

@@ -373,7 +373,16 @@ impl Run {
         let mut attempt = 0;
         loop {
             let mut sent_anything = false;
-            let failure = match self.pull(&provider, &request, events, text, uses, usage, &mut sent_anything).await? {
+            let started = std::time::Instant::now();
+            let before = *usage;
+            let pulled = self.pull(&provider, &request, events, text, uses, usage, &mut sent_anything, started).await?;
+            crate::telemetry::step(&provider, started.elapsed());
+            crate::telemetry::tokens(
+                &provider,
+                usage.input_tokens.saturating_sub(before.input_tokens),
+                usage.output_tokens.saturating_sub(before.output_tokens),
+            );
+            let failure = match pulled {
                 Ok(end) => return Ok(end),
                 Err(failure) => failure,
             };
@@ -408,6 +417,7 @@ impl Run {
         uses: &mut Vec<PendingToolUse>,
         usage: &mut Usage,
         sent_anything: &mut bool,
+        started: std::time::Instant,
     ) -> Result<Result<StepEnd, ProviderError>, RunError> {
         let mut shutdown = self.shutdown.clone();
         let start = self.runtime.provider_complete(provider, &self.access, request.clone());
@@ -437,10 +447,16 @@ impl Run {
                         continue;
                     }
                     text.push_str(&delta);
+                    if !*sent_anything {
+                        crate::telemetry::first_token(provider, started.elapsed());
+                    }
                     *sent_anything = true;
                     events.send(&RunEvent::Text { content: delta });
                 }
                 ProviderEvent::ToolUseStart(start) => {
+                    if !*sent_anything {
+                        crate::telemetry::first_token(provider, started.elapsed());
+                    }
                     *sent_anything = true;
                     index.insert(start.id.clone(), uses.len());
                     uses.push(PendingToolUse { id: start.id, name: start.name, json: String::new() });
@@ -694,7 +710,10 @@ impl Run {
             Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
         };
         let call = ToolInvocation { id: id.clone(), input: input.to_string(), work_dir };
-        match self.runtime.call_tool(name, call).await {
+        let started = std::time::Instant::now();
+        let result = self.runtime.call_tool(name, call).await;
+        crate::telemetry::tool_call(name, started.elapsed());
+        match result {
             Ok(out) => (out.text, out.is_error),
             Err(err) => (format!("the tool failed: {err}"), true),
         }

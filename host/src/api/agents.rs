@@ -1,7 +1,5 @@
 //! Agents: instructions, tools and a model.
 
-use std::sync::Arc;
-
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -9,7 +7,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, JsonBody, Status, new_id, status};
+use super::page::{self, Page, PageQuery};
+use super::{ApiError, ApiResult, AppState, JsonBody, Object, QueryParams, Status, new_id, status};
 use crate::runtime::Kind;
 use crate::permissions::{Origin, Rule};
 use crate::store::{Agent, AgentProvider, now};
@@ -22,30 +21,95 @@ pub fn routes() -> Router<AppState> {
         .route("/agents/{id}", get(show).put(update).delete(remove))
 }
 
-/// The body of `POST /agents` (all of `name` and `provider` required) and
-/// `PUT /agents/{id}` (only the fields given change).
+/// The body of `POST /agents`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AgentCreate {
+    /// Not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
+    name: String,
+    /// The system prompt.
+    #[serde(default)]
+    instructions: String,
+    /// Tool names, each a loaded tool plugin, each once (`uniqueItems`).
+    #[serde(default)]
+    tools: Vec<String>,
+    #[schema(value_type = ProviderCreate)]
+    provider: Object<ProviderCreate>,
+    /// Permission rules, evaluated after the config file's; the last rule
+    /// that matches a call decides (`allow`, `ask` or `deny`).
+    #[serde(default)]
+    permissions: Vec<Rule>,
+}
+
+/// The model of a new agent.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ProviderCreate {
+    /// A provider id from `GET /provider`.
+    id: String,
+    /// A model id of that provider (an alias or a dated id); not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
+    model: String,
+    /// Upper bound on output tokens per model call; default 4096.
+    #[serde(default, deserialize_with = "whole_u32")]
+    #[schema(minimum = 1)]
+    max_tokens: Option<u32>,
+    /// Sampling temperature; `null` or absent leaves the provider's default.
+    #[schema(minimum = 0.0, maximum = 2.0)]
+    temperature: Option<f64>,
+}
+
+/// The body of `PUT /agents/{id}`: only the fields given change (`null`
+/// is the same as absent).
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentInput {
+    /// Not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
     name: Option<String>,
     instructions: Option<String>,
-    /// Tool names, each a loaded tool plugin.
+    /// Tool names, each a loaded tool plugin, each once (`uniqueItems`).
     tools: Option<Vec<String>>,
-    provider: Option<ProviderInput>,
+    #[schema(value_type = Option<ProviderInput>)]
+    provider: Option<Object<ProviderInput>>,
     /// Permission rules, evaluated after the config file's; the last rule
     /// that matches a call decides (`allow`, `ask` or `deny`).
     permissions: Option<Vec<Rule>>,
 }
 
+/// Changes to an agent's model: only the fields given change.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderInput {
+    /// A provider id from `GET /provider`.
     id: Option<String>,
+    /// A model id of that provider; not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
     model: Option<String>,
-    /// Greater than 0; default 4096.
+    /// Upper bound on output tokens per model call.
+    #[serde(default, deserialize_with = "whole_u32")]
+    #[schema(minimum = 1)]
     max_tokens: Option<u32>,
-    /// 0 to 2.
+    /// Sampling temperature; `null` keeps what is set.
+    #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f64>,
+}
+
+/// A JSON integer in `u32`'s range: `4096` or `4096.0` (JSON Schema counts
+/// a number with no fraction as an integer, and so does this), or `null`.
+fn whole_u32<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    let whole = match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Some(u),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&f) => Some(f as u64),
+        _ => None,
+    };
+    whole
+        .and_then(|u| u32::try_from(u).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("invalid value: {n}, expected an integer from 0 to {}", u32::MAX)))
 }
 
 impl ProviderInput {
@@ -107,26 +171,40 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
     Ok(())
 }
 
-#[utoipa::path(operation_id = "list_agents", get, path = "/agents", tag = "agents", responses((status = 200, body = Vec<Agent>)))]
-pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Arc<Vec<Agent>>>> {
-    Ok(Json(state.store.agents().await?))
+#[utoipa::path(operation_id = "list_agents", get, path = "/agents", tag = "agents", params(PageQuery),
+    responses((status = 200, body = Vec<Agent>, description = "oldest first; `Link: <…>; rel=\"next\"` when there is more",
+        headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<Agent>> {
+    let limit = page::limit(q.limit)?;
+    let all = state.store.agents().await?;
+    // The list is sorted by id.
+    let start = match &q.after {
+        Some(after) => all.partition_point(|a| a.id.as_str() <= after.as_str()),
+        None => 0,
+    };
+    let items = all[start..].iter().take(limit + 1).cloned().collect();
+    Ok(Page::from_extra(items, limit, |last: &Agent| page::link("/agents", &[("limit", &limit.to_string()), ("after", &last.id)])))
 }
 
-#[utoipa::path(operation_id = "create_agent", post, path = "/agents", tag = "agents", request_body = AgentInput,
-    responses((status = 201, body = Agent), (status = 400, body = super::ErrorBody), (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
-pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<AgentInput>) -> ApiResult<(StatusCode, Json<Agent>)> {
-    let provider = input.provider.ok_or_else(|| ApiError::Invalid("`provider` is required".into()))?;
-    if provider.id.is_none() {
-        return Err(ApiError::Invalid("`provider.id` is required".into()));
-    }
+#[utoipa::path(operation_id = "create_agent", post, path = "/agents", tag = "agents", request_body = AgentCreate,
+    responses((status = 201, body = Agent), (status = 400, body = super::ErrorBody), (status = 413, body = super::ErrorBody),
+        (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<AgentCreate>) -> ApiResult<(StatusCode, Json<Agent>)> {
     let now = now();
+    let Object(p) = input.provider;
     let agent = Agent {
         id: new_id(),
-        name: input.name.ok_or_else(|| ApiError::Invalid("`name` is required".into()))?,
-        instructions: input.instructions.unwrap_or_default(),
-        tools: input.tools.unwrap_or_default(),
-        provider: provider.apply(AgentProvider { max_tokens: DEFAULT_MAX_TOKENS, ..Default::default() }),
-        permissions: input.permissions.unwrap_or_default(),
+        name: input.name,
+        instructions: input.instructions,
+        tools: input.tools,
+        provider: AgentProvider {
+            id: p.id,
+            model: p.model,
+            max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
+            temperature: p.temperature,
+        },
+        permissions: input.permissions,
         created_at: now,
         updated_at: now,
     };
@@ -141,7 +219,8 @@ pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
 }
 
 #[utoipa::path(operation_id = "update_agent", put, path = "/agents/{id}", tag = "agents", params(("id" = String, Path)), request_body = AgentInput,
-    responses((status = 200, body = Agent), (status = 404, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+    responses((status = 200, body = Agent), (status = 400, body = super::ErrorBody), (status = 404, body = super::ErrorBody),
+        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn update(
     State(state): State<AppState>,
     Path(id): Path<String>,
@@ -158,7 +237,7 @@ pub(super) async fn update(
         agent.tools = tools;
     }
     if let Some(provider) = input.provider {
-        agent.provider = provider.apply(agent.provider);
+        agent.provider = provider.0.apply(agent.provider);
     }
     if let Some(permissions) = input.permissions {
         agent.permissions = permissions;

@@ -2,7 +2,7 @@
 
 use axum::Json;
 use axum::extract::multipart::{MultipartError, MultipartRejection};
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{BytesRejection, JsonRejection, QueryRejection};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -94,6 +94,24 @@ impl From<JsonRejection> for ApiError {
             }
             other => ApiError::MalformedJson(other.body_text()),
         }
+    }
+}
+
+impl From<BytesRejection> for ApiError {
+    fn from(rejection: BytesRejection) -> Self {
+        if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::TooLarge { limit: super::BODY_LIMIT }
+        } else {
+            ApiError::MalformedJson(rejection.body_text())
+        }
+    }
+}
+
+/// A query string that does not fit the route's parameters: a value of the
+/// wrong type is an invalid value (422), as in a body.
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::Invalid(rejection.body_text())
     }
 }
 

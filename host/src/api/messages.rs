@@ -49,12 +49,32 @@ pub enum OnDisconnect {
 pub struct MessageInput {
     /// The agent that answers.
     agent_id: String,
-    /// The user's message.
+    /// The user's message; not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
     message: String,
     /// `POST /sessions/{id}/message` only: answer `202` with the run at
     /// once instead of waiting for it.
     #[serde(default)]
     background: bool,
+    #[serde(default)]
+    on_disconnect: OnDisconnect,
+    /// When the session is running another message: `reject` (409),
+    /// `enqueue`, or `interrupt` (cancel the active run, then start).
+    #[serde(default)]
+    multitask: Busy,
+}
+
+/// The body of `POST /sessions/{id}/message/stream`: a message without
+/// `background` (the stream is the run).
+#[derive(Deserialize, ToSchema)]
+#[allow(dead_code)]
+#[serde(deny_unknown_fields)]
+pub struct StreamMessageInput {
+    /// The agent that answers.
+    agent_id: String,
+    /// The user's message; not blank.
+    #[schema(min_length = 1, pattern = r"\S")]
+    message: String,
     #[serde(default)]
     on_disconnect: OnDisconnect,
     /// When the session is running another message: `reject` (409),
@@ -108,8 +128,9 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
     super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
+    // Both are well formed; together they conflict: 409.
     if !agent.tools.is_empty() && work_dir.is_none() {
-        return Err(ApiError::Invalid(format!(
+        return Err(ApiError::Conflict(format!(
             "agent `{}` has tools but session `{session_id}` has no work_dir; set one with PUT /sessions/{session_id}",
             agent.id
         )));
@@ -222,13 +243,13 @@ async fn submit(
 }
 
 /// The run an idempotency key already started with the same body; the same
-/// key with another body is a 422.
+/// key with another body conflicts with the stored one: 409.
 async fn earlier_run(state: &AppState, session_id: &str, key: &str, request: &RunRequest) -> ApiResult<Option<RunRecord>> {
     let Some((run, earlier)) = state.store.run_by_key(session_id, key, now() - IDEMPOTENCY_WINDOW).await? else {
         return Ok(None);
     };
     if earlier.body != request.body {
-        return Err(ApiError::Invalid(format!(
+        return Err(ApiError::Conflict(format!(
             "Idempotency-Key `{key}` was used for run `{}` with a different body; use a new key for a new message",
             run.id
         )));
@@ -294,6 +315,8 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
             request
         }
     };
+    let _active = crate::telemetry::Active::runs();
+    let started = std::time::Instant::now();
     let outcome = match prepare(state, session_id, &request).await {
         Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
         Err(err) => {
@@ -320,6 +343,23 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
             (RunStatus::Failed, RunResult { error: Some(failure), ..Default::default() }, event)
         }
     };
+    let elapsed = started.elapsed();
+    crate::telemetry::run_ended(status.as_str(), elapsed);
+    let usage = result.usage.unwrap_or_default();
+    tracing::info!(
+        target: "hangar::run",
+        run = %run_id,
+        session = %session_id,
+        agent = %request.agent_id,
+        status = status.as_str(),
+        steps = result.steps.unwrap_or(0),
+        input_tokens = usage.input_tokens,
+        output_tokens = usage.output_tokens,
+        stop_reason = result.stop_reason.map(|r| r.as_str()).unwrap_or("error"),
+        error_code = result.error.as_ref().map(|e| e.code.as_str()),
+        duration_ms = elapsed.as_millis() as u64,
+        "run ended"
+    );
     state.store.end_run(&run_id, status, now(), result).await?;
     let next = state.runs.finish(session_id, &run_id);
     emitter.send(&event);
@@ -390,7 +430,8 @@ pub(super) fn result_of(run: RunRecord) -> ApiResult<MessageResult> {
 }
 
 #[utoipa::path(post, path = "/sessions/{id}/message", tag = "messages", params(("id" = String, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key and body returns the same run (kept 24 h)")),
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$",
+            description = "A repeat with the same key and body returns the same run (kept 24 h); 1-255 visible ASCII characters")),
     request_body = MessageInput,
     responses((status = 200, body = MessageResult, description = "the run's result"),
         (status = 202, body = RunAccepted, description = "`background`: the run, started or queued", headers(("Location" = String))),
@@ -423,8 +464,9 @@ pub(super) fn sse(event: &crate::store::StoredEvent) -> SseEvent {
 }
 
 #[utoipa::path(post, path = "/sessions/{id}/message/stream", tag = "messages", params(("id" = String, Path),
-        ("Idempotency-Key" = Option<String>, Header, description = "A repeat with the same key and body replays the same run")),
-    request_body = MessageInput,
+        ("Idempotency-Key" = Option<String>, Header, min_length = 1, max_length = 255, pattern = r"^[!-~]([ -~]*[!-~])?$",
+            description = "A repeat with the same key and body replays the same run; 1-255 visible ASCII characters")),
+    request_body = StreamMessageInput,
     responses((status = 200, content_type = "text/event-stream", body = RunEvent,
         description = "SSE events `text`, `tool_use`, `tool_result`, then `done` or `error`; each with `id:` its seq",
         headers(("Content-Location" = String, description = "The run: /sessions/{id}/runs/{run_id}"))),
@@ -445,9 +487,19 @@ pub(super) async fn stream(
     let guard = CancelOnDrop::new(&state, &input, &run);
     let location = run_location(&run);
     let events = super::runs::run_stream(state, id, run.id.clone(), 0, Some(guard)).await?;
-    let sse = Sse::new(events).keep_alive(KeepAlive::new().interval(KEEP_ALIVE));
-    Ok(([(header::CONTENT_LOCATION, location)], sse).into_response())
+    Ok(([(header::CONTENT_LOCATION, location)], sse_response(events)).into_response())
 }
 
 /// A stream of SSE events that never fails (errors become events).
 pub(super) type SseStream = std::pin::Pin<Box<dyn Stream<Item = Result<SseEvent, Infallible>> + Send>>;
+
+/// An SSE response of `events`, counted in `hangar_active_streams` while
+/// it is open.
+pub(super) fn sse_response(events: SseStream) -> impl IntoResponse + use<> {
+    let active = crate::telemetry::Active::streams();
+    let counted: SseStream = Box::pin(futures::StreamExt::map(events, move |event| {
+        let _open = &active;
+        event
+    }));
+    Sse::new(counted).keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
+}

@@ -5,6 +5,7 @@ pub mod error;
 mod messages;
 mod openapi;
 mod permissions;
+pub mod page;
 mod plugins;
 mod providers;
 mod runs;
@@ -13,7 +14,7 @@ mod sessions;
 
 use std::sync::Arc;
 
-use axum::extract::{FromRequest, Request};
+use axum::extract::{FromRequest, FromRequestParts, Request};
 use axum::http::Method;
 use axum::routing::get;
 use axum::{Json, Router};
@@ -85,12 +86,62 @@ impl AppState {
     }
 }
 
-/// A JSON request body whose rejections become [`ApiError`]s (400 for bad
-/// syntax, 415 for a wrong content type, 413 when too large, 422 for wrong
-/// types or missing fields).
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// A JSON request body, read in three checks so that each fault gets its
+/// own status: a `Content-Type` that is not JSON is 415, a body over the
+/// limit 413, bad syntax (`[1,2`) 400 whatever `T` is; then a body that is
+/// not a JSON object (every body of this API is one), a wrong type or a
+/// missing field is 422.
 pub struct JsonBody<T>(pub T);
+
+impl<T: serde::de::DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        if !json_content_type(req.headers()) {
+            return Err(ApiError::UnsupportedMediaType);
+        }
+        let bytes = axum::body::Bytes::from_request(req, state).await?;
+        // Syntax first: `IgnoredAny` accepts any well-formed JSON, so
+        // whatever fails here is a syntax error, never a type error.
+        let _syntax_ok = Json::<serde::de::IgnoredAny>::from_bytes(&bytes)?;
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first != Some(&b'{') {
+            return Err(ApiError::Invalid("the body must be a JSON object".into()));
+        }
+        let Json(value) = Json::<T>::from_bytes(&bytes)?;
+        Ok(JsonBody(value))
+    }
+}
+
+/// `application/json`, or `application/SOMETHING+json`, with any parameters.
+fn json_content_type(headers: &axum::http::HeaderMap) -> bool {
+    let Some(value) = headers.get(axum::http::header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = value.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || (essence.starts_with("application/") && essence.ends_with("+json"))
+}
+
+/// A JSON object inside a body, read as `T`. Serde reads a struct from an
+/// array too (`[null, null]` as the struct's fields in order), which the
+/// document does not allow: this reads an object or nothing.
+#[derive(Debug)]
+pub struct Object<T>(pub T);
+
+impl<'de, T: serde::de::DeserializeOwned> serde::Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map = serde_json::Map::<String, serde_json::Value>::deserialize(d)?;
+        // The inner field's name stays in the message (`provider: max_tokens: ...`).
+        serde_path_to_error::deserialize(serde_json::Value::Object(map))
+            .map(Object)
+            .map_err(|e| serde::de::Error::custom(format!("{}: {}", e.path(), e.inner())))
+    }
+}
+
+/// A query string read as `T`; a value of the wrong type is a 422.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct QueryParams<T>(pub T);
 
 /// A value of a JSON body read as `T`: wrong types and missing fields are
 /// a 422 naming the field, as with [`JsonBody`].
@@ -112,6 +163,7 @@ pub fn router(state: AppState) -> Router {
     let security = security::Security::from_settings(&state.settings);
     Router::new()
         .route("/health", get(health))
+        .route("/metrics", get(metrics))
         .merge(openapi::routes())
         .merge(providers::routes())
         .merge(agents::routes())
@@ -126,6 +178,30 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
         .layer(security.cors_layer())
         .layer(axum::middleware::from_fn_with_state(Arc::new(security), security::guard))
+        .layer(axum::middleware::from_fn(observe))
+}
+
+/// Counts and logs every request, once it is answered: one line with its
+/// method, route template (never the ids in the path), status and duration.
+async fn observe(req: Request, next: axum::middleware::Next) -> axum::response::Response {
+    let method = req.method().clone();
+    let route = req.extensions().get::<axum::extract::MatchedPath>().map(|m| m.as_str().to_owned());
+    let route = route.as_deref().unwrap_or("(no route)").to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(req).await;
+    let elapsed = started.elapsed();
+    let status = response.status().as_u16();
+    crate::telemetry::http_request(method.as_str(), &route, status, elapsed);
+    tracing::info!(target: "hangar::http", method = %method, route = %route, status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    response
+}
+
+/// Metrics in the Prometheus text format.
+#[utoipa::path(get, path = "/metrics", tag = "health",
+    responses((status = 200, content_type = "text/plain; version=0.0.4", body = String,
+        description = "Prometheus text exposition: runs, steps, tools, tokens, streams, compile cache, HTTP requests")))]
+pub(super) async fn metrics() -> impl axum::response::IntoResponse {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::telemetry::render())
 }
 
 /// Starts the runs a stop left queued, in the order they were submitted.

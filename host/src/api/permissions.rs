@@ -2,13 +2,13 @@
 //! and answered here. An answer is stored first, then handed to the run
 //! that waits for it.
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiResult, AppState, JsonBody};
+use super::{ApiError, ApiResult, AppState, JsonBody, QueryParams};
 use crate::store::{Answer, PermissionRequest, PermissionStatus, Reply};
 
 pub fn routes() -> Router<AppState> {
@@ -42,7 +42,7 @@ pub struct ReplyInput {
 pub(super) async fn list(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<PermissionsQuery>,
+    QueryParams(q): QueryParams<PermissionsQuery>,
 ) -> ApiResult<Json<Vec<PermissionRequest>>> {
     super::runs::session_exists(&state, &id).await?;
     let status = match q.status.as_deref() {

@@ -15,7 +15,8 @@ use tempfile::NamedTempFile;
 use tokio::io::AsyncWriteExt;
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, Status, status};
+use super::page::{self, Page, PageQuery};
+use super::{ApiError, ApiResult, AppState, QueryParams, Status, status};
 use crate::runtime::{Capabilities, FsAccess, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
 
 /// Largest plugin upload: a Python component alone is tens of MB.
@@ -122,9 +123,21 @@ fn install_warnings(plugin: &Plugin) -> Vec<String> {
     warnings
 }
 
-#[utoipa::path(get, path = "/plugins", tag = "plugins", responses((status = 200, body = Vec<PluginView>)))]
-pub(super) async fn list(State(state): State<AppState>) -> Json<Vec<PluginView>> {
-    Json(state.runtime.plugins().iter().map(|p| view(&state.runtime, p)).collect())
+#[utoipa::path(get, path = "/plugins", tag = "plugins", params(PageQuery),
+    responses((status = 200, body = Vec<PluginView>, description = "by id; `Link: <…>; rel=\"next\"` when there is more",
+        headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<PluginView>> {
+    let limit = page::limit(q.limit)?;
+    let mut plugins = state.runtime.plugins();
+    plugins.sort_by(|a, b| a.id().cmp(b.id()));
+    let items = plugins
+        .iter()
+        .filter(|p| q.after.as_deref().is_none_or(|after| p.id() > after))
+        .take(limit + 1)
+        .map(|p| view(&state.runtime, p))
+        .collect();
+    Ok(Page::from_extra(items, limit, |last: &PluginView| page::link("/plugins", &[("limit", &limit.to_string()), ("after", &last.id)])))
 }
 
 /// The multipart form of `POST /plugins`.
@@ -141,7 +154,8 @@ pub struct PluginUpload {
 #[utoipa::path(post, path = "/plugins", tag = "plugins",
     request_body(content = PluginUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
-        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody),
+        (status = 400, body = super::ErrorBody, description = "not a multipart/form-data body, or a malformed one"),
+        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody, description = "the manifest or the component is refused"),
         (status = 429, body = super::ErrorBody, description = "two uploads are already being received; `Retry-After: 5`")))]
 pub(super) async fn install(
     State(state): State<AppState>,
@@ -306,9 +320,9 @@ async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
 pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
     let plugin = state.runtime.get(&id).ok_or_else(|| ApiError::NotFound(format!("plugin `{id}` does not exist")))?;
     match plugin.source {
-        Source::Builtin => return Err(ApiError::Invalid(format!("`{id}` is built in and cannot be deleted"))),
+        Source::Builtin => return Err(ApiError::Conflict(format!("`{id}` is built in and cannot be deleted"))),
         Source::Directory => {
-            return Err(ApiError::Invalid(format!(
+            return Err(ApiError::Conflict(format!(
                 "`{id}` comes from the plugins directory {}: remove its files there and POST /plugins/reload",
                 state.settings.plugins_dir.display()
             )));

@@ -11,7 +11,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use super::{ApiError, ApiResult, AppState, JsonBody, Status, status};
+use super::{ApiError, ApiResult, AppState, JsonBody, Object, Status, status};
 use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret};
 use crate::store::{AuthRecord, now};
 
@@ -83,7 +83,8 @@ pub struct ProviderAuthStatus {
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AuthUpdate {
-    providers: BTreeMap<String, AuthInput>,
+    #[schema(value_type = BTreeMap<String, AuthInput>)]
+    providers: BTreeMap<String, Object<AuthInput>>,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -223,11 +224,13 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
 }
 
 #[utoipa::path(put, path = "/provider/auth", tag = "providers", request_body = AuthUpdate,
-    responses((status = 200, body = Status), (status = 422, body = super::ErrorBody)))]
+    responses((status = 200, body = Status), (status = 400, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody, description = "`base_url` changed without sending the stored key again"),
+        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): JsonBody<AuthUpdate>) -> ApiResult<Json<Status>> {
     let known = providers(&state).await?;
     let mut records = Vec::new();
-    for (id, input) in update.providers {
+    for (id, Object(input)) in update.providers {
         let Some((_, info)) = known.iter().find(|(p, _)| p.id() == id) else {
             let names: Vec<&str> = known.iter().map(|(p, _)| p.id()).collect();
             return Err(ApiError::Invalid(format!("unknown provider `{id}`; known providers: {}", names.join(", "))));
@@ -259,8 +262,10 @@ pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): Js
             None => old_base.clone(),
         };
         let has_stored_key = existing.as_ref().is_some_and(|r| r.secret.is_some());
+        // The body is well formed; what it asks conflicts with the stored
+        // state (the key stored for another origin): 409.
         if new_base != old_base && has_stored_key && input.key.is_none() {
-            return Err(ApiError::Invalid(format!(
+            return Err(ApiError::Conflict(format!(
                 "changing base_url of `{id}` requires sending its key again: a stored key never follows a new origin"
             )));
         }
@@ -333,14 +338,29 @@ pub(super) async fn list_models(State(state): State<AppState>, Path(name): Path<
     Ok(Json(models_of(&state, &name).await?))
 }
 
+/// The model named `id`: by its exact id, else by the same id with or
+/// without a date suffix (`claude-sonnet-4-5` and
+/// `claude-sonnet-4-5-20250929` name the same model), newest date first.
+fn resolve_model<'a>(models: &'a [Model], id: &str) -> Option<&'a Model> {
+    fn undated(id: &str) -> &str {
+        match id.rsplit_once('-') {
+            Some((head, date)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => head,
+            _ => id.strip_suffix("-latest").unwrap_or(id),
+        }
+    }
+    models.iter().find(|m| m.id == id).or_else(|| {
+        let wanted = undated(id);
+        models.iter().filter(|m| undated(&m.id) == wanted).max_by(|a, b| a.id.cmp(&b.id))
+    })
+}
+
 #[utoipa::path(get, path = "/provider/{name}/models/{model}", tag = "providers",
     params(("name" = String, Path, description = "Provider id"), ("model" = String, Path, description = "Model id")),
     responses((status = 200, body = Model), (status = 404, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
 pub(super) async fn get_model(State(state): State<AppState>, Path((name, model)): Path<(String, String)>) -> ApiResult<Json<Model>> {
-    models_of(&state, &name)
-        .await?
-        .into_iter()
-        .find(|m| m.id == model)
+    let models = models_of(&state, &name).await?;
+    resolve_model(&models, &model)
+        .cloned()
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("provider `{name}` has no model `{model}`")))
 }

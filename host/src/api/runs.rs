@@ -4,24 +4,22 @@
 
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use axum::http::HeaderMap;
 use axum::response::IntoResponse;
-use axum::response::sse::{KeepAlive, Sse};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::IntoParams;
 
-use super::messages::{CancelOnDrop, KEEP_ALIVE, SseStream, sse};
-use super::{ApiError, ApiResult, AppState};
+use super::messages::{CancelOnDrop, SseStream, sse, sse_response};
+use super::page::{self, Page};
+use super::{ApiError, ApiResult, AppState, QueryParams};
 use crate::agent::{Cancelled, RunEvent, SubscribeError};
-use crate::store::{RunRecord, RunResult, RunStatus, StopReason, StoreError, now};
+use crate::store::{RunRecord, RunResult, RunStatus, RunsFrom, StopReason, StoreError, now};
 
 /// How long a cancel waits for the run to stop before answering it as it stands.
 const CANCEL_WAIT: Duration = Duration::from_secs(10);
-const DEFAULT_LIMIT: usize = 100;
-const MAX_LIMIT: usize = 1000;
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -38,9 +36,12 @@ pub fn routes() -> Router<AppState> {
 pub struct RunsQuery {
     /// At most this many runs (default 100, at most 1000).
     #[param(minimum = 1, maximum = 1000)]
-    limit: Option<usize>,
-    /// Only runs older than this run id.
+    limit: Option<u32>,
+    /// Newest first, only runs older than this run id.
     before: Option<String>,
+    /// Oldest first, only runs newer than this run id (and, with `before`,
+    /// older than that one).
+    after: Option<String>,
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -49,7 +50,7 @@ pub struct EventsQuery {
     /// Replay events with a seq above this one (the `Last-Event-ID` header
     /// says the same and wins).
     #[param(minimum = 0)]
-    after: Option<u64>,
+    after: Option<i64>,
 }
 
 pub(super) async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> {
@@ -61,15 +62,36 @@ pub(super) async fn session_exists(state: &AppState, id: &str) -> ApiResult<()> 
 }
 
 #[utoipa::path(operation_id = "list_runs", get, path = "/sessions/{id}/runs", tag = "runs", params(("id" = String, Path), RunsQuery),
-    responses((status = 200, body = Vec<RunRecord>, description = "newest first"), (status = 404, body = super::ErrorBody),
-        (status = 422, body = super::ErrorBody)))]
-pub(super) async fn list(State(state): State<AppState>, Path(id): Path<String>, Query(q): Query<RunsQuery>) -> ApiResult<Json<Vec<RunRecord>>> {
+    responses((status = 200, body = Vec<RunRecord>,
+            description = "newest first (oldest first with `after`); `Link: <…>; rel=\"next\"` when there is more",
+            headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 404, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    QueryParams(q): QueryParams<RunsQuery>,
+) -> ApiResult<Page<RunRecord>> {
+    let limit = page::limit(q.limit)?;
+    let (before, after) = (q.before, q.after);
+    let from = match after.clone() {
+        None => RunsFrom::Before(before.clone()),
+        Some(after) => RunsFrom::After { after, before: before.clone() },
+    };
     session_exists(&state, &id).await?;
-    let limit = q.limit.unwrap_or(DEFAULT_LIMIT);
-    if !(1..=MAX_LIMIT).contains(&limit) {
-        return Err(ApiError::Invalid(format!("limit must be between 1 and {MAX_LIMIT}")));
-    }
-    Ok(Json(state.store.runs(&id, limit, q.before).await?))
+    let rows = state.store.runs_page(&id, limit + 1, from).await?;
+    let path = format!("/sessions/{id}/runs");
+    let limit_text = limit.to_string();
+    Ok(Page::from_extra(rows, limit, |last: &RunRecord| match &after {
+        // Oldest first: on after the last one, still below `before`.
+        Some(_) => {
+            let mut params = vec![("limit", limit_text.as_str()), ("after", last.id.as_str())];
+            if let Some(before) = &before {
+                params.push(("before", before.as_str()));
+            }
+            page::link(&path, &params)
+        }
+        None => page::link(&path, &[("limit", &limit_text), ("before", &last.id)]),
+    }))
 }
 
 #[utoipa::path(operation_id = "get_run", get, path = "/sessions/{id}/runs/{run_id}", tag = "runs", params(("id" = String, Path), ("run_id" = String, Path)),
@@ -150,7 +172,7 @@ pub(super) async fn cancel(State(state): State<AppState>, Path((id, run_id)): Pa
 
 #[utoipa::path(operation_id = "abort_session", post, path = "/sessions/{id}/abort", tag = "runs", params(("id" = String, Path)),
     responses((status = 200, body = RunRecord, description = "the session's active run, cancelled; with none active, its latest run unchanged"),
-        (status = 404, body = super::ErrorBody)))]
+        (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody, description = "the session has no run")))]
 pub(super) async fn abort(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<RunRecord>> {
     session_exists(&state, &id).await?;
     let run = match state.runs.active(&id) {
@@ -161,21 +183,30 @@ pub(super) async fn abort(State(state): State<AppState>, Path(id): Path<String>)
             .await?
             .pop()
             .map(|r| r.id)
-            .ok_or_else(|| ApiError::NotFound(format!("session `{id}` has no run")))?,
+            // The session exists; there is nothing in it to abort.
+            .ok_or_else(|| ApiError::Conflict(format!("session `{id}` has no run to abort")))?,
     };
     Ok(Json(cancel_and_answer(&state, &id, &run).await?))
 }
 
 /// The cursor of an events request: `Last-Event-ID`, else `?after=`.
 fn cursor(headers: &HeaderMap, query: &EventsQuery) -> ApiResult<Option<u64>> {
+    // Seqs are SQLite integers: 0 to 2^63 - 1.
+    let seq = |n: i64| u64::try_from(n).ok();
+    // `after` is checked even when the header wins over it.
+    let after = match query.after {
+        Some(after) => Some(seq(after).ok_or_else(|| ApiError::Invalid("`after` must be 0 or more".into()))?),
+        None => None,
+    };
     match headers.get("last-event-id") {
         Some(v) => v
             .to_str()
             .ok()
             .and_then(|v| v.trim().parse().ok())
+            .and_then(seq)
             .map(Some)
             .ok_or_else(|| ApiError::Invalid("Last-Event-ID must be the integer id of an event".into())),
-        None => Ok(query.after),
+        None => Ok(after),
     }
 }
 
@@ -267,24 +298,24 @@ enum Following<F> {
 
 #[utoipa::path(get, path = "/sessions/{id}/runs/{run_id}/events", tag = "runs",
     params(("id" = String, Path), ("run_id" = String, Path), EventsQuery,
-        ("Last-Event-ID" = Option<u64>, Header, description = "Replay events after this id")),
+        ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Replay events after this id")),
     responses((status = 200, content_type = "text/event-stream", body = RunEvent,
         description = "The run's events after the cursor, stored then live; ends after `done` or `error`"),
         (status = 404, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn run_events(
     State(state): State<AppState>,
     Path((id, run_id)): Path<(String, String)>,
-    Query(q): Query<EventsQuery>,
+    QueryParams(q): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     let after = cursor(&headers, &q)?.unwrap_or(0);
     state.store.run(&id, &run_id).await?;
     let stream = run_stream(state, id, run_id, after, None).await?;
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(stream))
 }
 
 #[utoipa::path(get, path = "/sessions/{id}/events", tag = "runs",
-    params(("id" = String, Path), EventsQuery, ("Last-Event-ID" = Option<u64>, Header, description = "Replay events after this id")),
+    params(("id" = String, Path), EventsQuery, ("Last-Event-ID" = Option<i64>, Header, minimum = 0, description = "Replay events after this id")),
     responses((status = 200, content_type = "text/event-stream", body = RunEvent,
         description = "The session's events after the cursor (without one: every event kept), then live events of every run, \
                        with a comment every 15 s; `resync_required` when the cursor is older than what is kept"),
@@ -292,7 +323,7 @@ pub(super) async fn run_events(
 pub(super) async fn session_events(
     State(state): State<AppState>,
     Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    QueryParams(q): QueryParams<EventsQuery>,
     headers: HeaderMap,
 ) -> ApiResult<impl IntoResponse> {
     session_exists(&state, &id).await?;
@@ -303,5 +334,5 @@ pub(super) async fn session_events(
     };
     let subscription = state.bus.subscribe(&id, after, None).await;
     let stream: SseStream = Box::pin(async_stream(subscription, Some(state.stopping.clone()), |_| false));
-    Ok(Sse::new(stream).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
+    Ok(sse_response(stream))
 }

@@ -5,10 +5,11 @@ use axum::http::StatusCode;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Deserializer};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiResult, AppState, JsonBody, Status, new_id, status};
-use crate::store::{Session, now};
+use super::page::{self, Page};
+use super::{ApiError, ApiResult, AppState, JsonBody, QueryParams, Status, new_id, status};
+use crate::store::{Session, SessionListed, now};
 
 pub fn routes() -> Router<AppState> {
     Router::new()
@@ -22,7 +23,7 @@ pub struct SessionInput {
     /// Absolute path of an existing directory (inside a `--work-root` when
     /// any are set), or `null` for none.
     #[serde(default, deserialize_with = "present")]
-    #[schema(value_type = Option<String>)]
+    #[schema(value_type = Option<String>, pattern = "^/")]
     work_dir: Option<Option<String>>,
 }
 
@@ -36,13 +37,42 @@ fn check_work_dir(state: &AppState, dir: &str) -> ApiResult<String> {
     Ok(state.work_dirs.check(dir)?)
 }
 
-#[utoipa::path(operation_id = "list_sessions", get, path = "/sessions", tag = "sessions", responses((status = 200, body = Vec<Session>)))]
-pub(super) async fn list(State(state): State<AppState>) -> ApiResult<Json<Vec<Session>>> {
-    Ok(Json(state.store.sessions().await?))
+/// `GET /sessions`: a page, with or without histories.
+#[derive(Debug, Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct SessionsQuery {
+    /// At most this many sessions (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
+    limit: Option<u32>,
+    /// Only sessions after this id (the last id of the previous page).
+    after: Option<String>,
+    /// `false` leaves each session's history out (default `true`).
+    history: Option<bool>,
+}
+
+#[utoipa::path(operation_id = "list_sessions", get, path = "/sessions", tag = "sessions", params(SessionsQuery),
+    responses((status = 200, body = Vec<SessionListed>, description = "oldest first; `Link: <…>; rel=\"next\"` when there is more",
+        headers(("Link" = String, description = "the next page, when there is one"))),
+        (status = 422, body = super::ErrorBody)))]
+pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<SessionsQuery>) -> ApiResult<Page<SessionListed>> {
+    let limit = page::limit(q.limit)?;
+    let history = q.history.unwrap_or(true);
+    let rows = state.store.sessions_page(q.after, limit + 1, history).await?;
+    let items = rows.into_iter().map(|s| SessionListed::new(s, history)).collect();
+    Ok(Page::from_extra(items, limit, |last: &SessionListed| {
+        let limit = limit.to_string();
+        let mut params = vec![("limit", limit.as_str()), ("after", last.id.as_str())];
+        if !history {
+            params.push(("history", "false"));
+        }
+        page::link("/sessions", &params)
+    }))
 }
 
 #[utoipa::path(operation_id = "create_session", post, path = "/sessions", tag = "sessions", request_body = SessionInput,
-    responses((status = 201, body = Session), (status = 400, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+    responses((status = 201, body = Session), (status = 400, body = super::ErrorBody),
+        (status = 413, body = super::ErrorBody),
+        (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
 pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<SessionInput>) -> ApiResult<(StatusCode, Json<Session>)> {
     let work_dir = match input.work_dir.flatten() {
         Some(dir) => Some(check_work_dir(&state, &dir)?),
@@ -60,7 +90,10 @@ pub(super) async fn show(State(state): State<AppState>, Path(id): Path<String>) 
 }
 
 #[utoipa::path(operation_id = "update_session", put, path = "/sessions/{id}", tag = "sessions", params(("id" = String, Path)), request_body = SessionInput,
-    responses((status = 200, body = Session), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
+    responses((status = 200, body = Session), (status = 400, body = super::ErrorBody),
+        (status = 404, body = super::ErrorBody),
+        (status = 409, body = super::ErrorBody), (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
+        (status = 422, body = super::ErrorBody)))]
 pub(super) async fn update(
     State(state): State<AppState>,
     Path(id): Path<String>,

@@ -168,7 +168,10 @@ impl CompileCache {
                 // truncated writes, an entry copied or linked from another
                 // name, and any file put there without its matching digest.
                 match unsafe { Component::deserialize(engine, &bytes) } {
-                    Ok(component) => return Ok(component),
+                    Ok(component) => {
+                        crate::telemetry::compile_cache(true);
+                        return Ok(component);
+                    }
                     Err(err) => {
                         tracing::warn!(entry = %entry.name, dir = %dir.path.display(), "discarding a compile cache entry wasmtime refuses: {err:#}");
                         dir.discard(&entry)
@@ -184,6 +187,7 @@ impl CompileCache {
                 dir.discard(&entry)
             }
         };
+        crate::telemetry::compile_cache(false);
         let component = Component::new(engine, wasm)?;
         if writable {
             dir.store(&entry, &component.serialize()?);

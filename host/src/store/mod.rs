@@ -19,7 +19,7 @@ mod runs;
 pub mod secrets;
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
-pub use runs::RunRequest;
+pub use runs::{RunRequest, RunsFrom};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -169,8 +169,15 @@ impl AgentCache {
 }
 
 impl Store {
-    /// Opens (creating it with mode 0600 if needed) and migrates the database.
+    /// Opens (creating it with mode 0600 if needed) and migrates the
+    /// database, with the default bound on its write-ahead log.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Self::open_with(path, DEFAULT_WAL_LIMIT)
+    }
+
+    /// Opens the database; its write-ahead log is checkpointed and cut back
+    /// whenever it passes `wal_limit` bytes (see [`checkpoint_loop`]).
+    pub fn open_with(path: &Path, wal_limit: u64) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Open { path: path.into(), source })?;
         }
@@ -197,7 +204,12 @@ impl Store {
         // Checkpoints (copying the WAL back into the database, with an
         // fsync) run on a thread of their own, so writes never wait for one.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        // A WAL that a checkpoint has reset is cut back to this size by the
+        // next write, instead of keeping the largest size it ever reached.
+        conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
         let checkpointer = Self::open_connection(path)?;
+        checkpointer.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
+        let wal = Wal { path: wal_path(path), limit: wal_limit };
         let (writer, jobs) = std::sync::mpsc::channel();
         let (wake, wakes) = std::sync::mpsc::sync_channel(1);
         let written = Arc::new(AtomicU64::new(0));
@@ -209,7 +221,7 @@ impl Store {
                 .map_err(|source| StoreError::Open { path: path.into(), source })
         };
         spawn("hangar-db-writer", Box::new(move || write_loop(conn, jobs, wake, written)))?;
-        spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wakes, written_too)))?;
+        spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wal, wakes, written_too)))?;
         Ok(Store {
             writer,
             readers: Default::default(),
@@ -462,6 +474,20 @@ impl Store {
         self.read(move |c| Ok(c.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?.exists([&id])?)).await
     }
 
+    /// At most `limit` sessions with ids above `after`, by id; with
+    /// `history` false their histories are not read (and left empty).
+    pub async fn sessions_page(&self, after: Option<String>, limit: usize, history: bool) -> Result<Vec<Session>, StoreError> {
+        self.read(move |c| {
+            let columns = if history { "history" } else { "'[]'" };
+            let mut stmt = c.prepare_cached(&format!(
+                "SELECT id, work_dir, {columns}, created_at, updated_at FROM sessions WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2"
+            ))?;
+            let rows = stmt.query_map(params![after, limit as i64], session_row)?.collect::<Result<Vec<_>, _>>()?;
+            rows.into_iter().map(RawSession::finish).collect()
+        })
+        .await
+    }
+
     pub async fn sessions(&self) -> Result<Vec<Session>, StoreError> {
         self.read(|c| {
             let mut stmt = c.prepare_cached(&format!("{SESSION_SELECT} ORDER BY id"))?;
@@ -660,28 +686,79 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
 /// database (about SQLite's own automatic checkpoint of 1,000 pages).
 const CHECKPOINT_WRITES: u64 = 1000;
 
-/// Checkpoints the WAL every `CHECKPOINT_WRITES` writes, and after a second
-/// without writes. PASSIVE: it never blocks the writer or a reader; what it
-/// cannot copy now, it copies next time. Ends with the writer thread.
-fn checkpoint_loop(conn: Connection, wakes: std::sync::mpsc::Receiver<()>, written: Arc<AtomicU64>) {
+/// Default bound on the write-ahead log (`--wal-limit-mb`).
+pub const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
+
+/// The write-ahead log beside the database, and its bound.
+struct Wal {
+    path: PathBuf,
+    limit: u64,
+}
+
+impl Wal {
+    /// Its size on disk (0 when there is none).
+    fn size(&self) -> u64 {
+        std::fs::metadata(&self.path).map_or(0, |m| m.len())
+    }
+}
+
+/// `DB-wal`, SQLite's name for the write-ahead log of `DB`.
+pub fn wal_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push("-wal");
+    PathBuf::from(name)
+}
+
+/// Keeps the WAL bounded, on a thread of its own:
+///
+/// - every `CHECKPOINT_WRITES` writes, a PASSIVE checkpoint, which never
+///   blocks the writer or a reader (what it cannot copy now, it copies next
+///   time);
+/// - when the WAL has grown past its limit anyway (PASSIVE checkpoints
+///   never catch up with a writer that never pauses, and the file only
+///   grows), a TRUNCATE checkpoint: it waits for the writer's current
+///   transaction and for readers of older snapshots, copies everything and
+///   cuts the file to nothing, so writes pause for the length of one
+///   checkpoint;
+/// - after a second without writes, a TRUNCATE checkpoint too: an idle
+///   server keeps no WAL at all.
+///
+/// Ends with the writer thread.
+fn checkpoint_loop(conn: Connection, wal: Wal, wakes: std::sync::mpsc::Receiver<()>, written: Arc<AtomicU64>) {
     use std::sync::mpsc::RecvTimeoutError;
+    let checkpoint = |mode: &str| conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0));
     let mut done = 0;
     loop {
         let idle = match wakes.recv_timeout(std::time::Duration::from_secs(1)) {
             Ok(()) => false,
             Err(RecvTimeoutError::Timeout) => true,
             Err(RecvTimeoutError::Disconnected) => {
-                let _ = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()));
+                let _ = checkpoint("TRUNCATE");
                 return;
             }
         };
         let now = written.load(Ordering::Relaxed);
-        if now - done >= CHECKPOINT_WRITES || (idle && now != done) {
-            match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                Ok(()) => done = now,
-                Err(err) => tracing::warn!(%err, "WAL checkpoint failed; trying again later"),
+        let size = wal.size();
+        let mode = if size > wal.limit || (idle && size > 0) {
+            "TRUNCATE"
+        } else if now - done >= CHECKPOINT_WRITES {
+            "PASSIVE"
+        } else {
+            continue;
+        };
+        match checkpoint(mode) {
+            // 1: a reader or writer kept it from finishing; next time.
+            Ok(busy) => {
+                if busy == 0 || mode == "PASSIVE" {
+                    done = now;
+                }
+                if busy != 0 && mode == "TRUNCATE" {
+                    tracing::debug!(wal_bytes = size, "WAL checkpoint (TRUNCATE) was blocked; trying again");
+                }
             }
+            Err(err) => tracing::warn!(%err, mode, "WAL checkpoint failed; trying again later"),
         }
+        crate::telemetry::wal_size(wal.size());
     }
 }
 

@@ -52,6 +52,35 @@ pub struct Session {
     pub updated_at: DateTime<Utc>,
 }
 
+/// A session as `GET /sessions` lists it: with `?history=false`, without
+/// its history.
+#[derive(Debug, Clone, Serialize, ToSchema)]
+pub struct SessionListed {
+    /// ULID.
+    pub id: String,
+    /// Absolute path of the directory the tools work in, or `null`.
+    pub work_dir: Option<String>,
+    /// Every message so far, oldest first; left out with `?history=false`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub history: Option<Vec<HistoryMessage>>,
+    #[serde(serialize_with = "rfc3339")]
+    pub created_at: DateTime<Utc>,
+    #[serde(serialize_with = "rfc3339")]
+    pub updated_at: DateTime<Utc>,
+}
+
+impl SessionListed {
+    pub fn new(session: Session, history: bool) -> SessionListed {
+        SessionListed {
+            id: session.id,
+            work_dir: session.work_dir,
+            history: history.then_some(session.history),
+            created_at: session.created_at,
+            updated_at: session.updated_at,
+        }
+    }
+}
+
 /// One message of a session's history, with Anthropic-style content blocks.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 pub struct HistoryMessage {
@@ -100,6 +129,16 @@ pub enum StopReason {
     EndTurn,
     MaxSteps,
     Cancelled,
+}
+
+impl StopReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            StopReason::EndTurn => "end_turn",
+            StopReason::MaxSteps => "max_steps",
+            StopReason::Cancelled => "cancelled",
+        }
+    }
 }
 
 /// One tool call of a run, with its result.

@@ -219,12 +219,21 @@ impl Store {
 
     /// A session's runs, newest first: at most `limit`, older than `before`.
     pub async fn runs(&self, session: &str, limit: usize, before: Option<String>) -> Result<Vec<RunRecord>, StoreError> {
+        self.runs_page(session, limit, RunsFrom::Before(before)).await
+    }
+
+    /// A session's runs from a cursor: newest first older than `Before`,
+    /// or oldest first newer than `After`; at most `limit`.
+    pub async fn runs_page(&self, session: &str, limit: usize, from: RunsFrom) -> Result<Vec<RunRecord>, StoreError> {
         let session = session.to_string();
         self.read(move |c| {
-            let mut stmt = c.prepare_cached(&format!(
-                "{RUN_SELECT} WHERE session_id = ?1 AND (?2 IS NULL OR id < ?2) ORDER BY id DESC LIMIT ?3"
-            ))?;
-            let rows = stmt.query_map(params![session, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
+            let (condition, after, before) = match from {
+                RunsFrom::Before(before) => ("(?3 IS NULL OR id < ?3) ORDER BY id DESC", None, before),
+                RunsFrom::After { after, before } => ("id > ?2 AND (?3 IS NULL OR id < ?3) ORDER BY id", Some(after), before),
+            };
+            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE session_id = ?1 AND {condition} LIMIT ?4"))?;
+            let rows =
+                stmt.query_map(params![session, after, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(finish_run).collect()
         })
         .await
@@ -445,4 +454,13 @@ mod tests {
         assert_eq!(answer_unanswered(&mut history, "restarted"), 1);
         assert!(matches!(&history[6].content[0], Block::ToolResult { tool_use_id, .. } if tool_use_id == "a"));
     }
+}
+
+/// Where a page of runs starts.
+#[derive(Debug, Clone)]
+pub enum RunsFrom {
+    /// Newest first, older than this run (from the newest without one).
+    Before(Option<String>),
+    /// Oldest first, newer than `after` (and older than `before`).
+    After { after: String, before: Option<String> },
 }

@@ -27,8 +27,20 @@ const COMPLETE_TIMEOUT_MS: u32 = 120_000;
 
 /// Models known to this build, with their context windows, so that `models`
 /// answers without a network (and without a key). Live listings are merged
-/// in when a key is set.
+/// in when a key is set. Each is listed under its dated id and under its
+/// alias (the dated id without its date, as the vendor's docs and the
+/// Messages API accept it); a model published without a dated id has its
+/// alias only.
+///
+/// Checked on 2026-12-01 against the vendor's model pages (models overview
+/// and each model's page): `claude-opus-5` (1M tokens, released 2026-07-24,
+/// legacy); Sonnet 4.5 `claude-sonnet-4-5-20250929` (200K; deprecated, the
+/// vendor retires it on 2026-11-30, kept so existing agents still resolve);
+/// the 4.x dated ids below with 200K windows. Newer models whose API ids the
+/// pages checked did not state (Opus 5.5, Sonnet 5.5, Haiku 5.5, Fable 5.1)
+/// are not listed here; with a key, the live listing names them.
 const CATALOG: &[(&str, &str, u64)] = &[
+    ("claude-opus-5", "Claude Opus 5", 1_000_000),
     ("claude-opus-4-5-20251101", "Claude Opus 4.5", 200_000),
     ("claude-sonnet-4-5-20250929", "Claude Sonnet 4.5", 200_000),
     ("claude-haiku-4-5-20251001", "Claude Haiku 4.5", 200_000),
@@ -58,10 +70,22 @@ impl Provider for Anthropic {
             }
         }
         // Union: the live list first (what this key can use), then catalog
-        // entries it did not name, so aliases stay selectable.
+        // entries it did not name; then the alias of every dated id, so
+        // that `claude-sonnet-4-5` and `claude-sonnet-4-5-20250929` are both
+        // listed (and both resolve).
         for &(id, name, window) in CATALOG {
             if !models.iter().any(|m| m.id == id) {
                 models.push(ModelInfo { id: id.into(), name: name.into(), context_window: Some(window) });
+            }
+        }
+        let aliases: Vec<ModelInfo> = models
+            .iter()
+            .filter(|m| undated(&m.id) != m.id)
+            .map(|m| ModelInfo { id: undated(&m.id).into(), name: m.name.clone(), context_window: m.context_window })
+            .collect();
+        for alias in aliases {
+            if !models.iter().any(|m| m.id == alias.id) {
+                models.push(alias);
             }
         }
         Ok(models)
@@ -138,13 +162,16 @@ fn live_models(cfg: &Config) -> Result<Vec<ModelInfo>, ProviderError> {
 /// The context window of a model id, matching dated ids and their aliases
 /// (`claude-sonnet-4-5` and `claude-sonnet-4-5-20250929`) to each other.
 fn catalog_window(id: &str) -> Option<u64> {
-    fn undated(id: &str) -> &str {
-        match id.rsplit_once('-') {
-            Some((head, date)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => head,
-            _ => id.strip_suffix("-latest").unwrap_or(id),
-        }
-    }
     CATALOG.iter().find(|(known, _, _)| *known == id || undated(known) == undated(id)).map(|&(_, _, w)| w)
+}
+
+/// A model id without its date (`claude-sonnet-4-5-20250929` →
+/// `claude-sonnet-4-5`) or `-latest` suffix; other ids unchanged.
+fn undated(id: &str) -> &str {
+    match id.rsplit_once('-') {
+        Some((head, date)) if date.len() == 8 && date.bytes().all(|b| b.is_ascii_digit()) => head,
+        _ => id.strip_suffix("-latest").unwrap_or(id),
+    }
 }
 
 /// The Messages API request body for a Hangar request.
