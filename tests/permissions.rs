@@ -296,7 +296,7 @@ async fn an_unanswered_request_times_out_and_the_run_goes_on() {
     let (run_id, mut events) = s.stream().await;
     let asked = until(&mut events, "permission_request").await.pop().unwrap().json();
     let rest = until(&mut events, "done").await;
-    let replied = named(&rest, "permission_replied")[0].json();
+    let replied = named(&rest, "permission_replied").first().unwrap_or_else(|| panic!("{rest:?}")).json();
     assert_eq!(replied["status"], "timed_out", "{replied}");
     assert!(!s.work.path().join("late").exists());
     assert!(s.result_sent("b1")["content"].to_string().contains("timed out"));

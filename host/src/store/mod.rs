@@ -779,7 +779,11 @@ fn write_loop(
                 Err(_) => break,
             }
         }
-        let mut tx = match conn.transaction() {
+        // IMMEDIATE: the write lock is taken (waiting in the busy handler)
+        // at BEGIN. A deferred transaction that reads before it writes
+        // would fail at once with SQLITE_BUSY when a TRUNCATE checkpoint
+        // reset the WAL under its read snapshot.
+        let mut tx = match conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate) {
             Ok(tx) => tx,
             Err(err) => {
                 let err = err.to_string();
