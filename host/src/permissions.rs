@@ -47,6 +47,7 @@ impl Action {
 #[serde(deny_unknown_fields)]
 pub struct Rule {
     /// A tool name, or `*` for every tool.
+    #[schema(min_length = 1, pattern = r"\S")]
     pub tool: String,
     /// A glob over what the call touches: for `bash` each command of the
     /// line (`git *`; `X *` also matches `X` alone), for `read`, `write`

@@ -62,6 +62,10 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     schemas["AgentCreate"]["properties"]["tools"]["items"]["enum"] = json!(tools);
     schemas["AgentInput"]["properties"]["tools"]["items"]["enum"] = json!(tools);
     schemas["AgentCreate"]["properties"]["tools"]["uniqueItems"] = json!(true);
+    // A permission rule names a loaded tool, or `*` for every tool.
+    let mut rule_tools = vec!["*".to_string()];
+    rule_tools.extend(tools.iter().cloned());
+    schemas["Rule"]["properties"]["tool"]["enum"] = json!(rule_tools);
     schemas["AgentInput"]["properties"]["tools"]["uniqueItems"] = json!(true);
     schemas["ProviderCreate"]["properties"]["id"]["enum"] = json!(provider_ids);
     let mut nullable_ids = json!(provider_ids);
@@ -102,7 +106,7 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         "type": "object", "required": ["event", "data"],
         "description": "One Server-Sent Event; `data` is a RunEvent as JSON, `id` its seq (none on resync_required)",
         "properties": {
-            "event": {"type": "string", "enum": ["text", "tool_use", "tool_result", "done", "error", "resync_required"]},
+            "event": {"type": "string", "enum": ["text", "tool_use", "tool_result", "permission_request", "permission_replied", "done", "error", "resync_required"]},
             "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/RunEvent"}},
             "id": {"type": "string", "pattern": "^[0-9]+$"},
             "retry": {"type": "integer"}}});

@@ -8,7 +8,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use utoipa::{IntoParams, ToSchema};
 
-use super::{ApiError, ApiResult, AppState, JsonBody, QueryParams};
+use super::{ApiResult, AppState, JsonBody, QueryParams};
 use crate::store::{Answer, PermissionRequest, PermissionStatus, Reply};
 
 pub fn routes() -> Router<AppState> {
@@ -20,9 +20,9 @@ pub fn routes() -> Router<AppState> {
 #[derive(Debug, Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 pub struct PermissionsQuery {
-    /// Only requests with this status: `pending`, `approved`, `rejected`,
-    /// `timed_out` or `interrupted`.
-    status: Option<String>,
+    /// Only requests with this status.
+    #[param(inline)]
+    status: Option<PermissionStatus>,
 }
 
 /// The body of a reply.
@@ -45,13 +45,7 @@ pub(super) async fn list(
     QueryParams(q): QueryParams<PermissionsQuery>,
 ) -> ApiResult<Json<Vec<PermissionRequest>>> {
     super::runs::session_exists(&state, &id).await?;
-    let status = match q.status.as_deref() {
-        None | Some("") => None,
-        Some(text) => Some(PermissionStatus::parse(text).ok_or_else(|| {
-            ApiError::Invalid(format!("unknown status `{text}`: use pending, approved, rejected, timed_out or interrupted"))
-        })?),
-    };
-    Ok(Json(state.store.permission_requests(&id, status).await?))
+    Ok(Json(state.store.permission_requests(&id, q.status).await?))
 }
 
 #[utoipa::path(operation_id = "get_permission", get, path = "/sessions/{id}/permissions/{request_id}", tag = "permissions",
