@@ -47,26 +47,8 @@ impl WorkDir {
         if !path.is_absolute() {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
         }
-        let c_path = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: zeroed `open_how` is valid (all fields are integers).
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_NO_SYMLINKS;
-        // SAFETY: valid C string and `open_how` of the size passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                libc::AT_FDCWD,
-                c_path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
-        let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+        let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+        let fd = openat2(libc::AT_FDCWD, path.as_os_str().as_bytes(), flags, libc::RESOLVE_NO_SYMLINKS)?;
         Ok(WorkDir { path: path.to_path_buf(), fd })
     }
 
@@ -110,26 +92,7 @@ impl WorkDir {
     /// Opens a path below this directory without leaving it
     /// (`RESOLVE_BENEATH`), as `O_PATH`: nothing is read, a FIFO does not block.
     fn open_beneath(&self, relative: &str) -> io::Result<OwnedFd> {
-        let c_path = CString::new(relative.as_bytes()).map_err(io::Error::other)?;
-        // SAFETY: zeroed `open_how` is valid (all fields are integers).
-        let mut how: libc::open_how = unsafe { std::mem::zeroed() };
-        how.flags = (libc::O_PATH | libc::O_CLOEXEC) as u64;
-        how.resolve = libc::RESOLVE_BENEATH;
-        // SAFETY: valid descriptor, C string and `open_how` of the size passed.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_openat2,
-                self.fd.as_raw_fd(),
-                c_path.as_ptr(),
-                &how as *const libc::open_how,
-                std::mem::size_of::<libc::open_how>(),
-            )
-        };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
-        Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        openat2(self.fd.as_raw_fd(), relative.as_bytes(), libc::O_PATH | libc::O_CLOEXEC, libc::RESOLVE_BENEATH)
     }
 
     /// A path that opens this very directory whatever its name leads to
@@ -143,6 +106,25 @@ impl AsFd for WorkDir {
     fn as_fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
     }
+}
+
+/// `openat2(2)` of `path` relative to `dir` with the given open flags and
+/// resolve restrictions.
+fn openat2(dir: i32, path: &[u8], flags: i32, resolve: u64) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path).map_err(io::Error::other)?;
+    // SAFETY: zeroed `open_how` is valid (all fields are integers).
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = flags as u64;
+    how.resolve = resolve;
+    // SAFETY: a valid C string and an `open_how` of the size passed.
+    let fd = unsafe {
+        libc::syscall(libc::SYS_openat2, dir, c_path.as_ptr(), &how as *const libc::open_how, std::mem::size_of::<libc::open_how>())
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor the kernel just gave us, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// One of the server's own files or directories.
