@@ -78,6 +78,8 @@ pub enum Origin {
     /// `[[permissions.enforce]]` of the config file, by index: after the
     /// agent's, so no agent can override them.
     Enforced(usize),
+    /// A grant an `always` answer left in the session.
+    Grant,
 }
 
 impl fmt::Display for Origin {
@@ -86,6 +88,7 @@ impl fmt::Display for Origin {
             Origin::Config(i) => write!(f, "rule {i} of [permissions] in the config file"),
             Origin::Agent(i) => write!(f, "`permissions[{i}]` of the agent"),
             Origin::Enforced(i) => write!(f, "enforced rule {i} of [permissions] in the config file"),
+            Origin::Grant => write!(f, "a grant of the session"),
         }
     }
 }
@@ -179,6 +182,15 @@ pub struct Grant {
     pub pattern: String,
 }
 
+impl Grant {
+    /// The grant as an `allow` rule for its tool, ready to match (`None`
+    /// for a pattern that is not a glob, which nothing stores).
+    pub fn compile(&self) -> Option<Compiled> {
+        let rule = Rule { tool: self.tool.clone(), pattern: self.pattern.clone(), action: Action::Allow };
+        Compiled::new(rule, Origin::Grant).ok()
+    }
+}
+
 /// What a tool call is matched against.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Subject {
@@ -204,7 +216,8 @@ pub struct Policy<'a> {
     /// enforced ones.
     pub rules: Vec<&'a Compiled>,
     pub default: Action,
-    pub grants: &'a [Grant],
+    /// The session's grants, compiled ([`Grant::compile`]).
+    pub grants: &'a [Compiled],
 }
 
 impl Policy<'_> {
@@ -255,11 +268,7 @@ impl Policy<'_> {
                     return Decision::Deny(format!("`{tool}`{what} was not run: denied by {why}"));
                 }
                 Action::Ask => {
-                    let granted = self.grants.iter().any(|g| {
-                        g.tool == tool
-                            && Compiled::new(Rule { tool: g.tool.clone(), pattern: g.pattern.clone(), action: Action::Allow }, Origin::Agent(0))
-                                .is_ok_and(|c| c.matches(subject.kind, unit))
-                    });
+                    let granted = self.grants.iter().any(|g| g.rule.tool == tool && g.matches(subject.kind, unit));
                     if !granted {
                         let pattern = suggest(subject.kind, unit);
                         if !asks.contains(&pattern) {
@@ -407,7 +416,7 @@ mod tests {
             .collect()
     }
 
-    fn decide(rules: &[Compiled], default: Action, grants: &[Grant], tool: &str, kind: PatternKind, value: &str) -> Decision {
+    fn decide(rules: &[Compiled], default: Action, grants: &[Compiled], tool: &str, kind: PatternKind, value: &str) -> Decision {
         let policy = Policy { rules: rules.iter().collect(), default, grants };
         policy.decide(tool, &Subject { kind, value: Some(value.to_string()) })
     }
@@ -479,7 +488,10 @@ mod tests {
     #[test]
     fn grants_allow_asks_but_never_denies() {
         let r = rules(&[("bash", "*", Action::Ask), ("bash", "rm *", Action::Deny)]);
-        let grants = [Grant { tool: "bash".into(), pattern: "git status *".into() }, Grant { tool: "bash".into(), pattern: "rm *".into() }];
+        let grants: Vec<Compiled> = [Grant { tool: "bash".into(), pattern: "git status *".into() }, Grant { tool: "bash".into(), pattern: "rm *".into() }]
+            .iter()
+            .filter_map(Grant::compile)
+            .collect();
         let d = |line| decide(&r, Action::Allow, &grants, "bash", PatternKind::Command, line);
         assert_eq!(d("git status --short"), Decision::Allow);
         assert!(matches!(d("rm x"), Decision::Deny(_)));

@@ -576,8 +576,8 @@ impl Run {
         if self.everything_allowed() {
             return (calls.iter().map(|_| Gate::Run).collect(), Vec::new());
         }
-        let grants = match self.store.permission_grants(&self.session.id).await {
-            Ok(grants) => grants,
+        let grants: Vec<Compiled> = match self.store.permission_grants(&self.session.id).await {
+            Ok(grants) => grants.iter().filter_map(permissions::Grant::compile).collect(),
             Err(err) => {
                 tracing::warn!(session = %self.session.id, %err, "cannot read the session's permission grants");
                 Vec::new()
