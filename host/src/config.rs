@@ -417,20 +417,22 @@ impl Settings {
                 require_confinement: file.require_confinement,
                 allow_unconfined_commands: file.allow_unconfined_commands,
                 commands: {
-                    let d = crate::runtime::cgroup::CommandLimits::default();
                     let p = &file.process;
-                    crate::runtime::cgroup::CommandLimits {
-                        memory_bytes: p.memory_mb.map(|mb| mb << 20).unwrap_or(d.memory_bytes),
-                        max_processes: p.max_processes.unwrap_or(d.max_processes),
-                        cpu_seconds: p.cpu_seconds.or(d.cpu_seconds),
-                        file_size_bytes: p.file_size_mb.map(|mb| mb << 20).unwrap_or(d.file_size_bytes),
-                        network: p.network != Some(NetworkAccess::None),
-                        allowed_ports: p.allowed_ports.clone(),
-                        user: match &p.user {
-                            Some(name) => Some(user_ids(name).ok_or_else(|| ConfigError::UnknownUser(name.clone()))?),
-                            None => None,
-                        },
-                    }
+                    // The same mapping as a plugin's `[plugins.NAME.commands]`, over the defaults.
+                    let overrides = crate::runtime::policy::CommandOverrides {
+                        memory_mb: p.memory_mb,
+                        max_processes: p.max_processes,
+                        cpu_seconds: p.cpu_seconds,
+                        file_size_mb: p.file_size_mb,
+                        network: p.network.map(|n| n == NetworkAccess::All),
+                        allowed_ports: Some(p.allowed_ports.clone()),
+                    };
+                    let mut limits = overrides.apply(&Default::default());
+                    limits.user = match &p.user {
+                        Some(name) => Some(user_ids(name).ok_or_else(|| ConfigError::UnknownUser(name.clone()))?),
+                        None => None,
+                    };
+                    limits
                 },
             },
             header_timeout: Duration::from_millis(header_timeout_ms),

@@ -74,7 +74,8 @@ pub struct CommandOverrides {
 }
 
 impl CommandOverrides {
-    fn apply(&self, base: &super::cgroup::CommandLimits) -> super::cgroup::CommandLimits {
+    /// `base` with each setting given here in its place.
+    pub fn apply(&self, base: &super::cgroup::CommandLimits) -> super::cgroup::CommandLimits {
         super::cgroup::CommandLimits {
             memory_bytes: self.memory_mb.map(|mb| mb << 20).unwrap_or(base.memory_bytes),
             max_processes: self.max_processes.unwrap_or(base.max_processes),
