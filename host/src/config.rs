@@ -68,6 +68,11 @@ pub struct ServeArgs {
     /// API token clients must send as `Authorization: Bearer TOKEN`.
     #[arg(long, env = "HANGAR_TOKEN", hide_env_values = true)]
     pub token: Option<String>,
+    /// Turns on multi-tenant mode: this token administers tenants
+    /// (`/tenants`), and every other request needs it or a tenant key.
+    /// Requires --work-root.
+    #[arg(long, env = "HANGAR_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Directory that session work_dirs must be inside (repeatable).
     #[arg(long = "work-root", value_name = "DIR")]
     pub work_roots: Vec<PathBuf>,
@@ -148,6 +153,7 @@ pub struct FileConfig {
     #[serde(default)]
     pub cors_origins: Vec<String>,
     pub token: Option<String>,
+    pub admin_token: Option<String>,
     #[serde(default)]
     pub work_roots: Vec<PathBuf>,
     pub max_steps: Option<u32>,
@@ -179,6 +185,25 @@ pub struct FileConfig {
     /// question waits for its answer.
     #[serde(default)]
     pub permissions: PermissionsConfig,
+    /// Multi-tenant mode: default quotas and the providers whose server
+    /// keys tenants may use.
+    #[serde(default)]
+    pub tenants: TenantsConfig,
+}
+
+/// `[tenants]`.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantsConfig {
+    /// Providers whose server keys (set with the admin token, or from the
+    /// environment) a tenant without a key of its own uses, counted
+    /// against its quotas.
+    #[serde(default)]
+    pub shared_providers: Vec<String>,
+    /// Quotas of every tenant that has no override of its own
+    /// (`[tenants.quotas]`).
+    #[serde(default)]
+    pub quotas: crate::store::Quotas,
 }
 
 /// `[permissions]`.
@@ -273,6 +298,12 @@ pub struct Settings {
     pub config_path: PathBuf,
     pub cors_origins: Vec<String>,
     pub token: Option<String>,
+    /// Set: multi-tenant mode.
+    pub admin_token: Option<String>,
+    /// Where tenants' directories are (`<root>/<tenant_id>/`), in
+    /// multi-tenant mode: the first work root.
+    pub tenant_root: Option<PathBuf>,
+    pub tenants: std::sync::Arc<TenantsConfig>,
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
@@ -298,8 +329,12 @@ pub enum ConfigError {
     Parse { path: PathBuf, source: toml::de::Error },
     #[error("neither $HOME nor $XDG_{0}_HOME is set; pass the path explicitly")]
     NoHome(&'static str),
-    #[error("refusing to listen on {0} without an API token: set --token or HANGAR_TOKEN")]
+    #[error("refusing to listen on {0} without an API token: set --token or HANGAR_TOKEN (or --admin-token for multi-tenant mode)")]
     TokenRequired(IpAddr),
+    #[error("multi-tenant mode (--admin-token) requires --work-root: the directory under which each tenant gets its own")]
+    TenantRootRequired,
+    #[error("--admin-token and --token must differ")]
+    SameTokens,
     #[error("invalid event_retention in the config file: {0}")]
     Retention(String),
     #[error("work root {path} is not a directory: {reason}")]
@@ -338,13 +373,22 @@ impl Settings {
         let data = || xdg("DATA", ".local/share").map(|d| d.join("hangar"));
         let host = args.host.or(file.host).unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let token = args.token.or(file.token).filter(|t| !t.is_empty());
-        if !host.is_loopback() && token.is_none() {
+        let admin_token = args.admin_token.or(file.admin_token).filter(|t| !t.is_empty());
+        if !host.is_loopback() && token.is_none() && admin_token.is_none() {
             return Err(ConfigError::TokenRequired(host));
+        }
+        if admin_token.is_some() && admin_token == token {
+            return Err(ConfigError::SameTokens);
         }
         let mut work_roots = if args.work_roots.is_empty() { file.work_roots } else { args.work_roots };
         for root in &mut work_roots {
             *root = root.canonicalize().map_err(|e| ConfigError::WorkRoot { path: root.clone(), reason: e.to_string() })?;
         }
+        let tenant_root = match (&admin_token, work_roots.first()) {
+            (None, _) => None,
+            (Some(_), Some(root)) => Some(root.clone()),
+            (Some(_), None) => return Err(ConfigError::TenantRootRequired),
+        };
         let defaults = Limits::default();
         let limits = Limits {
             deadline: file.limits.timeout_ms.map(Duration::from_millis).unwrap_or(defaults.deadline),
@@ -408,6 +452,9 @@ impl Settings {
             config_path,
             cors_origins: if args.cors_origins.is_empty() { file.cors_origins } else { args.cors_origins },
             token,
+            admin_token,
+            tenant_root,
+            tenants: std::sync::Arc::new(file.tenants),
             work_roots,
             max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
             event_retention,

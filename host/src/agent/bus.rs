@@ -242,7 +242,7 @@ mod tests {
     async fn store_with_session(dir: &std::path::Path) -> Store {
         let store = Store::open(&dir.join("hangar.db")).unwrap();
         let t = now();
-        store.insert_session(Session { id: "s".into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t }).await.unwrap();
+        store.insert_session(Session { id: "s".into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t, tenant_id: "default".into() }).await.unwrap();
         store
     }
 

@@ -151,6 +151,9 @@ pub enum RunError {
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// The tenant's tokens for today ran out during this run.
+    #[error("quota `tokens_per_day` exceeded: {used} of {limit} tokens used today; the run stopped after its step")]
+    TokensExceeded { limit: u64, used: u64 },
 }
 
 impl RunError {
@@ -168,6 +171,7 @@ impl RunError {
             ) => "plugin_refused",
             RunError::Plugin(_) => "plugin_failed",
             RunError::Store(_) => "internal",
+            RunError::TokensExceeded { .. } => "quota_exceeded",
         }
     }
 }
@@ -190,6 +194,18 @@ pub struct Run {
     /// The agent's rules, compiled.
     pub rules: Vec<Compiled>,
     pub approvals: Approvals,
+    /// Whose run it is, and the quotas it meets on the way.
+    pub quota: RunQuota,
+}
+
+/// The tenant of a run and the quotas a run checks as it goes (the others
+/// are checked before it is stored).
+pub struct RunQuota {
+    pub tenant: String,
+    /// Multi-tenant mode: where storage is measured.
+    pub tenancy: Option<crate::tenancy::Tenancy>,
+    pub tokens_per_day: Option<u64>,
+    pub storage_mb: Option<u64>,
 }
 
 /// Whether a call may run, once its permission is settled.
@@ -248,7 +264,11 @@ impl Run {
             steps += 1;
             let mut text = String::new();
             let mut uses: Vec<PendingToolUse> = Vec::new();
+            let before = usage;
             let end = self.step(&specs, events, &mut text, &mut uses, &mut usage).await?;
+            // Counted per step, so a run that crosses the day's quota ends
+            // once this step is done (its calls answered, its history whole).
+            let over = self.count_tokens(before, usage).await?;
             let calls: Vec<(String, String, serde_json::Value, Option<String>)> = uses
                 .into_iter()
                 .map(|u| {
@@ -293,6 +313,9 @@ impl Run {
                     self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
                 }
                 self.persist().await?;
+                if let Some(err) = over {
+                    return Err(err);
+                }
                 return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::EndTurn));
             }
             for (id, name, input, _) in &calls {
@@ -327,7 +350,22 @@ impl Run {
             if cancelled {
                 return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::Cancelled));
             }
+            if let Some(err) = over {
+                return Err(err);
+            }
         }
+    }
+
+    /// Adds one step's tokens to the tenant's day; the error the run ends
+    /// with once the step is done, when that crossed `tokens_per_day`.
+    async fn count_tokens(&self, before: Usage, after: Usage) -> Result<Option<RunError>, RunError> {
+        let input = after.input_tokens.saturating_sub(before.input_tokens) as u64;
+        let output = after.output_tokens.saturating_sub(before.output_tokens) as u64;
+        if input == 0 && output == 0 {
+            return Ok(None);
+        }
+        let used = self.store.add_tokens(&self.quota.tenant, input, output).await?;
+        Ok(self.quota.tokens_per_day.filter(|limit| used >= *limit).map(|limit| RunError::TokensExceeded { limit, used }))
     }
 
     fn outcome(&self, response: String, tool_calls: Vec<ToolCallRecord>, usage: Usage, steps: u32, stop_reason: StopReason) -> RunOutcome {
@@ -709,15 +747,44 @@ impl Run {
             Some(Ok(dir)) => Some(dir.clone()),
             Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
         };
+        // A tool that can write meets the tenant's storage quota: refused
+        // when the quota is used up, re-measured after it ran.
+        let storage = match (&self.quota.tenancy, self.quota.storage_mb) {
+            (Some(tenancy), Some(mb)) if self.can_write(name) => Some((tenancy, mb)),
+            _ => None,
+        };
+        if let Some((tenancy, mb)) = storage {
+            let used = tenancy.storage(&self.quota.tenant).await;
+            if used >= mb << 20 {
+                return (format!("`{name}` was not run: {}", storage_exceeded(used, mb)), true);
+            }
+        }
         let call = ToolInvocation { id: id.clone(), input: input.to_string(), work_dir };
         let started = std::time::Instant::now();
         let result = self.runtime.call_tool(name, call).await;
         crate::telemetry::tool_call(name, started.elapsed());
-        match result {
+        let (mut text, mut is_error) = match result {
             Ok(out) => (out.text, out.is_error),
             Err(err) => (format!("the tool failed: {err}"), true),
+        };
+        if let Some((tenancy, mb)) = storage {
+            let used = tenancy.measure_storage(&self.quota.tenant).await;
+            if used > mb << 20 {
+                text = format!("{text}\n\n[error: {}; delete files to write again]", storage_exceeded(used, mb));
+                is_error = true;
+            }
         }
+        (text, is_error)
     }
+
+    /// Whether a tool's grants let it change files (write access, or commands).
+    fn can_write(&self, tool: &str) -> bool {
+        self.runtime.get(tool).is_some_and(|p| p.grants.filesystem == FsAccess::ReadWrite || p.grants.process)
+    }
+}
+
+fn storage_exceeded(used: u64, mb: u64) -> String {
+    format!("storage quota exceeded: {:.1} MB used of the tenant's {mb} MB (quota `storage_mb`)", used as f64 / (1 << 20) as f64)
 }
 
 /// Waits for the answer to one permission request, on a task of its own so

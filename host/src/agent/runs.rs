@@ -106,6 +106,18 @@ impl Runs {
         }
     }
 
+    /// Cancels the session's active run and drops its queue (its tenant is
+    /// being deleted); whether it had any.
+    pub fn cancel_all(&self, session: &str) -> bool {
+        let mut map = self.lock();
+        let Some(entry) = map.get_mut(session) else { return false };
+        entry.queue.clear();
+        if let Some(active) = &entry.active {
+            active.cancel.send_replace(true);
+        }
+        true
+    }
+
     /// The session's active run, if any.
     pub fn active(&self, session: &str) -> Option<String> {
         self.lock().get(session).and_then(|e| e.active.as_ref().map(|a| a.run_id.clone()))

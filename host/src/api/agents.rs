@@ -12,6 +12,7 @@ use super::{ApiError, ApiResult, AppState, JsonBody, Object, QueryParams, Status
 use crate::runtime::Kind;
 use crate::permissions::{Origin, Rule};
 use crate::store::{Agent, AgentProvider, now};
+use crate::tenancy::Caller;
 
 const DEFAULT_MAX_TOKENS: u32 = 4096;
 
@@ -175,7 +176,11 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
     responses((status = 200, body = Vec<Agent>, description = "oldest first; `Link: <…>; rel=\"next\"` when there is more",
         headers(("Link" = String, description = "the next page, when there is one"))),
         (status = 422, body = super::ErrorBody)))]
-pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<Agent>> {
+pub(super) async fn list(
+    State(state): State<AppState>,
+    caller: Caller,
+    QueryParams(q): QueryParams<PageQuery>,
+) -> ApiResult<Page<Agent>> {
     let limit = page::limit(q.limit)?;
     let all = state.store.agents().await?;
     // The list is sorted by id.
@@ -183,14 +188,18 @@ pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryPar
         Some(after) => all.partition_point(|a| a.id.as_str() <= after.as_str()),
         None => 0,
     };
-    let items = all[start..].iter().take(limit + 1).cloned().collect();
+    let items = all[start..].iter().filter(|a| caller.sees(&a.tenant_id)).take(limit + 1).cloned().collect();
     Ok(Page::from_extra(items, limit, |last: &Agent| page::link("/agents", &[("limit", &limit.to_string()), ("after", &last.id)])))
 }
 
 #[utoipa::path(operation_id = "create_agent", post, path = "/agents", tag = "agents", request_body = AgentCreate,
     responses((status = 201, body = Agent), (status = 400, body = super::ErrorBody), (status = 413, body = super::ErrorBody),
         (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
-pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonBody<AgentCreate>) -> ApiResult<(StatusCode, Json<Agent>)> {
+pub(super) async fn create(
+    State(state): State<AppState>,
+    caller: Caller,
+    JsonBody(input): JsonBody<AgentCreate>,
+) -> ApiResult<(StatusCode, Json<Agent>)> {
     let now = now();
     let Object(p) = input.provider;
     let agent = Agent {
@@ -207,6 +216,7 @@ pub(super) async fn create(State(state): State<AppState>, JsonBody(input): JsonB
         permissions: input.permissions,
         created_at: now,
         updated_at: now,
+        tenant_id: caller.owner().to_string(),
     };
     validate(&state, &agent).await?;
     Ok((StatusCode::CREATED, Json(state.store.insert_agent(agent).await?)))

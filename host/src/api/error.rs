@@ -21,6 +21,16 @@ pub struct ErrorBody {
     pub error: String,
     /// A stable machine-readable code.
     pub code: &'static str,
+    /// `quota_exceeded`: which quota, its limit and what is used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub quota: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub limit: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(nullable = false)]
+    pub used: Option<u64>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +56,10 @@ pub enum ApiError {
     /// A cursor older than the events kept.
     #[error("{0}")]
     Gone(String),
-    #[error("missing or wrong API token: send `Authorization: Bearer <token>`")]
+    #[error("missing or wrong API token or tenant key: send `Authorization: Bearer <token>`")]
     Unauthorized,
+    #[error("{0}")]
+    Quota(#[from] crate::tenancy::QuotaExceeded),
     #[error("{0}")]
     Forbidden(String),
     #[error("{0}")]
@@ -77,7 +89,8 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound { .. } => ApiError::NotFound(err.to_string()),
-            StoreError::Answered { .. } | StoreError::KeyTaken { .. } => ApiError::Conflict(err.to_string()),
+            StoreError::Answered { .. } | StoreError::KeyTaken { .. } | StoreError::NameTaken { .. } => ApiError::Conflict(err.to_string()),
+            StoreError::Quota { quota, limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded::from_store(quota, limit, used)),
             other => ApiError::Store(other),
         }
     }
@@ -151,6 +164,7 @@ impl ApiError {
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             ApiError::Gone(_) => (StatusCode::GONE, "resync_required"),
             ApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Quota(_) => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
             ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::Provider(_) => (StatusCode::BAD_GATEWAY, "provider_error"),
             ApiError::RunFailed { code, .. } => match code.as_str() {
@@ -162,6 +176,7 @@ impl ApiError {
                 "interrupted" => (StatusCode::SERVICE_UNAVAILABLE, "interrupted"),
                 "plugin_failed" => (StatusCode::BAD_GATEWAY, "plugin_failed"),
                 "key_unreadable" => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
+                "quota_exceeded" => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
             ApiError::TooManyConnections { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),
@@ -179,13 +194,25 @@ impl ApiError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody { error: self.to_string(), code: self.status_and_code().1 }
+        let quota = match self {
+            ApiError::Quota(q) => Some(q),
+            _ => None,
+        };
+        ErrorBody {
+            error: self.to_string(),
+            code: self.status_and_code().1,
+            quota: quota.map(|q| q.quota),
+            limit: quota.map(|q| q.limit),
+            used: quota.map(|q| q.used),
+        }
     }
 
     /// Seconds after which the client may try again (`Retry-After`).
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::TooManyUploads { .. } => Some(RETRY_UPLOAD_SECS),
+            ApiError::Quota(q) => Some(q.retry_after),
+            ApiError::RunFailed { code, .. } if code == "quota_exceeded" => Some(crate::tenancy::until_midnight()),
             _ => None,
         }
     }

@@ -109,19 +109,25 @@ impl From<RunError> for ApiError {
             RunError::Provider { .. } => ApiError::Provider(err.to_string()),
             RunError::Plugin(e) => ApiError::Plugin(e),
             RunError::Store(e) => ApiError::from(e),
+            RunError::TokensExceeded { limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded {
+                quota: "tokens_per_day",
+                limit,
+                used,
+                retry_after: crate::tenancy::until_midnight(),
+            }),
         }
     }
 }
 
 /// Everything that can be refused before a run starts is refused here, as
 /// a plain HTTP error; queued runs are checked again when they start.
-async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<()> {
-    let work_dir = state
+async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<String> {
+    let (work_dir, owner) = state
         .store
         .session_work_dir(session_id)
         .await?
         .ok_or_else(|| StoreError::NotFound { kind: "session", id: session_id.to_string() })?;
-    let agent = state.store.agent(&request.agent_id).await?;
+    let agent = owned_agent(state, &request.agent_id, &owner).await?;
     if request.message.trim().is_empty() {
         return Err(ApiError::Invalid("`message` must not be empty".into()));
     }
@@ -135,21 +141,45 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
             agent.id
         )));
     }
-    Ok(())
+    if let Some(tenancy) = &state.tenancy
+        && let Some(limit) = tenancy.quotas(&owner).await?.tokens_per_day
+    {
+        let used = state.store.tokens_today(&owner).await?;
+        if used >= limit {
+            return Err(crate::tenancy::QuotaExceeded {
+                quota: "tokens_per_day",
+                limit,
+                used,
+                retry_after: crate::tenancy::until_midnight(),
+            }
+            .into());
+        }
+    }
+    Ok(owner)
+}
+
+/// The agent, if it belongs to the session's tenant: another tenant's
+/// agent is answered exactly as a missing one.
+async fn owned_agent(state: &AppState, id: &str, owner: &str) -> ApiResult<crate::store::Agent> {
+    let agent = state.store.agent(id).await?;
+    if agent.tenant_id != owner {
+        return Err(StoreError::NotFound { kind: "agent", id: id.to_string() }.into());
+    }
+    Ok(agent)
 }
 
 /// The run, ready to go: the session read under its claim (the history is
 /// the run's from here on), the provider's access, the working directory
 /// opened and checked.
 async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
-    let agent = state.store.agent(&request.agent_id).await?;
+    let session = state.store.session(session_id).await?;
+    let agent = owned_agent(state, &request.agent_id, &session.tenant_id).await?;
     let rules = crate::permissions::compile(&agent.permissions, crate::permissions::Origin::Agent)
         .map_err(|e| ApiError::Invalid(format!("agent `{}`: {e}", agent.id)))?;
     let (plugin, _) = super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
-    let access = super::providers::access(state, &plugin).await?;
-    let session = state.store.session(session_id).await?;
+    let access = super::providers::access(state, &plugin, &session.tenant_id).await?;
     // What `check` refused at submit may have changed while the run was queued.
     if !agent.tools.is_empty() && session.work_dir.is_none() {
         return Err(ApiError::Invalid(format!("agent `{}` has tools but session `{session_id}` has no work_dir", agent.id)));
@@ -157,13 +187,30 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
     // Opened now, without following symlinks, and checked again: a
     // directory swapped for a link since the session was saved gets no
     // tool call (each is answered with the reason).
+    let rules_here = match &state.tenancy {
+        Some(tenancy) => state.work_dirs.within(tenancy.dir(&session.tenant_id)),
+        None => (*state.work_dirs).clone(),
+    };
     let work_dir = session.work_dir.as_deref().map(|dir| {
-        state.work_dirs.open(dir).map(Arc::new).map_err(|err| {
+        rules_here.open(dir).map(Arc::new).map_err(|err| {
             tracing::warn!(session = %session.id, %err, "tools refused for this run");
             Arc::new(err)
         })
     });
+    let quota = match &state.tenancy {
+        Some(tenancy) => {
+            let quotas = tenancy.quotas(&session.tenant_id).await?;
+            crate::agent::RunQuota {
+                tenant: session.tenant_id.clone(),
+                tenancy: Some(tenancy.clone()),
+                tokens_per_day: quotas.tokens_per_day,
+                storage_mb: quotas.storage_mb,
+            }
+        }
+        None => crate::agent::RunQuota { tenant: session.tenant_id.clone(), tenancy: None, tokens_per_day: None, storage_mb: None },
+    };
     Ok(Run {
+        quota,
         runtime: state.runtime.clone(),
         store: state.store.clone(),
         agent,
@@ -196,7 +243,14 @@ async fn submit(
     {
         return Ok(run);
     }
-    check(state, session_id, &request).await?;
+    let owner = check(state, session_id, &request).await?;
+    let limit = crate::store::RunLimit {
+        max_concurrent_runs: match &state.tenancy {
+            Some(tenancy) => tenancy.quotas(&owner).await?.max_concurrent_runs,
+            None => None,
+        },
+        tenant: owner,
+    };
     let busy = |active: String| {
         ApiError::Conflict(format!(
             "session `{session_id}` is already running a message (run `{active}`); wait for it, or send \"multitask\": \"enqueue\" or \"interrupt\""
@@ -213,7 +267,7 @@ async fn submit(
     if let Ok(claim) = state.runs.try_claim(session_id, &record.id) {
         record.status = RunStatus::Running;
         record.started_at = Some(record.created_at);
-        let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since).await {
+        let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since, limit.clone()).await {
             Ok(run) => run,
             Err(err) => {
                 // Hand the session on, as a run that ended would.
@@ -226,7 +280,7 @@ async fn submit(
         launch(state.clone(), session_id.to_string(), Start { claim, request: Some(request) });
         return Ok(run);
     }
-    let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since).await {
+    let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since, limit).await {
         Ok(run) => run,
         Err(err) => return lost_key_race(state, session_id, key, &request, err).await,
     };
@@ -317,13 +371,22 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     };
     let _active = crate::telemetry::Active::runs();
     let started = std::time::Instant::now();
-    let outcome = match prepare(state, session_id, &request).await {
-        Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
-        Err(err) => {
-            let body = err.body();
-            Err(RunFailure { error: body.error, code: body.code.into() })
-        }
-    };
+    let tenant = state.store.session_owner(session_id).await?.unwrap_or_default();
+    // Every line a run logs names its tenant.
+    let span = tracing::info_span!("run", tenant = %tenant, run = %run_id);
+    let outcome = tracing::Instrument::instrument(
+        async {
+            match prepare(state, session_id, &request).await {
+                Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
+                Err(err) => {
+                    let body = err.body();
+                    Err(RunFailure { error: body.error, code: body.code.into() })
+                }
+            }
+        },
+        span,
+    )
+    .await;
     let (status, result, event) = match outcome {
         Ok(o) => {
             let status = if o.stop_reason == StopReason::Cancelled { RunStatus::Cancelled } else { RunStatus::Completed };
@@ -350,6 +413,7 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
         target: "hangar::run",
         run = %run_id,
         session = %session_id,
+        tenant = %tenant,
         agent = %request.agent_id,
         status = status.as_str(),
         steps = result.steps.unwrap_or(0),

@@ -11,6 +11,7 @@ mod providers;
 mod runs;
 mod security;
 mod sessions;
+mod tenants;
 
 use std::sync::Arc;
 
@@ -51,6 +52,8 @@ pub struct AppState {
     /// Plugin uploads being received (`POST /plugins`), at most
     /// [`plugins::MAX_CONCURRENT_UPLOADS`] at once.
     pub uploads: Arc<tokio::sync::Semaphore>,
+    /// Multi-tenant mode (`--admin-token`): tenant keys and quotas.
+    pub tenancy: Option<crate::tenancy::Tenancy>,
 }
 
 impl AppState {
@@ -70,7 +73,14 @@ impl AppState {
                 ("the installed plugins", &settings.installed_dir),
             ],
         );
+        let tenancy = match (&settings.admin_token, &settings.tenant_root) {
+            (Some(token), Some(root)) => {
+                Some(crate::tenancy::Tenancy::new(token.clone(), store.clone(), root.clone(), settings.tenants.quotas))
+            }
+            _ => None,
+        };
         AppState {
+            tenancy,
             bus: crate::agent::Bus::new(store.clone()),
             work_dirs: Arc::new(work_dirs),
             store,
@@ -160,7 +170,8 @@ pub fn status(status: &'static str) -> Json<Status> {
 }
 
 pub fn router(state: AppState) -> Router {
-    let security = security::Security::from_settings(&state.settings);
+    let security = security::Security::new(&state.settings, state.tenancy.clone());
+    let owned = axum::middleware::from_fn_with_state(state.clone(), tenants::owned);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -172,6 +183,9 @@ pub fn router(state: AppState) -> Router {
         .merge(runs::routes())
         .merge(permissions::routes())
         .merge(plugins::routes())
+        .merge(tenants::routes())
+        // After routing: the route's template and `{id}` are known.
+        .route_layer(owned)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
@@ -192,7 +206,13 @@ async fn observe(req: Request, next: axum::middleware::Next) -> axum::response::
     let elapsed = started.elapsed();
     let status = response.status().as_u16();
     crate::telemetry::http_request(method.as_str(), &route, status, elapsed);
-    tracing::info!(target: "hangar::http", method = %method, route = %route, status, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
+    // The tenant the guard resolved (multi-tenant mode), never its key.
+    let tenant = match response.extensions().get::<crate::tenancy::Caller>() {
+        Some(crate::tenancy::Caller::Tenant(id)) => Some(id.as_str()),
+        Some(crate::tenancy::Caller::Operator) => Some("(admin)"),
+        None => None,
+    };
+    tracing::info!(target: "hangar::http", method = %method, route = %route, status, tenant, duration_ms = elapsed.as_secs_f64() * 1000.0, "request");
     response
 }
 

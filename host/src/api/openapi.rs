@@ -23,6 +23,8 @@ use crate::runtime::Kind;
         super::runs::list, super::runs::show, super::runs::cancel, super::runs::abort, super::runs::run_events, super::runs::session_events,
         super::permissions::list, super::permissions::show, super::permissions::reply,
         super::plugins::list, super::plugins::install, super::plugins::remove, super::plugins::reload, super::plugins::tools,
+        super::tenants::create, super::tenants::list, super::tenants::show, super::tenants::update, super::tenants::remove,
+        super::tenants::add_key, super::tenants::revoke_key, super::tenants::tenant_usage, super::tenants::usage,
     ),
     components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block,
         crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent,
@@ -33,6 +35,7 @@ use crate::runtime::Kind;
         (name = "runs", description = "Runs as stored resources, their cancel, and their events (resumable SSE)"),
         (name = "permissions", description = "Tool calls waiting for a person's answer (allow, ask or deny rules)"),
         (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
+        (name = "tenants", description = "Multi-tenant mode (--admin-token): tenants, their keys and quotas (admin token only), and usage"),
     )
 )]
 struct ApiDoc;
@@ -114,7 +117,7 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     schemas["SessionInput"]["properties"]["work_dir"]["pattern"] = json!(work_dir_pattern(&state.settings.work_roots));
     schemas["SessionInput"]["properties"]["work_dir"]["maxLength"] = json!(2048);
 
-    finish_operations(&mut doc, state.settings.token.is_some());
+    finish_operations(&mut doc, state.settings.token.is_some() || state.settings.admin_token.is_some());
     Ok(Json(doc))
 }
 

@@ -13,7 +13,8 @@ use utoipa::ToSchema;
 
 use super::{ApiError, ApiResult, AppState, JsonBody, Object, Status, status};
 use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret};
-use crate::store::{AuthRecord, now};
+use crate::store::{AuthRecord, DEFAULT_TENANT, SERVER_KEYS, now};
+use crate::tenancy::Caller;
 
 /// How long a model list is reused.
 const MODELS_TTL: Duration = Duration::from_secs(60);
@@ -70,7 +71,8 @@ pub struct ProviderAuthStatus {
     /// Whether a call can authenticate (a stored key, or the vendor's
     /// environment variable on the server).
     configured: bool,
-    /// Where the key comes from: `stored`, `environment`, or `null`.
+    /// Where the key comes from: `stored`, `environment`, `server` (a
+    /// tenant using the server's key of a shared provider), or `null`.
     source: Option<&'static str>,
     /// The base URL in force, if not the vendor's default.
     base_url: Option<String>,
@@ -150,8 +152,41 @@ fn with_scheme(url: String) -> String {
 /// only where the environment says: the vendor's public origin, or the base
 /// URL from the vendor's own variable. A base URL set through the API gets
 /// no environment key (else one request could send it to any host).
-pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<ProviderAccess> {
-    let record = state.store.auth_record(plugin.id()).await?;
+///
+/// In multi-tenant mode a tenant's runs use its own key; without one, the
+/// server's (stored with the admin token, or from the environment) only
+/// for providers listed in `[tenants] shared_providers`.
+pub(crate) async fn access(state: &AppState, plugin: &Plugin, tenant: &str) -> ApiResult<ProviderAccess> {
+    let own = state.store.auth_record(tenant, plugin.id()).await?;
+    if own.is_some() || !server_keys_allowed(state, tenant, plugin.id()) {
+        return access_with(plugin, own, state.tenancy.is_none());
+    }
+    let server = match state.tenancy {
+        Some(_) => state.store.auth_record(SERVER_KEYS, plugin.id()).await?,
+        None => None,
+    };
+    access_with(plugin, server, true)
+}
+
+/// Whether `tenant` may fall back to the server's keys of `provider`.
+fn server_keys_allowed(state: &AppState, tenant: &str, provider: &str) -> bool {
+    state.tenancy.is_none() || tenant == SERVER_KEYS || state.settings.tenants.shared_providers.iter().any(|p| p == provider)
+}
+
+/// Whose keys `/provider/auth` shows and changes for this caller: a
+/// tenant's own; the admin token's are the server's; a single-user
+/// server's are the default tenant's.
+fn keys_owner<'a>(state: &AppState, caller: &'a Caller) -> &'a str {
+    match (caller, &state.tenancy) {
+        (Caller::Tenant(id), _) => id,
+        (Caller::Operator, Some(_)) => SERVER_KEYS,
+        (Caller::Operator, None) => DEFAULT_TENANT,
+    }
+}
+
+/// Access from a stored record, else (when `environment` may be used) the
+/// vendor's environment variables.
+fn access_with(plugin: &Plugin, record: Option<AuthRecord>, environment: bool) -> ApiResult<ProviderAccess> {
     let section = &plugin.manifest.provider;
     if let Some(why) = record.as_ref().and_then(|r| r.unreadable.clone()) {
         return Err(ApiError::KeyUnreadable(why));
@@ -161,6 +196,7 @@ pub(crate) async fn access(state: &AppState, plugin: &Plugin) -> ApiResult<Provi
             ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
         }
         Some(AuthRecord { base_url: Some(base_url), .. }) => ProviderAccess { base_url: Some(base_url), credential: None },
+        _ if !environment => ProviderAccess { base_url: None, credential: None },
         _ => ProviderAccess {
             base_url: env_value(plugin, section.base_url_env.as_ref()).map(with_scheme),
             credential: env_value(plugin, section.key_env.as_ref()).map(Secret::new),
@@ -189,16 +225,32 @@ pub(super) async fn get_provider(State(state): State<AppState>, Path(name): Path
 
 #[utoipa::path(get, path = "/provider/auth", tag = "providers",
     responses((status = 200, body = AuthStatus)))]
-pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<AuthStatus>> {
+pub(super) async fn get_auth(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<AuthStatus>> {
+    let owner = keys_owner(&state, &caller);
     let records: HashMap<String, AuthRecord> =
-        state.store.auth_records().await?.into_iter().map(|r| (r.provider.clone(), r)).collect();
+        state.store.auth_records(owner).await?.into_iter().map(|r| (r.provider.clone(), r)).collect();
     let mut providers_out = BTreeMap::new();
     for (plugin, info) in providers(&state).await? {
         let record = records.get(plugin.id());
+        // A tenant learns only that a shared provider works for it, never
+        // whether (or which) key the server holds.
+        if matches!(caller, Caller::Tenant(_)) && record.is_none() && server_keys_allowed(&state, owner, plugin.id()) {
+            providers_out.insert(
+                info.id.clone(),
+                ProviderAuthStatus {
+                    auth_type: info.auth_types.first().cloned().unwrap_or_else(|| "none".into()),
+                    configured: true,
+                    source: Some("server"),
+                    base_url: None,
+                    error: None,
+                },
+            );
+            continue;
+        }
         // A key the server key cannot open is still a stored key; the
         // error shows here rather than failing the whole list.
         let unreadable = record.and_then(|r| r.unreadable.clone());
-        let access = match access(&state, &plugin).await {
+        let access = match access(&state, &plugin, owner).await {
             Err(ApiError::KeyUnreadable(_)) => ProviderAccess { base_url: record.and_then(|r| r.base_url.clone()), credential: None },
             other => other?,
         };
@@ -219,7 +271,7 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
             },
         );
     }
-    let updated_at = state.store.auth_updated_at().await?;
+    let updated_at = state.store.auth_updated_at(owner).await?;
     Ok(Json(AuthStatus { providers: providers_out, updated_at }))
 }
 
@@ -227,7 +279,8 @@ pub(super) async fn get_auth(State(state): State<AppState>) -> ApiResult<Json<Au
     responses((status = 200, body = Status), (status = 400, body = super::ErrorBody),
         (status = 409, body = super::ErrorBody, description = "`base_url` changed without sending the stored key again"),
         (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody), (status = 422, body = super::ErrorBody)))]
-pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): JsonBody<AuthUpdate>) -> ApiResult<Json<Status>> {
+pub(super) async fn put_auth(State(state): State<AppState>, caller: Caller, JsonBody(update): JsonBody<AuthUpdate>) -> ApiResult<Json<Status>> {
+    let owner = keys_owner(&state, &caller);
     let known = providers(&state).await?;
     let mut records = Vec::new();
     for (id, Object(input)) in update.providers {
@@ -255,7 +308,7 @@ pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): Js
             crate::runtime::policy::Origin::parse(url)
                 .map_err(|e| ApiError::Invalid(format!("base_url `{url}` for `{id}` is not an http(s) URL: {e}")))?;
         }
-        let existing = state.store.auth_record(&id).await?;
+        let existing = state.store.auth_record(owner, &id).await?;
         let old_base = existing.as_ref().and_then(|r| r.base_url.clone());
         let new_base = match &input.base_url {
             Some(b) => b.clone().map(|u| u.trim_end_matches('/').to_string()),
@@ -279,18 +332,18 @@ pub(super) async fn put_auth(State(state): State<AppState>, JsonBody(update): Js
         });
     }
     let changed: Vec<String> = records.iter().map(|r| r.provider.clone()).collect();
-    state.store.put_auth_records(records).await?;
+    state.store.put_auth_records(owner, records).await?;
     state.models.forget(&changed);
-    tracing::info!(providers = ?changed, "provider credentials updated");
+    tracing::info!(providers = ?changed, tenant = owner, "provider credentials updated");
     Ok(status("ok"))
 }
 
 #[utoipa::path(delete, path = "/provider/auth/{provider}", tag = "providers",
     params(("provider" = String, Path, description = "Provider id")),
     responses((status = 200, body = Status), (status = 404, body = super::ErrorBody)))]
-pub(super) async fn delete_auth(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
+pub(super) async fn delete_auth(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Status>> {
     provider(&state, &id).await?;
-    state.store.delete_auth_record(&id).await?;
+    state.store.delete_auth_record(keys_owner(&state, &caller), &id).await?;
     state.models.forget(std::slice::from_ref(&id));
     Ok(status("deleted"))
 }
@@ -312,10 +365,11 @@ impl ModelsCache {
     }
 }
 
-async fn models_of(state: &AppState, name: &str) -> ApiResult<Vec<Model>> {
+async fn models_of(state: &AppState, caller: &Caller, name: &str) -> ApiResult<Vec<Model>> {
     let (plugin, _) = provider(state, name).await?;
-    let access = access(state, &plugin).await?;
-    let key = format!("{name}\n{}\n{}", access.base_url.as_deref().unwrap_or(""), access.credential.is_some());
+    let owner = keys_owner(state, caller);
+    let access = access(state, &plugin, owner).await?;
+    let key = format!("{name}\n{}\n{}\n{owner}", access.base_url.as_deref().unwrap_or(""), access.credential.is_some());
     if let Some(models) = state.models.get(&key) {
         return Ok(models);
     }
@@ -334,8 +388,8 @@ async fn models_of(state: &AppState, name: &str) -> ApiResult<Vec<Model>> {
 #[utoipa::path(get, path = "/provider/{name}/models", tag = "providers",
     params(("name" = String, Path, description = "Provider id")),
     responses((status = 200, body = Vec<Model>), (status = 404, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
-pub(super) async fn list_models(State(state): State<AppState>, Path(name): Path<String>) -> ApiResult<Json<Vec<Model>>> {
-    Ok(Json(models_of(&state, &name).await?))
+pub(super) async fn list_models(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Vec<Model>>> {
+    Ok(Json(models_of(&state, &caller, &name).await?))
 }
 
 /// The model named `id`: by its exact id, else by the same id with or
@@ -357,8 +411,12 @@ fn resolve_model<'a>(models: &'a [Model], id: &str) -> Option<&'a Model> {
 #[utoipa::path(get, path = "/provider/{name}/models/{model}", tag = "providers",
     params(("name" = String, Path, description = "Provider id"), ("model" = String, Path, description = "Model id")),
     responses((status = 200, body = Model), (status = 404, body = super::ErrorBody), (status = 502, body = super::ErrorBody)))]
-pub(super) async fn get_model(State(state): State<AppState>, Path((name, model)): Path<(String, String)>) -> ApiResult<Json<Model>> {
-    let models = models_of(&state, &name).await?;
+pub(super) async fn get_model(
+    State(state): State<AppState>,
+    caller: Caller,
+    Path((name, model)): Path<(String, String)>,
+) -> ApiResult<Json<Model>> {
+    let models = models_of(&state, &caller, &name).await?;
     resolve_model(&models, &model)
         .cloned()
         .map(Json)

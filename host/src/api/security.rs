@@ -16,6 +16,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 
 use super::ApiError;
 use crate::config::Settings;
+use crate::tenancy::{Caller, Refused, Tenancy, constant_time_eq};
 
 pub struct Security {
     loopback_only: bool,
@@ -23,15 +24,24 @@ pub struct Security {
     any_origin: bool,
     cors_origins: Vec<String>,
     token: Option<String>,
+    /// Multi-tenant mode: the admin token and tenant keys.
+    tenancy: Option<Tenancy>,
+}
+
+/// Routes only the admin token may use in multi-tenant mode (a tenant key
+/// gets 403): tenants, server-wide metrics, the plugin directory reload.
+fn admin_only(path: &str) -> bool {
+    path == "/tenants" || path.starts_with("/tenants/") || path == "/metrics" || path == "/plugins/reload"
 }
 
 impl Security {
-    pub fn from_settings(settings: &Settings) -> Security {
+    pub fn new(settings: &Settings, tenancy: Option<Tenancy>) -> Security {
         Security {
             loopback_only: settings.host.is_loopback(),
             any_origin: settings.cors_origins.iter().any(|o| o == "*"),
             cors_origins: settings.cors_origins.iter().map(|o| o.trim_end_matches('/').to_string()).collect(),
             token: settings.token.clone(),
+            tenancy,
         }
     }
 
@@ -45,12 +55,12 @@ impl Security {
         };
         CorsLayer::new()
             .allow_origin(allow)
-            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::PATCH, Method::DELETE])
             .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::ACCEPT])
     }
 }
 
-pub async fn guard(State(security): State<Arc<Security>>, req: Request, next: Next) -> Response {
+pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next: Next) -> Response {
     if security.loopback_only
         && let Err(refused) = check_loopback_target(&req)
     {
@@ -71,19 +81,46 @@ pub async fn guard(State(security): State<Arc<Security>>, req: Request, next: Ne
         }
     }
     let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if let Some(token) = &security.token
-        && req.uri().path() != "/health"
-        && !preflight
-    {
-        let sent = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if !constant_time_eq(sent.as_bytes(), token.as_bytes()) {
-            return ApiError::Unauthorized.into_response();
+    if req.uri().path() == "/health" || preflight {
+        return next.run(req).await;
+    }
+    let sent = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("")
+        .to_string();
+    if let Some(tenancy) = &security.tenancy {
+        let caller = match tenancy.resolve(&sent).await {
+            Ok(caller) => caller,
+            Err(Refused::Unauthorized) => return ApiError::Unauthorized.into_response(),
+            Err(Refused::Store(err)) => return ApiError::from(err).into_response(),
+        };
+        if let Caller::Tenant(tenant) = &caller {
+            if admin_only(req.uri().path()) {
+                return ApiError::Forbidden("this route needs the admin token; a tenant key cannot use it".into()).into_response();
+            }
+            let limit = match tenancy.quotas(tenant).await {
+                Ok(q) => q.requests_per_minute,
+                Err(err) => return ApiError::from(err).into_response(),
+            };
+            if let Err(exceeded) = tenancy.count_request(tenant, limit) {
+                let mut response = ApiError::Quota(exceeded).into_response();
+                response.extensions_mut().insert(caller);
+                return response;
+            }
         }
+        req.extensions_mut().insert(caller.clone());
+        let mut response = next.run(req).await;
+        // For the request's log line, which is written outside this guard.
+        response.extensions_mut().insert(caller);
+        return response;
+    }
+    if let Some(token) = &security.token
+        && !constant_time_eq(sent.as_bytes(), token.as_bytes())
+    {
+        return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
 }
@@ -156,13 +193,6 @@ fn is_loopback_host(host: &str) -> bool {
     }
 }
 
-/// Compares without an early exit, so timing does not reveal the token.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
-}
 
 #[cfg(test)]
 mod tests {

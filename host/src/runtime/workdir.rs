@@ -158,6 +158,11 @@ impl WorkDirRules {
         WorkDirRules { roots, protected }
     }
 
+    /// The same rules with `root` as the one work root (a tenant's directory).
+    pub fn within(&self, root: PathBuf) -> WorkDirRules {
+        WorkDirRules { roots: vec![root], protected: self.protected.clone() }
+    }
+
     /// Checks a `work_dir` a client sent and returns it canonical (symlinks
     /// resolved), which is what runs will open.
     pub fn check(&self, dir: &str) -> Result<String, WorkDirError> {

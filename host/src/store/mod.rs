@@ -17,9 +17,11 @@ mod permissions;
 mod records;
 mod runs;
 pub mod secrets;
+mod tenants;
+pub use tenants::{DEFAULT_TENANT, Quotas, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
-pub use runs::{RunRequest, RunsFrom};
+pub use runs::{RunLimit, RunRequest, RunsFrom};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -28,6 +30,11 @@ pub enum StoreError {
     /// Another run took this idempotency key first (a concurrent submit).
     #[error("Idempotency-Key `{key}` is in use by another run")]
     KeyTaken { key: String },
+    #[error("a {kind} named `{name}` already exists")]
+    NameTaken { kind: &'static str, name: String },
+    /// A tenant's quota would be passed.
+    #[error("quota `{quota}` exceeded: {used} of {limit}")]
+    Quota { quota: &'static str, limit: u64, used: u64 },
     #[error("permission request `{id}` is already answered ({status})")]
     Answered { id: String, status: &'static str },
     #[error("database: {0}")]
@@ -78,17 +85,36 @@ fn migrations() -> Migrations<'static> {
     // Permission rules of agents, requests and grants (issue: permissions).
     M::up(permissions::MIGRATION),
     // One run per idempotency key (concurrent submits with one key).
-    M::up(runs::KEY_MIGRATION)])
+    M::up(runs::KEY_MIGRATION),
+    // Tenants, their keys and usage; every agent, session and provider key
+    // owned by one (issue: multi-tenant hosting).
+    M::up(tenants::MIGRATION)])
 }
 
-const AUTH_CHANGED: &str = "auth_updated_at";
+/// The `meta` key of when `tenant`'s credentials last changed (the
+/// default tenant's is the one from before tenants existed).
+fn auth_changed_key(tenant: &str) -> String {
+    match tenant {
+        DEFAULT_TENANT => "auth_updated_at".into(),
+        other => format!("auth_updated_at:{other}"),
+    }
+}
 
-fn touch_auth(tx: &Connection, at: &DateTime<Utc>) -> rusqlite::Result<()> {
+fn touch_auth(tx: &Connection, tenant: &str, at: &DateTime<Utc>) -> rusqlite::Result<()> {
     tx.execute(
         "INSERT INTO meta (key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
-        params![AUTH_CHANGED, ts(at)],
+        params![auth_changed_key(tenant), ts(at)],
     )?;
     Ok(())
+}
+
+/// Deletes a session's rows: its runs, events, permission requests and the
+/// session itself (0 rows when there was none).
+fn delete_session_rows(c: &Connection, id: &str) -> rusqlite::Result<usize> {
+    c.execute("DELETE FROM events WHERE session_id = ?1", [id])?;
+    c.execute("DELETE FROM runs WHERE session_id = ?1", [id])?;
+    permissions::delete_for_session(c, id)?;
+    c.execute("DELETE FROM sessions WHERE id = ?1", [id])
 }
 
 /// Timestamps as RFC 3339 UTC with millisecond precision.
@@ -239,13 +265,16 @@ impl Store {
         let sealer = self.secrets.clone();
         let sealed = self
             .write(move |c| {
-                let plain: Vec<(String, String)> = c
-                    .prepare("SELECT provider, secret FROM provider_auth WHERE secret IS NOT NULL")?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                    .filter(|row| row.as_ref().map_or(true, |(_, s): &(String, String)| !secrets::SecretBox::is_sealed(s)))
+                let plain: Vec<(String, String, String)> = c
+                    .prepare("SELECT tenant_id, provider, secret FROM provider_auth WHERE secret IS NOT NULL")?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                    .filter(|row| row.as_ref().map_or(true, |(_, _, s): &(String, String, String)| !secrets::SecretBox::is_sealed(s)))
                     .collect::<Result<_, _>>()?;
-                for (provider, secret) in &plain {
-                    c.execute("UPDATE provider_auth SET secret = ?2 WHERE provider = ?1", params![provider, sealer.seal(secret)])?;
+                for (tenant, provider, secret) in &plain {
+                    c.execute(
+                        "UPDATE provider_auth SET secret = ?3 WHERE tenant_id = ?1 AND provider = ?2",
+                        params![tenant, provider, sealer.seal(secret)],
+                    )?;
                 }
                 Ok(plain.len())
             })
@@ -346,8 +375,8 @@ impl Store {
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             c.execute(
-                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, tenant_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     agent.id,
                     agent.name,
@@ -356,7 +385,8 @@ impl Store {
                     serde_json::to_string(&agent.provider)?,
                     ts(&agent.created_at),
                     ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?
+                    serde_json::to_string(&agent.permissions)?,
+                    agent.tenant_id
                 ],
             )?;
             Ok(agent)
@@ -420,15 +450,31 @@ impl Store {
     // ----- sessions -----
 
     pub async fn insert_session(&self, session: Session) -> Result<Session, StoreError> {
+        self.insert_session_within(session, None).await
+    }
+
+    /// Stores a session unless its tenant already has `max_sessions`: the
+    /// count and the insert are one write, so concurrent creates cannot
+    /// both slip under the limit.
+    pub async fn insert_session_within(&self, session: Session, max_sessions: Option<u64>) -> Result<Session, StoreError> {
         self.write(move |c| {
-            c.prepare_cached("INSERT INTO sessions (id, work_dir, history, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)")?
-                .execute(params![
-                    session.id,
-                    session.work_dir,
-                    serde_json::to_string(&session.history)?,
-                    ts(&session.created_at),
-                    ts(&session.updated_at)
-                ])?;
+            if let Some(limit) = max_sessions {
+                let used = tenants::session_count(c, &session.tenant_id)?;
+                if used >= limit {
+                    return Err(StoreError::Quota { quota: "max_sessions", limit, used });
+                }
+            }
+            c.prepare_cached(
+                "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            )?
+            .execute(params![
+                session.id,
+                session.work_dir,
+                serde_json::to_string(&session.history)?,
+                ts(&session.created_at),
+                ts(&session.updated_at),
+                session.tenant_id
+            ])?;
             Ok(session)
         })
         .await
@@ -460,12 +506,16 @@ impl Store {
         .await
     }
 
-    /// A session's `work_dir` (`None` if there is no such session), without
-    /// reading its history.
-    pub async fn session_work_dir(&self, id: &str) -> Result<Option<Option<String>>, StoreError> {
+    /// A session's `work_dir` and owner (`None` if there is no such
+    /// session), without reading its history.
+    pub async fn session_work_dir(&self, id: &str) -> Result<Option<(Option<String>, String)>, StoreError> {
         let id = id.to_string();
-        self.read(move |c| Ok(c.prepare_cached("SELECT work_dir FROM sessions WHERE id = ?1")?.query_row([&id], |r| r.get(0)).optional()?))
-            .await
+        self.read(move |c| {
+            Ok(c.prepare_cached("SELECT work_dir, tenant_id FROM sessions WHERE id = ?1")?
+                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?)
+        })
+        .await
     }
 
     /// Whether a session exists, without reading (and decoding) its history.
@@ -474,15 +524,23 @@ impl Store {
         self.read(move |c| Ok(c.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?.exists([&id])?)).await
     }
 
-    /// At most `limit` sessions with ids above `after`, by id; with
-    /// `history` false their histories are not read (and left empty).
-    pub async fn sessions_page(&self, after: Option<String>, limit: usize, history: bool) -> Result<Vec<Session>, StoreError> {
+    /// At most `limit` sessions with ids above `after`, by id, of `tenant`
+    /// (`None`: of every tenant); with `history` false their histories are
+    /// not read (and left empty).
+    pub async fn sessions_page(
+        &self,
+        tenant: Option<String>,
+        after: Option<String>,
+        limit: usize,
+        history: bool,
+    ) -> Result<Vec<Session>, StoreError> {
         self.read(move |c| {
             let columns = if history { "history" } else { "'[]'" };
             let mut stmt = c.prepare_cached(&format!(
-                "SELECT id, work_dir, {columns}, created_at, updated_at FROM sessions WHERE (?1 IS NULL OR id > ?1) ORDER BY id LIMIT ?2"
+                "SELECT id, work_dir, {columns}, created_at, updated_at, tenant_id FROM sessions
+                 WHERE (?1 IS NULL OR id > ?1) AND (?3 IS NULL OR tenant_id = ?3) ORDER BY id LIMIT ?2"
             ))?;
-            let rows = stmt.query_map(params![after, limit as i64], session_row)?.collect::<Result<Vec<_>, _>>()?;
+            let rows = stmt.query_map(params![after, limit as i64, tenant], session_row)?.collect::<Result<Vec<_>, _>>()?;
             rows.into_iter().map(RawSession::finish).collect()
         })
         .await
@@ -499,24 +557,26 @@ impl Store {
 
     /// Deletes a session with its runs and events.
     pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
-        let delete = delete_row("sessions", "session", id);
         let id = id.to_string();
         self.write(move |c| {
-            c.execute("DELETE FROM events WHERE session_id = ?1", [&id])?;
-            c.execute("DELETE FROM runs WHERE session_id = ?1", [&id])?;
-            permissions::delete_for_session(c, &id)?;
-            delete(c)
+            if delete_session_rows(c, &id)? == 0 {
+                return Err(StoreError::NotFound { kind: "session", id });
+            }
+            Ok(())
         })
         .await
     }
 
     // ----- provider credentials -----
 
-    pub async fn auth_records(&self) -> Result<Vec<AuthRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt =
-                c.prepare_cached("SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth ORDER BY provider")?;
-            let rows = stmt.query_map([], auth_row)?.collect::<Result<Vec<_>, _>>()?;
+    /// The provider keys of `tenant` ([`SERVER_KEYS`]: the server's own).
+    pub async fn auth_records(&self, tenant: &str) -> Result<Vec<AuthRecord>, StoreError> {
+        let tenant = tenant.to_string();
+        self.read(move |c| {
+            let mut stmt = c.prepare_cached(
+                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE tenant_id = ?1 ORDER BY provider",
+            )?;
+            let rows = stmt.query_map([&tenant], auth_row)?.collect::<Result<Vec<_>, _>>()?;
             Ok(rows)
         })
         .await
@@ -541,12 +601,12 @@ impl Store {
         record
     }
 
-    pub async fn auth_record(&self, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
-        let provider = provider.to_string();
+    pub async fn auth_record(&self, tenant: &str, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
+        let (tenant, provider) = (tenant.to_string(), provider.to_string());
         self.read(move |c| {
             Ok(c.query_row(
-                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE provider = ?1",
-                [&provider],
+                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE tenant_id = ?1 AND provider = ?2",
+                [&tenant, &provider],
                 auth_row,
             )
             .optional()?)
@@ -556,17 +616,18 @@ impl Store {
     }
 
     /// Writes several records at once: a PUT either applies whole or not at all.
-    pub async fn put_auth_records(&self, records: Vec<AuthRecord>) -> Result<(), StoreError> {
+    pub async fn put_auth_records(&self, tenant: &str, records: Vec<AuthRecord>) -> Result<(), StoreError> {
         let sealer = self.secrets.clone();
+        let tenant = tenant.to_string();
         self.write(move |c| {
             for r in &records {
                 let secret = r.secret.as_deref().map(|s| sealer.seal(s));
                 c.execute(
-                    "INSERT INTO provider_auth (provider, auth_type, secret, base_url, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
-                    params![r.provider, r.auth_type, secret, r.base_url, ts(&r.updated_at)],
+                    "INSERT INTO provider_auth (tenant_id, provider, auth_type, secret, base_url, updated_at) VALUES (?6, ?1, ?2, ?3, ?4, ?5)
+                     ON CONFLICT(tenant_id, provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
+                    params![r.provider, r.auth_type, secret, r.base_url, ts(&r.updated_at), tenant],
                 )?;
-                touch_auth(c, &r.updated_at)?;
+                touch_auth(c, &tenant, &r.updated_at)?;
             }
             Ok(())
         })
@@ -574,12 +635,12 @@ impl Store {
     }
 
     /// Removes a provider's record; false when there was none.
-    pub async fn delete_auth_record(&self, provider: &str) -> Result<bool, StoreError> {
-        let provider = provider.to_string();
+    pub async fn delete_auth_record(&self, tenant: &str, provider: &str) -> Result<bool, StoreError> {
+        let (tenant, provider) = (tenant.to_string(), provider.to_string());
         self.write(move |c| {
-            let removed = c.execute("DELETE FROM provider_auth WHERE provider = ?1", [&provider])? > 0;
+            let removed = c.execute("DELETE FROM provider_auth WHERE tenant_id = ?1 AND provider = ?2", [&tenant, &provider])? > 0;
             if removed {
-                touch_auth(c, &now())?;
+                touch_auth(c, &tenant, &now())?;
             }
             Ok(removed)
         })
@@ -587,10 +648,10 @@ impl Store {
     }
 
     /// When stored credentials last changed, if ever.
-    pub async fn auth_updated_at(&self) -> Result<Option<DateTime<Utc>>, StoreError> {
-        self.read(|c| {
-            let text: Option<String> =
-                c.query_row("SELECT value FROM meta WHERE key = ?1", [AUTH_CHANGED], |r| r.get(0)).optional()?;
+    pub async fn auth_updated_at(&self, tenant: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let key = auth_changed_key(tenant);
+        self.read(move |c| {
+            let text: Option<String> = c.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| r.get(0)).optional()?;
             Ok(text.map(parse_ts).transpose()?)
         })
         .await
@@ -613,8 +674,8 @@ fn delete_row(
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions FROM agents";
-const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at FROM sessions";
+const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions, tenant_id FROM agents";
+const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at, tenant_id FROM sessions";
 
 /// A row before its JSON columns are decoded (rusqlite's row closure cannot
 /// return our error type).
@@ -641,6 +702,7 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
             permissions: Vec::new(),
             created_at: parse_ts(row.get(5)?)?,
             updated_at: parse_ts(row.get(6)?)?,
+            tenant_id: row.get(8)?,
         },
         row.get(3)?,
         row.get(4)?,
@@ -666,6 +728,7 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawSession> {
             history: Vec::new(),
             created_at: parse_ts(row.get(3)?)?,
             updated_at: parse_ts(row.get(4)?)?,
+            tenant_id: row.get(5)?,
         },
         row.get(2)?,
     ))
@@ -820,7 +883,7 @@ mod tests {
 
     fn session(id: &str) -> Session {
         let t = now();
-        Session { id: id.into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t }
+        Session { id: id.into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t, tenant_id: DEFAULT_TENANT.into() }
     }
 
     /// Writes that queue together commit together, but each stands alone:

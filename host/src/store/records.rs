@@ -22,6 +22,9 @@ pub struct Agent {
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
+    /// The tenant that owns it (never shown: a caller sees only its own).
+    #[serde(skip)]
+    pub tenant_id: String,
 }
 
 /// Which model answers for an agent, and how.
@@ -50,6 +53,9 @@ pub struct Session {
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
     pub updated_at: DateTime<Utc>,
+    /// The tenant that owns it (never shown: a caller sees only its own).
+    #[serde(skip)]
+    pub tenant_id: String,
 }
 
 /// A session as `GET /sessions` lists it: with `?history=false`, without
@@ -269,7 +275,7 @@ pub struct StoredEvent {
     pub data: String,
 }
 
-pub(super) fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
+pub fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Result<S::Ok, S::Error> {
     match t {
         Some(t) => rfc3339(t, s),
         None => s.serialize_none(),
@@ -279,7 +285,7 @@ pub(super) fn rfc3339_opt<S: Serializer>(t: &Option<DateTime<Utc>>, s: S) -> Res
 /// The same text as chrono's own `Serialize`, written in one piece: chrono
 /// writes through `Display`, which reaches serde_json's escaper one char at
 /// a time, and that was the largest single cost of `GET /agents`.
-pub(super) fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+pub fn rfc3339<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_str(&t.to_rfc3339_opts(SecondsFormat::AutoSi, true))
 }
 

@@ -144,6 +144,13 @@ pub fn answer_unanswered(history: &mut Vec<HistoryMessage>, reason: &str) -> usi
     added
 }
 
+/// Whose run it is, and how many of its runs may be active at once.
+#[derive(Debug, Clone)]
+pub struct RunLimit {
+    pub tenant: String,
+    pub max_concurrent_runs: Option<u64>,
+}
+
 impl Store {
     /// Stores a new run. A key used by a run since `key_since` is
     /// [`StoreError::KeyTaken`]; an older run's use of it is forgotten.
@@ -153,8 +160,17 @@ impl Store {
         request: RunRequest,
         key: Option<String>,
         key_since: DateTime<Utc>,
+        limit: RunLimit,
     ) -> Result<RunRecord, StoreError> {
         self.write(move |c| {
+            // Counted and inserted in one write: concurrent submits cannot
+            // both slip under the limit.
+            if let Some(max) = limit.max_concurrent_runs {
+                let used = super::tenants::active_runs(c, &limit.tenant)?;
+                if used >= max {
+                    return Err(StoreError::Quota { quota: "max_concurrent_runs", limit: max, used });
+                }
+            }
             if let Some(key) = &key {
                 c.prepare_cached("UPDATE runs SET idempotency_key = NULL WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at < ?3")?
                     .execute(params![run.session_id, key, ts(&key_since)])?;
@@ -179,6 +195,7 @@ impl Store {
                 }
                 other => {
                     other?;
+                    super::tenants::count_run(c, &limit.tenant, &run.created_at)?;
                     Ok(run)
                 }
             }

@@ -1,0 +1,488 @@
+//! Multi-tenant hosting, from two tenants' side and the operator's: the
+//! real `hangar` binary with `--admin-token`, each tenant with its own key,
+//! its own fake Anthropic server and its own provider key; every route
+//! tried with the other tenant's ids, work dirs attacked with `..`,
+//! absolute paths, symlinks and `bash`, every quota reached, keys rotated
+//! and revoked, and the database file searched for secrets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake::{FakeServer, Reply, anthropic};
+use common::server::Server;
+use serde_json::{Value, json};
+
+const ADMIN: &str = "admin-token-for-tests";
+
+struct Host {
+    server: Server,
+    root: tempfile::TempDir,
+    _config: tempfile::TempDir,
+}
+
+/// A multi-tenant server with `config` as its config file.
+fn host(config: &str) -> Host {
+    let root = tempfile::tempdir().unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_file = config_dir.path().join("hangar.toml");
+    std::fs::write(&config_file, config).unwrap();
+    let server = Server::start(&[
+        "--admin-token",
+        ADMIN,
+        "--work-root",
+        root.path().to_str().unwrap(),
+        "--config",
+        config_file.to_str().unwrap(),
+    ]);
+    Host { server, root, _config: config_dir }
+}
+
+/// Requests with one bearer credential.
+struct As<'a> {
+    server: &'a Server,
+    key: String,
+}
+
+impl As<'_> {
+    fn req(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
+        self.server.client.request(method, self.server.url(path)).bearer_auth(&self.key)
+    }
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.server.send(self.req(reqwest::Method::GET, path)).await
+    }
+    async fn delete(&self, path: &str) -> (u16, Value) {
+        self.server.send(self.req(reqwest::Method::DELETE, path)).await
+    }
+    async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        self.server.send(self.req(reqwest::Method::POST, path).json(&body)).await
+    }
+    async fn put(&self, path: &str, body: Value) -> (u16, Value) {
+        self.server.send(self.req(reqwest::Method::PUT, path).json(&body)).await
+    }
+    async fn patch(&self, path: &str, body: Value) -> (u16, Value) {
+        self.server.send(self.req(reqwest::Method::PATCH, path).json(&body)).await
+    }
+    /// Status, `Retry-After` and body.
+    async fn raw(&self, req: reqwest::RequestBuilder) -> (u16, Option<u64>, Value) {
+        let resp = req.send().await.unwrap();
+        let status = resp.status().as_u16();
+        let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().parse().unwrap());
+        (status, retry, resp.json().await.unwrap_or(Value::Null))
+    }
+}
+
+impl Host {
+    fn admin(&self) -> As<'_> {
+        As { server: &self.server, key: ADMIN.into() }
+    }
+    fn tenant(&self, key: &str) -> As<'_> {
+        As { server: &self.server, key: key.into() }
+    }
+
+    /// A new tenant: (id, key).
+    async fn new_tenant(&self, name: &str, quotas: Value) -> (String, String) {
+        let (status, body) = self.admin().post("/tenants", json!({"name": name, "quotas": quotas})).await;
+        assert_eq!(status, 201, "{body}");
+        (body["id"].as_str().unwrap().into(), body["key"].as_str().unwrap().into())
+    }
+}
+
+/// A tenant set up to run: its provider key pointing at its own fake, an
+/// agent with `bash` (rules `rules`) and a session on a directory of its own.
+struct Tenant {
+    id: String,
+    key: String,
+    provider_key: String,
+    fake: FakeServer,
+    agent: String,
+    session: String,
+    work_dir: String,
+}
+
+async fn tenant(host: &Host, name: &str, quotas: Value, rules: Value) -> Tenant {
+    let (id, key) = host.new_tenant(name, quotas).await;
+    let me = host.tenant(&key);
+    let fake = FakeServer::start(Vec::new()).await;
+    let provider_key = format!("sk-ant-{name}-secret-0123456789");
+    let (status, body) = me
+        .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": provider_key, "base_url": fake.url}}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, agent) = me
+        .post("/agents", json!({"name": name, "tools": ["bash", "read", "write"], "permissions": rules,
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (status, session) = me.post("/sessions", json!({})).await;
+    assert_eq!(status, 201, "{session}");
+    Tenant {
+        id,
+        key,
+        provider_key,
+        fake,
+        agent: agent["id"].as_str().unwrap().into(),
+        session: session["id"].as_str().unwrap().into(),
+        work_dir: session["work_dir"].as_str().unwrap().into(),
+    }
+}
+
+fn calls(id: &str, tool: &str, input: Value) -> Reply {
+    Reply::sse(anthropic::tool_answer(id, tool, &[&input.to_string()], 5, 5))
+}
+
+fn done() -> Reply {
+    Reply::sse(anthropic::text_answer(&["done"], 5, 1))
+}
+
+/// Sends a message and waits for its result (status, body).
+async fn message(host: &Host, t: &Tenant, text: &str) -> (u16, Value) {
+    host.tenant(&t.key)
+        .post(&format!("/sessions/{}/message", t.session), json!({"agent_id": t.agent, "message": text}))
+        .await
+}
+
+/// The content of the tool result sent back to the model for call `id`.
+fn result_sent(fake: &FakeServer, id: &str) -> Value {
+    for request in fake.requests().iter().rev() {
+        for message in request.json()["messages"].as_array().unwrap() {
+            for block in message["content"].as_array().into_iter().flatten() {
+                if block["type"] == "tool_result" && block["tool_use_id"] == id {
+                    return block.clone();
+                }
+            }
+        }
+    }
+    panic!("no tool_result for {id} was sent to the model");
+}
+
+#[tokio::test]
+async fn two_tenants_see_only_their_own_on_every_route() {
+    let host = host("");
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([{"tool": "bash", "pattern": "*", "action": "ask"}])).await;
+    let (as_a, as_b) = (host.tenant(&a.key), host.tenant(&b.key));
+
+    // A run of B leaves a run, events and a pending permission request.
+    b.fake.push(calls("tu_b", "bash", json!({"command": "echo hi"})));
+    let (status, accepted) = as_b
+        .post(&format!("/sessions/{}/message", b.session), json!({"agent_id": b.agent, "message": "go", "background": true}))
+        .await;
+    assert_eq!(status, 202, "{accepted}");
+    let b_run = accepted["run_id"].as_str().unwrap().to_string();
+    let b_request = loop {
+        let (_, pending) = as_b.get(&format!("/sessions/{}/permissions?status=pending", b.session)).await;
+        if let Some(first) = pending.as_array().and_then(|p| p.first()) {
+            break first["id"].as_str().unwrap().to_string();
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+
+    // Every route that takes B's ids, tried by A, answers as a missing id
+    // does: the same status, code and message.
+    let missing_session = "01JMISSINGSESSION000000000";
+    let missing_agent = "01JMISSINGAGENT00000000000";
+    let s = &b.session;
+    let routes: Vec<(reqwest::Method, String, Option<Value>)> = vec![
+        (reqwest::Method::GET, format!("/sessions/{s}"), None),
+        (reqwest::Method::PUT, format!("/sessions/{s}"), Some(json!({}))),
+        (reqwest::Method::DELETE, format!("/sessions/{s}"), None),
+        (reqwest::Method::POST, format!("/sessions/{s}/message"), Some(json!({"agent_id": a.agent, "message": "x"}))),
+        (reqwest::Method::POST, format!("/sessions/{s}/message/stream"), Some(json!({"agent_id": a.agent, "message": "x"}))),
+        (reqwest::Method::GET, format!("/sessions/{s}/runs"), None),
+        (reqwest::Method::GET, format!("/sessions/{s}/runs/{b_run}"), None),
+        (reqwest::Method::POST, format!("/sessions/{s}/runs/{b_run}/cancel"), None),
+        (reqwest::Method::GET, format!("/sessions/{s}/runs/{b_run}/events"), None),
+        (reqwest::Method::GET, format!("/sessions/{s}/events"), None),
+        (reqwest::Method::POST, format!("/sessions/{s}/abort"), None),
+        (reqwest::Method::GET, format!("/sessions/{s}/permissions"), None),
+        (reqwest::Method::GET, format!("/sessions/{s}/permissions/{b_request}"), None),
+        (reqwest::Method::POST, format!("/sessions/{s}/permissions/{b_request}"), Some(json!({"reply": "once"}))),
+    ];
+    for (method, path, body) in &routes {
+        let send = |path: &str| {
+            let mut req = as_a.req(method.clone(), path);
+            if let Some(body) = body {
+                req = req.json(body);
+            }
+            req
+        };
+        let (status, theirs) = host.server.send(send(path)).await;
+        let (missing_status, missing) = host.server.send(send(&path.replace(s.as_str(), missing_session))).await;
+        assert_eq!(status, 404, "{method} {path} by another tenant: {theirs}");
+        assert_eq!((status, &theirs["code"]), (missing_status, &missing["code"]), "{method} {path}");
+        assert_eq!(theirs["error"].as_str().unwrap().replace(s.as_str(), missing_session), missing["error"], "{method} {path}");
+    }
+    for (method, body) in [(reqwest::Method::GET, None), (reqwest::Method::PUT, Some(json!({"name": "x"}))), (reqwest::Method::DELETE, None)] {
+        let send = |id: &str| {
+            let mut req = as_a.req(method.clone(), &format!("/agents/{id}"));
+            if let Some(body) = &body {
+                req = req.json(body);
+            }
+            req
+        };
+        let (status, theirs) = host.server.send(send(&b.agent)).await;
+        let (_, missing) = host.server.send(send(missing_agent)).await;
+        assert_eq!(status, 404, "{method} /agents/B: {theirs}");
+        assert_eq!(theirs["code"], missing["code"]);
+        assert_eq!(theirs["error"].as_str().unwrap().replace(b.agent.as_str(), missing_agent), missing["error"]);
+    }
+    // A's own session with B's agent: as if the agent did not exist.
+    let (status, body) =
+        as_a.post(&format!("/sessions/{}/message", a.session), json!({"agent_id": b.agent, "message": "x"})).await;
+    assert_eq!((status, body["code"].as_str()), (404, Some("not_found")), "{body}");
+    // Nothing of B's changed: the request is still pending, the session there.
+    let (status, _) = as_b.get(&format!("/sessions/{s}/permissions/{b_request}")).await;
+    assert_eq!(status, 200);
+    let (status, _) = as_b.post(&format!("/sessions/{s}/permissions/{b_request}"), json!({"reply": "reject"})).await;
+    assert_eq!(status, 200);
+
+    // Lists are disjoint; the admin sees both.
+    for (me, mine, theirs) in [(&as_a, &a, &b), (&as_b, &b, &a)] {
+        let (_, agents) = me.get("/agents").await;
+        let ids: Vec<&str> = agents.as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![mine.agent.as_str()]);
+        let (_, sessions) = me.get("/sessions").await;
+        let ids: Vec<&str> = sessions.as_array().unwrap().iter().map(|x| x["id"].as_str().unwrap()).collect();
+        assert_eq!(ids, vec![mine.session.as_str()]);
+        assert!(!ids.contains(&theirs.session.as_str()));
+    }
+    let (_, all) = host.admin().get("/sessions").await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+
+    // A tenant key cannot administer; no key, a wrong key: 401.
+    let (status, _) = as_a.get("/tenants").await;
+    assert_eq!(status, 403);
+    let (status, _, _) = as_a.raw(as_a.req(reqwest::Method::GET, "/metrics")).await;
+    assert_eq!(status, 403);
+    let (status, body) = host.server.get("/agents").await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
+    let (status, _) = host.tenant("hk_0000000000000000000000000000000000000000000000000000000000000000").get("/agents").await;
+    assert_eq!(status, 401);
+    let health = reqwest::get(host.server.url("/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
+
+#[tokio::test]
+async fn work_dirs_are_separate_and_commands_cannot_cross() {
+    let host = host("");
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([])).await;
+    let root = host.root.path().canonicalize().unwrap();
+    assert_eq!(a.work_dir, root.join(&a.id).join(&a.session).to_str().unwrap());
+    assert!(std::path::Path::new(&a.work_dir).is_dir());
+    std::fs::write(std::path::Path::new(&b.work_dir).join("secret.txt"), "B-SECRET-CONTENT").unwrap();
+    let as_a = host.tenant(&a.key);
+
+    // `..`, another tenant's absolute path, a symlink that leads out: 422.
+    let b_dir = root.join(&b.id);
+    std::os::unix::fs::symlink(&b_dir, root.join(&a.id).join("link-to-b")).unwrap();
+    for work_dir in [format!("../{}", b.id), b.work_dir.clone(), b_dir.to_str().unwrap().to_string(), "link-to-b".into(), "/tmp".into()] {
+        let (status, body) = as_a.post("/sessions", json!({"work_dir": work_dir})).await;
+        assert_eq!(status, 422, "{work_dir}: {body}");
+    }
+    // Relative to the tenant's directory, and absolute inside it: fine.
+    std::fs::create_dir(root.join(&a.id).join("project")).unwrap();
+    let (status, body) = as_a.post("/sessions", json!({"work_dir": "project"})).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["work_dir"], root.join(&a.id).join("project").to_str().unwrap());
+    let (status, _) = as_a.put(&format!("/sessions/{}", a.session), json!({"work_dir": b.work_dir})).await;
+    assert_eq!(status, 422);
+
+    // A's commands see neither B's files nor the tenants' directory.
+    let probe = format!("ls {root} ; ls {b} ; cat {b}/secret.txt ; cat ../../{bid}/{bs}/secret.txt ; echo END",
+        root = root.display(), b = b.work_dir, bid = b.id, bs = b.session);
+    a.fake.push(calls("tu_1", "bash", json!({"command": probe})));
+    a.fake.push(done());
+    let (status, body) = message(&host, &a, "look around").await;
+    assert_eq!(status, 200, "{body}");
+    let result = result_sent(&a.fake, "tu_1");
+    let text = result["content"].to_string();
+    assert!(text.contains("END"), "{text}");
+    assert!(!text.contains("B-SECRET-CONTENT"), "{text}");
+    // Every probe was refused (the names in the output are the probes' own
+    // arguments, echoed in the errors).
+    assert_eq!(text.matches("Permission denied").count(), 4, "{text}");
+
+    // Each tenant's provider key reached only its own fake, for its own run.
+    b.fake.push(done());
+    let (status, _) = message(&host, &b, "hello").await;
+    assert_eq!(status, 200);
+    for (fake, mine, theirs) in [(&a.fake, &a.provider_key, &b.provider_key), (&b.fake, &b.provider_key, &a.provider_key)] {
+        let requests = fake.requests();
+        assert!(!requests.is_empty());
+        for r in &requests {
+            assert_eq!(r.header("x-api-key"), Some(mine.as_str()));
+            assert!(!r.raw_text().contains(theirs.as_str()));
+        }
+    }
+
+    // Deleting a session removes the directory made for it.
+    let (status, _) = as_a.delete(&format!("/sessions/{}", a.session)).await;
+    assert_eq!(status, 200);
+    assert!(!std::path::Path::new(&a.work_dir).exists());
+
+    // Deleting a tenant removes all it had, and its key stops working.
+    let (status, body) = host.admin().delete(&format!("/tenants/{}", b.id)).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(!b_dir.exists());
+    let (status, _) = host.tenant(&b.key).get("/agents").await;
+    assert_eq!(status, 401);
+    let (status, _) = host.admin().get(&format!("/sessions/{}", b.session)).await;
+    assert_eq!(status, 404);
+    let (status, _) = host.admin().get(&format!("/agents/{}", b.agent)).await;
+    assert_eq!(status, 404);
+    let (status, _) = host.admin().delete("/tenants/default").await;
+    assert_eq!(status, 409);
+}
+
+#[tokio::test]
+async fn keys_rotate_and_a_revoked_key_is_refused_at_once_and_no_secret_is_stored_in_clear() {
+    let host = host("");
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let admin = host.admin();
+    let (status, tenant) = admin.get(&format!("/tenants/{}", a.id)).await;
+    assert_eq!(status, 200);
+    let keys = tenant["keys"].as_array().unwrap();
+    assert_eq!(keys.len(), 1);
+    let first_key_id = keys[0]["id"].as_str().unwrap().to_string();
+    assert!(a.key.starts_with(keys[0]["prefix"].as_str().unwrap()));
+    assert!(a.key.len() >= 3 + 64 && a.key.starts_with("hk_"));
+    assert!(!tenant.to_string().contains(&a.key));
+
+    let (status, second) = admin.post(&format!("/tenants/{}/keys", a.id), json!({})).await;
+    assert_eq!(status, 201, "{second}");
+    let second_key = second["key"].as_str().unwrap().to_string();
+    let (status, _) = host.tenant(&second_key).get("/agents").await;
+    assert_eq!(status, 200);
+    let (status, _) = admin.delete(&format!("/tenants/{}/keys/{first_key_id}", a.id)).await;
+    assert_eq!(status, 200);
+    let (status, _) = host.tenant(&a.key).get("/agents").await;
+    assert_eq!(status, 401, "a revoked key still works");
+    let (status, agents) = host.tenant(&second_key).get("/agents").await;
+    assert_eq!((status, agents.as_array().unwrap().len()), (200, 1));
+    let (_, tenant) = admin.get(&format!("/tenants/{}", a.id)).await;
+    assert!(tenant["keys"][0]["last_used_at"].is_string(), "{tenant}");
+
+    // A tenant's provider status shows its own key as stored, never the key.
+    let (_, auth) = host.tenant(&second_key).get("/provider/auth").await;
+    assert_eq!(auth["providers"]["anthropic"]["source"], "stored");
+    assert!(!auth.to_string().contains(&a.provider_key));
+
+    // Neither the database nor its log holds a provider key or a tenant key.
+    let mut server = host.server;
+    let log = server.log();
+    assert!(server.terminate().success());
+    let mut bytes = std::fs::read(server.db_path()).unwrap();
+    if let Ok(wal) = std::fs::read(format!("{}-wal", server.db_path().display())) {
+        bytes.extend(wal);
+    }
+    let text = String::from_utf8_lossy(&bytes);
+    for secret in [&a.provider_key, &a.key, &second_key] {
+        assert!(!text.contains(secret.as_str()), "the database holds {secret}");
+        assert!(!log.contains(secret.as_str()), "the log holds {secret}");
+    }
+    // Request and run lines name the tenant.
+    assert!(log.lines().any(|l| l.contains("request") && l.contains(&a.id)), "no request line names the tenant");
+}
+
+#[tokio::test]
+async fn every_quota_is_answered_with_429_and_retry_after() {
+    let host = host("[tenants.quotas]\nmax_sessions = 3\n");
+    let a = tenant(&host, "alpha", json!({"requests_per_minute": 1000}), json!([])).await;
+    let as_a = host.tenant(&a.key);
+
+    // max_sessions, from the server's defaults: one exists; two more fit.
+    for _ in 0..2 {
+        let (status, body) = as_a.post("/sessions", json!({})).await;
+        assert_eq!(status, 201, "{body}");
+    }
+    let (status, retry, body) = as_a.raw(as_a.req(reqwest::Method::POST, "/sessions").json(&json!({}))).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(retry.is_some());
+    assert_eq!(body["code"], "quota_exceeded");
+    assert_eq!((body["quota"].as_str(), body["limit"].as_u64(), body["used"].as_u64()), (Some("max_sessions"), Some(3), Some(3)));
+    // An override lifts it.
+    let (status, tenant) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"max_sessions": 10}})).await;
+    assert_eq!(status, 200, "{tenant}");
+    assert_eq!(tenant["quotas"]["max_sessions"], 10);
+    let (status, _) = as_a.post("/sessions", json!({})).await;
+    assert_eq!(status, 201);
+
+    // tokens_per_day: a run that crosses it ends after its step with
+    // `quota_exceeded`; the next message is refused before it starts.
+    let (status, _) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"tokens_per_day": 8}})).await;
+    assert_eq!(status, 200);
+    // 5 + 5 tokens: the first step crosses 8.
+    a.fake.push(calls("tu_t", "bash", json!({"command": "echo step"})));
+    let (status, body) = message(&host, &a, "spend").await;
+    assert_eq!((status, body["code"].as_str()), (429, Some("quota_exceeded")), "{body}");
+    let (_, session) = as_a.get(&format!("/sessions/{}", a.session)).await;
+    let history = session["history"].as_array().unwrap();
+    assert_eq!(history.last().unwrap()["content"][0]["type"], "tool_result", "the step finished: {session}");
+    let (status, retry, body) = as_a
+        .raw(as_a.req(reqwest::Method::POST, &format!("/sessions/{}/message", a.session)).json(&json!({"agent_id": a.agent, "message": "more"})))
+        .await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("tokens_per_day")), "{body}");
+    assert!(retry.unwrap() <= 86_400);
+    let (_, usage) = as_a.get("/usage").await;
+    assert_eq!(usage["tokens_today"]["input"], 5);
+    assert_eq!(usage["tokens_today"]["output"], 5);
+    assert_eq!(usage["quotas"]["tokens_per_day"], 8);
+    assert_eq!(usage["runs_today"], 1);
+    let (status, _) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"tokens_per_day": null, "storage_mb": 1}})).await;
+    assert_eq!(status, 200);
+
+    // storage_mb: a command that writes past it is told so; the next
+    // writing call is refused until files are deleted.
+    a.fake.push(calls("tu_s1", "bash", json!({"command": "head -c 2000000 /dev/zero > big && echo wrote"})));
+    a.fake.push(calls("tu_s2", "write", json!({"filePath": "more.txt", "content": "x"})));
+    a.fake.push(done());
+    let (status, body) = message(&host, &a, "fill").await;
+    assert_eq!(status, 200, "{body}");
+    let first = result_sent(&a.fake, "tu_s1");
+    assert_eq!(first["is_error"], true, "{first}");
+    assert!(first["content"].to_string().contains("storage quota exceeded"), "{first}");
+    let second = result_sent(&a.fake, "tu_s2");
+    assert!(second["content"].to_string().contains("not run: storage quota exceeded"), "{second}");
+    assert!(!std::path::Path::new(&a.work_dir).join("more.txt").exists());
+    let (_, usage) = host.admin().get(&format!("/tenants/{}/usage", a.id)).await;
+    assert!(usage["storage_bytes"].as_u64().unwrap() >= 2_000_000, "{usage}");
+
+    // requests_per_minute.
+    let (_, tight) = host.new_tenant("gamma", json!({"requests_per_minute": 5})).await;
+    let as_c = host.tenant(&tight);
+    for _ in 0..5 {
+        let (status, _) = as_c.get("/agents").await;
+        assert_eq!(status, 200);
+    }
+    let (status, retry, body) = as_c.raw(as_c.req(reqwest::Method::GET, "/agents")).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("requests_per_minute")), "{body}");
+    assert!((1..=60).contains(&retry.unwrap()));
+}
+
+#[tokio::test]
+async fn concurrent_runs_never_pass_the_limit() {
+    let host = host("");
+    // Each run waits for a permission answer, so it stays active.
+    let a = tenant(&host, "alpha", json!({"max_concurrent_runs": 3}), json!([{"tool": "bash", "pattern": "*", "action": "ask"}])).await;
+    for i in 0..50 {
+        a.fake.push(calls(&format!("tu_{i}"), "bash", json!({"command": "true"})));
+    }
+    let submits = (0..50).map(|i| {
+        let req = host
+            .tenant(&a.key)
+            .req(reqwest::Method::POST, &format!("/sessions/{}/message", a.session))
+            .json(&json!({"agent_id": a.agent, "message": format!("m{i}"), "background": true, "multitask": "enqueue"}));
+        async move {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.headers().get("retry-after").is_some())
+        }
+    });
+    let results = futures::future::join_all(submits).await;
+    let accepted = results.iter().filter(|(s, _)| *s == 202).count();
+    let refused = results.iter().filter(|(s, retry)| *s == 429 && *retry).count();
+    assert_eq!((accepted, refused), (3, 47), "{results:?}");
+    let (_, usage) = host.tenant(&a.key).get("/usage").await;
+    assert_eq!(usage["active_runs"], 3, "{usage}");
+}
