@@ -255,6 +255,13 @@ async fn two_tenants_see_only_their_own_on_every_route() {
     assert_eq!(status, 403);
     let (status, _, _) = as_a.raw(as_a.req(reqwest::Method::GET, "/metrics")).await;
     assert_eq!(status, 403);
+    // Plugins are server-wide: a tenant may list them, not change them.
+    let (status, _) = as_a.get("/plugins").await;
+    assert_eq!(status, 200);
+    for (method, path) in [(reqwest::Method::POST, "/plugins"), (reqwest::Method::DELETE, "/plugins/bash"), (reqwest::Method::POST, "/plugins/reload")] {
+        let (status, _, body) = as_a.raw(as_a.req(method.clone(), path)).await;
+        assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method} {path}");
+    }
     let (status, body) = host.server.get("/agents").await;
     assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
     let (status, _) = host.tenant("hk_0000000000000000000000000000000000000000000000000000000000000000").get("/agents").await;

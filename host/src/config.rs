@@ -333,8 +333,8 @@ pub enum ConfigError {
     TokenRequired(IpAddr),
     #[error("multi-tenant mode (--admin-token) requires --work-root: the directory under which each tenant gets its own")]
     TenantRootRequired,
-    #[error("--admin-token and --token must differ")]
-    SameTokens,
+    #[error("--token (HANGAR_TOKEN) has no use with --admin-token: in multi-tenant mode requests carry the admin token or a tenant key")]
+    TokenWithAdmin,
     #[error("invalid event_retention in the config file: {0}")]
     Retention(String),
     #[error("work root {path} is not a directory: {reason}")]
@@ -377,8 +377,8 @@ impl Settings {
         if !host.is_loopback() && token.is_none() && admin_token.is_none() {
             return Err(ConfigError::TokenRequired(host));
         }
-        if admin_token.is_some() && admin_token == token {
-            return Err(ConfigError::SameTokens);
+        if admin_token.is_some() && token.is_some() {
+            return Err(ConfigError::TokenWithAdmin);
         }
         let mut work_roots = if args.work_roots.is_empty() { file.work_roots } else { args.work_roots };
         for root in &mut work_roots {

@@ -114,7 +114,10 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
             "id": {"type": "string", "pattern": "^[0-9]+$"},
             "retry": {"type": "integer"}}});
 
-    schemas["SessionInput"]["properties"]["work_dir"]["pattern"] = json!(work_dir_pattern(&state.settings.work_roots));
+    // Multi-tenant mode also takes paths relative to the tenant's directory.
+    if state.tenancy.is_none() {
+        schemas["SessionInput"]["properties"]["work_dir"]["pattern"] = json!(work_dir_pattern(&state.settings.work_roots));
+    }
     schemas["SessionInput"]["properties"]["work_dir"]["maxLength"] = json!(2048);
 
     finish_operations(&mut doc, state.settings.token.is_some() || state.settings.admin_token.is_some());
