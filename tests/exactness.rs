@@ -313,6 +313,12 @@ async fn every_request_and_every_run_is_one_json_log_line() {
     let (status, _) = server.get("/sessions/01NOSUCHSESSION0000000000").await;
     assert_eq!(status, 404);
 
+    // The server's output reaches `log()` through a pipe and a reader
+    // thread: wait until the last request's line has come through.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !server.log().contains("\"status\":404") && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let log = server.log();
     let requests = json_lines(&log, "hangar::http");
     let line = |method: &str, route: &str, status: u64| {

@@ -204,6 +204,17 @@ pub struct TenantsConfig {
     /// (`[tenants.quotas]`).
     #[serde(default)]
     pub quotas: crate::store::Quotas,
+    /// The most a tenant's own plugin is granted (`[tenants.plugin_policy]`,
+    /// the keys of `[plugins.NAME]`) [default: filesystem read-write, no
+    /// `process`, no `http`].
+    pub plugin_policy: Option<PluginPolicy>,
+}
+
+impl TenantsConfig {
+    /// `[tenants.plugin_policy]` in force.
+    pub fn plugin_cap(&self) -> PluginPolicy {
+        self.plugin_policy.clone().unwrap_or_else(|| PluginPolicy { filesystem: crate::runtime::FsAccess::ReadWrite, ..Default::default() })
+    }
 }
 
 /// `[permissions]`.

@@ -71,6 +71,14 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
             runtime.add_directory(dir, source)?;
         }
     }
+    // Each tenant's own plugins, with the grants their cap allows.
+    let cap = settings.tenants.plugin_cap();
+    if let Ok(tenants) = std::fs::read_dir(crate::tenancy::plugins_root(&settings.installed_dir)) {
+        for entry in tenants.flatten() {
+            let (Some(id), true) = (entry.file_name().to_str().map(str::to_owned), entry.path().is_dir()) else { continue };
+            runtime.add_directory_as(crate::runtime::Installer::Tenant { id: &id, cap: &cap }, &entry.path(), Source::Api)?;
+        }
+    }
     let confinement = crate::runtime::policy::confinement();
     if confinement.is_complete() {
         tracing::info!("`process` commands run {}", confinement.describe());

@@ -281,6 +281,11 @@ impl Tenancy {
     }
 }
 
+/// Where tenants' own plugins are stored: `<installed>/tenants/`.
+pub fn plugins_root(installed_dir: &Path) -> PathBuf {
+    installed_dir.join("tenants")
+}
+
 /// The apparent size of every file under `dir`, not following symlinks
 /// (a link to elsewhere is not the tenant's storage).
 pub fn dir_size(dir: &Path) -> u64 {

@@ -381,7 +381,7 @@ impl Run {
     async fn tool_specs(&self) -> Result<Vec<ToolSpec>, RunError> {
         let mut specs = Vec::new();
         for name in &self.agent.tools {
-            specs.push(self.runtime.tool_spec(name).await?);
+            specs.push(self.runtime.tool_spec(&self.plugin_key(name)).await?);
         }
         Ok(specs)
     }
@@ -701,7 +701,7 @@ impl Run {
     /// What a call's permission is decided on: the field its manifest
     /// names, read as a command line, a path or text.
     fn subject(&self, tool: &str, input: &serde_json::Value) -> Subject {
-        let Some(plugin) = self.runtime.get(tool) else { return Subject { kind: PatternKind::Text, value: None } };
+        let Some(plugin) = self.plugin(tool) else { return Subject { kind: PatternKind::Text, value: None } };
         let section = &plugin.manifest.tool;
         let value = section
             .pattern_field
@@ -730,7 +730,7 @@ impl Run {
 
     fn read_only(&self, tool: &str) -> bool {
         self.agent.tools.iter().any(|t| t == tool)
-            && self.runtime.get(tool).is_some_and(|p| {
+            && self.plugin(tool).is_some_and(|p| {
                 p.grants.filesystem != FsAccess::ReadWrite && !p.grants.process && p.grants.http.is_empty()
             })
     }
@@ -761,7 +761,7 @@ impl Run {
         }
         let call = ToolInvocation { id: id.clone(), input: input.to_string(), work_dir };
         let started = std::time::Instant::now();
-        let result = self.runtime.call_tool(name, call).await;
+        let result = self.runtime.call_tool(&self.plugin_key(name), call).await;
         crate::telemetry::tool_call(name, started.elapsed());
         let (mut text, mut is_error) = match result {
             Ok(out) => (out.text, out.is_error),
@@ -779,7 +779,19 @@ impl Run {
 
     /// Whether a tool's grants let it change files (write access, or commands).
     fn can_write(&self, tool: &str) -> bool {
-        self.runtime.get(tool).is_some_and(|p| p.grants.filesystem == FsAccess::ReadWrite || p.grants.process)
+        self.plugin(tool).is_some_and(|p| p.grants.filesystem == FsAccess::ReadWrite || p.grants.process)
+    }
+
+    /// The plugin a tool name of this run's agent means: a server-wide one,
+    /// else one of the tenant's own.
+    fn plugin(&self, name: &str) -> Option<Arc<crate::runtime::Plugin>> {
+        self.runtime.resolve(&self.quota.tenant, name)
+    }
+
+    /// Its registry key (the name itself when it resolves to nothing, so
+    /// the runtime's error names it).
+    fn plugin_key(&self, name: &str) -> String {
+        self.plugin(name).map_or_else(|| name.to_string(), |p| p.key())
     }
 }
 

@@ -129,7 +129,7 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
         return Err(ApiError::Invalid("`name` is required and must not be empty".into()));
     }
     for (i, tool) in agent.tools.iter().enumerate() {
-        match state.runtime.get(tool) {
+        match state.runtime.resolve(&agent.tenant_id, tool) {
             Some(p) if p.manifest.kind == Kind::Tool => {}
             _ => return Err(ApiError::Invalid(format!("unknown tool `{tool}` in `tools`"))),
         }
@@ -143,7 +143,7 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
         if rule_text.tool == "*" {
             continue;
         }
-        let Some(plugin) = state.runtime.get(&rule_text.tool).filter(|p| p.manifest.kind == Kind::Tool) else {
+        let Some(plugin) = state.runtime.resolve(&agent.tenant_id, &rule_text.tool).filter(|p| p.manifest.kind == Kind::Tool) else {
             return Err(ApiError::Invalid(format!("`permissions[{i}]` {rule_text}: unknown tool `{}`", rule_text.tool)));
         };
         if !rule.is_any() && plugin.manifest.tool.pattern_field.is_none() {

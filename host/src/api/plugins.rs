@@ -17,7 +17,8 @@ use utoipa::ToSchema;
 
 use super::page::{self, Page, PageQuery};
 use super::{ApiError, ApiResult, AppState, QueryParams, Status, status};
-use crate::runtime::{Capabilities, FsAccess, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
+use crate::runtime::{Capabilities, FsAccess, Installer, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
+use crate::tenancy::Caller;
 
 /// Largest plugin upload: a Python component alone is tens of MB.
 pub const PLUGIN_BODY_LIMIT: usize = 256 * 1024 * 1024;
@@ -43,6 +44,8 @@ pub struct PluginView {
     version: String,
     description: String,
     source: Source,
+    /// `server` (every tenant sees it) or `tenant` (the caller's own).
+    scope: &'static str,
     /// `ready`, `compiling`, or `failed` (see `error`).
     state: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -90,6 +93,7 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
         version: m.version.clone(),
         description: m.description.clone(),
         source: plugin.source,
+        scope: if plugin.owner.is_some() { "tenant" } else { "server" },
         state,
         error,
         capabilities: CapabilitiesView {
@@ -103,6 +107,24 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
         },
         confinement: m.capabilities.process.then(|| policy::confinement().describe()),
         warnings: Vec::new(),
+    }
+}
+
+/// The plugins a caller sees, by name: the server-wide ones, and a
+/// tenant's own.
+fn visible(state: &AppState, caller: &Caller) -> Vec<Arc<Plugin>> {
+    match caller {
+        Caller::Operator => state.runtime.plugins(),
+        Caller::Tenant(id) => state.runtime.plugins_for(id),
+    }
+}
+
+/// Where a caller's uploads are stored: beside the database, a tenant's
+/// under `tenants/<id>/`.
+fn store_dir(state: &AppState, caller: &Caller) -> std::path::PathBuf {
+    match caller {
+        Caller::Operator => state.settings.installed_dir.clone(),
+        Caller::Tenant(id) => crate::tenancy::plugins_root(&state.settings.installed_dir).join(id),
     }
 }
 
@@ -127,10 +149,9 @@ fn install_warnings(plugin: &Plugin) -> Vec<String> {
     responses((status = 200, body = Vec<PluginView>, description = "by id; `Link: <…>; rel=\"next\"` when there is more",
         headers(("Link" = String, description = "the next page, when there is one"))),
         (status = 422, body = super::ErrorBody)))]
-pub(super) async fn list(State(state): State<AppState>, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<PluginView>> {
+pub(super) async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<PluginView>> {
     let limit = page::limit(q.limit)?;
-    let mut plugins = state.runtime.plugins();
-    plugins.sort_by(|a, b| a.id().cmp(b.id()));
+    let plugins = visible(&state, &caller);
     let items = plugins
         .iter()
         .filter(|p| q.after.as_deref().is_none_or(|after| p.id() > after))
@@ -159,10 +180,11 @@ pub struct PluginUpload {
         (status = 429, body = super::ErrorBody, description = "two uploads are already being received; `Retry-After: 5`")))]
 pub(super) async fn install(
     State(state): State<AppState>,
+    caller: Caller,
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
-    let result = receive_and_install(state, headers, form).await;
+    let result = receive_and_install(state, caller, headers, form).await;
     if let Err(err) = &result {
         tracing::warn!(%err, "plugin upload refused");
     }
@@ -171,6 +193,7 @@ pub(super) async fn install(
 
 async fn receive_and_install(
     state: AppState,
+    caller: Caller,
     headers: HeaderMap,
     form: Result<Multipart, MultipartRejection>,
 ) -> ApiResult<(StatusCode, Json<PluginView>)> {
@@ -210,19 +233,27 @@ async fn receive_and_install(
         .map_err(|e| ApiError::Internal(e.to_string()))?
         .map_err(|e| ApiError::Internal(format!("cannot read back the uploaded component: {e}")))?;
     let id = manifest.name.clone();
-    let existed = state.runtime.get(&id).is_some();
-    let plugin = state.runtime.install(manifest, wasm.clone(), Source::Api).await?;
+    let cap = state.settings.tenants.plugin_cap();
+    let installer = match &caller {
+        Caller::Operator => Installer::Server,
+        Caller::Tenant(tenant) => Installer::Tenant { id: tenant, cap: &cap },
+    };
+    let existed = match &caller {
+        Caller::Operator => state.runtime.get(&id).is_some(),
+        Caller::Tenant(tenant) => state.runtime.resolve(tenant, &id).is_some(),
+    };
+    let plugin = state.runtime.install_as(installer, manifest, wasm.clone(), Source::Api).await?;
     // Stored beside the database, so it is back after a restart (and, the
     // compiled form being cached, without compiling again).
-    let dir = state.settings.installed_dir.clone();
+    let dir = store_dir(&state, &caller);
     let saved = tokio::task::spawn_blocking(move || save(&dir, &id, &manifest_text, &wasm))
         .await
         .map_err(|e| ApiError::Internal(e.to_string()))?;
     if let Err(err) = saved {
-        state.runtime.remove(plugin.id());
+        state.runtime.remove(&plugin.key());
         return Err(ApiError::Internal(format!("cannot store plugin `{}`: {err}", plugin.id())));
     }
-    tracing::info!(plugin = %plugin.id(), upgrade = existed, "plugin installed through the API");
+    tracing::info!(plugin = %plugin.id(), tenant = plugin.owner.as_deref(), upgrade = existed, "plugin installed through the API");
     let warnings = install_warnings(&plugin);
     for warning in &warnings {
         tracing::warn!(plugin = %plugin.id(), "{warning}");
@@ -306,6 +337,7 @@ async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
         .agents()
         .await?
         .iter()
+        .filter(|a| plugin.owner.as_deref().is_none_or(|owner| owner == a.tenant_id))
         .filter(|a| match plugin.manifest.kind {
             Kind::Tool => a.tools.iter().any(|t| t == id),
             Kind::Provider => a.provider.id == id,
@@ -315,10 +347,20 @@ async fn users(state: &AppState, plugin: &Plugin) -> ApiResult<Vec<String>> {
 }
 
 #[utoipa::path(delete, path = "/plugins/{id}", tag = "plugins", params(("id" = String, Path)),
-    responses((status = 200, body = Status), (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
+    responses((status = 200, body = Status), (status = 403, body = super::ErrorBody, description = "a tenant key and a server-wide plugin"),
+        (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody),
         (status = 422, body = super::ErrorBody)))]
-pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<Status>> {
-    let plugin = state.runtime.get(&id).ok_or_else(|| ApiError::NotFound(format!("plugin `{id}` does not exist")))?;
+pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(id): Path<String>) -> ApiResult<Json<Status>> {
+    let plugin = match &caller {
+        Caller::Operator => state.runtime.get(&id),
+        Caller::Tenant(tenant) => state.runtime.resolve(tenant, &id),
+    };
+    let plugin = plugin.ok_or_else(|| ApiError::NotFound(format!("plugin `{id}` does not exist")))?;
+    if let Caller::Tenant(_) = &caller
+        && plugin.owner.is_none()
+    {
+        return Err(ApiError::Forbidden(format!("`{id}` is a server-wide plugin; only the admin token can delete it")));
+    }
     match plugin.source {
         Source::Builtin => return Err(ApiError::Conflict(format!("`{id}` is built in and cannot be deleted"))),
         Source::Directory => {
@@ -333,8 +375,8 @@ pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!("`{id}` is still used by agents: {}", users.join(", "))));
     }
-    state.runtime.remove(&id);
-    let dir = state.settings.installed_dir.clone();
+    state.runtime.remove(&plugin.key());
+    let dir = store_dir(&state, &caller);
     tokio::task::spawn_blocking(move || {
         for name in [format!("{id}.plugin.toml"), format!("{id}.wasm")] {
             if let Err(err) = std::fs::remove_file(dir.join(&name))
@@ -427,13 +469,13 @@ pub struct ToolView {
 }
 
 #[utoipa::path(get, path = "/tools", tag = "plugins", responses((status = 200, body = Vec<ToolView>)))]
-pub(super) async fn tools(State(state): State<AppState>) -> ApiResult<Json<Vec<ToolView>>> {
+pub(super) async fn tools(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<ToolView>>> {
     let mut out = Vec::new();
-    for plugin in state.runtime.plugins() {
+    for plugin in visible(&state, &caller) {
         if plugin.manifest.kind != Kind::Tool {
             continue;
         }
-        match state.runtime.tool_spec(plugin.id()).await {
+        match state.runtime.tool_spec(&plugin.key()).await {
             // A schema that is not a JSON object fails to load, so this parses.
             Ok(spec) => match serde_json::from_str(&spec.input_schema) {
                 Ok(input_schema) => out.push(ToolView { name: spec.name, description: spec.description, input_schema }),

@@ -29,14 +29,9 @@ pub struct Security {
 }
 
 /// Routes only the admin token may use in multi-tenant mode (a tenant key
-/// gets 403): tenants, server-wide metrics, and changes to the plugins
-/// (which are server-wide: plugins of a tenant's own are not built yet).
-fn admin_only(method: &Method, path: &str) -> bool {
-    path == "/tenants"
-        || path.starts_with("/tenants/")
-        || path == "/metrics"
-        || path.starts_with("/plugins/")
-        || (path == "/plugins" && method != Method::GET)
+/// gets 403): tenants, server-wide metrics, the plugins directory reload.
+fn admin_only(path: &str) -> bool {
+    path == "/tenants" || path.starts_with("/tenants/") || path == "/metrics" || path == "/plugins/reload"
 }
 
 impl Security {
@@ -103,7 +98,7 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
             Err(Refused::Store(err)) => return ApiError::from(err).into_response(),
         };
         if let Caller::Tenant(tenant) = &caller {
-            if admin_only(req.method(), req.uri().path()) {
+            if admin_only(req.uri().path()) {
                 return ApiError::Forbidden("this route needs the admin token; a tenant key cannot use it".into()).into_response();
             }
             let limit = match tenancy.quotas(tenant).await {

@@ -325,11 +325,14 @@ pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(i
     }
     state.store.delete_tenant(&id).await?;
     tenancy.forget_tenant(&id, true);
-    let dir = tenancy.dir(&id);
-    if let Err(err) = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
-        && err.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::warn!(tenant = %id, %err, "cannot remove the tenant's directory");
+    state.runtime.remove_tenant(&id);
+    for dir in [tenancy.dir(&id), crate::tenancy::plugins_root(&state.settings.installed_dir).join(&id)] {
+        let shown = dir.display().to_string();
+        if let Err(err) = tokio::task::spawn_blocking(move || std::fs::remove_dir_all(dir)).await.unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            && err.kind() != std::io::ErrorKind::NotFound
+        {
+            tracing::warn!(tenant = %id, %err, "cannot remove {shown}");
+        }
     }
     tracing::info!(tenant = %id, sessions = sessions.len(), "tenant deleted");
     Ok(status("deleted"))

@@ -92,6 +92,9 @@ enum Loaded {
 pub struct Plugin {
     pub manifest: Manifest,
     pub source: Source,
+    /// The tenant that installed it (only that tenant sees it); `None`:
+    /// server-wide (built in, the plugins directory, the admin).
+    pub owner: Option<String>,
     pub grants: Grants,
     wasm: Arc<[u8]>,
     loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
@@ -101,6 +104,27 @@ impl Plugin {
     pub fn id(&self) -> &str {
         &self.manifest.name
     }
+
+    /// Its key in the registry: its name, or `TENANT/NAME` for a tenant's
+    /// own (a plugin name has no `/`, so the two never meet).
+    pub fn key(&self) -> String {
+        registry_key(self.owner.as_deref(), &self.manifest.name)
+    }
+}
+
+fn registry_key(owner: Option<&str>, name: &str) -> String {
+    match owner {
+        None => name.to_string(),
+        Some(tenant) => format!("{tenant}/{name}"),
+    }
+}
+
+/// Who is installing a plugin: the server (with the operator's policy), or
+/// a tenant (its grants capped by `[tenants.plugin_policy]`).
+#[derive(Clone, Copy)]
+pub enum Installer<'a> {
+    Server,
+    Tenant { id: &'a str, cap: &'a policy::PluginPolicy },
 }
 
 /// The runtime. Cheap to clone.
@@ -272,9 +296,14 @@ impl Runtime {
     /// Registers every plugin found in `dir` (compiling in the background).
     /// A plugin that cannot be registered is logged and skipped.
     pub fn add_directory(&self, dir: &Path, source: Source) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
+        self.add_directory_as(Installer::Server, dir, source)
+    }
+
+    /// [`Runtime::add_directory`] for `installer`.
+    pub fn add_directory_as(&self, installer: Installer<'_>, dir: &Path, source: Source) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
         let mut results = Vec::new();
         for found in Self::scan_directory(dir)? {
-            let result = found.and_then(|(manifest, wasm)| self.add(manifest, wasm, source).map(|p| p.id().to_string()));
+            let result = found.and_then(|(manifest, wasm)| self.add_as(installer, manifest, wasm, source).map(|p| p.id().to_string()));
             if let Err(err) = &result {
                 tracing::error!(%err, "skipping a plugin in {}", dir.display());
             }
@@ -287,8 +316,13 @@ impl Runtime {
     /// grants are decided here: a manifest that asks for more than the
     /// policy allows is refused.
     pub fn add(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        let plugin = self.prepare(manifest, wasm, source)?;
-        self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
+        self.add_as(Installer::Server, manifest, wasm, source)
+    }
+
+    /// [`Runtime::add`] for `installer`.
+    pub fn add_as(&self, installer: Installer<'_>, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        let plugin = self.prepare(installer, manifest, wasm, source)?;
+        self.inner.plugins.write().unwrap().insert(plugin.key(), plugin.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let runtime = self.clone();
             let background = plugin.clone();
@@ -305,26 +339,65 @@ impl Runtime {
     /// all of that works: an upgrade replaces the old version only with a
     /// working one, and agents can use the plugin as soon as this returns.
     pub async fn install(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        let plugin = self.prepare(manifest, wasm, source)?;
+        self.install_as(Installer::Server, manifest, wasm, source).await
+    }
+
+    /// [`Runtime::install`] for `installer`.
+    pub async fn install_as(
+        &self,
+        installer: Installer<'_>,
+        manifest: Manifest,
+        wasm: Arc<[u8]>,
+        source: Source,
+    ) -> Result<Arc<Plugin>, RuntimeError> {
+        let plugin = self.prepare(installer, manifest, wasm, source)?;
         self.loaded(&plugin).await?;
-        self.check_clash(&plugin.manifest, source)?;
-        self.inner.plugins.write().unwrap().insert(plugin.id().to_string(), plugin.clone());
+        self.check_clash(installer, &plugin.manifest, source)?;
+        self.inner.plugins.write().unwrap().insert(plugin.key(), plugin.clone());
         Ok(plugin)
     }
 
     /// A plugin not yet registered: its name checked for clashes and its
     /// grants decided (a manifest asking for more than the policy allows is
     /// refused here).
-    fn prepare(&self, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        self.check_clash(&manifest, source)?;
-        let grants = self.inner.policy.grant(&manifest, source == Source::Builtin)?;
-        Ok(Arc::new(Plugin { manifest, source, grants, wasm, loaded: tokio::sync::OnceCell::new() }))
+    fn prepare(&self, installer: Installer<'_>, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+        self.check_clash(installer, &manifest, source)?;
+        let (grants, owner) = match installer {
+            Installer::Server => (self.inner.policy.grant(&manifest, source == Source::Builtin)?, None),
+            Installer::Tenant { id, cap } => {
+                if manifest.kind != Kind::Tool {
+                    return Err(RuntimeError::CapabilityDenied {
+                        plugin: manifest.name.clone(),
+                        capability: "provider".into(),
+                        reason: "a tenant may install tool plugins; providers are server-wide".into(),
+                    });
+                }
+                (self.inner.policy.grant_capped(&manifest, cap)?, Some(id.to_string()))
+            }
+        };
+        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new() }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
-    /// built-in, one of another kind, or one from another source. The same
-    /// plugin again (same name, kind and source) is an upgrade.
-    fn check_clash(&self, manifest: &Manifest, source: Source) -> Result<(), RuntimeError> {
+    /// built-in, one of another kind, or one from another source; and a
+    /// tenant's plugin named as a server-wide one (those resolve first).
+    /// The same plugin again (same name, kind and source) is an upgrade.
+    fn check_clash(&self, installer: Installer<'_>, manifest: &Manifest, source: Source) -> Result<(), RuntimeError> {
+        if let Installer::Tenant { id, .. } = installer {
+            if self.get(&manifest.name).is_some() {
+                return Err(RuntimeError::Clash {
+                    plugin: manifest.name.clone(),
+                    reason: "a server-wide plugin has this name".into(),
+                });
+            }
+            return match self.get(&registry_key(Some(id), &manifest.name)) {
+                Some(existing) if existing.manifest.kind != manifest.kind => Err(RuntimeError::Clash {
+                    plugin: manifest.name.clone(),
+                    reason: format!("a {} has this name", existing.manifest.kind.as_str()),
+                }),
+                _ => Ok(()),
+            };
+        }
         let Some(existing) = self.get(&manifest.name) else { return Ok(()) };
         let reason = if existing.source == Source::Builtin && source != Source::Builtin {
             "a built-in plugin has this name".to_string()
@@ -358,13 +431,41 @@ impl Runtime {
         *plugin.wasm == *wasm
     }
 
+    /// The plugin with this registry key ([`Plugin::key`]).
     pub fn get(&self, id: &str) -> Option<Arc<Plugin>> {
         self.inner.plugins.read().unwrap().get(id).cloned()
     }
 
-    /// All plugins, ordered by id.
+    /// The plugin `name` as `tenant` sees it: a server-wide one first (built
+    /// in, the plugins directory, the admin's), then the tenant's own.
+    pub fn resolve(&self, tenant: &str, name: &str) -> Option<Arc<Plugin>> {
+        let plugins = self.inner.plugins.read().unwrap();
+        plugins.get(name).or_else(|| plugins.get(&registry_key(Some(tenant), name))).cloned()
+    }
+
+    /// The server-wide plugins, ordered by id.
     pub fn plugins(&self) -> Vec<Arc<Plugin>> {
-        self.inner.plugins.read().unwrap().values().cloned().collect()
+        self.inner.plugins.read().unwrap().values().filter(|p| p.owner.is_none()).cloned().collect()
+    }
+
+    /// What `tenant` sees: the server-wide plugins and its own, by name.
+    pub fn plugins_for(&self, tenant: &str) -> Vec<Arc<Plugin>> {
+        let mut list: Vec<Arc<Plugin>> = self
+            .inner
+            .plugins
+            .read()
+            .unwrap()
+            .values()
+            .filter(|p| p.owner.as_deref().is_none_or(|o| o == tenant))
+            .cloned()
+            .collect();
+        list.sort_by(|a, b| a.id().cmp(b.id()));
+        list
+    }
+
+    /// Unregisters every plugin of `tenant` (it is being deleted).
+    pub fn remove_tenant(&self, tenant: &str) {
+        self.inner.plugins.write().unwrap().retain(|_, p| p.owner.as_deref() != Some(tenant));
     }
 
     /// The compiled, linked, described plugin; compiles it on first use.

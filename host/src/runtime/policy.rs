@@ -155,7 +155,26 @@ impl Policy {
         Ok(grants)
     }
 
+    /// The grants of a tenant's plugin: what its manifest asks, refused
+    /// where it asks more than `cap` (`[tenants.plugin_policy]`) allows.
+    pub fn grant_capped(&self, manifest: &Manifest, cap: &PluginPolicy) -> Result<Grants, RuntimeError> {
+        let grants = self.grant_within(manifest, false, cap)?;
+        if grants.process
+            && let Some(reason) = self.process_withheld(confinement())
+        {
+            tracing::warn!(plugin = %manifest.name, "not granting `process`: {reason}");
+            return Ok(Grants { process: false, ..grants });
+        }
+        Ok(grants)
+    }
+
     fn grant_asked(&self, manifest: &Manifest, builtin: bool) -> Result<Grants, RuntimeError> {
+        let empty = PluginPolicy::default();
+        let allowed = self.plugins.get(&manifest.name).unwrap_or(&empty);
+        self.grant_within(manifest, builtin, allowed)
+    }
+
+    fn grant_within(&self, manifest: &Manifest, builtin: bool, allowed: &PluginPolicy) -> Result<Grants, RuntimeError> {
         let asked = &manifest.capabilities;
         let name = &manifest.name;
         let parse = |pattern: &String| {
@@ -172,8 +191,6 @@ impl Policy {
         }
         let env: Vec<String> =
             [&manifest.provider.key_env, &manifest.provider.base_url_env].into_iter().flatten().cloned().collect();
-        let empty = PluginPolicy::default();
-        let allowed = self.plugins.get(name).unwrap_or(&empty);
         // The operator may tune the commands of a built-in (`[plugins.bash.commands]`) too.
         let commands = allowed.commands.apply(&self.commands);
         if builtin {
