@@ -255,13 +255,9 @@ async fn two_tenants_see_only_their_own_on_every_route() {
     assert_eq!(status, 403);
     let (status, _, _) = as_a.raw(as_a.req(reqwest::Method::GET, "/metrics")).await;
     assert_eq!(status, 403);
-    // Plugins are server-wide: a tenant may list them, not change them.
-    let (status, _) = as_a.get("/plugins").await;
-    assert_eq!(status, 200);
-    for (method, path) in [(reqwest::Method::POST, "/plugins"), (reqwest::Method::DELETE, "/plugins/bash"), (reqwest::Method::POST, "/plugins/reload")] {
-        let (status, _, body) = as_a.raw(as_a.req(method.clone(), path)).await;
-        assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")), "{method} {path}");
-    }
+    // The plugins directory is the operator's.
+    let (status, _, body) = as_a.raw(as_a.req(reqwest::Method::POST, "/plugins/reload")).await;
+    assert_eq!((status, body["code"].as_str()), (403, Some("forbidden")));
     let (status, body) = host.server.get("/agents").await;
     assert_eq!((status, body["code"].as_str()), (401, Some("unauthorized")));
     let (status, _) = host.tenant("hk_0000000000000000000000000000000000000000000000000000000000000000").get("/agents").await;
@@ -492,4 +488,83 @@ async fn concurrent_runs_never_pass_the_limit() {
     assert_eq!((accepted, refused), (3, 47), "{results:?}");
     let (_, usage) = host.tenant(&a.key).get("/usage").await;
     assert_eq!(usage["active_runs"], 3, "{usage}");
+}
+
+const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+
+async fn upload(host: &Host, key: &str, manifest: &str) -> (u16, Value) {
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    let form = reqwest::multipart::Form::new()
+        .text("manifest", manifest.to_string())
+        .part("wasm", reqwest::multipart::Part::bytes(wasm).file_name("misbehave.wasm"));
+    host.server.send(host.tenant(key).req(reqwest::Method::POST, "/plugins").multipart(form)).await
+}
+
+fn names(list: &Value, field: &str) -> Vec<String> {
+    list.as_array().unwrap().iter().map(|p| p[field].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_tenants_plugin_is_its_own_and_capped_by_the_plugin_policy() {
+    let mut host = host("");
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([])).await;
+    let (as_a, as_b) = (host.tenant(&a.key), host.tenant(&b.key));
+
+    // More than the tenants' plugin policy allows (no `process`, no
+    // `http` by default), a provider, or a server-wide name: refused.
+    for (manifest, mentions) in [
+        (format!("{MISBEHAVE}\n[capabilities]\nprocess = true\n"), "process"),
+        (format!("{MISBEHAVE}\n[capabilities]\nhttp = [\"https://example.com\"]\n"), "http"),
+        (MISBEHAVE.replace("name = \"misbehave\"", "name = \"bash\""), "server-wide"),
+    ] {
+        let (status, body) = upload(&host, &a.key, &manifest).await;
+        assert_eq!(status, 422, "{body}");
+        assert!(body["error"].as_str().unwrap().contains(mentions), "{body}");
+    }
+    let (status, body) = upload(&host, &a.key, &format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n")).await;
+    assert_eq!(status, 201, "{body}");
+    assert_eq!(body["scope"], "tenant");
+
+    // A sees it; B and the server-wide list do not.
+    let (_, tools) = as_a.get("/tools").await;
+    assert!(names(&tools, "name").contains(&"misbehave".to_string()));
+    for who in [&as_b, &host.admin()] {
+        let (_, tools) = who.get("/tools").await;
+        assert!(!names(&tools, "name").contains(&"misbehave".to_string()));
+        let (_, plugins) = who.get("/plugins").await;
+        assert!(!names(&plugins, "id").contains(&"misbehave".to_string()));
+    }
+    let (status, body) = as_b
+        .post("/agents", json!({"name": "x", "tools": ["misbehave"], "provider": {"id": "anthropic", "model": "m"}}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let (status, _) = as_b.delete("/plugins/misbehave").await;
+    assert_eq!(status, 404);
+    let (status, _) = as_a.delete("/plugins/bash").await;
+    assert_eq!(status, 403);
+
+    // A's agents use it, in A's work dir, after a restart too.
+    host.server = host.server.restart();
+    let as_a = host.tenant(&a.key);
+    let (status, agent) = as_a
+        .post("/agents", json!({"name": "m", "tools": ["misbehave"], "provider": {"id": "anthropic", "model": "claude-test"}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    std::fs::write(std::path::Path::new(&a.work_dir).join("notes.txt"), "A's notes").unwrap();
+    a.fake.push(calls("tu_m", "misbehave", json!({"mode": "read-file"})));
+    a.fake.push(done());
+    let (status, body) = as_a
+        .post(&format!("/sessions/{}/message", a.session), json!({"agent_id": agent["id"], "message": "read"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(result_sent(&a.fake, "tu_m")["content"], "A's notes");
+
+    // Deleting the tenant takes its plugin with it.
+    let (status, _) = as_a.delete(&format!("/agents/{}", agent["id"].as_str().unwrap())).await;
+    assert_eq!(status, 200);
+    let (status, _) = as_a.delete("/plugins/misbehave").await;
+    assert_eq!(status, 200);
+    let (_, tools) = as_a.get("/tools").await;
+    assert!(!names(&tools, "name").contains(&"misbehave".to_string()));
 }
