@@ -307,6 +307,33 @@ async fn work_dirs_are_separate_and_commands_cannot_cross() {
     // arguments, echoed in the errors).
     assert_eq!(text.matches("Permission denied").count(), 4, "{text}");
 
+    // Each tenant's commands run as a uid of its own (never root), which
+    // owns its directories, and reach no network port by default.
+    let port = a.fake.url.rsplit(':').next().unwrap().to_string();
+    let whoami = format!(
+        "echo uid=$(id -u) ; stat -c owner=%u . ; (exec 3<>/dev/tcp/127.0.0.1/{port}) 2>/dev/null && echo net=open || echo net=closed"
+    );
+    let mut uids = Vec::new();
+    for (t, id) in [(&a, "tu_w1"), (&b, "tu_w2")] {
+        t.fake.push(calls(id, "bash", json!({"command": whoami})));
+        t.fake.push(done());
+        let (status, body) = message(&host, t, "who am i").await;
+        assert_eq!(status, 200, "{body}");
+        let text = result_sent(&t.fake, id)["content"].as_str().unwrap().to_string();
+        assert!(text.contains("net=closed"), "{text}");
+        let field = |name: &str| text.lines().find_map(|l| l.strip_prefix(name)).map(str::to_string).unwrap();
+        // SAFETY: plain syscall.
+        if unsafe { libc::geteuid() } == 0 {
+            let uid: u32 = field("uid=").parse().unwrap();
+            assert!(uid >= 200_000, "{text}");
+            assert_eq!(field("owner="), uid.to_string(), "{text}");
+            uids.push(uid);
+        }
+    }
+    if uids.len() == 2 {
+        assert_ne!(uids[0], uids[1]);
+    }
+
     // Each tenant's provider key reached only its own fake, for its own run.
     b.fake.push(done());
     let (status, _) = message(&host, &b, "hello").await;

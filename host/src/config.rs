@@ -267,7 +267,13 @@ pub struct ProcessConfig {
     /// The user commands run as when the server runs as root [default:
     /// the owner of the session's work_dir].
     pub user: Option<String>,
+    /// Multi-tenant mode: the uids (each also a gid) tenants' commands run
+    /// as, one per tenant [default: [200000, 265535]].
+    pub uid_range: Option<[u32; 2]>,
 }
+
+/// Default of `[process] uid_range`.
+pub const DEFAULT_UID_RANGE: (u32, u32) = (200_000, 265_535);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -315,6 +321,8 @@ pub struct Settings {
     /// multi-tenant mode: the first work root.
     pub tenant_root: Option<PathBuf>,
     pub tenants: std::sync::Arc<TenantsConfig>,
+    /// The uids tenants' commands run as (`[process] uid_range`).
+    pub uid_range: (u32, u32),
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
@@ -356,6 +364,8 @@ pub enum ConfigError {
     Permission(#[from] RuleError),
     #[error("[process] user `{0}` is not a user of this machine")]
     UnknownUser(String),
+    #[error("[process] uid_range must be [first, last] with 0 < first <= last")]
+    UidRange,
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -395,6 +405,7 @@ impl Settings {
         for root in &mut work_roots {
             *root = root.canonicalize().map_err(|e| ConfigError::WorkRoot { path: root.clone(), reason: e.to_string() })?;
         }
+        let multi_tenant = admin_token.is_some();
         let tenant_root = match (&admin_token, work_roots.first()) {
             (None, _) => None,
             (Some(_), Some(root)) => Some(root.clone()),
@@ -466,6 +477,11 @@ impl Settings {
             admin_token,
             tenant_root,
             tenants: std::sync::Arc::new(file.tenants),
+            uid_range: match file.process.uid_range {
+                None => DEFAULT_UID_RANGE,
+                Some([first, last]) if first > 0 && first <= last => (first, last),
+                Some(_) => return Err(ConfigError::UidRange),
+            },
             work_roots,
             max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
             event_retention,
@@ -482,7 +498,8 @@ impl Settings {
                         max_processes: p.max_processes,
                         cpu_seconds: p.cpu_seconds,
                         file_size_mb: p.file_size_mb,
-                        network: p.network.map(|n| n == NetworkAccess::All),
+                        // Tenants' commands get no network unless the operator says so.
+                        network: p.network.map(|n| n == NetworkAccess::All).or(multi_tenant.then_some(false)),
                         allowed_ports: Some(p.allowed_ports.clone()),
                     };
                     let mut limits = overrides.apply(&Default::default());

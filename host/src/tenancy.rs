@@ -140,8 +140,10 @@ struct Inner {
     /// Key hash → whose it is. Revoking a key or deleting a tenant removes
     /// its entries before answering, so a revoked key is refused at once.
     keys: Mutex<HashMap<String, Known>>,
-    /// Each tenant's quotas in force, read once.
-    quotas: Mutex<HashMap<String, Quotas>>,
+    /// Each tenant's quotas in force and uid, read once.
+    quotas: Mutex<HashMap<String, (Quotas, u32)>>,
+    /// `[process] uid_range`.
+    uids: (u32, u32),
     /// Requests of each tenant in the current minute: (minute, count).
     minutes: Mutex<HashMap<String, (u64, u64)>>,
     /// Bytes under each tenant's directory, as last measured.
@@ -164,8 +166,9 @@ pub enum Refused {
 }
 
 impl Tenancy {
-    pub fn new(admin_token: String, store: Store, root: PathBuf, defaults: Quotas) -> Tenancy {
+    pub fn new(admin_token: String, store: Store, root: PathBuf, defaults: Quotas, uids: (u32, u32)) -> Tenancy {
         Tenancy(Arc::new(Inner {
+            uids,
             admin_token,
             store,
             root,
@@ -233,12 +236,56 @@ impl Tenancy {
 
     /// The quotas in force for `tenant`: its overrides over the defaults.
     pub async fn quotas(&self, tenant: &str) -> Result<Quotas, StoreError> {
-        if let Some(q) = self.0.quotas.lock().unwrap_or_else(|p| p.into_inner()).get(tenant) {
-            return Ok(*q);
+        Ok(self.info(tenant).await?.0)
+    }
+
+    /// The uid (and gid) `tenant`'s commands run as.
+    pub async fn uid(&self, tenant: &str) -> Result<u32, StoreError> {
+        Ok(self.info(tenant).await?.1)
+    }
+
+    pub fn uid_range(&self) -> (u32, u32) {
+        self.0.uids
+    }
+
+    async fn info(&self, tenant: &str) -> Result<(Quotas, u32), StoreError> {
+        if let Some(info) = self.0.quotas.lock().unwrap_or_else(|p| p.into_inner()).get(tenant) {
+            return Ok(*info);
         }
-        let quotas = self.0.store.tenant(tenant).await?.quotas.over(self.0.defaults);
-        self.0.quotas.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), quotas);
-        Ok(quotas)
+        let record = self.0.store.tenant(tenant).await?;
+        let uid = match record.uid {
+            Some(uid) => uid,
+            // The default tenant was made by a migration, without one.
+            None => self.0.store.ensure_tenant_uid(tenant, self.0.uids).await?,
+        };
+        let info = (record.quotas.over(self.0.defaults), uid);
+        self.0.quotas.lock().unwrap_or_else(|p| p.into_inner()).insert(tenant.to_string(), info);
+        Ok(info)
+    }
+
+    /// Makes `dir` (and its missing parents) with mode 0700, owned by
+    /// `tenant`'s uid when the server can give it away (it runs as root),
+    /// so that the tenant's commands may write there and no other
+    /// tenant's can look in.
+    pub async fn make_dir(&self, tenant: &str, dir: &Path) -> Result<(), std::io::Error> {
+        use std::os::unix::fs::DirBuilderExt;
+        let uid = self.uid(tenant).await.map_err(std::io::Error::other)?;
+        let top = self.dir(tenant);
+        let dir = dir.to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(&dir)?;
+            // SAFETY: plain syscall.
+            if unsafe { libc::geteuid() } == 0 {
+                // Only what this call made or owns: the tenant's directory
+                // and the new one (never following a link).
+                for path in [&top, &dir] {
+                    std::os::unix::fs::lchown(path, Some(uid), Some(uid))?;
+                }
+            }
+            Ok(())
+        })
+        .await
+        .map_err(std::io::Error::other)?
     }
 
     /// Counts one request of `tenant` against `requests_per_minute`.

@@ -191,8 +191,13 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         Some(tenancy) => state.work_dirs.within(tenancy.dir(&session.tenant_id)),
         None => (*state.work_dirs).clone(),
     };
+    // A tenant's commands run as the tenant's own uid, never as root.
+    let user = match &state.tenancy {
+        Some(tenancy) => Some(tenancy.uid(&session.tenant_id).await?),
+        None => None,
+    };
     let work_dir = session.work_dir.as_deref().map(|dir| {
-        rules_here.open(dir).map(Arc::new).map_err(|err| {
+        rules_here.open(dir).map(|d| Arc::new(match user { Some(uid) => d.with_user((uid, uid)), None => d })).map_err(|err| {
             tracing::warn!(session = %session.id, %err, "tools refused for this run");
             Arc::new(err)
         })

@@ -75,7 +75,7 @@ impl AppState {
         );
         let tenancy = match (&settings.admin_token, &settings.tenant_root) {
             (Some(token), Some(root)) => {
-                Some(crate::tenancy::Tenancy::new(token.clone(), store.clone(), root.clone(), settings.tenants.quotas))
+                Some(crate::tenancy::Tenancy::new(token.clone(), store.clone(), root.clone(), settings.tenants.quotas, settings.uid_range))
             }
             _ => None,
         };

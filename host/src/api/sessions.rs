@@ -115,7 +115,10 @@ pub(super) async fn create(
     let max_sessions = tenancy.quotas(&session.tenant_id).await?.max_sessions;
     let made = match (&session.work_dir, own_dir(&state, &session)) {
         (None, Some(dir)) => {
-            make_dir(&dir)?;
+            tenancy
+                .make_dir(&session.tenant_id, &dir)
+                .await
+                .map_err(|e| ApiError::Internal(format!("cannot make the session's directory: {e}")))?;
             session.work_dir = Some(check_work_dir(&state, &session.tenant_id, &session.id)?);
             Some(dir)
         }
@@ -130,17 +133,6 @@ pub(super) async fn create(
             Err(err.into())
         }
     }
-}
-
-/// Makes a session's own directory (and the tenant's, the first time),
-/// readable by the server's user only.
-fn make_dir(dir: &std::path::Path) -> ApiResult<()> {
-    use std::os::unix::fs::DirBuilderExt;
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(|e| ApiError::Internal(format!("cannot make the session's directory: {e}")))
 }
 
 #[utoipa::path(operation_id = "get_session", get, path = "/sessions/{id}", tag = "sessions", params(("id" = String, Path)),

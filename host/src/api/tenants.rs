@@ -222,24 +222,16 @@ pub(super) async fn create(
         quotas: input.quotas.map(|Object(q)| q).unwrap_or_default(),
         created_at: now,
         updated_at: now,
+        uid: None,
     };
-    let dir = tenancy.dir(&tenant.id);
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| ApiError::Internal(format!("cannot make the tenant's directory {}: {e}", dir.display())))?;
-    }
     let key = new_key();
     let key_id = new_id();
-    let tenant = match state.store.insert_tenant(tenant, key_id.clone(), key.hash, key.prefix).await {
-        Ok(tenant) => tenant,
-        Err(err) => {
-            let _ = std::fs::remove_dir(&dir);
-            return Err(err.into());
-        }
-    };
+    let tenant = state.store.insert_tenant(tenant, key_id.clone(), key.hash, key.prefix, tenancy.uid_range()).await?;
+    let dir = tenancy.dir(&tenant.id);
+    if let Err(err) = tenancy.make_dir(&tenant.id, &dir).await {
+        let _ = state.store.delete_tenant(&tenant.id).await;
+        return Err(ApiError::Internal(format!("cannot make the tenant's directory {}: {err}", dir.display())));
+    }
     tracing::info!(tenant = %tenant.id, name = %tenant.name, "tenant created");
     Ok((
         StatusCode::CREATED,

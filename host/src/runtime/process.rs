@@ -563,7 +563,7 @@ fn command_user(work_dir: &WorkDir, limits: &super::cgroup::CommandLimits) -> st
     if euid != 0 || !confinement().drops_capabilities {
         return Ok(None);
     }
-    let (uid, gid) = match limits.user {
+    let (uid, gid) = match work_dir.user().or(limits.user) {
         Some(ids) => ids,
         None => {
             use std::os::unix::fs::MetadataExt;

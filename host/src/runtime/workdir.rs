@@ -37,6 +37,9 @@ pub enum WorkDirError {
 pub struct WorkDir {
     path: PathBuf,
     fd: OwnedFd,
+    /// The uid and gid commands run as here (a tenant's, in multi-tenant
+    /// mode); else the directory's owner or `[process] user`.
+    user: Option<(u32, u32)>,
 }
 
 impl WorkDir {
@@ -49,7 +52,18 @@ impl WorkDir {
         }
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
         let fd = openat2(libc::AT_FDCWD, path.as_os_str().as_bytes(), flags, libc::RESOLVE_NO_SYMLINKS)?;
-        Ok(WorkDir { path: path.to_path_buf(), fd })
+        Ok(WorkDir { path: path.to_path_buf(), fd, user: None })
+    }
+
+    /// Commands in this directory run as `user` (a tenant's own ids).
+    pub fn with_user(mut self, user: (u32, u32)) -> WorkDir {
+        self.user = Some(user);
+        self
+    }
+
+    /// Who commands run as here, when it is set for the directory.
+    pub fn user(&self) -> Option<(u32, u32)> {
+        self.user
     }
 
     /// The path the session stores (absolute, canonical).

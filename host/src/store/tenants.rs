@@ -21,7 +21,8 @@ pub(super) const MIGRATION: &str = "
         name TEXT NOT NULL UNIQUE,
         quotas TEXT NOT NULL DEFAULT '{}',
         created_at TEXT NOT NULL,
-        updated_at TEXT NOT NULL
+        updated_at TEXT NOT NULL,
+        uid INTEGER UNIQUE
     );
     INSERT INTO tenants (id, name, quotas, created_at, updated_at)
         VALUES ('default', 'default', '{}', strftime('%Y-%m-%dT%H:%M:%fZ', 'now'), strftime('%Y-%m-%dT%H:%M:%fZ', 'now'));
@@ -103,6 +104,8 @@ pub struct Tenant {
     pub id: String,
     pub name: String,
     pub quotas: Quotas,
+    /// The uid (and gid) its commands run as, from `[process] uid_range`.
+    pub uid: Option<u32>,
     pub created_at: DateTime<Utc>,
     pub updated_at: DateTime<Utc>,
 }
@@ -177,6 +180,7 @@ fn tenant_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(Tenant, String)> {
             quotas: Quotas::default(),
             created_at: parse_ts(row.get(3)?)?,
             updated_at: parse_ts(row.get(4)?)?,
+            uid: row.get(5)?,
         },
         row.get(2)?,
     ))
@@ -187,7 +191,18 @@ fn finish((mut tenant, quotas): (Tenant, String)) -> Result<Tenant, StoreError> 
     Ok(tenant)
 }
 
-const TENANT_SELECT: &str = "SELECT id, name, quotas, created_at, updated_at FROM tenants";
+const TENANT_SELECT: &str = "SELECT id, name, quotas, created_at, updated_at, uid FROM tenants";
+
+/// The next free uid of `range` (inclusive), in the write that uses it.
+fn next_uid(c: &Connection, (first, last): (u32, u32)) -> Result<u32, StoreError> {
+    let max: Option<u32> =
+        c.prepare_cached("SELECT MAX(uid) FROM tenants WHERE uid BETWEEN ?1 AND ?2")?.query_row([first, last], |r| r.get(0))?;
+    match max {
+        None => Ok(first),
+        Some(max) if max < last => Ok(max + 1),
+        Some(_) => Err(StoreError::Quota { quota: "uid_range", limit: (last - first + 1) as u64, used: (last - first + 1) as u64 }),
+    }
+}
 
 /// A unique constraint on `tenants.name` failed.
 fn name_taken(err: &rusqlite::Error) -> bool {
@@ -195,12 +210,28 @@ fn name_taken(err: &rusqlite::Error) -> bool {
 }
 
 impl Store {
-    /// Stores a tenant with its first key (given as its hash and prefix).
-    pub async fn insert_tenant(&self, tenant: Tenant, key_id: String, hash: String, prefix: String) -> Result<Tenant, StoreError> {
+    /// Stores a tenant with its first key (given as its hash and prefix)
+    /// and the next free uid of `uids`.
+    pub async fn insert_tenant(
+        &self,
+        mut tenant: Tenant,
+        key_id: String,
+        hash: String,
+        prefix: String,
+        uids: (u32, u32),
+    ) -> Result<Tenant, StoreError> {
         self.write(move |c| {
+            tenant.uid = Some(next_uid(c, uids)?);
             let inserted = c.execute(
-                "INSERT INTO tenants (id, name, quotas, created_at, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![tenant.id, tenant.name, serde_json::to_string(&tenant.quotas)?, ts(&tenant.created_at), ts(&tenant.updated_at)],
+                "INSERT INTO tenants (id, name, quotas, created_at, updated_at, uid) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![
+                    tenant.id,
+                    tenant.name,
+                    serde_json::to_string(&tenant.quotas)?,
+                    ts(&tenant.created_at),
+                    ts(&tenant.updated_at),
+                    tenant.uid
+                ],
             );
             match inserted {
                 Err(e) if name_taken(&e) => return Err(StoreError::NameTaken { kind: "tenant", name: tenant.name }),
@@ -211,6 +242,26 @@ impl Store {
                 params![key_id, tenant.id, hash, prefix, ts(&tenant.created_at)],
             )?;
             Ok(tenant)
+        })
+        .await
+    }
+
+    /// Gives `tenant` a uid from `uids` if it has none (the default tenant,
+    /// made by a migration); returns its uid.
+    pub async fn ensure_tenant_uid(&self, tenant: &str, uids: (u32, u32)) -> Result<u32, StoreError> {
+        let tenant = tenant.to_string();
+        self.write(move |c| {
+            let uid: Option<Option<u32>> =
+                c.prepare_cached("SELECT uid FROM tenants WHERE id = ?1")?.query_row([&tenant], |r| r.get(0)).optional()?;
+            match uid {
+                None => Err(StoreError::NotFound { kind: "tenant", id: tenant }),
+                Some(Some(uid)) => Ok(uid),
+                Some(None) => {
+                    let uid = next_uid(c, uids)?;
+                    c.execute("UPDATE tenants SET uid = ?2 WHERE id = ?1", params![tenant, uid])?;
+                    Ok(uid)
+                }
+            }
         })
         .await
     }
