@@ -235,7 +235,7 @@ fn anthropic_text_stream(text_pieces: &[&str]) -> String {
 // ---------------------------------------------------------------- helpers
 
 fn access(fake: &Fake) -> ProviderAccess {
-    ProviderAccess { base_url: Some(fake.url()), credential: Some(Secret::new(KEY.into())) }
+    ProviderAccess { base_url: Some(fake.url()), credential: Some(Secret::new(KEY.into())), ..Default::default() }
 }
 
 fn request(messages: Vec<Message>, tools: Vec<ToolSpec>) -> CompletionRequest {
@@ -649,7 +649,7 @@ async fn anthropic_models_from_the_catalog_and_the_live_list() {
     let runtime = common::runtime();
 
     // No key: the catalog, without touching the network.
-    let no_key = ProviderAccess { base_url: Some(fake.url()), credential: None };
+    let no_key = ProviderAccess { base_url: Some(fake.url()), credential: None, ..Default::default() };
     let models = runtime.provider_models("anthropic", &no_key).await.unwrap().unwrap();
     assert!(fake.requests().is_empty());
     assert!(models.len() >= 5 && models.iter().all(|m| m.context_window.is_some()), "{models:?}");
@@ -839,7 +839,7 @@ async fn openai_compatible_server_without_key_and_models() {
         _ => Reply::sse(&openai_text_stream(&["local"]), 4096),
     })
     .await;
-    let no_key = ProviderAccess { base_url: Some(format!("{}/v1/", fake.url())), credential: None };
+    let no_key = ProviderAccess { base_url: Some(format!("{}/v1/", fake.url())), credential: None, ..Default::default() };
     let events = complete_ok("openai", &no_key, hello()).await;
     assert_eq!(text(&events), "local");
     let models = common::runtime().provider_models("openai", &no_key).await.unwrap().unwrap();
@@ -868,7 +868,7 @@ fn ollama_text_stream(pieces: &[&str]) -> String {
 }
 
 fn ollama_access(fake: &Fake) -> ProviderAccess {
-    ProviderAccess { base_url: Some(fake.url()), credential: None }
+    ProviderAccess { base_url: Some(fake.url()), credential: None, ..Default::default() }
 }
 
 #[tokio::test]
@@ -942,7 +942,7 @@ async fn ollama_errors_truncation_and_unreachable() {
     let closed = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = closed.local_addr().unwrap();
     drop(closed);
-    let gone = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: None };
+    let gone = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: None, ..Default::default() };
     let (_, err) = complete_err("ollama", &gone, hello()).await;
     assert_kind(&err, ErrorKind::Connection, true);
     assert!(err.message.contains(&format!("http://{addr}")), "{}", err.message);
@@ -974,7 +974,7 @@ async fn a_request_outside_the_grant_is_denied() {
     // grant nor the configured base URL's origin (the host cannot read one
     // from `127.0.0.1:PORT`), so the host refuses it and nothing arrives.
     let fake = Fake::start(|_| Reply::stream("application/x-ndjson", &ollama_text_stream(&["no"]), 4096)).await;
-    let schemeless = ProviderAccess { base_url: Some(fake.addr.to_string()), credential: None };
+    let schemeless = ProviderAccess { base_url: Some(fake.addr.to_string()), credential: None, ..Default::default() };
     let (_, err) = complete_err("ollama", &schemeless, hello()).await;
     assert_kind(&err, ErrorKind::Denied, false);
     assert!(err.message.contains(&fake.addr.port().to_string()), "{}", err.message);
@@ -994,7 +994,7 @@ async fn a_connection_dropped_before_the_answer_is_retryable() {
             drop(socket);
         }
     });
-    let dropped = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: Some(Secret::new(KEY.into())) };
+    let dropped = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: Some(Secret::new(KEY.into())), ..Default::default() };
     for provider in ["anthropic", "openai", "ollama"] {
         let (_, err) = complete_err(provider, &dropped, hello()).await;
         assert_kind(&err, ErrorKind::Connection, true);

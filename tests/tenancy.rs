@@ -19,14 +19,24 @@ struct Host {
     server: Server,
     root: tempfile::TempDir,
     _config: tempfile::TempDir,
+    /// Fake providers, one for each tenant made with [`tenant`]: the
+    /// operator allows tenants these origins (they are on loopback, which
+    /// tenants reach only where the operator names the host).
+    fakes: std::sync::Mutex<Vec<FakeServer>>,
 }
 
-/// A multi-tenant server with `config` as its config file.
-fn host(config: &str) -> Host {
+/// A multi-tenant server with `config` (which may add `[tenants.*]`
+/// tables, not `[tenants]` itself) as its config file.
+async fn host(config: &str) -> Host {
+    let mut fakes = Vec::new();
+    for _ in 0..4 {
+        fakes.push(FakeServer::start(Vec::new()).await);
+    }
+    let origins: Vec<String> = fakes.iter().map(|f| format!("{:?}", f.url)).collect();
     let root = tempfile::tempdir().unwrap();
     let config_dir = tempfile::tempdir().unwrap();
     let config_file = config_dir.path().join("hangar.toml");
-    std::fs::write(&config_file, config).unwrap();
+    std::fs::write(&config_file, format!("[tenants]\nallowed_origins = [{}]\n{config}", origins.join(", "))).unwrap();
     let server = Server::start(&[
         "--admin-token",
         ADMIN,
@@ -35,7 +45,7 @@ fn host(config: &str) -> Host {
         "--config",
         config_file.to_str().unwrap(),
     ]);
-    Host { server, root, _config: config_dir }
+    Host { server, root, _config: config_dir, fakes: std::sync::Mutex::new(fakes) }
 }
 
 /// Requests with one bearer credential.
@@ -103,7 +113,7 @@ struct Tenant {
 async fn tenant(host: &Host, name: &str, quotas: Value, rules: Value) -> Tenant {
     let (id, key) = host.new_tenant(name, quotas).await;
     let me = host.tenant(&key);
-    let fake = FakeServer::start(Vec::new()).await;
+    let fake = host.fakes.lock().unwrap().pop().expect("a fake provider left");
     let provider_key = format!("sk-ant-{name}-secret-0123456789");
     let (status, body) = me
         .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": provider_key, "base_url": fake.url}}}))
@@ -158,7 +168,7 @@ fn result_sent(fake: &FakeServer, id: &str) -> Value {
 
 #[tokio::test]
 async fn two_tenants_see_only_their_own_on_every_route() {
-    let host = host("");
+    let host = host("").await;
     let a = tenant(&host, "alpha", json!({}), json!([])).await;
     let b = tenant(&host, "beta", json!({}), json!([{"tool": "bash", "pattern": "*", "action": "ask"}])).await;
     let (as_a, as_b) = (host.tenant(&a.key), host.tenant(&b.key));
@@ -268,7 +278,7 @@ async fn two_tenants_see_only_their_own_on_every_route() {
 
 #[tokio::test]
 async fn work_dirs_are_separate_and_commands_cannot_cross() {
-    let host = host("");
+    let host = host("").await;
     let a = tenant(&host, "alpha", json!({}), json!([])).await;
     let b = tenant(&host, "beta", json!({}), json!([])).await;
     let root = host.root.path().canonicalize().unwrap();
@@ -368,7 +378,7 @@ async fn work_dirs_are_separate_and_commands_cannot_cross() {
 
 #[tokio::test]
 async fn keys_rotate_and_a_revoked_key_is_refused_at_once_and_no_secret_is_stored_in_clear() {
-    let host = host("");
+    let host = host("").await;
     let a = tenant(&host, "alpha", json!({}), json!([])).await;
     let admin = host.admin();
     let (status, tenant) = admin.get(&format!("/tenants/{}", a.id)).await;
@@ -418,7 +428,7 @@ async fn keys_rotate_and_a_revoked_key_is_refused_at_once_and_no_secret_is_store
 
 #[tokio::test]
 async fn every_quota_is_answered_with_429_and_retry_after() {
-    let host = host("[tenants.quotas]\nmax_sessions = 3\n");
+    let host = host("[tenants.quotas]\nmax_sessions = 3\n").await;
     let a = tenant(&host, "alpha", json!({"requests_per_minute": 1000}), json!([])).await;
     let as_a = host.tenant(&a.key);
 
@@ -493,7 +503,7 @@ async fn every_quota_is_answered_with_429_and_retry_after() {
 
 #[tokio::test]
 async fn concurrent_runs_never_pass_the_limit() {
-    let host = host("");
+    let host = host("").await;
     // Each run waits for a permission answer, so it stays active.
     let a = tenant(&host, "alpha", json!({"max_concurrent_runs": 3}), json!([{"tool": "bash", "pattern": "*", "action": "ask"}])).await;
     for i in 0..50 {
@@ -533,7 +543,7 @@ fn names(list: &Value, field: &str) -> Vec<String> {
 
 #[tokio::test]
 async fn a_tenants_plugin_is_its_own_and_capped_by_the_plugin_policy() {
-    let mut host = host("");
+    let mut host = host("").await;
     let a = tenant(&host, "alpha", json!({}), json!([])).await;
     let b = tenant(&host, "beta", json!({}), json!([])).await;
     let (as_a, as_b) = (host.tenant(&a.key), host.tenant(&b.key));
@@ -594,4 +604,126 @@ async fn a_tenants_plugin_is_its_own_and_capped_by_the_plugin_policy() {
     assert_eq!(status, 200);
     let (_, tools) = as_a.get("/tools").await;
     assert!(!names(&tools, "name").contains(&"misbehave".to_string()));
+}
+
+#[tokio::test]
+async fn data_from_before_belongs_to_the_default_tenant_and_shared_providers_use_the_servers_key() {
+    // A single-user server first, with an agent, a session and a key.
+    let fake = FakeServer::start(Vec::new()).await;
+    let root = tempfile::tempdir().unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_file = config_dir.path().join("hangar.toml");
+    // The operator lets the default tenant keep its local provider.
+    std::fs::write(&config_file, format!("[tenants]\nshared_providers = [\"anthropic\"]\nallowed_origins = [{:?}]\n", fake.url)).unwrap();
+    let server = Server::start(&["--work-root", root.path().to_str().unwrap(), "--config", config_file.to_str().unwrap()]);
+    server
+        .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-old-0001", "base_url": fake.url}}}))
+        .await;
+    let (_, agent) = server.post("/agents", json!({"name": "old", "provider": {"id": "anthropic", "model": "claude-test"}})).await;
+    let old_dir = root.path().join("default").join("old");
+    std::fs::create_dir_all(&old_dir).unwrap();
+    let (status, session) = server.post("/sessions", json!({"work_dir": old_dir})).await;
+    assert_eq!(status, 201, "{session}");
+    let (status, _) = server.get("/tenants").await;
+    assert_eq!(status, 404, "no tenants without --admin-token");
+
+    // The same data, multi-tenant: it is the default tenant's.
+    let server = server.restart_with(&[
+        "--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap(), "--config", config_file.to_str().unwrap(),
+    ]);
+    let host = Host { server, root, _config: config_dir, fakes: Default::default() };
+    let (_, tenants) = host.admin().get("/tenants").await;
+    assert_eq!(names(&tenants, "name"), vec!["default"]);
+    let (status, key) = host.admin().post("/tenants/default/keys", json!({})).await;
+    assert_eq!(status, 201, "{key}");
+    let as_default = host.tenant(key["key"].as_str().unwrap());
+    let (_, agents) = as_default.get("/agents").await;
+    assert_eq!(names(&agents, "id"), vec![agent["id"].as_str().unwrap()]);
+    let (_, sessions) = as_default.get("/sessions").await;
+    assert_eq!(names(&sessions, "id"), vec![session["id"].as_str().unwrap()]);
+    fake.push(done());
+    let (status, body) = as_default
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "hi"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(fake.requests().last().unwrap().header("x-api-key"), Some("sk-ant-old-0001"));
+
+    // A new tenant without a key of its own: the server's key, for a shared
+    // provider only; it sees that it works, not which key or where.
+    let server_fake = FakeServer::start(vec![done()]).await;
+    let (status, _) = host
+        .admin()
+        .put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-server-0002", "base_url": server_fake.url},
+            "openai": {"type": "api_key", "key": "sk-openai-server-0003"}}}))
+        .await;
+    assert_eq!(status, 200);
+    let (_, key) = host.new_tenant("newcomer", json!({})).await;
+    let me = host.tenant(&key);
+    let (_, auth) = me.get("/provider/auth").await;
+    assert_eq!(auth["providers"]["anthropic"]["configured"], true, "{auth}");
+    assert_eq!(auth["providers"]["anthropic"]["base_url"], Value::Null, "{auth}");
+    assert_eq!(auth["providers"]["openai"]["configured"], false, "not shared: {auth}");
+    assert!(!auth.to_string().contains("server-0002") && !auth.to_string().contains(&server_fake.url));
+    let (_, agent) = me.post("/agents", json!({"name": "n", "provider": {"id": "anthropic", "model": "claude-test"}})).await;
+    let (_, session) = me.post("/sessions", json!({})).await;
+    let (status, body) = me
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "hi"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(server_fake.requests()[0].header("x-api-key"), Some("sk-ant-server-0002"));
+    let (_, usage) = me.get("/usage").await;
+    assert_eq!(usage["tokens_today"]["input"], 5, "counted against the tenant: {usage}");
+}
+
+#[tokio::test]
+async fn a_tenants_provider_url_reaches_only_what_the_operator_allows() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let me = host.tenant(&a.key);
+    // A listener no tenant is allowed: it must never see a connection.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    for url in [
+        format!("http://127.0.0.1:{port}"),
+        format!("http://localhost:{port}"),
+        "http://169.254.169.254".to_string(),
+        "http://[::1]:8080".to_string(),
+        "http://10.0.0.7:11434".to_string(),
+    ] {
+        let (status, body) = me.put("/provider/auth", json!({"providers": {"anthropic": {"key": "sk-ant-x", "base_url": url}}})).await;
+        assert_eq!(status, 422, "{url}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("allowed_origins"), "{body}");
+    }
+    // The admin may (the server's own settings are the operator's).
+    let (status, body) = host
+        .admin()
+        .put("/provider/auth", json!({"providers": {"ollama": {"base_url": format!("http://127.0.0.1:{port}")}}}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+
+    // At connect time too: a URL stored while the operator allowed it is
+    // refused once the operator no longer names its host.
+    let root = host.root;
+    let config_dir = tempfile::tempdir().unwrap();
+    let config_file = config_dir.path().join("hangar.toml");
+    std::fs::write(&config_file, "").unwrap();
+    let server = host.server.restart_with(&[
+        "--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap(), "--config", config_file.to_str().unwrap(),
+    ]);
+    let before = a.fake.requests().len();
+    let resp = server
+        .client
+        .post(server.url(&format!("/sessions/{}/message", a.session)))
+        .bearer_auth(&a.key)
+        .json(&json!({"agent_id": a.agent, "message": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    let status = resp.status().as_u16();
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!((status, body["code"].as_str()), (502, Some("provider_error")), "{body}");
+    assert!(body["error"].as_str().unwrap().contains("internal address"), "{body}");
+    assert_eq!(a.fake.requests().len(), before, "the fake saw a connection");
+    assert!(listener.accept().is_err(), "the unlisted listener saw a connection");
 }

@@ -204,6 +204,11 @@ pub struct TenantsConfig {
     /// (`[tenants.quotas]`).
     #[serde(default)]
     pub quotas: crate::store::Quotas,
+    /// Origins a tenant's provider `base_url` may name besides the
+    /// vendor's (`http://10.0.0.5:11434`, `https://*.example.com`); an
+    /// internal address is reachable only through a host listed exactly.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
     /// The most a tenant's own plugin is granted (`[tenants.plugin_policy]`,
     /// the keys of `[plugins.NAME]`) [default: filesystem read-write, no
     /// `process`, no `http`].
@@ -323,6 +328,8 @@ pub struct Settings {
     pub tenants: std::sync::Arc<TenantsConfig>,
     /// The uids tenants' commands run as (`[process] uid_range`).
     pub uid_range: (u32, u32),
+    /// `[tenants] allowed_origins`, parsed.
+    pub tenant_origins: Vec<crate::runtime::policy::OriginPattern>,
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
@@ -366,6 +373,8 @@ pub enum ConfigError {
     UnknownUser(String),
     #[error("[process] uid_range must be [first, last] with 0 < first <= last")]
     UidRange,
+    #[error("[tenants] allowed_origins: `{origin}`: {reason}")]
+    TenantOrigin { origin: String, reason: String },
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -476,6 +485,15 @@ impl Settings {
             token,
             admin_token,
             tenant_root,
+            tenant_origins: file
+                .tenants
+                .allowed_origins
+                .iter()
+                .map(|o| {
+                    crate::runtime::policy::OriginPattern::parse(o)
+                        .map_err(|reason| ConfigError::TenantOrigin { origin: o.clone(), reason })
+                })
+                .collect::<Result<_, _>>()?,
             tenants: std::sync::Arc::new(file.tenants),
             uid_range: match file.process.uid_range {
                 None => DEFAULT_UID_RANGE,

@@ -52,6 +52,16 @@ impl Server {
         Self::launch(dir, args, envs)
     }
 
+    /// Stops with SIGTERM and starts again on the same data directory with
+    /// other arguments.
+    pub fn restart_with(mut self, args: &[&str]) -> Server {
+        let status = self.terminate();
+        assert!(status.success(), "clean exit on SIGTERM, got {status:?}");
+        let (dir, envs) = (self.dir.clone(), self.envs.clone());
+        drop(self);
+        Self::launch(dir, args.iter().map(|s| s.to_string()).collect(), envs)
+    }
+
     /// Starts a server stopped with [`Server::terminate`] again, on the same
     /// data directory.
     pub fn restart_stopped(self) -> Server {

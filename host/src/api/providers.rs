@@ -159,7 +159,10 @@ fn with_scheme(url: String) -> String {
 pub(crate) async fn access(state: &AppState, plugin: &Plugin, tenant: &str) -> ApiResult<ProviderAccess> {
     let own = state.store.auth_record(tenant, plugin.id()).await?;
     if own.is_some() || !server_keys_allowed(state, tenant, plugin.id()) {
-        return access_with(plugin, own, state.tenancy.is_none());
+        let mut access = access_with(plugin, own, state.tenancy.is_none())?;
+        // A tenant's own base URL reaches no internal address.
+        access.tenant = state.tenancy.is_some() && tenant != SERVER_KEYS;
+        return Ok(access);
     }
     let server = match state.tenancy {
         Some(_) => state.store.auth_record(SERVER_KEYS, plugin.id()).await?,
@@ -193,13 +196,14 @@ fn access_with(plugin: &Plugin, record: Option<AuthRecord>, environment: bool) -
     }
     Ok(match record {
         Some(AuthRecord { secret: Some(secret), base_url, .. }) => {
-            ProviderAccess { base_url, credential: Some(Secret::new(secret)) }
+            ProviderAccess { base_url, credential: Some(Secret::new(secret)), tenant: false }
         }
-        Some(AuthRecord { base_url: Some(base_url), .. }) => ProviderAccess { base_url: Some(base_url), credential: None },
-        _ if !environment => ProviderAccess { base_url: None, credential: None },
+        Some(AuthRecord { base_url: Some(base_url), .. }) => ProviderAccess { base_url: Some(base_url), credential: None, tenant: false },
+        _ if !environment => ProviderAccess::default(),
         _ => ProviderAccess {
             base_url: env_value(plugin, section.base_url_env.as_ref()).map(with_scheme),
             credential: env_value(plugin, section.key_env.as_ref()).map(Secret::new),
+            tenant: false,
         },
     })
 }
@@ -251,7 +255,9 @@ pub(super) async fn get_auth(State(state): State<AppState>, caller: Caller) -> A
         // error shows here rather than failing the whole list.
         let unreadable = record.and_then(|r| r.unreadable.clone());
         let access = match access(&state, &plugin, owner).await {
-            Err(ApiError::KeyUnreadable(_)) => ProviderAccess { base_url: record.and_then(|r| r.base_url.clone()), credential: None },
+            Err(ApiError::KeyUnreadable(_)) => {
+                ProviderAccess { base_url: record.and_then(|r| r.base_url.clone()), credential: None, tenant: false }
+            }
             other => other?,
         };
         let needs_key = !info.auth_types.is_empty();
@@ -305,8 +311,20 @@ pub(super) async fn put_auth(State(state): State<AppState>, caller: Caller, Json
             }
         }
         if let Some(Some(url)) = &input.base_url {
-            crate::runtime::policy::Origin::parse(url)
+            let origin = crate::runtime::policy::Origin::parse(url)
                 .map_err(|e| ApiError::Invalid(format!("base_url `{url}` for `{id}` is not an http(s) URL: {e}")))?;
+            // A tenant's base URL goes only where the operator allows: the
+            // vendor's own origin, or `[tenants] allowed_origins`.
+            if let Caller::Tenant(_) = &caller {
+                let plugin = state.runtime.get(&id);
+                let vendor = plugin.iter().flat_map(|p| p.grants.http.iter()).any(|p| p.matches(&origin));
+                let listed = state.settings.tenant_origins.iter().any(|p| p.matches(&origin));
+                if !vendor && !listed {
+                    return Err(ApiError::Invalid(format!(
+                        "base_url origin {origin} for `{id}` is not allowed for tenants: it must be the vendor's, or listed by the operator in [tenants] allowed_origins"
+                    )));
+                }
+            }
         }
         let existing = state.store.auth_record(owner, &id).await?;
         let old_base = existing.as_ref().and_then(|r| r.base_url.clone());

@@ -1,6 +1,8 @@
 //! The `http` capability: outbound requests to granted origins, with the
 //! stored credential inserted by the host and scrubbed from what comes back.
 
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Duration;
 
 use wasmtime::component::Resource;
@@ -44,6 +46,67 @@ pub struct HttpAccess {
     pub credential_origin: Option<Origin>,
     /// The one header it travels in (lowercase; `authorization` is bearer).
     pub credential_header: String,
+    /// A tenant's request (multi-tenant mode, the tenant's own base URL):
+    /// internal addresses are refused, but for these hosts the operator
+    /// names in `[tenants] allowed_origins`. `None`: not restricted.
+    pub internal_hosts: Option<Arc<Vec<String>>>,
+}
+
+/// Addresses a tenant's requests may not reach unless the operator names
+/// the host: loopback, private, link-local (cloud metadata at
+/// 169.254.169.254), shared (CGNAT), unique-local, unspecified, broadcast
+/// and multicast; an IPv4-mapped IPv6 address as its IPv4 one.
+pub fn is_internal(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => {
+            let [a, b, ..] = v4.octets();
+            v4.is_loopback()
+                || v4.is_private()
+                || v4.is_link_local()
+                || v4.is_unspecified()
+                || v4.is_broadcast()
+                || v4.is_multicast()
+                || a == 0
+                || (a == 100 && (64..128).contains(&b))
+        }
+        IpAddr::V6(v6) => {
+            let first = v6.segments()[0];
+            v6.is_loopback() || v6.is_unspecified() || v6.is_multicast() || (first & 0xfe00) == 0xfc00 || (first & 0xffc0) == 0xfe80
+        }
+    }
+}
+
+/// Resolves names for tenants' requests, keeping no internal address of a
+/// name the operator did not list: the check is on what the connection
+/// will use, so DNS cannot turn an allowed name into an internal address.
+struct PublicResolver {
+    explicit: Arc<Vec<String>>,
+}
+
+impl reqwest::dns::Resolve for PublicResolver {
+    fn resolve(&self, name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+        let host = name.as_str().to_string();
+        let explicit = self.explicit.iter().any(|h| h.eq_ignore_ascii_case(&host));
+        Box::pin(async move {
+            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
+            let kept: Vec<SocketAddr> = found.into_iter().filter(|a| explicit || !is_internal(a.ip())).collect();
+            if kept.is_empty() {
+                return Err(format!("`{host}` resolves only to internal addresses, which a tenant's requests may not reach").into());
+            }
+            Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
+        })
+    }
+}
+
+/// The client for tenants' requests: as [`client`], with names resolved
+/// by [`PublicResolver`].
+pub fn public_client(explicit: Arc<Vec<String>>) -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .dns_resolver(Arc::new(PublicResolver { explicit }))
+        .build()
+        .expect("build the HTTP client")
 }
 
 /// The HTTP client shared by all plugins. It follows no redirect: a
@@ -80,6 +143,21 @@ impl Host for PluginState {
         if !access.allowed.iter().any(|p| p.matches(&origin)) {
             tracing::warn!(plugin = %plugin, %origin, "refused a request to an origin that is not granted");
             return Ok(Err(HttpError::Denied(format!("origin {origin} is not granted to plugin `{plugin}`"))));
+        }
+        // An address in the URL is not resolved, so it is checked here.
+        if let Some(explicit) = &access.internal_hosts {
+            let literal = match url.host() {
+                Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
+                Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
+                _ => None,
+            };
+            if let Some(ip) = literal
+                && is_internal(ip)
+                && !explicit.iter().any(|h| h.eq_ignore_ascii_case(&origin.host))
+            {
+                tracing::warn!(plugin = %plugin, %origin, "refused a tenant's request to an internal address");
+                return Ok(Err(HttpError::Denied(format!("{origin} is an internal address, which a tenant's requests may not reach"))));
+            }
         }
         let method = match reqwest::Method::from_bytes(req.method.as_bytes()) {
             Ok(m) => m,
@@ -257,6 +335,30 @@ impl Scrubber {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn internal_addresses() {
+        for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",
+            "255.255.255.255", "::1", "::", "fc00::1", "fd12::1", "fe80::1", "::ffff:127.0.0.1", "::ffff:169.254.169.254"] {
+            assert!(is_internal(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["8.8.8.8", "1.1.1.1", "100.128.0.1", "2606:4700::1111", "::ffff:8.8.8.8"] {
+            assert!(!is_internal(ip.parse().unwrap()), "{ip}");
+        }
+    }
+
+    /// A name that resolves to loopback is refused unless listed: what the
+    /// connection would use is checked, not the name.
+    #[tokio::test]
+    async fn names_resolving_inside_are_refused_unless_listed() {
+        use reqwest::dns::Resolve;
+        let refusing = PublicResolver { explicit: Arc::new(Vec::new()) };
+        let err = refusing.resolve("localhost".parse().unwrap()).await.err().expect("refused");
+        assert!(err.to_string().contains("internal"), "{err}");
+        let listed = PublicResolver { explicit: Arc::new(vec!["LOCALHOST".into()]) };
+        let addrs: Vec<SocketAddr> = listed.resolve("localhost".parse().unwrap()).await.unwrap().collect();
+        assert!(addrs.iter().all(|a| a.ip().is_loopback()) && !addrs.is_empty());
+    }
+
     use super::*;
 
     #[test]

@@ -138,6 +138,9 @@ struct Inner {
     cache: CompileCache,
     policy: Policy,
     http_client: reqwest::Client,
+    /// For tenants' requests: no internal address but `tenant_hosts`'.
+    public_client: reqwest::Client,
+    tenant_hosts: Arc<Vec<String>>,
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
     /// The server's own ports, which commands may not connect to; set once
     /// the server has bound them.
@@ -192,6 +195,9 @@ pub struct RuntimeConfig {
     pub cache_dir: Option<PathBuf>,
     pub policy: Policy,
     pub pool: PoolSize,
+    /// Hosts a tenant's requests may reach even at internal addresses
+    /// (those `[tenants] allowed_origins` names exactly).
+    pub tenant_hosts: Vec<String>,
 }
 
 /// One tool invocation.
@@ -209,6 +215,9 @@ pub struct ToolInvocation {
 pub struct ProviderAccess {
     pub base_url: Option<String>,
     pub credential: Option<Secret>,
+    /// A tenant's own settings: its requests reach no internal address
+    /// the operator did not name (see [`http::is_internal`]).
+    pub tenant: bool,
 }
 
 impl Runtime {
@@ -224,6 +233,8 @@ impl Runtime {
                 cache: CompileCache::new(config.cache_dir),
                 policy: config.policy,
                 http_client: http::client(),
+                public_client: http::public_client(Arc::new(config.tenant_hosts.clone())),
+                tenant_hosts: Arc::new(config.tenant_hosts.clone()),
                 plugins: RwLock::new(BTreeMap::new()),
                 ports: OnceLock::new(),
                 tool_pool,
@@ -635,8 +646,10 @@ impl Runtime {
                     _ => None,
                 }
             });
+            let tenant = provider.is_some_and(|p| p.tenant);
             HttpAccess {
-                client: self.inner.http_client.clone(),
+                client: if tenant { self.inner.public_client.clone() } else { self.inner.http_client.clone() },
+                internal_hosts: tenant.then(|| self.inner.tenant_hosts.clone()),
                 allowed,
                 credential: provider.and_then(|p| p.credential.clone()),
                 credential_origin: base_origin.or(vendor),

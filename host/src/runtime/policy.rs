@@ -312,6 +312,11 @@ impl OriginPattern {
                 && origin.host.as_bytes()[origin.host.len() - self.origin.host.len() - 1] == b'.')
     }
 
+    /// The host it names exactly (none for a `*.` pattern).
+    pub fn exact_host(&self) -> Option<&str> {
+        (!self.subdomains).then_some(self.origin.host.as_str())
+    }
+
     /// Whether every origin `other` matches is matched by `self` too.
     pub fn covers(&self, other: &OriginPattern) -> bool {
         self.matches(&other.origin) && (!other.subdomains || self.subdomains)
