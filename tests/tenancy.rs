@@ -727,3 +727,29 @@ async fn a_tenants_provider_url_reaches_only_what_the_operator_allows() {
     assert_eq!(a.fake.requests().len(), before, "the fake saw a connection");
     assert!(listener.accept().is_err(), "the unlisted listener saw a connection");
 }
+
+#[tokio::test]
+async fn open_event_streams_count_against_max_streams() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({"max_streams": 1}), json!([])).await;
+    let me = host.tenant(&a.key);
+    let path = format!("/sessions/{}/events", a.session);
+    let first = me.req(reqwest::Method::GET, &path).send().await.unwrap();
+    assert_eq!(first.status(), 200);
+    let (status, retry, body) = me.raw(me.req(reqwest::Method::GET, &path)).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("max_streams")), "{body}");
+    assert!(retry.is_some());
+    let (_, usage) = me.get("/usage").await;
+    assert_eq!(usage["streams"], 1, "{usage}");
+    // Closing the stream frees its place.
+    drop(first);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = me.req(reqwest::Method::GET, &path).send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed stream still counts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

@@ -148,6 +148,27 @@ struct Inner {
     minutes: Mutex<HashMap<String, (u64, u64)>>,
     /// Bytes under each tenant's directory, as last measured.
     storage: Mutex<HashMap<String, u64>>,
+    /// Event streams each tenant has open.
+    streams: Arc<Mutex<HashMap<String, u64>>>,
+}
+
+/// One open event stream of a tenant, counted until it is dropped (with
+/// the response body that holds it).
+pub struct StreamSlot {
+    streams: Arc<Mutex<HashMap<String, u64>>>,
+    tenant: String,
+}
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = streams.get_mut(&self.tenant) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                streams.remove(&self.tenant);
+            }
+        }
+    }
 }
 
 /// Compares without an early exit, so timing does not reveal the token.
@@ -177,7 +198,26 @@ impl Tenancy {
             quotas: Default::default(),
             minutes: Default::default(),
             storage: Default::default(),
+            streams: Default::default(),
         }))
+    }
+
+    /// Opens one more event stream for `tenant`, unless `max_streams` are open.
+    pub fn open_stream(&self, tenant: &str, limit: Option<u64>) -> Result<StreamSlot, QuotaExceeded> {
+        let mut streams = self.0.streams.lock().unwrap_or_else(|p| p.into_inner());
+        let open = streams.entry(tenant.to_string()).or_insert(0);
+        if let Some(limit) = limit
+            && *open >= limit
+        {
+            return Err(QuotaExceeded { quota: "max_streams", limit, used: *open, retry_after: 5 });
+        }
+        *open += 1;
+        Ok(StreamSlot { streams: self.0.streams.clone(), tenant: tenant.to_string() })
+    }
+
+    /// Event streams `tenant` has open now.
+    pub fn streams(&self, tenant: &str) -> u64 {
+        self.0.streams.lock().unwrap_or_else(|p| p.into_inner()).get(tenant).copied().unwrap_or(0)
     }
 
     /// The caller a bearer credential names: the admin token, or a key of

@@ -30,6 +30,11 @@ pub struct Security {
 
 /// Routes only the admin token may use in multi-tenant mode (a tenant key
 /// gets 403): tenants, server-wide metrics, the plugins directory reload.
+/// Routes that answer with an event stream (`max_streams`).
+fn is_stream(path: &str) -> bool {
+    path.starts_with("/sessions/") && (path.ends_with("/message/stream") || path.ends_with("/events"))
+}
+
 fn admin_only(path: &str) -> bool {
     path == "/tenants" || path.starts_with("/tenants/") || path == "/metrics" || path == "/plugins/reload"
 }
@@ -101,15 +106,37 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
             if admin_only(req.uri().path()) {
                 return ApiError::Forbidden("this route needs the admin token; a tenant key cannot use it".into()).into_response();
             }
-            let limit = match tenancy.quotas(tenant).await {
-                Ok(q) => q.requests_per_minute,
+            let quotas = match tenancy.quotas(tenant).await {
+                Ok(q) => q,
                 Err(err) => return ApiError::from(err).into_response(),
             };
-            if let Err(exceeded) = tenancy.count_request(tenant, limit) {
-                let mut response = ApiError::Quota(exceeded).into_response();
-                response.extensions_mut().insert(caller);
-                return response;
-            }
+            let slot = if is_stream(req.uri().path()) {
+                tenancy.open_stream(tenant, quotas.max_streams).map(Some)
+            } else {
+                Ok(None)
+            };
+            let slot = match tenancy.count_request(tenant, quotas.requests_per_minute).and(slot) {
+                Ok(slot) => slot,
+                Err(exceeded) => {
+                    let mut response = ApiError::Quota(exceeded).into_response();
+                    response.extensions_mut().insert(caller);
+                    return response;
+                }
+            };
+            req.extensions_mut().insert(caller.clone());
+            let mut response = next.run(req).await;
+            response.extensions_mut().insert(caller);
+            // The stream counts until its body is dropped (the client left,
+            // or it ended).
+            return match slot {
+                Some(slot) => response.map(|body| {
+                    axum::body::Body::from_stream(futures::StreamExt::map(body.into_data_stream(), move |chunk| {
+                        let _open = &slot;
+                        chunk
+                    }))
+                }),
+                None => response,
+            };
         }
         req.extensions_mut().insert(caller.clone());
         let mut response = next.run(req).await;

@@ -169,6 +169,9 @@ pub struct QuotasPatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u64>, minimum = 0)]
     storage_mb: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, minimum = 0)]
+    max_streams: Option<Option<u64>>,
 }
 
 /// Tells "absent" (outer `None`) from "null" (`Some(None)`).
@@ -188,6 +191,7 @@ impl QuotasPatch {
         set(&mut q.tokens_per_day, self.tokens_per_day);
         set(&mut q.max_sessions, self.max_sessions);
         set(&mut q.storage_mb, self.storage_mb);
+        set(&mut q.max_streams, self.max_streams);
         q
     }
 }
@@ -369,6 +373,8 @@ pub struct Usage {
     sessions: u64,
     /// Bytes of files under the tenant's directory (multi-tenant mode).
     storage_bytes: u64,
+    /// Event streams open now (multi-tenant mode).
+    streams: u64,
     /// `null` is no limit (always, in single-user mode).
     quotas: Quotas,
 }
@@ -387,6 +393,7 @@ async fn usage_of(state: &AppState, tenant: &str) -> ApiResult<Usage> {
         active_runs: counts.active_runs,
         sessions: counts.sessions,
         storage_bytes,
+        streams: state.tenancy.as_ref().map_or(0, |t| t.streams(tenant)),
         quotas,
     })
 }

@@ -82,6 +82,9 @@ pub struct Quotas {
     /// Megabytes under the tenant's work directory.
     #[schema(minimum = 0)]
     pub storage_mb: Option<u64>,
+    /// Event streams (SSE) open at once, resumed ones included.
+    #[schema(minimum = 0)]
+    pub max_streams: Option<u64>,
 }
 
 impl Quotas {
@@ -93,6 +96,7 @@ impl Quotas {
             tokens_per_day: self.tokens_per_day.or(defaults.tokens_per_day),
             max_sessions: self.max_sessions.or(defaults.max_sessions),
             storage_mb: self.storage_mb.or(defaults.storage_mb),
+            max_streams: self.max_streams.or(defaults.max_streams),
         }
     }
 }
