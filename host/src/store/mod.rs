@@ -13,10 +13,12 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
+mod context;
 mod permissions;
 mod records;
 mod runs;
 pub mod secrets;
+pub use context::{Compaction, SessionContext};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
 pub use runs::{RunRequest, RunsFrom};
@@ -78,7 +80,9 @@ fn migrations() -> Migrations<'static> {
     // Permission rules of agents, requests and grants (issue: permissions).
     M::up(permissions::MIGRATION),
     // One run per idempotency key (concurrent submits with one key).
-    M::up(runs::KEY_MIGRATION)])
+    M::up(runs::KEY_MIGRATION),
+    // Compaction settings of agents, compacted views of sessions (issue: context compaction).
+    M::up(context::MIGRATION)])
 }
 
 const AUTH_CHANGED: &str = "auth_updated_at";
@@ -346,8 +350,8 @@ impl Store {
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             c.execute(
-                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
                 params![
                     agent.id,
                     agent.name,
@@ -356,7 +360,8 @@ impl Store {
                     serde_json::to_string(&agent.provider)?,
                     ts(&agent.created_at),
                     ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?
+                    serde_json::to_string(&agent.permissions)?,
+                    serde_json::to_string(&agent.compaction)?
                 ],
             )?;
             Ok(agent)
@@ -367,7 +372,8 @@ impl Store {
     pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             let n = c.execute(
-                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7 WHERE id = ?1",
+                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7, compaction = ?8
+                 WHERE id = ?1",
                 params![
                     agent.id,
                     agent.name,
@@ -375,7 +381,8 @@ impl Store {
                     serde_json::to_string(&agent.tools)?,
                     serde_json::to_string(&agent.provider)?,
                     ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?
+                    serde_json::to_string(&agent.permissions)?,
+                    serde_json::to_string(&agent.compaction)?
                 ],
             )?;
             if n == 0 {
@@ -613,19 +620,20 @@ fn delete_row(
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions FROM agents";
+const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction FROM agents";
 const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at FROM sessions";
 
 /// A row before its JSON columns are decoded (rusqlite's row closure cannot
 /// return our error type).
-struct RawAgent(Agent, String, String, String);
+struct RawAgent(Agent, String, String, String, String);
 
 impl RawAgent {
     fn finish(self) -> Result<Agent, StoreError> {
-        let RawAgent(mut agent, tools, provider, permissions) = self;
+        let RawAgent(mut agent, tools, provider, permissions, compaction) = self;
         agent.tools = serde_json::from_str(&tools)?;
         agent.provider = serde_json::from_str(&provider)?;
         agent.permissions = serde_json::from_str(&permissions)?;
+        agent.compaction = context::parse_compaction(&compaction)?;
         Ok(agent)
     }
 }
@@ -639,12 +647,14 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
             tools: Vec::new(),
             provider: AgentProvider::default(),
             permissions: Vec::new(),
+            compaction: Compaction::default(),
             created_at: parse_ts(row.get(5)?)?,
             updated_at: parse_ts(row.get(6)?)?,
         },
         row.get(3)?,
         row.get(4)?,
         row.get(7)?,
+        row.get(8)?,
     ))
 }
 
