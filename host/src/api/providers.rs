@@ -364,3 +364,21 @@ pub(super) async fn get_model(State(state): State<AppState>, Path((name, model))
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("provider `{name}` has no model `{model}`")))
 }
+
+/// Finds an agent's context window in its provider's model list (the
+/// cached one, else asked for), for a run that needs it; `None` when the
+/// list cannot be had or does not say.
+pub(crate) fn window_lookup(state: &AppState, agent: &crate::store::Agent) -> crate::agent::WindowLookup {
+    let (state, provider, model) = (state.clone(), agent.provider.id.clone(), agent.provider.model.clone());
+    Box::new(move || {
+        Box::pin(async move {
+            match models_of(&state, &provider).await {
+                Ok(models) => resolve_model(&models, &model).and_then(|m| m.context_window),
+                Err(err) => {
+                    tracing::warn!(%provider, %model, err = %err.body().error, "cannot list the models to find the context window");
+                    None
+                }
+            }
+        })
+    })
+}
