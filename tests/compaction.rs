@@ -430,3 +430,72 @@ async fn each_adapter_recognises_its_vendors_context_length_error() {
         }
     }
 }
+
+/// One OpenAI chat-completion chunk as SSE.
+fn openai_chunk(delta: Value, finish: Option<&str>) -> String {
+    let chunk = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "local-model",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]});
+    format!("data: {chunk}\n\n")
+}
+
+fn openai_answer(delta: Value, finish: &str, prompt_tokens: u64) -> Reply {
+    let usage = json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": "local-model", "choices": [],
+        "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 5, "total_tokens": prompt_tokens + 5}});
+    let body = openai_chunk(delta, None) + &openai_chunk(json!({}), Some(finish)) + &format!("data: {usage}\n\ndata: [DONE]\n\n");
+    Reply::sse(vec![common::fake::Chunk::Data(body.into_bytes())])
+}
+
+/// An OpenAI-compatible server (as vLLM or llama.cpp) whose model list
+/// states the window: a run with no `context_window` of its own asks for
+/// the list once its requests grow, and compacts to fit.
+#[tokio::test]
+async fn the_window_comes_from_the_providers_model_list() {
+    let (summaries, steps) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let (summaries_seen, steps_seen) = (summaries.clone(), steps.clone());
+    let fake = FakeServer::responding(move |r: &Recorded| {
+        if r.path.ends_with("/models") {
+            return Reply::json(200, json!({"object": "list", "data": [{"id": "local-model", "object": "model", "context_length": WINDOW}]}));
+        }
+        let body = r.json();
+        if body["messages"][0]["content"].as_str().is_some_and(|s| s.starts_with(SUMMARISER)) {
+            let n = summaries.fetch_add(1, Ordering::SeqCst) + 1;
+            return openai_answer(json!({"role": "assistant", "content": format!("SUMMARY-{n}: files were read.")}), "stop", tokens(r));
+        }
+        let step = steps.fetch_add(1, Ordering::SeqCst);
+        if step < FILES {
+            let call = json!({"index": 0, "id": format!("call_{step:02}"), "type": "function",
+                "function": {"name": "read", "arguments": format!("{{\"filePath\": \"f{:02}.txt\"}}", step + 1)}});
+            openai_answer(json!({"role": "assistant", "content": null, "tool_calls": [call]}), "tool_calls", tokens(r))
+        } else {
+            openai_answer(json!({"role": "assistant", "content": "All files read."}), "stop", tokens(r))
+        }
+    })
+    .await;
+    let server = Server::start(&[]);
+    let work = tempfile::tempdir().unwrap();
+    for n in 1..=FILES {
+        std::fs::write(work.path().join(format!("f{n:02}.txt")), file_text(n)).unwrap();
+    }
+    let base = format!("{}/v1", fake.url);
+    let (status, body) = server.put("/provider/auth", json!({"providers": {"openai": {"type": "api_key", "key": KEY, "base_url": base}}})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, agent) = server
+        .post("/agents", json!({"name": "reader", "instructions": "Read.", "tools": ["read"],
+            "provider": {"id": "openai", "model": "local-model", "max_tokens": 256}, "compaction": {"keep_turns": 2}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (_, session) = server.post("/sessions", json!({"work_dir": work.path()})).await;
+    let s = Setup { agent: agent["id"].as_str().unwrap().into(), session: session["id"].as_str().unwrap().into(), server, fake, _work: work };
+    let events = s.stream("Read every file.").await;
+    assert_eq!(events.last().unwrap().name, "done", "{events:?}");
+
+    let requests = s.fake.requests();
+    assert_eq!(requests.iter().filter(|r| r.path.ends_with("/models")).count(), 1, "the list is asked for once");
+    assert!(requests[0].path.ends_with("/chat/completions"), "not before the requests grow");
+    for (i, r) in requests.iter().enumerate() {
+        assert!(tokens(r) < WINDOW, "request {i} ({}) has {} tokens", r.path, tokens(r));
+    }
+    assert!(summaries_seen.load(Ordering::SeqCst) >= 1);
+    assert_eq!(steps_seen.load(Ordering::SeqCst), FILES + 1);
+    assert!(events.iter().any(|e| e.name == "compaction"));
+}

@@ -23,8 +23,8 @@ const KEEP_BYTES: usize = 800;
 /// What a request costs beyond its text (role markers, block framing).
 const MESSAGE_OVERHEAD: u64 = 4;
 const BLOCK_OVERHEAD: u64 = 8;
-/// Below this estimate a run does not ask the provider for the model's
-/// window (that may be a network call): no model in use has a smaller one.
+/// Below this size a run does not ask the provider for the model's window
+/// (that may be a network call): no model in use has a smaller one.
 pub const LOOKUP_FLOOR: u64 = 4096;
 /// Room left in a summary request for the instruction and framing.
 const SUMMARY_FRAME: u64 = 400;
@@ -179,8 +179,6 @@ pub enum Trigger {
     Threshold,
     /// The provider said the request was longer than the context window.
     ContextLengthError,
-    /// `POST /sessions/{id}/compact`.
-    Manual,
 }
 
 /// How far a compaction goes.

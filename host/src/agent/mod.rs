@@ -165,7 +165,7 @@ pub enum RunError {
     #[error("provider `{provider}` failed{}: {message}", status.map(|s| format!(" with status {s}")).unwrap_or_default())]
     Provider { provider: String, status: Option<u16>, message: String },
     /// The request was still over the context window after a compaction.
-    #[error("provider `{provider}` refused the request as longer than the model's context window, even after compaction: {message}")]
+    #[error("provider `{provider}` refused the request as longer than the model's context window, and compacting did not make it fit: {message}")]
     ContextLength { provider: String, message: String },
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
@@ -222,7 +222,8 @@ pub type WindowLookup = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, 
 /// What a run knows of the model's context window and of its requests' size.
 pub struct Budget {
     window: Option<u64>,
-    /// Asked once, when a request grows past `compaction::LOOKUP_FLOOR`.
+    /// Asked once, when a request grows past `compaction::LOOKUP_FLOOR`
+    /// (by the provider's count of the previous one, when there is one).
     lookup: Option<WindowLookup>,
     /// The provider's count of the last request's input tokens, with the
     /// length of the view then and the view's generation.
@@ -304,6 +305,8 @@ impl Run {
                     Err(err @ RunError::ContextLength { .. }) if !retried => {
                         retried = true;
                         let before = self.estimate(&specs);
+                        // The provider counted more than the estimate says,
+                        // so aim well below the estimate, not just below the limit.
                         let target = match self.budget.window {
                             Some(window) => {
                                 compaction::limit(window, self.agent.compaction.threshold, self.agent.provider.max_tokens).min(before * 3 / 4)
@@ -413,8 +416,11 @@ impl Run {
             return Ok(true);
         }
         let estimate = self.estimate(specs);
+        // Asked once requests get large by the provider's own count (the
+        // estimate before there is one): the list may be a network call.
+        let measured = self.budget.reported.map_or(estimate, |(tokens, ..)| tokens);
         if self.budget.window.is_none()
-            && estimate > compaction::LOOKUP_FLOOR
+            && measured > compaction::LOOKUP_FLOOR
             && let Some(lookup) = self.budget.lookup.take()
         {
             self.budget.window = lookup().await;
