@@ -185,7 +185,11 @@ async fn agents_crud() {
     assert_eq!(agent["name"], "Assistant");
     assert_eq!(agent["instructions"], "Be helpful");
     assert_eq!(agent["tools"], json!(["read", "bash"]));
-    assert_eq!(agent["provider"], json!({"id": "anthropic", "model": "claude-sonnet-4-5", "max_tokens": 4096, "temperature": 0.7}));
+    assert_eq!(
+        agent["provider"],
+        json!({"id": "anthropic", "model": "claude-sonnet-4-5", "max_tokens": 4096, "temperature": 0.7, "context_window": null})
+    );
+    assert_eq!(agent["compaction"], json!({"threshold": 0.8, "keep_turns": 4, "enabled": true}));
     let id = agent["id"].as_str().unwrap();
 
     let (status, list) = server.get("/agents").await;

@@ -78,6 +78,15 @@ impl ProviderError {
     /// ...}}`, `{"error": "..."}`, `{"message": ...}`) or else the body
     /// itself (cut to 1000 characters).
     pub fn from_response(response: crate::http::Response) -> Self {
+        Self::from_response_with(response, |_, _| false)
+    }
+
+    /// [`ProviderError::from_response`], with the vendor's own test for an
+    /// error that says the request is longer than the model's context
+    /// window (given the status and the raw body): such an error becomes
+    /// [`ErrorKind::ContextLengthExceeded`], which the host answers by
+    /// compacting the conversation and trying once more.
+    pub fn from_response_with(response: crate::http::Response, context_length: impl FnOnce(u16, &[u8]) -> bool) -> Self {
         let status = response.status;
         let retry_after_ms = response
             .header("retry-after-ms")
@@ -90,6 +99,10 @@ impl ProviderError {
         let mut err = ProviderError::from_status(status, message).with_retry_after(retry_after.as_deref());
         if retry_after_ms.is_some() {
             err.retry_after_ms = retry_after_ms;
+        }
+        if context_length(status, &body) {
+            err.kind = ErrorKind::ContextLengthExceeded;
+            err.retryable = false;
         }
         err
     }

@@ -69,6 +69,9 @@ impl Recorded {
     }
 }
 
+/// Answers each request from what it holds, instead of a fixed script.
+pub type Responder = Arc<dyn Fn(&Recorded) -> Reply + Send + Sync>;
+
 pub struct FakeServer {
     pub url: String,
     pub requests: Arc<Mutex<Vec<Recorded>>>,
@@ -76,7 +79,16 @@ pub struct FakeServer {
 }
 
 impl FakeServer {
+    /// A server whose replies are computed from each request by `respond`.
+    pub async fn responding(respond: impl Fn(&Recorded) -> Reply + Send + Sync + 'static) -> FakeServer {
+        Self::start_with(Vec::new(), Some(Arc::new(respond))).await
+    }
+
     pub async fn start(script: Vec<Reply>) -> FakeServer {
+        Self::start_with(script, None).await
+    }
+
+    async fn start_with(script: Vec<Reply>, responder: Option<Responder>) -> FakeServer {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let requests = Arc::new(Mutex::new(Vec::new()));
@@ -87,9 +99,9 @@ impl FakeServer {
                 // Like a real streaming server: each event goes out at once,
                 // not held by Nagle's algorithm until the peer ACKs.
                 let _ = stream.set_nodelay(true);
-                let (reqs, scr) = (reqs.clone(), scr.clone());
+                let (reqs, scr, responder) = (reqs.clone(), scr.clone(), responder.clone());
                 tokio::spawn(async move {
-                    let _ = serve(stream, reqs, scr).await;
+                    let _ = serve(stream, reqs, scr, responder).await;
                 });
             }
         });
@@ -109,11 +121,13 @@ async fn serve(
     mut stream: TcpStream,
     requests: Arc<Mutex<Vec<Recorded>>>,
     script: Arc<Mutex<std::collections::VecDeque<Reply>>>,
+    responder: Option<Responder>,
 ) -> std::io::Result<()> {
     loop {
         let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
+        let answer = responder.as_ref().map(|respond| respond(&request));
         requests.lock().unwrap().push(request);
-        let reply = script.lock().unwrap().pop_front().unwrap_or_else(|| {
+        let reply = answer.or_else(|| script.lock().unwrap().pop_front()).unwrap_or_else(|| {
             Reply::json(500, serde_json::json!({"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}))
         });
         let mut head = format!("HTTP/1.1 {} X\r\ntransfer-encoding: chunked\r\n", reply.status);

@@ -4,6 +4,7 @@
 
 mod approvals;
 pub mod bus;
+pub mod compaction;
 mod history;
 mod runs;
 
@@ -17,6 +18,7 @@ use utoipa::ToSchema;
 
 pub use approvals::Approvals;
 pub use bus::{Bus, Event, Feed, SubscribeError, Subscription};
+pub use compaction::{Compacted, Compactor, Target, Trigger};
 pub use runs::{Busy, Cancelled, Claim, Runs};
 
 use crate::runtime::{
@@ -28,7 +30,8 @@ use crate::config::PermissionSettings;
 use crate::permissions::{self, Compiled, Decision, Subject};
 use crate::runtime::manifest::PatternKind;
 use crate::store::{
-    Agent, Answer, Block, HistoryMessage, HistoryRole, PermissionRequest, PermissionStatus, Reply, Session, Store, StoreError, now,
+    Agent, Answer, Block, HistoryMessage, HistoryRole, PermissionRequest, PermissionStatus, Reply, Session, SessionContext, Store,
+    StoreError, now,
 };
 
 /// Retries of a retryable provider failure.
@@ -73,6 +76,19 @@ pub enum RunEvent {
         reply: Option<Reply>,
         message: Option<String>,
     },
+    /// The conversation was compacted to fit the model's context window:
+    /// from here on the model sees `GET /sessions/{id}/context`, while the
+    /// session's history stays whole. Token counts are estimates of the
+    /// next request.
+    Compaction {
+        trigger: Trigger,
+        tokens_before: u64,
+        tokens_after: u64,
+        /// History messages the summary stands for.
+        summarized_messages: u64,
+        /// Tool results the model sees shortened.
+        shortened_tool_results: u64,
+    },
     /// The run ended; the last event of a run that did not fail.
     Done { run_id: String, usage: Usage, steps: u32, stop_reason: StopReason },
     /// The run failed (or was interrupted by a restart: code `interrupted`);
@@ -92,6 +108,7 @@ impl RunEvent {
             RunEvent::ToolResult { .. } => "tool_result",
             RunEvent::PermissionRequest { .. } => "permission_request",
             RunEvent::PermissionReplied { .. } => "permission_replied",
+            RunEvent::Compaction { .. } => "compaction",
             RunEvent::Done { .. } => "done",
             RunEvent::Error { .. } => "error",
             RunEvent::ResyncRequired { .. } => "resync_required",
@@ -147,6 +164,9 @@ pub struct RunOutcome {
 pub enum RunError {
     #[error("provider `{provider}` failed{}: {message}", status.map(|s| format!(" with status {s}")).unwrap_or_default())]
     Provider { provider: String, status: Option<u16>, message: String },
+    /// The request was still over the context window after a compaction.
+    #[error("provider `{provider}` refused the request as longer than the model's context window, and compacting did not make it fit: {message}")]
+    ContextLength { provider: String, message: String },
     #[error("{0}")]
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
@@ -162,6 +182,7 @@ impl RunError {
     pub fn code(&self) -> &'static str {
         match self {
             RunError::Provider { .. } => "provider_error",
+            RunError::ContextLength { .. } => "context_length_exceeded",
             RunError::Plugin(RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. }) => "unknown_plugin",
             RunError::Plugin(
                 RuntimeError::Manifest { .. }
@@ -196,6 +217,32 @@ pub struct Run {
     pub approvals: Approvals,
     /// Whose run it is, and the quotas it meets on the way.
     pub quota: RunQuota,
+    /// The session's compacted view (`None` while it was never compacted).
+    pub context: Option<SessionContext>,
+    pub budget: Budget,
+}
+
+/// Finds the model's context window (it may ask the provider, over the network).
+pub type WindowLookup = Box<dyn FnOnce() -> futures::future::BoxFuture<'static, Option<u64>> + Send + Sync>;
+
+/// What a run knows of the model's context window and of its requests' size.
+pub struct Budget {
+    window: Option<u64>,
+    /// Asked once, when a request grows past `compaction::LOOKUP_FLOOR`
+    /// (by the provider's count of the previous one, when there is one).
+    lookup: Option<WindowLookup>,
+    /// The provider's count of the last request's input tokens, with the
+    /// length of the view then and the view's generation.
+    reported: Option<(u64, usize, u32)>,
+    /// Counts changes to the view other than appends.
+    generation: u32,
+}
+
+impl Budget {
+    /// `window` when it is known already (the agent's override), else `lookup`.
+    pub fn new(window: Option<u64>, lookup: Option<WindowLookup>) -> Budget {
+        Budget { window, lookup: if window.is_some() { None } else { lookup }, reported: None, generation: 0 }
+    }
 }
 
 /// The tenant of a run and the quotas a run checks as it goes (the others
@@ -265,7 +312,34 @@ impl Run {
             let mut text = String::new();
             let mut uses: Vec<PendingToolUse> = Vec::new();
             let before = usage;
-            let end = self.step(&specs, events, &mut text, &mut uses, &mut usage).await?;
+            // A context-length error gets one compaction and one retry.
+            let mut retried = false;
+            let end = loop {
+                if !self.fit(&specs, events, &mut usage).await? {
+                    break StepEnd::Cancelled;
+                }
+                match self.step(&specs, events, &mut text, &mut uses, &mut usage).await {
+                    Err(err @ RunError::ContextLength { .. }) if !retried => {
+                        retried = true;
+                        let before = self.estimate(&specs);
+                        // The provider counted more than the estimate says,
+                        // so aim well below the estimate, not just below the limit.
+                        let target = match self.budget.window {
+                            Some(window) => {
+                                compaction::limit(window, self.agent.compaction.threshold, self.agent.provider.max_tokens).min(before * 3 / 4)
+                            }
+                            None => before * 3 / 4,
+                        };
+                        tracing::info!(session = %self.session.id, estimate = before, "the request was over the context window; compacting");
+                        match self.compact(&specs, events, &mut usage, Trigger::ContextLengthError, before, Target::Below(target)).await? {
+                            Compacted::Done { .. } => {}
+                            Compacted::Cancelled => break StepEnd::Cancelled,
+                            Compacted::Unchanged => return Err(err),
+                        }
+                    }
+                    other => break other?,
+                }
+            };
             // Counted per step, so a run that crosses the day's quota ends
             // once this step is done (its calls answered, its history whole).
             let over = self.count_tokens(before, usage).await?;
@@ -372,6 +446,88 @@ impl Run {
         RunOutcome { response, tool_calls, usage, steps, stop_reason }
     }
 
+    /// Compacts the view when the next request would pass the agent's
+    /// threshold; false when the run was cancelled meanwhile.
+    async fn fit(&mut self, specs: &[ToolSpec], events: &Emitter, usage: &mut Usage) -> Result<bool, RunError> {
+        let settings = self.agent.compaction;
+        if !settings.enabled {
+            return Ok(true);
+        }
+        let estimate = self.estimate(specs);
+        // Asked once requests get large by the provider's own count (the
+        // estimate before there is one): the list may be a network call.
+        let measured = self.budget.reported.map_or(estimate, |(tokens, ..)| tokens);
+        if self.budget.window.is_none()
+            && measured > compaction::LOOKUP_FLOOR
+            && let Some(lookup) = self.budget.lookup.take()
+        {
+            self.budget.window = lookup().await;
+            if self.budget.window.is_none() {
+                tracing::info!(session = %self.session.id, provider = %self.agent.provider.id, model = %self.agent.provider.model,
+                    "the model's context window is unknown (set `provider.context_window` on the agent); no automatic compaction");
+            }
+        }
+        let Some(window) = self.budget.window else { return Ok(true) };
+        let limit = compaction::limit(window, settings.threshold, self.agent.provider.max_tokens);
+        if estimate <= limit {
+            return Ok(true);
+        }
+        let compacted = self.compact(specs, events, usage, Trigger::Threshold, estimate, Target::Fit(limit)).await?;
+        Ok(!matches!(compacted, Compacted::Cancelled))
+    }
+
+    /// Estimated tokens of the next request: the provider's count of the
+    /// previous one plus an estimate of the messages added since, or all
+    /// estimated when there is no such count (the first step, or a view
+    /// that changed by more than appends).
+    fn estimate(&self, specs: &[ToolSpec]) -> u64 {
+        let view = compaction::view(&self.session.history, self.context.as_ref());
+        match self.budget.reported {
+            Some((tokens, len, generation)) if generation == self.budget.generation && len <= view.len() => {
+                tokens + compaction::estimate_messages(&view[len..])
+            }
+            _ => compaction::estimate_fixed(&self.agent.instructions, specs) + compaction::estimate_messages(&view),
+        }
+    }
+
+    /// Compacts the view towards `target`, stores it and announces it.
+    async fn compact(
+        &mut self,
+        specs: &[ToolSpec],
+        events: &Emitter,
+        usage: &mut Usage,
+        trigger: Trigger,
+        before: u64,
+        target: Target,
+    ) -> Result<Compacted, RunError> {
+        let fixed = compaction::estimate_fixed(&self.agent.instructions, specs);
+        let mut context = self.context.clone().unwrap_or_default();
+        let compactor = Compactor {
+            runtime: &self.runtime,
+            access: &self.access,
+            agent: &self.agent,
+            window: self.budget.window,
+            cancel: events.cancel.clone(),
+            shutdown: self.shutdown.clone(),
+        };
+        let compacted = compactor.compact(&self.session.history, &mut context, fixed, before, target, usage).await?;
+        if let Compacted::Done { before, after } = compacted {
+            self.store.put_session_context(&self.session.id, context.clone()).await?;
+            tracing::info!(session = %self.session.id, run = %events.run_id, ?trigger, before, after,
+                summarized = context.summarized, shortened = context.shortened.len(), "conversation compacted");
+            events.send(&RunEvent::Compaction {
+                trigger,
+                tokens_before: before,
+                tokens_after: after,
+                summarized_messages: context.summarized as u64,
+                shortened_tool_results: context.shortened.len() as u64,
+            });
+            self.context = Some(context);
+            self.budget.generation += 1;
+        }
+        Ok(compacted)
+    }
+
     async fn persist(&mut self) -> Result<(), StoreError> {
         self.session.updated_at = now().max(self.session.updated_at);
         self.session = self.store.update_session(self.session.clone()).await?;
@@ -400,10 +556,11 @@ impl Run {
         usage: &mut Usage,
     ) -> Result<StepEnd, RunError> {
         let provider = self.agent.provider.id.clone();
+        let view = compaction::view(&self.session.history, self.context.as_ref());
         let request = CompletionRequest {
             model: self.agent.provider.model.clone(),
             system: Some(self.agent.instructions.clone()).filter(|s| !s.is_empty()),
-            messages: history::to_wit(&self.session.history),
+            messages: history::to_wit(&view),
             tools: specs.to_vec(),
             max_tokens: self.agent.provider.max_tokens,
             temperature: self.agent.provider.temperature.map(|t| t as f32),
@@ -421,9 +578,18 @@ impl Run {
                 usage.output_tokens.saturating_sub(before.output_tokens),
             );
             let failure = match pulled {
-                Ok(end) => return Ok(end),
+                Ok(end) => {
+                    let input = usage.input_tokens.saturating_sub(before.input_tokens);
+                    if input > 0 {
+                        self.budget.reported = Some((input, view.len(), self.budget.generation));
+                    }
+                    return Ok(end);
+                }
                 Err(failure) => failure,
             };
+            if matches!(failure.kind, crate::runtime::ErrorKind::ContextLengthExceeded) && !sent_anything {
+                return Err(RunError::ContextLength { provider, message: failure.message });
+            }
             if !failure.retryable || sent_anything || attempt >= MAX_RETRIES {
                 return Err(RunError::Provider { provider, status: failure.status, message: failure.message });
             }

@@ -11,7 +11,7 @@ use super::page::{self, Page, PageQuery};
 use super::{ApiError, ApiResult, AppState, JsonBody, Object, QueryParams, Status, new_id, status};
 use crate::runtime::Kind;
 use crate::permissions::{Origin, Rule};
-use crate::store::{Agent, AgentProvider, now};
+use crate::store::{Agent, AgentProvider, Compaction, now};
 use crate::tenancy::Caller;
 
 const DEFAULT_MAX_TOKENS: u32 = 4096;
@@ -41,6 +41,36 @@ pub struct AgentCreate {
     /// that matches a call decides (`allow`, `ask` or `deny`).
     #[serde(default)]
     permissions: Vec<Rule>,
+    /// When the conversation is compacted; absent fields take their defaults.
+    #[schema(value_type = Option<CompactionInput>)]
+    compaction: Option<Object<CompactionInput>>,
+}
+
+/// Compaction settings: only the fields given change (`null` is the same
+/// as absent).
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CompactionInput {
+    /// Compact when a request would pass this share of the model's context
+    /// window: more than 0, at most 1 (default 0.8).
+    #[schema(exclusive_minimum = 0.0, maximum = 1.0)]
+    threshold: Option<f64>,
+    /// Model turns kept verbatim at the end (default 4).
+    #[serde(default, deserialize_with = "whole_u32")]
+    #[schema(minimum = 1, maximum = 1000)]
+    keep_turns: Option<u32>,
+    /// `false`: no automatic compaction (default `true`).
+    enabled: Option<bool>,
+}
+
+impl CompactionInput {
+    fn apply(self, base: Compaction) -> Compaction {
+        Compaction {
+            threshold: self.threshold.unwrap_or(base.threshold),
+            keep_turns: self.keep_turns.unwrap_or(base.keep_turns),
+            enabled: self.enabled.unwrap_or(base.enabled),
+        }
+    }
 }
 
 /// The model of a new agent.
@@ -59,6 +89,11 @@ pub struct ProviderCreate {
     /// Sampling temperature; `null` or absent leaves the provider's default.
     #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f64>,
+    /// The model's context window in tokens, instead of the provider's
+    /// figure; `null` or absent takes the provider's.
+    #[serde(default, deserialize_with = "whole_u32")]
+    #[schema(minimum = 1)]
+    context_window: Option<u32>,
 }
 
 /// The body of `PUT /agents/{id}`: only the fields given change (`null`
@@ -77,6 +112,9 @@ pub struct AgentInput {
     /// Permission rules, evaluated after the config file's; the last rule
     /// that matches a call decides (`allow`, `ask` or `deny`).
     permissions: Option<Vec<Rule>>,
+    /// Changes to when the conversation is compacted.
+    #[schema(value_type = Option<CompactionInput>)]
+    compaction: Option<Object<CompactionInput>>,
 }
 
 /// Changes to an agent's model: only the fields given change.
@@ -95,6 +133,10 @@ pub struct ProviderInput {
     /// Sampling temperature; `null` keeps what is set.
     #[schema(minimum = 0.0, maximum = 2.0)]
     temperature: Option<f64>,
+    /// The model's context window in tokens; `null` keeps what is set.
+    #[serde(default, deserialize_with = "whole_u32")]
+    #[schema(minimum = 1)]
+    context_window: Option<u32>,
 }
 
 /// A JSON integer in `u32`'s range: `4096` or `4096.0` (JSON Schema counts
@@ -120,6 +162,7 @@ impl ProviderInput {
             model: self.model.unwrap_or(base.model),
             max_tokens: self.max_tokens.unwrap_or(base.max_tokens),
             temperature: self.temperature.or(base.temperature),
+            context_window: self.context_window.map(u64::from).or(base.context_window),
         }
     }
 }
@@ -169,6 +212,16 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
     {
         return Err(ApiError::Invalid(format!("`provider.temperature` must be between 0 and 2, not {t}")));
     }
+    if p.context_window == Some(0) {
+        return Err(ApiError::Invalid("`provider.context_window` must be greater than 0".into()));
+    }
+    let c = &agent.compaction;
+    if !(c.threshold > 0.0 && c.threshold <= 1.0) {
+        return Err(ApiError::Invalid(format!("`compaction.threshold` must be more than 0 and at most 1, not {}", c.threshold)));
+    }
+    if !(1..=1000).contains(&c.keep_turns) {
+        return Err(ApiError::Invalid(format!("`compaction.keep_turns` must be from 1 to 1000, not {}", c.keep_turns)));
+    }
     Ok(())
 }
 
@@ -212,8 +265,10 @@ pub(super) async fn create(
             model: p.model,
             max_tokens: p.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS),
             temperature: p.temperature,
+            context_window: p.context_window.map(u64::from),
         },
         permissions: input.permissions,
+        compaction: input.compaction.map(|Object(c)| c.apply(Compaction::default())).unwrap_or_default(),
         created_at: now,
         updated_at: now,
         tenant_id: caller.owner().to_string(),
@@ -251,6 +306,9 @@ pub(super) async fn update(
     }
     if let Some(permissions) = input.permissions {
         agent.permissions = permissions;
+    }
+    if let Some(Object(compaction)) = input.compaction {
+        agent.compaction = compaction.apply(agent.compaction);
     }
     agent.updated_at = now().max(agent.updated_at);
     validate(&state, &agent).await?;

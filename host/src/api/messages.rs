@@ -106,7 +106,7 @@ pub struct RunAccepted {
 impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
-            RunError::Provider { .. } => ApiError::Provider(err.to_string()),
+            RunError::Provider { .. } | RunError::ContextLength { .. } => ApiError::Provider(err.to_string()),
             RunError::Plugin(e) => ApiError::Plugin(e),
             RunError::Store(e) => ApiError::from(e),
             RunError::TokensExceeded { limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded {
@@ -160,7 +160,7 @@ async fn check(state: &AppState, session_id: &str, request: &RunRequest) -> ApiR
 
 /// The agent, if it belongs to the session's tenant: another tenant's
 /// agent is answered exactly as a missing one.
-async fn owned_agent(state: &AppState, id: &str, owner: &str) -> ApiResult<crate::store::Agent> {
+pub(super) async fn owned_agent(state: &AppState, id: &str, owner: &str) -> ApiResult<crate::store::Agent> {
     let agent = state.store.agent(id).await?;
     if agent.tenant_id != owner {
         return Err(StoreError::NotFound { kind: "agent", id: id.to_string() }.into());
@@ -180,6 +180,8 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
     let access = super::providers::access(state, &plugin, &session.tenant_id).await?;
+    let context = state.store.session_context(session_id).await?;
+    let budget = crate::agent::Budget::new(agent.provider.context_window, Some(super::providers::window_lookup(state, &agent)));
     // What `check` refused at submit may have changed while the run was queued.
     if !agent.tools.is_empty() && session.work_dir.is_none() {
         return Err(ApiError::Invalid(format!("agent `{}` has tools but session `{session_id}` has no work_dir", agent.id)));
@@ -228,6 +230,8 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         permissions: state.settings.permissions.clone(),
         rules,
         approvals: state.approvals.clone(),
+        context,
+        budget,
     })
 }
 

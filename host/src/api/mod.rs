@@ -1,6 +1,7 @@
 //! The REST API: one module per resource, each with its `routes()`.
 
 mod agents;
+mod compaction;
 pub mod error;
 mod messages;
 mod openapi;
@@ -179,6 +180,7 @@ pub fn router(state: AppState) -> Router {
         .merge(providers::routes())
         .merge(agents::routes())
         .merge(sessions::routes())
+        .merge(compaction::routes())
         .merge(messages::routes())
         .merge(runs::routes())
         .merge(permissions::routes())

@@ -19,6 +19,7 @@ use crate::runtime::Kind;
         super::providers::put_auth, super::providers::delete_auth, super::providers::list_models, super::providers::get_model,
         super::agents::list, super::agents::create, super::agents::show, super::agents::update, super::agents::remove,
         super::sessions::list, super::sessions::create, super::sessions::show, super::sessions::update, super::sessions::remove,
+        super::compaction::show, super::compaction::compact,
         super::messages::message, super::messages::stream,
         super::runs::list, super::runs::show, super::runs::cancel, super::runs::abort, super::runs::run_events, super::runs::session_events,
         super::permissions::list, super::permissions::show, super::permissions::reply,
@@ -101,6 +102,8 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
     for (schema, nullable) in [("ProviderCreate", true), ("ProviderInput", true)] {
         let types = if nullable { json!(["integer", "null"]) } else { json!("integer") };
         schemas[schema]["properties"]["max_tokens"] = json!({"type": types, "minimum": 1, "maximum": u32::MAX});
+        schemas[schema]["properties"]["context_window"] = json!({"type": types, "minimum": 1, "maximum": u32::MAX,
+            "description": schemas[schema]["properties"]["context_window"]["description"].clone()});
     }
     // A multipart upload has exactly its two fields.
     schemas["PluginUpload"]["additionalProperties"] = json!(false);
@@ -109,7 +112,7 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         "type": "object", "required": ["event", "data"],
         "description": "One Server-Sent Event; `data` is a RunEvent as JSON, `id` its seq (none on resync_required)",
         "properties": {
-            "event": {"type": "string", "enum": ["text", "tool_use", "tool_result", "permission_request", "permission_replied", "done", "error", "resync_required"]},
+            "event": {"type": "string", "enum": ["text", "tool_use", "tool_result", "permission_request", "permission_replied", "compaction", "done", "error", "resync_required"]},
             "data": {"type": "string", "contentMediaType": "application/json", "contentSchema": {"$ref": "#/components/schemas/RunEvent"}},
             "id": {"type": "string", "pattern": "^[0-9]+$"},
             "retry": {"type": "integer"}}});
@@ -119,6 +122,9 @@ async fn document(State(state): State<AppState>) -> ApiResult<Json<Value>> {
         schemas["SessionInput"]["properties"]["work_dir"]["pattern"] = json!(work_dir_pattern(&state.settings.work_roots));
     }
     schemas["SessionInput"]["properties"]["work_dir"]["maxLength"] = json!(2048);
+
+    // The body of a compaction on demand may be left out.
+    doc["paths"]["/sessions/{id}/compact"]["post"]["requestBody"]["required"] = json!(false);
 
     finish_operations(&mut doc, state.settings.token.is_some() || state.settings.admin_token.is_some());
     Ok(Json(doc))

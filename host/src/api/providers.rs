@@ -440,3 +440,26 @@ pub(super) async fn get_model(
         .map(Json)
         .ok_or_else(|| ApiError::NotFound(format!("provider `{name}` has no model `{model}`")))
 }
+
+/// Finds an agent's context window in its provider's model list (the
+/// cached one, else asked for), for a run that needs it; `None` when the
+/// list cannot be had or does not say.
+pub(crate) fn window_lookup(state: &AppState, agent: &crate::store::Agent) -> crate::agent::WindowLookup {
+    let (state, provider, model) = (state.clone(), agent.provider.id.clone(), agent.provider.model.clone());
+    // With the keys the agent's runs use.
+    let caller = match state.tenancy {
+        Some(_) => Caller::Tenant(agent.tenant_id.clone()),
+        None => Caller::Operator,
+    };
+    Box::new(move || {
+        Box::pin(async move {
+            match models_of(&state, &caller, &provider).await {
+                Ok(models) => resolve_model(&models, &model).and_then(|m| m.context_window),
+                Err(err) => {
+                    tracing::warn!(%provider, %model, err = %err.body().error, "cannot list the models to find the context window");
+                    None
+                }
+            }
+        })
+    })
+}

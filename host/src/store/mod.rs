@@ -13,11 +13,13 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
+mod context;
 mod permissions;
 mod records;
 mod runs;
 pub mod secrets;
 mod tenants;
+pub use context::{Compaction, SessionContext};
 pub use tenants::{DEFAULT_TENANT, Quotas, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
@@ -88,7 +90,9 @@ fn migrations() -> Migrations<'static> {
     M::up(runs::KEY_MIGRATION),
     // Tenants, their keys and usage; every agent, session and provider key
     // owned by one (issue: multi-tenant hosting).
-    M::up(tenants::MIGRATION)])
+    M::up(tenants::MIGRATION),
+    // Compaction settings of agents, compacted views of sessions (issue: context compaction).
+    M::up(context::MIGRATION)])
 }
 
 /// The `meta` key of when `tenant`'s credentials last changed (the
@@ -375,8 +379,8 @@ impl Store {
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             c.execute(
-                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, tenant_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
                 params![
                     agent.id,
                     agent.name,
@@ -386,6 +390,7 @@ impl Store {
                     ts(&agent.created_at),
                     ts(&agent.updated_at),
                     serde_json::to_string(&agent.permissions)?,
+                    serde_json::to_string(&agent.compaction)?,
                     agent.tenant_id
                 ],
             )?;
@@ -397,7 +402,8 @@ impl Store {
     pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
         self.write_agents(move |c| {
             let n = c.execute(
-                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7 WHERE id = ?1",
+                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7, compaction = ?8
+                 WHERE id = ?1",
                 params![
                     agent.id,
                     agent.name,
@@ -405,7 +411,8 @@ impl Store {
                     serde_json::to_string(&agent.tools)?,
                     serde_json::to_string(&agent.provider)?,
                     ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?
+                    serde_json::to_string(&agent.permissions)?,
+                    serde_json::to_string(&agent.compaction)?
                 ],
             )?;
             if n == 0 {
@@ -674,19 +681,21 @@ fn delete_row(
     }
 }
 
-const AGENT_SELECT: &str = "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions, tenant_id FROM agents";
+const AGENT_SELECT: &str =
+    "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id FROM agents";
 const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at, tenant_id FROM sessions";
 
 /// A row before its JSON columns are decoded (rusqlite's row closure cannot
 /// return our error type).
-struct RawAgent(Agent, String, String, String);
+struct RawAgent(Agent, String, String, String, String);
 
 impl RawAgent {
     fn finish(self) -> Result<Agent, StoreError> {
-        let RawAgent(mut agent, tools, provider, permissions) = self;
+        let RawAgent(mut agent, tools, provider, permissions, compaction) = self;
         agent.tools = serde_json::from_str(&tools)?;
         agent.provider = serde_json::from_str(&provider)?;
         agent.permissions = serde_json::from_str(&permissions)?;
+        agent.compaction = context::parse_compaction(&compaction)?;
         Ok(agent)
     }
 }
@@ -700,13 +709,15 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
             tools: Vec::new(),
             provider: AgentProvider::default(),
             permissions: Vec::new(),
+            compaction: Compaction::default(),
             created_at: parse_ts(row.get(5)?)?,
             updated_at: parse_ts(row.get(6)?)?,
-            tenant_id: row.get(8)?,
+            tenant_id: row.get(9)?,
         },
         row.get(3)?,
         row.get(4)?,
         row.get(7)?,
+        row.get(8)?,
     ))
 }
 

@@ -18,6 +18,8 @@ pub struct Agent {
     /// Rules deciding which tool calls run, wait for an answer, or are
     /// refused; the last that matches wins (after the config file's).
     pub permissions: Vec<crate::permissions::Rule>,
+    /// When the conversation is compacted to fit the model's context window.
+    pub compaction: super::Compaction,
     #[serde(serialize_with = "rfc3339")]
     pub created_at: DateTime<Utc>,
     #[serde(serialize_with = "rfc3339")]
@@ -38,6 +40,10 @@ pub struct AgentProvider {
     pub max_tokens: u32,
     /// Sampling temperature (0 to 2); `null` leaves the provider's default.
     pub temperature: Option<f64>,
+    /// The model's context window in tokens, overriding what the provider's
+    /// model list says; `null` takes the provider's figure.
+    #[serde(default)]
+    pub context_window: Option<u64>,
 }
 
 /// A conversation on a working directory.

@@ -101,7 +101,7 @@ impl Provider for Anthropic {
             .timeout_ms(COMPLETE_TIMEOUT_MS)
             .send()?;
         if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response(response));
+            return Err(ProviderError::from_response_with(response, too_long));
         }
         Ok(MessageStream::new(SseReader::new(response)))
     }
@@ -424,6 +424,19 @@ fn stop_reason(reason: &str) -> StopReason {
         // `end_turn`, `pause_turn` and anything new: the turn is over.
         _ => StopReason::EndTurn,
     }
+}
+
+/// Anthropic's answer to a prompt over the context window: a 400
+/// `invalid_request_error` saying "prompt is too long: N tokens > M
+/// maximum" (or, when `max_tokens` tips it over, that the input length
+/// and `max_tokens` exceed the context limit).
+fn too_long(status: u16, body: &[u8]) -> bool {
+    let Ok(json) = serde_json::from_slice::<Value>(body) else { return false };
+    let error = &json["error"];
+    let message = error["message"].as_str().unwrap_or_default().to_ascii_lowercase();
+    status == 400
+        && error["type"] == "invalid_request_error"
+        && (message.contains("prompt is too long") || message.contains("exceed context limit"))
 }
 
 /// An `error` event in the middle of a stream (the HTTP status was 200):

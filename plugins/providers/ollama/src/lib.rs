@@ -63,7 +63,7 @@ impl Provider for Ollama {
             .send()
             .map_err(|e| unreachable(&base, e))?;
         if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response(response));
+            return Err(ProviderError::from_response_with(response, |_, body| too_long(&String::from_utf8_lossy(body))));
         }
         Ok(ChatStream::new(response.into_reader()))
     }
@@ -90,6 +90,14 @@ fn base_url(cfg: &Config) -> String {
     // A listen-everywhere address is reached on loopback.
     let authority = authority.replacen("0.0.0.0:", "127.0.0.1:", 1);
     format!("{scheme}://{authority}{path}")
+}
+
+/// Ollama's ways of saying the prompt does not fit the context (`prompt
+/// too long; exceeded max context length by N tokens`, `input length
+/// exceeds the context length`), as an error body or a stream line.
+fn too_long(text: &str) -> bool {
+    let text = text.to_ascii_lowercase();
+    text.contains("prompt too long") || (text.contains("context") && (text.contains("exceed") || text.contains("too long")))
 }
 
 /// A failure to reach Ollama, naming the address tried: the usual cause is
@@ -217,7 +225,12 @@ impl ChatStream {
         })?;
         if let Some(error) = json["error"].as_str() {
             // A failure after the 200 went out (the model runner died, ...).
-            return Err(ProviderError { status: None, ..ProviderError::from_status(500, error) });
+            let mut err = ProviderError { status: None, ..ProviderError::from_status(500, error) };
+            if too_long(error) {
+                err.kind = ErrorKind::ContextLengthExceeded;
+                err.retryable = false;
+            }
+            return Err(err);
         }
         let message = &json["message"];
         if let Some(text) = message["content"].as_str().filter(|t| !t.is_empty()) {

@@ -73,7 +73,7 @@ impl Provider for OpenAi {
             .timeout_ms(COMPLETE_TIMEOUT_MS)
             .send()?;
         if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response(response));
+            return Err(ProviderError::from_response_with(response, too_long));
         }
         Ok(ChatStream::new(SseReader::new(response)))
     }
@@ -324,6 +324,13 @@ fn bad(message: &str) -> ProviderError {
 
 /// An error object sent in place of a chunk (OpenRouter, vLLM and others do
 /// this when a failure happens after the 200 status went out).
+/// OpenAI's answer to a prompt over the context window: a 400 whose error
+/// has `code: "context_length_exceeded"` (compatible servers copy it).
+fn too_long(status: u16, body: &[u8]) -> bool {
+    let Ok(json) = serde_json::from_slice::<Value>(body) else { return false };
+    status == 400 && json["error"]["code"] == "context_length_exceeded"
+}
+
 fn stream_error(error: &Value) -> ProviderError {
     let message = error["message"].as_str().or(error.as_str()).unwrap_or("no message");
     let kind = error["type"].as_str().unwrap_or_default();
