@@ -443,6 +443,33 @@ async function loadUsage() {
   };
   const { quotas: _omit, ...used } = usage;
   walk(used, []);
+  // What is used against what is allowed, where both are known.
+  const sum = (t) => (t && typeof t === "object" ? (t.input || 0) + (t.output || 0) : t);
+  const pairs = [
+    ["Tokens today", sum(usage.tokens_today), quotas.tokens_per_day, (n) => n],
+    ["Runs at once", usage.active_runs, quotas.max_concurrent_runs, (n) => n],
+    ["Sessions", usage.sessions, quotas.max_sessions, (n) => n],
+    ["Storage (MB)", usage.storage_bytes, quotas.storage_mb, (n) => Math.round((n / 1048576) * 10) / 10],
+  ].filter(([, value]) => value !== undefined && value !== null);
+  if (pairs.length) {
+    body.append(
+      h("h2", {}, "Against quotas"),
+      h(
+        "table",
+        { class: "grid usage" },
+        h("tbody", {}, pairs.map(([label, value, quota, show]) => {
+          const shown = show(value);
+          return h(
+            "tr",
+            {},
+            h("th", { scope: "row" }, label),
+            h("td", {}, quota === null || quota === undefined ? `${shown} (no limit)` : `${shown} of ${quota}`),
+            h("td", {}, quota ? h("meter", { min: 0, max: quota, value: Math.min(shown, quota), high: quota * 0.8, "aria-label": `${label}: ${shown} of ${quota}` }) : ""),
+          );
+        })),
+      ),
+    );
+  }
   body.append(
     h("h2", {}, "Used"),
     h("table", { class: "grid" }, h("tbody", {}, rows.map(([k, v]) => h("tr", {}, h("th", { scope: "row" }, k), h("td", {}, v === null ? "—" : String(v)))))),
