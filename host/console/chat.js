@@ -226,12 +226,22 @@ function apply(live, ev) {
       }
       break;
     }
-    case "permission_request":
-      add({ kind: "perm", session: live.session, request_id: data.request_id, tool: data.tool, input: data.input, patterns: data.patterns || [], status: null });
+    case "permission_request": {
+      const perm = { kind: "perm", session: live.session, request_id: data.request_id, tool: data.tool, input: data.input, patterns: data.patterns || [], status: null };
+      // Asked about a call shown above: the question goes with it.
+      const tool = live.items.find((i) => i.kind === "tool" && i.id === data.tool_use_id);
+      if (tool) {
+        perm.inTool = true;
+        tool.perm = perm;
+        redraw(tool);
+      } else {
+        add(perm);
+      }
       setRunning(true, "Waiting for your answer…");
       break;
+    }
     case "permission_replied": {
-      const perm = live.items.find((i) => i.kind === "perm" && i.request_id === data.request_id);
+      const perm = live.items.map((i) => (i.kind === "tool" ? i.perm : i)).find((i) => i && i.kind === "perm" && i.request_id === data.request_id);
       if (perm) {
         Object.assign(perm, { status: data.status, reply: data.reply, message: data.message });
         redraw(perm);
@@ -319,6 +329,7 @@ function toolNode(item) {
     h("div", { class: "tool-head" }, h("span", { class: "tool-name" }, item.name), h("code", { class: "tool-summary" }, summary), h("span", { class: "badge" }, state === "running" ? "running…" : state)),
     h("details", { class: "tool-input", open: !isLong(input) }, h("summary", {}, "Input"), h("pre", {}, input)),
   );
+  if (item.perm) el.append(permNode(item.perm));
   if (item.output !== null) {
     const lines = item.output.split("\n").length;
     el.append(
@@ -329,11 +340,12 @@ function toolNode(item) {
 }
 
 function permNode(item) {
-  const el = h("div", { class: "perm", role: "group", "aria-label": `Permission request for ${item.tool}`, dataset: { requestId: item.request_id } });
-  el.append(
-    h("div", { class: "perm-head" }, h("strong", {}, "Permission needed: "), h("span", { class: "tool-name" }, item.tool)),
-    h("pre", {}, pretty(item.input)),
-  );
+  const inTool = !!item.inTool;
+  const el = h("div", { class: `perm${inTool ? " in-tool" : ""}`, role: "group", "aria-label": `Permission request for ${item.tool}`, dataset: { requestId: item.request_id } });
+  nodes.set(item, el);
+  el.append(h("div", { class: "perm-head" }, h("strong", {}, "Permission needed: "), h("span", { class: "tool-name" }, item.tool)));
+  // Inside its tool call the input is shown already.
+  if (!inTool) el.append(h("pre", {}, pretty(item.input)));
   if (item.patterns.length) el.append(h("p", { class: "hint" }, "“Always” allows from now on in this session: ", item.patterns.join(", ")));
   if (item.status) {
     const how = item.reply ? ` (${item.reply}${item.message ? `: ${item.message}` : ""})` : "";

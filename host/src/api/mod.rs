@@ -1,6 +1,7 @@
 //! The REST API: one module per resource, each with its `routes()`.
 
 mod agents;
+mod console;
 pub mod error;
 mod messages;
 mod openapi;
@@ -172,6 +173,7 @@ pub fn router(state: AppState) -> Router {
         .merge(runs::routes())
         .merge(permissions::routes())
         .merge(plugins::routes())
+        .merge(console::routes())
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)
