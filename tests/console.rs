@@ -81,11 +81,20 @@ async fn browser(driver: &Driver) -> Client {
     let mut caps = serde_json::Map::new();
     caps.insert("browserName".into(), json!("chrome"));
     caps.insert("goog:chromeOptions".into(), options);
-    ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+    let client = ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
         .capabilities(caps)
         .connect(&driver.url)
         .await
-        .expect("a Chromium session")
+        .expect("a Chromium session");
+    viewport(&client, 1280, 800).await;
+    client
+}
+
+/// Sizes the window so that the page itself gets `width` × `height`.
+async fn viewport(client: &Client, width: u32, height: u32) {
+    let frame = client.execute("return [outerWidth - innerWidth, outerHeight - innerHeight]", vec![]).await.unwrap();
+    let (dw, dh) = (frame[0].as_u64().unwrap_or(0) as u32, frame[1].as_u64().unwrap_or(0) as u32);
+    client.set_window_size(width + dw, height + dh).await.unwrap();
 }
 
 fn screenshot_dir() -> PathBuf {
@@ -405,7 +414,7 @@ async fn a_person_uses_the_console_in_a_real_browser() {
     page.shot("09-plugins").await;
 
     // A phone's width: the chat stays usable.
-    page.client.set_window_size(390, 844).await.unwrap();
+    viewport(&page.client, 390, 844).await;
     page.go("#/chat").await;
     page.until("the chat at phone width", "document.querySelector('#transcript .run-end')").await;
     page.shot("10-chat-phone").await;

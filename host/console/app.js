@@ -181,7 +181,7 @@ async function loadAgents() {
   const rows = clear($("#agent-rows"));
   for (const a of agents) {
     const edit = h("button", { type: "button", class: "quiet", "aria-label": `Edit ${a.name}` }, "Edit");
-    edit.addEventListener("click", () => editAgent(a));
+    edit.addEventListener("click", () => editAgent(a, true));
     rows.append(h("tr", { dataset: { agent: a.id } }, h("td", {}, a.name), h("td", {}, `${a.provider.id} / ${a.provider.model}`), h("td", {}, (a.tools || []).join(", ") || "—"), h("td", {}, edit)));
   }
   if (!agents.length) rows.append(h("tr", {}, h("td", { colspan: 4, class: "hint" }, "No agents yet.")));
@@ -225,7 +225,7 @@ async function loadModels() {
   }
 }
 
-function editAgent(agent) {
+function editAgent(agent, focus = false) {
   $("#agent-form-title").textContent = agent ? `Edit ${agent.name}` : "New agent";
   $("#agent-save").textContent = agent ? "Save agent" : "Create agent";
   $("#agent-delete").hidden = !agent;
@@ -237,16 +237,13 @@ function editAgent(agent) {
   $("#agent-max-tokens").value = agent && agent.provider.max_tokens ? agent.provider.max_tokens : "";
   $("#agent-permissions").value = JSON.stringify(agent ? agent.permissions || [] : [], null, 1);
   renderTools(agent ? agent.tools || [] : []);
-  if (agent) {
-    loadModels();
-    $("#agent-name").focus();
-  }
+  if (agent) loadModels();
+  if (focus) $("#agent-name").focus();
 }
 
 function setupAgents() {
   $("#agent-new").addEventListener("click", () => {
-    editAgent(null);
-    $("#agent-name").focus();
+    editAgent(null, true);
   });
   $("#agent-provider").addEventListener("change", loadModels);
   handle($("#agent-form"), async (data) => {
@@ -488,7 +485,7 @@ function flash(text) {
   const status = $("#run-status");
   const live = h("div", { class: "flash", role: "status" }, text);
   document.body.append(live);
-  setTimeout(() => live.remove(), 4000);
+  setTimeout(() => live.remove(), 2500);
   return status;
 }
 
