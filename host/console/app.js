@@ -143,10 +143,7 @@ async function openSession(id) {
 }
 
 function setupChat() {
-  chat.init({
-    report,
-    runEnded: () => {},
-  });
+  chat.init({ report });
   handle($("#new-session-form"), async (data) => {
     const work = String(data.get("work_dir") || "").trim();
     const session = await api("POST", "/sessions", work ? { work_dir: work } : {});
@@ -482,11 +479,9 @@ async function loadUsage() {
 // ---------- misc ----------
 
 function flash(text) {
-  const status = $("#run-status");
-  const live = h("div", { class: "flash", role: "status" }, text);
-  document.body.append(live);
-  setTimeout(() => live.remove(), 2500);
-  return status;
+  const note = h("div", { class: "flash", role: "status" }, text);
+  document.body.append(note);
+  setTimeout(() => note.remove(), 2500);
 }
 
 const loaders = {

@@ -187,7 +187,6 @@ async function follow(mine, live) {
   }
   if (current === mine) {
     setRunning(false, live.status || "");
-    ui.runEnded && ui.runEnded();
   }
 }
 
