@@ -232,6 +232,9 @@ async fn a_person_uses_the_console_in_a_real_browser() {
         // 4: a call that must ask first.
         bash("toolu_p", "echo approved-run"),
         text(&["Approved and done."]),
+        // 5: a call the person refuses, with a reason the model is told.
+        bash("toolu_r", "rm -rf build"),
+        text(&["Understood, leaving it."]),
     ])
     .await;
     let server = Server::start(&["--token", TOKEN]);
@@ -402,11 +405,36 @@ async fn a_person_uses_the_console_in_a_real_browser() {
     page.until("the approved call's output", "document.querySelector('#transcript .tool[data-tool-use-id=toolu_p] .tool-output pre')?.innerText.includes('approved-run')").await;
     page.until("the last answer", "document.querySelector('#transcript').innerText.includes('Approved and done.')").await;
     page.until("the run's end", &format!("document.querySelectorAll('#transcript .run-end').length > {ended}")).await;
+
+    // 5: rejected with a message, which reaches the model as the call's result.
+    let ended = page.ended_runs().await;
+    page.send_message("Clean up.").await;
+    page.fill("#transcript .tool[data-tool-use-id=toolu_r] .perm input", "keep the build").await;
+    page.click("#transcript .tool[data-tool-use-id=toolu_r] .perm .perm-reject").await;
+    page.until("the refusal recorded", "document.querySelector('#transcript .tool[data-tool-use-id=toolu_r] .perm-status')?.dataset.status === 'rejected'").await;
+    page.until("the run's end", &format!("document.querySelectorAll('#transcript .run-end').length > {ended}")).await;
+    assert!(page.text("#transcript .tool[data-tool-use-id=toolu_r]").await.contains("keep the build"));
+    let told = fake
+        .requests()
+        .iter()
+        .flat_map(|r| serde_json::from_slice::<Value>(&r.body).ok())
+        .flat_map(|body| body["messages"].as_array().cloned().unwrap_or_default())
+        .flat_map(|m| m["content"].as_array().cloned().unwrap_or_default())
+        .find(|b| b["type"] == "tool_result" && b["tool_use_id"] == "toolu_r")
+        .expect("the refused call's result was sent to the model");
+    assert!(told.to_string().contains("keep the build"), "{told}");
     assert_eq!(page.js("return window.__violations").await, json!([]));
+
+    // Every field has a label a screen reader can read.
+    let unlabelled = page
+        .js("return [...document.querySelectorAll('input:not([type=hidden]), select, textarea')]
+            .filter(e => !e.labels?.length && !e.getAttribute('aria-label')).map(e => e.id || e.name || e.outerHTML)")
+        .await;
+    assert_eq!(unlabelled, json!([]), "fields without a label");
 
     // Past sessions and runs, plugins and their grants.
     page.go("#/sessions").await;
-    page.until("the runs listed", "document.querySelectorAll('#run-rows tr[data-run]').length === 4").await;
+    page.until("the runs listed", "document.querySelectorAll('#run-rows tr[data-run]').length === 5").await;
     assert_eq!(page.js("return document.querySelectorAll('#run-rows tr[data-status=cancelled]').length").await, json!(1));
     page.shot("08-sessions-and-runs").await;
     page.go("#/plugins").await;
