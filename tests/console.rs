@@ -12,6 +12,7 @@
 mod common;
 
 use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -33,7 +34,12 @@ struct Driver {
 }
 
 impl Drop for Driver {
+    /// Kills chromedriver's whole process group, so that a failed test
+    /// leaves no Chromium behind either.
     fn drop(&mut self) {
+        unsafe {
+            libc::kill(-(self.child.id() as i32), libc::SIGKILL);
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -46,6 +52,8 @@ fn free_port() -> u16 {
 async fn start_driver() -> Driver {
     let port = free_port();
     let child = Command::new("chromedriver")
+        // A group of its own, with the browsers it starts (see Drop).
+        .process_group(0)
         .arg(format!("--port={port}"))
         .arg("--allowed-ips=127.0.0.1")
         .stdout(Stdio::null())
