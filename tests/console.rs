@@ -416,7 +416,8 @@ async fn a_person_uses_the_console_in_a_real_browser() {
 
     // 5: rejected with a message, which reaches the model as the call's result.
     let ended = page.ended_runs().await;
-    page.send_message("Clean up.").await;
+    // Sent from the keyboard: Ctrl+Enter in the message field.
+    page.fill("#composer-text", "Clean up.\u{E009}\u{E007}\u{E000}").await;
     page.fill("#transcript .tool[data-tool-use-id=toolu_r] .perm input", "keep the build").await;
     page.click("#transcript .tool[data-tool-use-id=toolu_r] .perm .perm-reject").await;
     page.until("the refusal recorded", "document.querySelector('#transcript .tool[data-tool-use-id=toolu_r] .perm-status')?.dataset.status === 'rejected'").await;
