@@ -21,10 +21,11 @@ fi
 # (confined commands, and the fuzzer's private network), capsh and ip
 # (tests that try what a command may do), curl (commands that try the
 # server's own API), python3 with pip, node with npm (the JavaScript plugin
-# template).
+# template), chromium with its chromedriver (the console's browser test).
 declare -A debian=(
     [bash]=bash [unshare]=util-linux [setpriv]=util-linux [capsh]=libcap2-bin
     [ip]=iproute2 [curl]=curl [python3]=python3 [node]=nodejs [npm]=npm
+    [chromium]=chromium [chromedriver]=chromium-driver
 )
 missing=()
 for command in "${!debian[@]}"; do

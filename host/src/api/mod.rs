@@ -2,6 +2,7 @@
 
 mod agents;
 mod compaction;
+mod console;
 pub mod error;
 mod messages;
 mod openapi;
@@ -186,6 +187,8 @@ pub fn router(state: AppState) -> Router {
         .merge(permissions::routes())
         .merge(plugins::routes())
         .merge(tenants::routes())
+        // After routing: the route's template and `{id}` are known.
+        .merge(console::routes())
         // After routing: the route's template and `{id}` are known.
         .route_layer(owned)
         .fallback(no_route)

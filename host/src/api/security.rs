@@ -76,6 +76,7 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
     }
     if let Some(origin) = req.headers().get(header::ORIGIN)
         && !security.any_origin
+        && !same_origin(&req)
     {
         let origin = origin.to_str().unwrap_or("");
         if !security.cors_origins.iter().any(|o| o == origin) {
@@ -86,7 +87,7 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
         }
     }
     let preflight = req.method() == Method::OPTIONS && req.headers().contains_key(header::ACCESS_CONTROL_REQUEST_METHOD);
-    if req.uri().path() == "/health" || preflight {
+    if req.uri().path() == "/health" || preflight || super::console::is_public(req.method(), req.uri().path()) {
         return next.run(req).await;
     }
     let sent = req
@@ -150,6 +151,20 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
         return ApiError::Unauthorized.into_response();
     }
     next.run(req).await
+}
+
+/// A request from a page this server served (the console): its `Origin`
+/// names the host it was sent to. Browsers send `Origin` on same-origin
+/// POSTs and module scripts too; a page elsewhere cannot claim this one's.
+fn same_origin(req: &Request) -> bool {
+    let (Some(origin), Some(host)) = (req.headers().get(header::ORIGIN), req.headers().get(header::HOST)) else {
+        return false;
+    };
+    let (Ok(origin), Ok(host)) = (origin.to_str(), host.to_str()) else {
+        return false;
+    };
+    let authority = origin.strip_prefix("http://").or_else(|| origin.strip_prefix("https://"));
+    !host.is_empty() && authority.is_some_and(|a| a.eq_ignore_ascii_case(host))
 }
 
 /// Every name the request gives for its target must be loopback: the one
@@ -287,6 +302,21 @@ mod tests {
             builder = builder.header(header::HOST, *host);
         }
         builder.body(axum::body::Body::empty()).unwrap()
+    }
+
+    fn from(origin: &str, host: &str) -> Request {
+        Request::builder().uri("/agents").header(header::HOST, host).header(header::ORIGIN, origin).body(axum::body::Body::empty()).unwrap()
+    }
+
+    #[test]
+    fn same_origin_is_the_host_the_request_went_to() {
+        assert!(same_origin(&from("http://127.0.0.1:2323", "127.0.0.1:2323")));
+        assert!(same_origin(&from("http://localhost:2323", "LOCALHOST:2323")));
+        assert!(!same_origin(&from("http://127.0.0.1:2324", "127.0.0.1:2323")));
+        assert!(!same_origin(&from("http://evil.test", "127.0.0.1:2323")));
+        assert!(!same_origin(&from("null", "127.0.0.1:2323")));
+        assert!(!same_origin(&from("http://127.0.0.1:2323/", "127.0.0.1:2323")));
+        assert!(!same_origin(&from("http://", "")));
     }
 
     #[test]
