@@ -522,9 +522,11 @@ async fn concurrent_runs_never_pass_the_limit() {
     let results = futures::future::join_all(submits).await;
     let accepted = results.iter().filter(|(s, _)| *s == 202).count();
     let refused = results.iter().filter(|(s, retry)| *s == 429 && *retry).count();
-    assert_eq!((accepted, refused), (3, 47), "{results:?}");
+    let (_, runs) = host.tenant(&a.key).get(&format!("/sessions/{}/runs", a.session)).await;
+    assert_eq!((accepted, refused), (3, 47), "{results:?}\n{runs}\n{}", host.server.log());
     let (_, usage) = host.tenant(&a.key).get("/usage").await;
-    assert_eq!(usage["active_runs"], 3, "{usage}");
+    let (_, runs) = host.tenant(&a.key).get(&format!("/sessions/{}/runs", a.session)).await;
+    assert_eq!(usage["active_runs"], 3, "{usage}\n{runs}");
 }
 
 const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
@@ -562,6 +564,17 @@ async fn a_tenants_plugin_is_its_own_and_capped_by_the_plugin_policy() {
     let (status, body) = upload(&host, &a.key, &format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n")).await;
     assert_eq!(status, 201, "{body}");
     assert_eq!(body["scope"], "tenant");
+    // Its `plugins` and `plugin_mb` quotas: an upgrade replaces, a second plugin counts.
+    let (status, _) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"plugins": 1}})).await;
+    assert_eq!(status, 200);
+    let (status, body) = upload(&host, &a.key, &format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n")).await;
+    assert_eq!(status, 200, "an upgrade: {body}");
+    let (status, body) = upload(&host, &a.key, &MISBEHAVE.replace("name = \"misbehave\"", "name = \"second\"")).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("plugins")), "{body}");
+    let (status, body) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"plugins": null, "plugin_mb": 0}})).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = upload(&host, &a.key, &MISBEHAVE.replace("name = \"misbehave\"", "name = \"second\"")).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("plugin_mb")), "{body}");
 
     // A sees it; B and the server-wide list do not.
     let (_, tools) = as_a.get("/tools").await;
@@ -752,4 +765,40 @@ async fn open_event_streams_count_against_max_streams() {
         assert!(std::time::Instant::now() < deadline, "the closed stream still counts");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+#[tokio::test]
+async fn every_change_is_in_the_audit_trail_without_secrets() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([])).await;
+    let (status, _) = host.admin().patch(&format!("/tenants/{}", a.id), json!({"quotas": {"max_sessions": 9}})).await;
+    assert_eq!(status, 200);
+    let (status, _) = host.tenant(&a.key).delete(&format!("/sessions/{}", a.session)).await;
+    assert_eq!(status, 200);
+    // Not changes: reads, refusals, and another tenant's ids.
+    let (status, _) = host.tenant(&a.key).delete(&format!("/agents/{}", b.agent)).await;
+    assert_eq!(status, 404);
+
+    let (status, all) = host.admin().get("/audit").await;
+    assert_eq!(status, 200, "{all}");
+    let entries = all.as_array().unwrap();
+    let has = |actor: &str, method: &str, route: &str| {
+        entries.iter().any(|e| e["actor"] == actor && e["method"] == method && e["route"] == route && e["address"] == "127.0.0.1")
+    };
+    assert!(has("admin", "POST", "/tenants"), "{all}");
+    assert!(has("admin", "PATCH", "/tenants/{id}"), "{all}");
+    assert!(has("tenant", "PUT", "/provider/auth"), "{all}");
+    assert!(has("tenant", "POST", "/agents"), "{all}");
+    assert!(has("tenant", "DELETE", "/sessions/{id}"), "{all}");
+    assert!(!entries.iter().any(|e| e["status"] == 404), "{all}");
+    let text = all.to_string();
+    for secret in [&a.key, &b.key, &a.provider_key, &b.provider_key] {
+        assert!(!text.contains(secret.as_str()));
+    }
+    // A tenant sees its own entries only.
+    let (_, mine) = host.tenant(&a.key).get("/audit").await;
+    let mine = mine.as_array().unwrap();
+    assert!(!mine.is_empty());
+    assert!(mine.iter().all(|e| e["tenant_id"] == a.id.as_str()), "{mine:?}");
 }

@@ -96,6 +96,10 @@ pub struct ServeArgs {
     /// resume (`30m`, `24h`, `7d`, or seconds) [default: 24h]
     #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
     pub event_retention: Option<Duration>,
+    /// How long the audit trail keeps each change (`90d`, or seconds)
+    /// [default: 90d]
+    #[arg(long, value_name = "DURATION", value_parser = parse_duration)]
+    pub audit_retention: Option<Duration>,
     /// Size of the SQLite write-ahead log (`DB-wal`) past which it is
     /// copied back and truncated, also the size it is cut to after a
     /// checkpoint [default: 64]
@@ -159,6 +163,8 @@ pub struct FileConfig {
     pub max_steps: Option<u32>,
     /// How long a run's events are kept after it ends (`24h`).
     pub event_retention: Option<String>,
+    /// How long the audit trail keeps each change (`90d`).
+    pub audit_retention: Option<String>,
     /// The server key's file (see `--secret-key-file`).
     pub secret_key_file: Option<PathBuf>,
     pub header_timeout_ms: Option<u64>,
@@ -333,6 +339,7 @@ pub struct Settings {
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
+    pub audit_retention: Duration,
     pub policy: Policy,
     /// Time a client gets to send a request's headers (HTTP/1).
     pub header_timeout: Duration,
@@ -431,6 +438,11 @@ impl Settings {
             (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
             (None, None) => Duration::from_secs(24 * 3600),
         };
+        let audit_retention = match (args.audit_retention, file.audit_retention) {
+            (Some(d), _) => d,
+            (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
+            (None, None) => Duration::from_secs(90 * 86_400),
+        };
         let header_timeout_ms = args.header_timeout_ms.or(file.header_timeout_ms).unwrap_or(DEFAULT_HEADER_TIMEOUT_MS);
         if header_timeout_ms == 0 {
             return Err(ConfigError::Zero { setting: "--header-timeout-ms (header_timeout_ms)" });
@@ -503,6 +515,7 @@ impl Settings {
             work_roots,
             max_steps: args.max_steps.or(file.max_steps).unwrap_or(50).max(1),
             event_retention,
+            audit_retention,
             policy: Policy {
                 plugins: file.plugins,
                 defaults: limits,

@@ -181,6 +181,13 @@ async fn retention_loop(state: AppState) {
             Err(err) => tracing::warn!(%err, "cannot remove old events"),
         }
         state.bus.sweep().await;
+        if let Ok(keep) = chrono::Duration::from_std(state.settings.audit_retention) {
+            match state.store.prune_audit(crate::store::now() - keep).await {
+                Ok(0) => {}
+                Ok(n) => tracing::info!(entries = n, "removed audit entries past their retention"),
+                Err(err) => tracing::warn!(%err, "cannot remove old audit entries"),
+            }
+        }
     }
 }
 
@@ -246,7 +253,12 @@ async fn accept_loop(listener: TcpListener, app: Router, limits: ConnectionLimit
         // A clone of the router is an `Arc`. (Serving it through its
         // `Service<IncomingStream>` impl would rebuild the route table for
         // every connection: 24 KB of heap per open stream.)
-        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(app.clone()));
+        // Each request knows its client's address (the audit trail records it).
+        let with_peer = tower::ServiceExt::map_request(app.clone(), move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(axum::extract::ConnectInfo(peer));
+            req
+        });
+        let conn = http.serve_connection(TokioIo::new(tcp), TowerToHyperService::new(with_peer));
         let conn = graceful.watch(conn);
         tokio::spawn(async move {
             let _slot = slot;

@@ -1,6 +1,7 @@
 //! The REST API: one module per resource, each with its `routes()`.
 
 mod agents;
+mod audit;
 mod compaction;
 mod console;
 pub mod error;
@@ -174,6 +175,7 @@ pub fn status(status: &'static str) -> Json<Status> {
 pub fn router(state: AppState) -> Router {
     let security = security::Security::new(&state.settings, state.tenancy.clone());
     let owned = axum::middleware::from_fn_with_state(state.clone(), tenants::owned);
+    let audited = axum::middleware::from_fn_with_state(state.clone(), audit::record);
     Router::new()
         .route("/health", get(health))
         .route("/metrics", get(metrics))
@@ -190,7 +192,9 @@ pub fn router(state: AppState) -> Router {
         // After routing: the route's template and `{id}` are known.
         .merge(console::routes())
         // After routing: the route's template and `{id}` are known.
+        .merge(audit::routes())
         .route_layer(owned)
+        .route_layer(audited)
         .fallback(no_route)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

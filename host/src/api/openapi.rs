@@ -26,6 +26,7 @@ use crate::runtime::Kind;
         super::plugins::list, super::plugins::install, super::plugins::remove, super::plugins::reload, super::plugins::tools,
         super::tenants::create, super::tenants::list, super::tenants::show, super::tenants::update, super::tenants::remove,
         super::tenants::add_key, super::tenants::revoke_key, super::tenants::tenant_usage, super::tenants::usage,
+        super::audit::list,
     ),
     components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block,
         crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent,
@@ -36,6 +37,7 @@ use crate::runtime::Kind;
         (name = "runs", description = "Runs as stored resources, their cancel, and their events (resumable SSE)"),
         (name = "permissions", description = "Tool calls waiting for a person's answer (allow, ask or deny rules)"),
         (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
+        (name = "audit", description = "Every change made through the API: who, what, when, from where"),
         (name = "tenants", description = "Multi-tenant mode (--admin-token): tenants, their keys and quotas (admin token only), and usage"),
     )
 )]

@@ -128,6 +128,27 @@ fn store_dir(state: &AppState, caller: &Caller) -> std::path::PathBuf {
     }
 }
 
+/// A tenant's `plugins` and `plugin_mb` quotas, with the upload of `name`
+/// (`length` bytes) in place of the plugin of that name it may replace.
+async fn check_plugin_quotas(state: &AppState, tenancy: &crate::tenancy::Tenancy, tenant: &str, name: &str, length: u64) -> ApiResult<()> {
+    let quotas = tenancy.quotas(tenant).await?;
+    let others: Vec<Arc<Plugin>> =
+        state.runtime.plugins_for(tenant).into_iter().filter(|p| p.owner.as_deref() == Some(tenant) && p.id() != name).collect();
+    if let Some(limit) = quotas.plugins
+        && others.len() as u64 >= limit
+    {
+        return Err(crate::tenancy::QuotaExceeded::from_store("plugins", limit, others.len() as u64).into());
+    }
+    if let Some(mb) = quotas.plugin_mb {
+        let used = others.iter().map(|p| p.size() as u64).sum::<u64>();
+        if used + length > mb << 20 {
+            let used_mb = (used + length).div_ceil(1 << 20);
+            return Err(crate::tenancy::QuotaExceeded::from_store("plugin_mb", mb, used_mb).into());
+        }
+    }
+    Ok(())
+}
+
 /// What an installed plugin will likely trip over. A tool with no
 /// `filesystem` grant is warned: Rust's wasip2 standard library imports the
 /// WASI filesystem whether the tool opens files or not, so nothing refuses
@@ -177,7 +198,7 @@ pub struct PluginUpload {
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
         (status = 400, body = super::ErrorBody, description = "not a multipart/form-data body, or a malformed one"),
         (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody, description = "the manifest or the component is refused"),
-        (status = 429, body = super::ErrorBody, description = "two uploads are already being received; `Retry-After: 5`")))]
+        (status = 429, body = super::ErrorBody, description = "two uploads are already being received (`Retry-After: 5`), or a tenant's `plugins` or `plugin_mb` quota is reached")))]
 pub(super) async fn install(
     State(state): State<AppState>,
     caller: Caller,
@@ -226,6 +247,9 @@ async fn receive_and_install(
     let manifest_text = manifest_text.ok_or_else(|| ApiError::Invalid("the form has no `manifest` field".into()))?;
     let (file, length) = wasm.filter(|(_, length)| *length > 0).ok_or_else(|| ApiError::Invalid("the form has no `wasm` field".into()))?;
     let manifest = Manifest::parse(&manifest_text, None)?;
+    if let (Caller::Tenant(tenant), Some(tenancy)) = (&caller, &state.tenancy) {
+        check_plugin_quotas(&state, tenancy, tenant, &manifest.name, length).await?;
+    }
     // The runtime keeps a plugin's bytes in memory (to compile it, and to
     // compare it on reload): read them back once, whole.
     let wasm = tokio::task::spawn_blocking(move || read_upload(&file, length))

@@ -172,6 +172,12 @@ pub struct QuotasPatch {
     #[serde(default, deserialize_with = "present")]
     #[schema(value_type = Option<u64>, minimum = 0)]
     max_streams: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, minimum = 0)]
+    plugins: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(value_type = Option<u64>, minimum = 0)]
+    plugin_mb: Option<Option<u64>>,
 }
 
 /// Tells "absent" (outer `None`) from "null" (`Some(None)`).
@@ -192,6 +198,8 @@ impl QuotasPatch {
         set(&mut q.max_sessions, self.max_sessions);
         set(&mut q.storage_mb, self.storage_mb);
         set(&mut q.max_streams, self.max_streams);
+        set(&mut q.plugins, self.plugins);
+        set(&mut q.plugin_mb, self.plugin_mb);
         q
     }
 }

@@ -105,6 +105,11 @@ impl Plugin {
         &self.manifest.name
     }
 
+    /// The size of its component, in bytes.
+    pub fn size(&self) -> usize {
+        self.wasm.len()
+    }
+
     /// Its key in the registry: its name, or `TENANT/NAME` for a tenant's
     /// own (a plugin name has no `/`, so the two never meet).
     pub fn key(&self) -> String {

@@ -13,12 +13,14 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 use rusqlite_migration::{M, Migrations};
 
+mod audit;
 mod context;
 mod permissions;
 mod records;
 mod runs;
 pub mod secrets;
 mod tenants;
+pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
 pub use tenants::{DEFAULT_TENANT, Quotas, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
@@ -92,7 +94,9 @@ fn migrations() -> Migrations<'static> {
     // owned by one (issue: multi-tenant hosting).
     M::up(tenants::MIGRATION),
     // Compaction settings of agents, compacted views of sessions (issue: context compaction).
-    M::up(context::MIGRATION)])
+    M::up(context::MIGRATION),
+    // Who changed what, when and from where (issue: hosting security).
+    M::up(audit::MIGRATION)])
 }
 
 /// The `meta` key of when `tenant`'s credentials last changed (the

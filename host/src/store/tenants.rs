@@ -85,6 +85,12 @@ pub struct Quotas {
     /// Event streams (SSE) open at once, resumed ones included.
     #[schema(minimum = 0)]
     pub max_streams: Option<u64>,
+    /// Plugins of the tenant's own.
+    #[schema(minimum = 0)]
+    pub plugins: Option<u64>,
+    /// Megabytes of the tenant's own plugins (their components together).
+    #[schema(minimum = 0)]
+    pub plugin_mb: Option<u64>,
 }
 
 impl Quotas {
@@ -97,6 +103,8 @@ impl Quotas {
             max_sessions: self.max_sessions.or(defaults.max_sessions),
             storage_mb: self.storage_mb.or(defaults.storage_mb),
             max_streams: self.max_streams.or(defaults.max_streams),
+            plugins: self.plugins.or(defaults.plugins),
+            plugin_mb: self.plugin_mb.or(defaults.plugin_mb),
         }
     }
 }
@@ -149,11 +157,12 @@ pub fn day(at: &DateTime<Utc>) -> String {
     at.format("%Y-%m-%d").to_string()
 }
 
-/// Runs of a tenant that are queued or running (what `max_concurrent_runs` limits).
+/// Runs of a tenant that are queued, running or waiting for a person (what
+/// `max_concurrent_runs` limits).
 pub(super) fn active_runs(c: &Connection, tenant: &str) -> rusqlite::Result<u64> {
     c.prepare_cached(
         "SELECT COUNT(*) FROM runs JOIN sessions ON sessions.id = runs.session_id
-         WHERE sessions.tenant_id = ?1 AND runs.status IN ('queued', 'running')",
+         WHERE sessions.tenant_id = ?1 AND runs.status IN ('queued', 'running', 'waiting')",
     )?
     .query_row([tenant], |r| r.get(0))
 }
