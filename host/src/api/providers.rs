@@ -110,13 +110,18 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-/// Loaded provider plugins with their descriptions.
+/// Loaded provider plugins with their descriptions. They load side by
+/// side, each within its own deadline, and one that failed to load is left
+/// out (`GET /plugins` shows it `failed`, with why): a broken plugin must
+/// not take the list of the others down with it.
 pub(crate) async fn providers(state: &AppState) -> ApiResult<Vec<(Arc<Plugin>, ProviderInfo)>> {
+    let plugins: Vec<Arc<Plugin>> = state.runtime.plugins().into_iter().filter(|p| p.manifest.kind == Kind::Provider).collect();
+    let infos = futures::future::join_all(plugins.iter().map(|p| state.runtime.provider_info(p.id()))).await;
     let mut out = Vec::new();
-    for plugin in state.runtime.plugins() {
-        if plugin.manifest.kind == Kind::Provider {
-            let info = state.runtime.provider_info(plugin.id()).await?;
-            out.push((plugin, info));
+    for (plugin, info) in plugins.into_iter().zip(infos) {
+        match info {
+            Ok(info) => out.push((plugin, info)),
+            Err(err) => tracing::debug!(%err, "provider left out of the list"),
         }
     }
     Ok(out)

@@ -98,6 +98,8 @@ pub struct Plugin {
     pub grants: Grants,
     wasm: Arc<[u8]>,
     loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
+    /// Its log rate, over all its calls at once.
+    log_gate: Arc<log::LogGate>,
 }
 
 impl Plugin {
@@ -386,7 +388,7 @@ impl Runtime {
                 (self.inner.policy.grant_capped(&manifest, cap)?, Some(id.to_string()))
             }
         };
-        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new() }))
+        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new(), log_gate: Default::default() }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
@@ -531,12 +533,20 @@ impl Runtime {
             Kind::Provider => {
                 let pre = ProviderPre::new(pre).map_err(wrong_world)?;
                 let mut store = self.store(&plugin, None, None, false)?;
-                let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
-                let info = instance
-                    .hangar_plugin_provider_api()
-                    .call_info(&mut store)
-                    .await
-                    .map_err(|e| self.call_error(&plugin, &store, e))?;
+                // Start functions and `info()` are guest code like any call:
+                // one that never returns must not leave the plugin loading
+                // (and everything that waits for it waiting) for good.
+                let deadline = plugin.grants.limits.deadline;
+                let described = tokio::time::timeout(deadline, async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.hangar_plugin_provider_api().call_info(&mut store).await
+                })
+                .await;
+                let info = match described {
+                    Err(_) => return Err(RuntimeError::Deadline { plugin: id.clone(), limit: deadline }),
+                    Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+                    Ok(Ok(info)) => info,
+                };
                 if info.id != id {
                     return Err(RuntimeError::Load {
                         plugin: id.clone(),
@@ -670,6 +680,7 @@ impl Runtime {
             limiter: MemoryLimiter { limit: grants.limits.memory_bytes, hit: false },
             http,
             process,
+            log_gate: plugin.log_gate.clone(),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -822,7 +833,12 @@ impl Runtime {
         let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
         let Loaded::Provider { pre, .. } = &*loaded else { unreachable!("kind checked") };
         let mut store = self.store(&plugin, None, Some(access), false)?;
-        let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
+        let deadline = plugin.grants.limits.deadline;
+        let instance = match tokio::time::timeout(deadline, pre.instantiate_async(&mut store)).await {
+            Err(_) => return Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
+            Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+            Ok(Ok(instance)) => instance,
+        };
         Ok((plugin, store, instance))
     }
 
@@ -880,6 +896,11 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The provider's limits (what one answer may hold, among them).
+    pub fn limits(&self) -> Limits {
+        self.plugin.grants.limits
+    }
+
     /// The next event, `Ok(Ok(None))` at the end.
     pub async fn next(&mut self) -> Result<Result<Option<Event>, ProviderError>, RuntimeError> {
         let deadline = self.plugin.grants.limits.deadline;
