@@ -198,3 +198,26 @@ async fn plugin_log_lines_are_escaped_and_rate_limited() {
     assert!(log.contains("lines dropped"), "the excess is counted");
     r.others_carry_on().await;
 }
+
+/// Item 8: an upload under the name of the operator's plugin (from the
+/// plugins directory, which `[plugins.NAME]` grants) is a clash, not an
+/// upgrade that would take those grants.
+#[tokio::test]
+async fn an_upload_under_the_name_of_a_directory_plugin_is_a_clash() {
+    const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let granted = format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n");
+    std::fs::write(plugins.join("misbehave.plugin.toml"), &granted).unwrap();
+    std::fs::write(plugins.join("misbehave.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[plugins.misbehave]\nfilesystem = \"read\"\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, body) = upload(&server, &granted, wasm).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("a plugin installed from the plugins directory has this name"), "{body}");
+    let (_, list) = server.get("/plugins").await;
+    let plugin = list.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").unwrap();
+    assert_eq!(plugin["source"], "directory", "the operator's plugin stays");
+}

@@ -395,6 +395,15 @@ impl Runtime {
     /// built-in, one of another kind, or one from another source; and a
     /// tenant's plugin named as a server-wide one (those resolve first).
     /// The same plugin again (same name, kind and source) is an upgrade.
+    ///
+    /// An upgrade comes from the same installer, so no one takes over
+    /// grants given to someone else's plugin: server-wide names (whose
+    /// `[plugins.NAME]` grants the operator wrote) are installed by the
+    /// admin alone, and an upload there under a directory plugin's name is
+    /// refused here; a tenant's plugins are keyed `TENANT/NAME`, so another
+    /// tenant's upload of the name is a plugin of its own, granted by the
+    /// tenants' policy. Grants are decided again from each manifest
+    /// ([`Runtime::prepare`]); nothing carries over from the version replaced.
     fn check_clash(&self, installer: Installer<'_>, manifest: &Manifest, source: Source) -> Result<(), RuntimeError> {
         if let Installer::Tenant { id, .. } = installer {
             if self.get(&manifest.name).is_some() {
