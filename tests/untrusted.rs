@@ -221,3 +221,24 @@ async fn an_upload_under_the_name_of_a_directory_plugin_is_a_clash() {
     let plugin = list.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").unwrap();
     assert_eq!(plugin["source"], "directory", "the operator's plugin stays");
 }
+
+/// A provider whose load runs into a long deadline holds the provider list
+/// up for a bounded wait only: it is left out (still `compiling`), and the
+/// list answers.
+#[tokio::test]
+async fn the_provider_list_does_not_wait_out_a_long_deadline() {
+    let wasm = common::build_component("tests/fixtures/slowinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slowinfo.plugin.toml"), SLOWINFO).unwrap();
+    std::fs::write(plugins.join("slowinfo.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[plugins.slowinfo]\ntimeout_ms = 120000\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, providers) = server.get("/provider").await;
+    assert_eq!(status, 200, "{providers}");
+    let listed = ids(&providers);
+    assert!(listed.contains(&"anthropic".to_string()) && !listed.contains(&"slowinfo".to_string()), "{listed:?}");
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+}
