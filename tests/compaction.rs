@@ -419,7 +419,7 @@ async fn each_adapter_recognises_its_vendors_context_length_error() {
     ];
     for (provider, reply, too_long) in cases {
         let fake = FakeServer::start(vec![reply]).await;
-        let access = ProviderAccess { base_url: Some(fake.url.clone()), credential: Some(Secret::new(KEY.into())) };
+        let access = ProviderAccess { base_url: Some(fake.url.clone()), credential: Some(Secret::new(KEY.into())), tenant: false };
         let err = match runtime.provider_complete(provider, &access, hello.clone()).await.unwrap() {
             Err(err) => err,
             Ok(_) => panic!("{provider}: expected an error"),

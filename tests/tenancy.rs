@@ -801,4 +801,35 @@ async fn every_change_is_in_the_audit_trail_without_secrets() {
     let mine = mine.as_array().unwrap();
     assert!(!mine.is_empty());
     assert!(mine.iter().all(|e| e["tenant_id"] == a.id.as_str()), "{mine:?}");
+
+/// Issue 24, item 8: grants come from who installs, never from the name. The
+/// operator's `[plugins.misbehave]` is for the server-wide plugin of that
+/// name; a tenant's plugin so named gets the tenants' policy, and one
+/// tenant's upload never replaces (or takes the grants of) another's.
+#[tokio::test]
+async fn a_plugin_name_never_carries_another_installers_grants() {
+    let host = host("[plugins.misbehave]\nfilesystem = \"read-write\"\nhttp = [\"https://api.example.test\"]\n").await;
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([])).await;
+    let asks_http = format!("{MISBEHAVE}\n[capabilities]\nhttp = [\"https://api.example.test\"]\n");
+    let (status, body) = upload(&host, &a.key, &asks_http).await;
+    assert_eq!(status, 422, "the operator's grant of `misbehave` is not a tenant's: {body}");
+    assert!(body["error"].as_str().unwrap().contains("http"), "{body}");
+    let (status, body) = upload(&host, &a.key, &format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n")).await;
+    assert_eq!(status, 201, "{body}");
+    // B's upload under the same name is B's own plugin, with B's grants;
+    // A's is left as it was.
+    let (status, body) = upload(&host, &b.key, MISBEHAVE).await;
+    assert_eq!(status, 201, "a plugin of B's, not an upgrade of A's: {body}");
+    assert_eq!(body["capabilities"]["granted"]["filesystem"], "none");
+    let granted = |list: &Value| {
+        list.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").unwrap()["capabilities"]["granted"]["filesystem"].clone()
+    };
+    assert_eq!(granted(&host.tenant(&a.key).get("/plugins").await.1), "read");
+    assert_eq!(granted(&host.tenant(&b.key).get("/plugins").await.1), "none");
+    // Its own again is an upgrade, with what the new manifest asks.
+    let (status, body) = upload(&host, &b.key, &format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["capabilities"]["granted"]["filesystem"], "read");
+    assert_eq!(granted(&host.tenant(&a.key).get("/plugins").await.1), "read");
 }

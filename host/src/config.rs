@@ -299,6 +299,8 @@ pub struct LimitsConfig {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub output_kb: Option<u64>,
+    /// What one model answer (text and tool input of a step) may hold.
+    pub step_output_kb: Option<u64>,
 }
 
 /// Default of `--header-timeout-ms`.
@@ -432,6 +434,7 @@ impl Settings {
             deadline: file.limits.timeout_ms.map(Duration::from_millis).unwrap_or(defaults.deadline),
             memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
+            step_output_bytes: file.limits.step_output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.step_output_bytes),
         };
         let event_retention = match (args.event_retention, file.event_retention) {
             (Some(d), _) => d,

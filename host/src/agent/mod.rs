@@ -171,6 +171,9 @@ pub enum RunError {
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
     Store(#[from] StoreError),
+    /// One answer held more text and tool input than `[limits] step_output_kb`.
+    #[error("provider `{provider}` answered with more than the limit of {} KiB of text and tool input in one step (step_output_kb); the step was stopped", .limit / 1024)]
+    AnswerTooLarge { provider: String, limit: usize },
     /// The tenant's tokens for today ran out during this run.
     #[error("quota `tokens_per_day` exceeded: {used} of {limit} tokens used today; the run stopped after its step")]
     TokensExceeded { limit: u64, used: u64 },
@@ -183,6 +186,7 @@ impl RunError {
         match self {
             RunError::Provider { .. } => "provider_error",
             RunError::ContextLength { .. } => "context_length_exceeded",
+            RunError::AnswerTooLarge { .. } => "answer_too_large",
             RunError::Plugin(RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. }) => "unknown_plugin",
             RunError::Plugin(
                 RuntimeError::Manifest { .. }
@@ -634,6 +638,16 @@ impl Run {
             _ = shutdown.wait_for(|s| *s) => return Ok(Ok(StepEnd::Cancelled)),
         };
         let mut index: HashMap<String, usize> = HashMap::new();
+        // What this answer holds so far (a retry starts from nothing).
+        let limit = completion.limits().step_output_bytes;
+        let mut held = text.len() + uses.iter().map(|u| u.name.len() + u.json.len()).sum::<usize>();
+        let mut hold = |more: usize| -> Result<(), RunError> {
+            held = held.saturating_add(more);
+            if held > limit {
+                return Err(RunError::AnswerTooLarge { provider: provider.to_string(), limit });
+            }
+            Ok(())
+        };
         loop {
             let next = tokio::select! {
                 r = completion.next() => r?,
@@ -650,6 +664,7 @@ impl Run {
                     if delta.is_empty() {
                         continue;
                     }
+                    hold(delta.len())?;
                     text.push_str(&delta);
                     if !*sent_anything {
                         crate::telemetry::first_token(provider, started.elapsed());
@@ -662,11 +677,15 @@ impl Run {
                         crate::telemetry::first_token(provider, started.elapsed());
                     }
                     *sent_anything = true;
+                    hold(start.id.len() + start.name.len())?;
                     index.insert(start.id.clone(), uses.len());
                     uses.push(PendingToolUse { id: start.id, name: start.name, json: String::new() });
                 }
                 ProviderEvent::ToolUseDelta(delta) => match index.get(&delta.id) {
-                    Some(&i) => uses[i].json.push_str(&delta.partial_json),
+                    Some(&i) => {
+                        hold(delta.partial_json.len())?;
+                        uses[i].json.push_str(&delta.partial_json)
+                    }
                     None => {
                         return Ok(Err(ProviderError {
                             kind: crate::runtime::ErrorKind::BadResponse,

@@ -177,6 +177,7 @@ impl ApiError {
                 "plugin_failed" => (StatusCode::BAD_GATEWAY, "plugin_failed"),
                 "key_unreadable" => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
                 "quota_exceeded" => (StatusCode::TOO_MANY_REQUESTS, "quota_exceeded"),
+                "answer_too_large" => (StatusCode::BAD_GATEWAY, "answer_too_large"),
                 _ => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
             },
             ApiError::TooManyConnections { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_connections"),

@@ -106,7 +106,9 @@ pub struct RunAccepted {
 impl From<RunError> for ApiError {
     fn from(err: RunError) -> Self {
         match err {
-            RunError::Provider { .. } | RunError::ContextLength { .. } => ApiError::Provider(err.to_string()),
+            RunError::Provider { .. } | RunError::ContextLength { .. } | RunError::AnswerTooLarge { .. } => {
+                ApiError::Provider(err.to_string())
+            }
             RunError::Plugin(e) => ApiError::Plugin(e),
             RunError::Store(e) => ApiError::from(e),
             RunError::TokensExceeded { limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded {

@@ -495,11 +495,12 @@ pub struct ToolView {
 #[utoipa::path(get, path = "/tools", tag = "plugins", responses((status = 200, body = Vec<ToolView>)))]
 pub(super) async fn tools(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<ToolView>>> {
     let mut out = Vec::new();
-    for plugin in visible(&state, &caller) {
-        if plugin.manifest.kind != Kind::Tool {
-            continue;
-        }
-        match state.runtime.tool_spec(&plugin.key()).await {
+    // Side by side: a tool still loading (or running into its deadline
+    // doing so) holds up the list only by its own time.
+    let tools: Vec<Arc<Plugin>> = visible(&state, &caller).into_iter().filter(|p| p.manifest.kind == Kind::Tool).collect();
+    let specs = futures::future::join_all(tools.iter().map(|p| async { state.runtime.tool_spec(&p.key()).await })).await;
+    for spec in specs {
+        match spec {
             // A schema that is not a JSON object fails to load, so this parses.
             Ok(spec) => match serde_json::from_str(&spec.input_schema) {
                 Ok(input_schema) => out.push(ToolView { name: spec.name, description: spec.description, input_schema }),

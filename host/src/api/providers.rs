@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use super::{ApiError, ApiResult, AppState, JsonBody, Object, Status, status};
-use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret};
+use crate::runtime::{Kind, ModelInfo, Plugin, ProviderAccess, ProviderInfo, Secret, Source};
 use crate::store::{AuthRecord, DEFAULT_TENANT, SERVER_KEYS, now};
 use crate::tenancy::Caller;
 
@@ -110,17 +110,37 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D:
     Option::<String>::deserialize(d).map(Some)
 }
 
-/// Loaded provider plugins with their descriptions.
+/// Loaded provider plugins with their descriptions. They load side by
+/// side, each within its own deadline, and one that failed to load is left
+/// out (`GET /plugins` shows it `failed`, with why): a broken plugin must
+/// not take the list of the others down with it. A third-party one still
+/// loading after [`LIST_WAIT`] is left out too (it shows `compiling`), so
+/// a long deadline does not hold the list for every client.
 pub(crate) async fn providers(state: &AppState) -> ApiResult<Vec<(Arc<Plugin>, ProviderInfo)>> {
+    let plugins: Vec<Arc<Plugin>> = state.runtime.plugins().into_iter().filter(|p| p.manifest.kind == Kind::Provider).collect();
+    let infos = futures::future::join_all(plugins.iter().map(|p| async {
+        let info = state.runtime.provider_info(p.id());
+        if p.source == Source::Builtin {
+            return info.await.map_err(|e| e.to_string());
+        }
+        match tokio::time::timeout(LIST_WAIT, info).await {
+            Ok(info) => info.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("provider `{}` is still loading", p.id())),
+        }
+    }))
+    .await;
     let mut out = Vec::new();
-    for plugin in state.runtime.plugins() {
-        if plugin.manifest.kind == Kind::Provider {
-            let info = state.runtime.provider_info(plugin.id()).await?;
-            out.push((plugin, info));
+    for (plugin, info) in plugins.into_iter().zip(infos) {
+        match info {
+            Ok(info) => out.push((plugin, info)),
+            Err(err) => tracing::debug!(%err, "provider left out of the list"),
         }
     }
     Ok(out)
 }
+
+/// How long a list of providers waits for a third-party one to load.
+const LIST_WAIT: Duration = Duration::from_secs(10);
 
 pub(crate) async fn provider(state: &AppState, id: &str) -> ApiResult<(Arc<Plugin>, ProviderInfo)> {
     match state.runtime.get(id) {

@@ -98,6 +98,8 @@ pub struct Plugin {
     pub grants: Grants,
     wasm: Arc<[u8]>,
     loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
+    /// Its log rate, over all its calls at once.
+    log_gate: Arc<log::LogGate>,
 }
 
 impl Plugin {
@@ -391,13 +393,22 @@ impl Runtime {
                 (self.inner.policy.grant_capped(&manifest, cap)?, Some(id.to_string()))
             }
         };
-        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new() }))
+        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new(), log_gate: Default::default() }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
     /// built-in, one of another kind, or one from another source; and a
     /// tenant's plugin named as a server-wide one (those resolve first).
     /// The same plugin again (same name, kind and source) is an upgrade.
+    ///
+    /// An upgrade comes from the same installer, so no one takes over
+    /// grants given to someone else's plugin: server-wide names (whose
+    /// `[plugins.NAME]` grants the operator wrote) are installed by the
+    /// admin alone, and an upload there under a directory plugin's name is
+    /// refused here; a tenant's plugins are keyed `TENANT/NAME`, so another
+    /// tenant's upload of the name is a plugin of its own, granted by the
+    /// tenants' policy. Grants are decided again from each manifest
+    /// ([`Runtime::prepare`]); nothing carries over from the version replaced.
     fn check_clash(&self, installer: Installer<'_>, manifest: &Manifest, source: Source) -> Result<(), RuntimeError> {
         if let Installer::Tenant { id, .. } = installer {
             if self.get(&manifest.name).is_some() {
@@ -536,12 +547,20 @@ impl Runtime {
             Kind::Provider => {
                 let pre = ProviderPre::new(pre).map_err(wrong_world)?;
                 let mut store = self.store(&plugin, None, None, false)?;
-                let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
-                let info = instance
-                    .hangar_plugin_provider_api()
-                    .call_info(&mut store)
-                    .await
-                    .map_err(|e| self.call_error(&plugin, &store, e))?;
+                // Start functions and `info()` are guest code like any call:
+                // one that never returns must not leave the plugin loading
+                // (and everything that waits for it waiting) for good.
+                let deadline = plugin.grants.limits.deadline;
+                let described = tokio::time::timeout(deadline, async {
+                    let instance = pre.instantiate_async(&mut store).await?;
+                    instance.hangar_plugin_provider_api().call_info(&mut store).await
+                })
+                .await;
+                let info = match described {
+                    Err(_) => return Err(RuntimeError::Deadline { plugin: id.clone(), limit: deadline }),
+                    Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+                    Ok(Ok(info)) => info,
+                };
                 if info.id != id {
                     return Err(RuntimeError::Load {
                         plugin: id.clone(),
@@ -675,6 +694,7 @@ impl Runtime {
             limiter: MemoryLimiter { limit: grants.limits.memory_bytes, hit: false },
             http,
             process,
+            log_gate: plugin.log_gate.clone(),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -827,7 +847,12 @@ impl Runtime {
         let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
         let Loaded::Provider { pre, .. } = &*loaded else { unreachable!("kind checked") };
         let mut store = self.store(&plugin, None, Some(access), false)?;
-        let instance = pre.instantiate_async(&mut store).await.map_err(|e| self.call_error(&plugin, &store, e))?;
+        let deadline = plugin.grants.limits.deadline;
+        let instance = match tokio::time::timeout(deadline, pre.instantiate_async(&mut store)).await {
+            Err(_) => return Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
+            Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+            Ok(Ok(instance)) => instance,
+        };
         Ok((plugin, store, instance))
     }
 
@@ -885,6 +910,11 @@ pub struct Completion {
 }
 
 impl Completion {
+    /// The provider's limits (what one answer may hold, among them).
+    pub fn limits(&self) -> Limits {
+        self.plugin.grants.limits
+    }
+
     /// The next event, `Ok(Ok(None))` at the end.
     pub async fn next(&mut self) -> Result<Result<Option<Event>, ProviderError>, RuntimeError> {
         let deadline = self.plugin.grants.limits.deadline;

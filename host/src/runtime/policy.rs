@@ -22,11 +22,15 @@ pub struct Limits {
     pub memory_bytes: usize,
     /// Bytes of output a call may return.
     pub output_bytes: usize,
+    /// For a provider: bytes of text and tool input in one answer (one
+    /// step). Each event is small; their sum is what the host keeps in
+    /// memory, sends to clients and stores, so it is capped as a whole.
+    pub step_output_bytes: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_secs(60), memory_bytes: 256 << 20, output_bytes: 1 << 20 }
+        Limits { deadline: Duration::from_secs(60), memory_bytes: 256 << 20, output_bytes: 1 << 20, step_output_bytes: 4 << 20 }
     }
 }
 

@@ -20,6 +20,8 @@ pub struct PluginState {
     pub http: Option<HttpAccess>,
     /// Present only when `process` is granted.
     pub process: Option<ProcessAccess>,
+    /// The plugin's log budget, shared by all its calls.
+    pub log_gate: Arc<super::log::LogGate>,
 }
 
 impl WasiView for PluginState {

@@ -1,0 +1,244 @@
+//! Plugins written to break the host's limits (issue 24): each fails its
+//! own call or load with an error naming the limit, while `/health` and
+//! other sessions' tool calls still answer.
+
+mod common;
+
+use common::fake::{FakeServer, Reply, anthropic};
+use common::server::Server;
+use reqwest::multipart::{Form, Part};
+use serde_json::{Value, json};
+
+const SLOWINFO: &str = include_str!("fixtures/slowinfo/slowinfo.plugin.toml");
+const ROGUE: &str = include_str!("fixtures/rogue/rogue.plugin.toml");
+
+async fn upload(server: &Server, manifest: &str, wasm: Vec<u8>) -> (u16, Value) {
+    let form = Form::new().text("manifest", manifest.to_string()).part("wasm", Part::bytes(wasm).file_name("plugin.wasm"));
+    server.send(server.client.post(server.url("/plugins")).multipart(form)).await
+}
+
+fn config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("hangar.toml");
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_string()
+}
+
+fn ids(list: &Value) -> Vec<String> {
+    list.as_array().unwrap().iter().map(|p| p["id"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test]
+async fn a_provider_whose_info_never_returns_fails_at_its_deadline_and_holds_up_nothing() {
+    let wasm = common::build_component("tests/fixtures/slowinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slowinfo.plugin.toml"), SLOWINFO).unwrap();
+    std::fs::write(plugins.join("slowinfo.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[plugins.slowinfo]\ntimeout_ms = 500\n");
+
+    // Installed while the server was down (the plugins directory): it
+    // loads in the background and fails, and the provider list still answers.
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    let (status, providers) = server.get("/provider").await;
+    assert_eq!(status, 200, "{providers}");
+    let listed = ids(&providers);
+    assert!(listed.contains(&"anthropic".to_string()) && !listed.contains(&"slowinfo".to_string()), "{listed:?}");
+    let (_, plugins_list) = server.get("/plugins").await;
+    let slow = plugins_list.as_array().unwrap().iter().find(|p| p["id"] == "slowinfo").expect("listed");
+    assert_eq!(slow["state"], "failed", "{slow}");
+    assert!(slow["error"].as_str().unwrap().contains("deadline of 500 ms"), "{slow}");
+    let (status, body) = server.get("/provider/slowinfo").await;
+    assert!(status >= 400 && status < 500 || status == 502, "{status} {body}");
+    assert!(body["error"].as_str().unwrap().contains("deadline"), "{body}");
+
+    // Uploaded: the upload is refused at the deadline, and nothing is registered.
+    let server = Server::start(&["--config", &config]);
+    let (status, body) = upload(&server, SLOWINFO, wasm).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("`slowinfo` ran past its deadline of 500 ms"), "{body}");
+    let (_, plugins_list) = server.get("/plugins").await;
+    assert!(!ids(&plugins_list).contains(&"slowinfo".to_string()));
+    let (status, providers) = server.get("/provider").await;
+    assert_eq!(status, 200);
+    assert!(ids(&providers).contains(&"anthropic".to_string()));
+}
+
+/// A server with `rogue` installed, an agent using it, and another agent
+/// (the real `anthropic` provider against a fake, with the `read` tool) in
+/// its own session.
+struct Rogue {
+    server: Server,
+    fake: FakeServer,
+    rogue_agent: String,
+    rogue_session: String,
+    other_agent: String,
+    other_session: String,
+    _work: tempfile::TempDir,
+    _config: tempfile::TempDir,
+}
+
+async fn rogue(extra_config: &str) -> Rogue {
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("hello.txt"), "the file says hi\n").unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config(config_dir.path(), &format!("[plugins.rogue]\ntimeout_ms = 3000\n{extra_config}"));
+    let fake = FakeServer::start(Vec::new()).await;
+    let server = Server::start(&["--config", &config]);
+    let (status, body) = upload(&server, ROGUE, common::build_component("tests/fixtures/rogue")).await;
+    assert_eq!(status, 201, "{body}");
+    let (status, _) =
+        server.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}})).await;
+    assert_eq!(status, 200);
+    let (_, rogue_agent) = server.post("/agents", json!({"name": "r", "tools": [], "provider": {"id": "rogue", "model": "m"}})).await;
+    let (_, other_agent) =
+        server.post("/agents", json!({"name": "o", "tools": ["read"], "provider": {"id": "anthropic", "model": "claude-test"}})).await;
+    let (_, rogue_session) = server.post("/sessions", json!({"work_dir": work.path()})).await;
+    let (_, other_session) = server.post("/sessions", json!({"work_dir": work.path()})).await;
+    let id = |v: &Value| v["id"].as_str().unwrap_or_else(|| panic!("{v}")).to_string();
+    Rogue {
+        rogue_agent: id(&rogue_agent),
+        rogue_session: id(&rogue_session),
+        other_agent: id(&other_agent),
+        other_session: id(&other_session),
+        server,
+        fake,
+        _work: work,
+        _config: config_dir,
+    }
+}
+
+impl Rogue {
+    async fn rogue(&self, text: &str) -> (u16, Value) {
+        let body = json!({"agent_id": self.rogue_agent, "message": text});
+        self.server.post(&format!("/sessions/{}/message", self.rogue_session), body).await
+    }
+
+    async fn history(&self) -> Value {
+        self.server.get(&format!("/sessions/{}", self.rogue_session)).await.1["history"].clone()
+    }
+
+    /// `/health` answers, and a tool call in another session runs to the end.
+    async fn others_carry_on(&self) {
+        let (status, _) = self.server.get("/health").await;
+        assert_eq!(status, 200);
+        self.fake.push(Reply::sse(anthropic::tool_answer("toolu_1", "read", &["{\"filePath\": \"hello.txt\"}"], 10, 5)));
+        self.fake.push(Reply::sse(anthropic::text_answer(&["read it"], 10, 5)));
+        let body = json!({"agent_id": self.other_agent, "message": "read hello.txt"});
+        let (status, body) = self.server.post(&format!("/sessions/{}/message", self.other_session), body).await;
+        assert_eq!(status, 200, "{body}");
+        assert!(body["tool_calls"][0]["output"].as_str().unwrap().contains("the file says hi"), "{body}");
+    }
+}
+
+#[tokio::test]
+async fn an_answer_over_step_output_kb_ends_the_step_with_an_error_naming_the_limit() {
+    let r = rogue("[limits]\nstep_output_kb = 2048\n").await;
+    for flood in ["flood 1000", "flood-tool 1000"] {
+        let (status, body) = r.rogue(flood).await;
+        assert_eq!(status, 502, "{flood}: {body}");
+        assert_eq!(body["code"], "answer_too_large", "{flood}: {body}");
+        let error = body["error"].as_str().unwrap();
+        assert!(error.contains("rogue") && error.contains("2048 KiB") && error.contains("step_output_kb"), "{error}");
+    }
+    // Nothing of the answers was kept: the history holds the user's words only.
+    let history = r.history().await;
+    assert_eq!(history.as_array().unwrap().len(), 1, "{history}");
+    assert_eq!(history[0]["role"], "user");
+    assert!(history.to_string().len() < 10_000, "no flood stored");
+    // The next turn is valid, and so is the rest of the server.
+    let (status, body) = r.rogue("hello").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "ok");
+    r.others_carry_on().await;
+    // Under the limit, an answer goes through whole.
+    let (status, body) = r.rogue("flood 1").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["response"].as_str().unwrap().len(), 1 << 20);
+}
+
+#[tokio::test]
+async fn a_provider_spinning_in_next_fails_at_its_deadline_while_others_carry_on() {
+    let r = rogue("").await;
+    let spinning = {
+        let body = json!({"agent_id": r.rogue_agent, "message": "spin"});
+        let request = r.server.client.post(r.server.url(&format!("/sessions/{}/message", r.rogue_session))).json(&body);
+        tokio::spawn(request.send())
+    };
+    r.others_carry_on().await;
+    let response = spinning.await.unwrap().unwrap();
+    assert_eq!(response.status(), 502);
+    let body: Value = response.json().await.unwrap();
+    assert!(body["error"].as_str().unwrap().contains("`rogue` ran past its deadline of 3 s"), "{body}");
+    let (status, body) = r.rogue("hello").await;
+    assert_eq!(status, 200, "{body}");
+}
+
+#[tokio::test]
+async fn plugin_log_lines_are_escaped_and_rate_limited() {
+    let r = rogue("").await;
+    let (status, body) = r.rogue("log-forge").await;
+    assert_eq!(status, 200, "{body}");
+    let log = r.server.log();
+    assert!(log.contains("benign\\n2026-01-01T00:00:00"), "the newline is escaped: {log}");
+    assert!(log.contains("\\u{1b}[2K"), "so is ESC");
+    assert!(!log.contains('\u{1b}'), "no raw escape reaches the log");
+    for line in log.lines().filter(|l| l.contains("plugin=evil")) {
+        assert!(line.contains("benign"), "a forged line of its own: {line}");
+    }
+
+    let (status, body) = r.rogue("log-flood").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "logged");
+    let log = r.server.log();
+    let written = log.lines().filter(|l| l.contains(&"y".repeat(1024))).count();
+    assert!(written > 0 && written < 2_000, "{written} of 100,000 lines written");
+    assert!(log.contains("lines dropped"), "the excess is counted");
+    r.others_carry_on().await;
+}
+
+/// Item 8: an upload under the name of the operator's plugin (from the
+/// plugins directory, which `[plugins.NAME]` grants) is a clash, not an
+/// upgrade that would take those grants.
+#[tokio::test]
+async fn an_upload_under_the_name_of_a_directory_plugin_is_a_clash() {
+    const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    let granted = format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read\"\n");
+    std::fs::write(plugins.join("misbehave.plugin.toml"), &granted).unwrap();
+    std::fs::write(plugins.join("misbehave.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[plugins.misbehave]\nfilesystem = \"read\"\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, body) = upload(&server, &granted, wasm).await;
+    assert_eq!(status, 422, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("a plugin installed from the plugins directory has this name"), "{body}");
+    let (_, list) = server.get("/plugins").await;
+    let plugin = list.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").unwrap();
+    assert_eq!(plugin["source"], "directory", "the operator's plugin stays");
+}
+
+/// A provider whose load runs into a long deadline holds the provider list
+/// up for a bounded wait only: it is left out (still `compiling`), and the
+/// list answers.
+#[tokio::test]
+async fn the_provider_list_does_not_wait_out_a_long_deadline() {
+    let wasm = common::build_component("tests/fixtures/slowinfo");
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slowinfo.plugin.toml"), SLOWINFO).unwrap();
+    std::fs::write(plugins.join("slowinfo.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[plugins.slowinfo]\ntimeout_ms = 120000\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, providers) = server.get("/provider").await;
+    assert_eq!(status, 200, "{providers}");
+    let listed = ids(&providers);
+    assert!(listed.contains(&"anthropic".to_string()) && !listed.contains(&"slowinfo".to_string()), "{listed:?}");
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+}
