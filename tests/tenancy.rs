@@ -801,6 +801,7 @@ async fn every_change_is_in_the_audit_trail_without_secrets() {
     let mine = mine.as_array().unwrap();
     assert!(!mine.is_empty());
     assert!(mine.iter().all(|e| e["tenant_id"] == a.id.as_str()), "{mine:?}");
+}
 
 /// Issue 24, item 8: grants come from who installs, never from the name. The
 /// operator's `[plugins.misbehave]` is for the server-wide plugin of that
