@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
 use common::server::Server;
-use common::sse::{Events, Sse};
-use futures::StreamExt;
+use common::sse::Events;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
 

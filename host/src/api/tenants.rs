@@ -182,7 +182,7 @@ pub struct QuotasPatch {
 
 /// Tells "absent" (outer `None`) from "null" (`Some(None)`).
 fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Option<u64>>, D::Error> {
-    Option::<u64>::deserialize(d).map(Some)
+    crate::store::whole_u64(d).map(Some)
 }
 
 impl QuotasPatch {

@@ -22,7 +22,7 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
-pub use tenants::{DEFAULT_TENANT, Quotas, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
+pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
 pub use runs::{RunLimit, RunRequest, RunsFrom};

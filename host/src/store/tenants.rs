@@ -68,29 +68,49 @@ pub(super) const MIGRATION: &str = "
 #[serde(deny_unknown_fields)]
 pub struct Quotas {
     /// Runs queued or running at once.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub max_concurrent_runs: Option<u64>,
     /// Requests a minute (any route).
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub requests_per_minute: Option<u64>,
     /// Input + output tokens per UTC day.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub tokens_per_day: Option<u64>,
     /// Sessions at once.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub max_sessions: Option<u64>,
     /// Megabytes under the tenant's work directory.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub storage_mb: Option<u64>,
     /// Event streams (SSE) open at once, resumed ones included.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub max_streams: Option<u64>,
     /// Plugins of the tenant's own.
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub plugins: Option<u64>,
     /// Megabytes of the tenant's own plugins (their components together).
+    #[serde(default, deserialize_with = "whole_u64")]
     #[schema(minimum = 0)]
     pub plugin_mb: Option<u64>,
+}
+
+/// A whole number, `10` or `10.0` (JSON Schema counts a number without a
+/// fraction as an integer, and so does this), or `null`.
+pub fn whole_u64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    use serde::de::Error;
+    let Some(n) = Option::<serde_json::Number>::deserialize(d)? else { return Ok(None) };
+    match (n.as_u64(), n.as_f64()) {
+        (Some(u), _) => Ok(Some(u)),
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => Ok(Some(f as u64)),
+        _ => Err(D::Error::custom(format!("invalid value: {n}, expected a whole number from 0"))),
+    }
 }
 
 impl Quotas {
