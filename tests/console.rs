@@ -285,8 +285,8 @@ async fn a_person_uses_the_console_in_a_real_browser() {
     page.until("the signed-in console", "!document.querySelector('#nav').hidden && !document.querySelector('#view-chat').hidden").await;
     assert_eq!(page.js("return sessionStorage.getItem('hangar.token')").await, json!(TOKEN), "the token is kept for the tab");
     assert_eq!(page.js("return localStorage.length").await, json!(0), "and nowhere else");
-    // A single-tenant server has no usage to show.
-    page.until("the usage view hidden", "document.querySelector('#nav-usage').hidden").await;
+    // A single-user server shows its (default tenant's) usage, with no quotas.
+    page.until("the usage view shown", "!document.querySelector('#nav-usage').hidden").await;
 
     // Provider key (write-only field) pointing at the fake.
     page.go("#/providers").await;
