@@ -4,6 +4,7 @@ mod agents;
 mod compaction;
 mod console;
 pub mod error;
+mod mcp;
 mod messages;
 mod openapi;
 mod permissions;
@@ -187,6 +188,7 @@ pub fn router(state: AppState) -> Router {
         .merge(permissions::routes())
         .merge(plugins::routes())
         .merge(tenants::routes())
+        .merge(mcp::routes(&state))
         // After routing: the route's template and `{id}` are known.
         .merge(console::routes())
         // After routing: the route's template and `{id}` are known.
