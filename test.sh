@@ -81,6 +81,15 @@ if [ "$(python3 -m pip show prometheus-client 2>/dev/null | sed -n 's/^Version: 
         || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "prometheus-client==$PROMETHEUS_CLIENT"
 fi
 
+# The MCP test drives `/sessions/{id}/mcp` with the official MCP Python SDK
+# (pinned: the protocol moves between releases).
+MCP=2.3.0
+if [ "$(python3 -m pip show mcp 2>/dev/null | sed -n 's/^Version: //p')" != "$MCP" ]; then
+    say "installing mcp $MCP"
+    python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "mcp==$MCP" \
+        || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "mcp==$MCP"
+fi
+
 # Every test; none may skip for a missing tool.
 export CI="${CI:-true}"
 cargo test --workspace "$@"

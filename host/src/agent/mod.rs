@@ -785,8 +785,7 @@ impl Run {
 
     /// Whether no rule can say anything but `allow` (then nothing is checked).
     fn everything_allowed(&self) -> bool {
-        self.permissions.default == permissions::Action::Allow
-            && self.permissions.rules.iter().chain(&self.rules).chain(&self.permissions.enforce).all(|r| r.rule.action == permissions::Action::Allow)
+        everything_allowed(&self.permissions, &self.rules)
     }
 
     /// What the permission rules (and the session's grants) say about each
@@ -799,18 +798,8 @@ impl Run {
         if self.everything_allowed() {
             return (calls.iter().map(|_| Gate::Run).collect(), Vec::new());
         }
-        let grants: Vec<Compiled> = match self.store.permission_grants(&self.session.id).await {
-            Ok(grants) => grants.iter().filter_map(permissions::Grant::compile).collect(),
-            Err(err) => {
-                tracing::warn!(session = %self.session.id, %err, "cannot read the session's permission grants");
-                Vec::new()
-            }
-        };
-        let policy = permissions::Policy {
-            rules: self.permissions.rules.iter().chain(&self.rules).chain(&self.permissions.enforce).collect(),
-            default: self.permissions.default,
-            grants: &grants,
-        };
+        let grants = session_grants(&self.store, &self.session.id).await;
+        let policy = policy(&self.permissions, &self.rules, &grants);
         let mut gates = Vec::with_capacity(calls.len());
         let mut asks = Vec::new();
         for (k, (id, name, input, invalid)) in calls.iter().enumerate() {
@@ -883,34 +872,12 @@ impl Run {
         (gates, waiting)
     }
 
-    /// What a call's permission is decided on: the field its manifest
-    /// names, read as a command line, a path or text.
     fn subject(&self, tool: &str, input: &serde_json::Value) -> Subject {
-        let Some(plugin) = self.plugin(tool) else { return Subject { kind: PatternKind::Text, value: None } };
-        let section = &plugin.manifest.tool;
-        let value = section
-            .pattern_field
-            .as_ref()
-            .and_then(|field| match input.get(field) {
-                Some(serde_json::Value::String(s)) => Some(s.clone()),
-                Some(serde_json::Value::Null) | None => None,
-                Some(other) => Some(other.to_string()),
-            })
-            .or_else(|| section.pattern_default.clone());
-        let value = match section.pattern_kind {
-            PatternKind::Path => value.map(|p| {
-                let lexical = permissions::normalise_path(&p, self.session.work_dir.as_deref());
-                // Where the path really leads inside the working directory
-                // (a link in `src/` to `../secrets` is `secrets`); a path
-                // that leads out keeps its text, and the sandbox refuses it.
-                match &self.work_dir {
-                    Some(Ok(dir)) if !lexical.starts_with('/') => dir.resolve(&lexical).unwrap_or(lexical),
-                    _ => lexical,
-                }
-            }),
-            _ => value,
+        let opened = match &self.work_dir {
+            Some(Ok(dir)) => Some(&**dir),
+            _ => None,
         };
-        Subject { kind: section.pattern_kind, value }
+        subject(self.plugin(tool).as_deref(), input, self.session.work_dir.as_deref(), opened)
     }
 
     fn read_only(&self, tool: &str) -> bool {
@@ -927,44 +894,7 @@ impl Run {
         if let Some(reason) = invalid {
             return (format!("{reason}; call `{name}` again with a JSON object"), true);
         }
-        let work_dir = match &self.work_dir {
-            None => None,
-            Some(Ok(dir)) => Some(dir.clone()),
-            Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
-        };
-        // A tool that can write meets the tenant's storage quota: refused
-        // when the quota is used up, re-measured after it ran.
-        let storage = match (&self.quota.tenancy, self.quota.storage_mb) {
-            (Some(tenancy), Some(mb)) if self.can_write(name) => Some((tenancy, mb)),
-            _ => None,
-        };
-        if let Some((tenancy, mb)) = storage {
-            let used = tenancy.storage(&self.quota.tenant).await;
-            if used >= mb << 20 {
-                return (format!("`{name}` was not run: {}", storage_exceeded(used, mb)), true);
-            }
-        }
-        let call = ToolInvocation { id: id.clone(), input: input.to_string(), work_dir };
-        let started = std::time::Instant::now();
-        let result = self.runtime.call_tool(&self.plugin_key(name), call).await;
-        crate::telemetry::tool_call(name, started.elapsed());
-        let (mut text, mut is_error) = match result {
-            Ok(out) => (out.text, out.is_error),
-            Err(err) => (format!("the tool failed: {err}"), true),
-        };
-        if let Some((tenancy, mb)) = storage {
-            let used = tenancy.measure_storage(&self.quota.tenant).await;
-            if used > mb << 20 {
-                text = format!("{text}\n\n[error: {}; delete files to write again]", storage_exceeded(used, mb));
-                is_error = true;
-            }
-        }
-        (text, is_error)
-    }
-
-    /// Whether a tool's grants let it change files (write access, or commands).
-    fn can_write(&self, tool: &str) -> bool {
-        self.plugin(tool).is_some_and(|p| p.grants.filesystem == FsAccess::ReadWrite || p.grants.process)
+        invoke_tool(&self.runtime, &self.quota, self.plugin(name).as_ref(), name, id, input, self.work_dir.as_ref()).await
     }
 
     /// The plugin a tool name of this run's agent means: a server-wide one,
@@ -978,6 +908,114 @@ impl Run {
     fn plugin_key(&self, name: &str) -> String {
         self.plugin(name).map_or_else(|| name.to_string(), |p| p.key())
     }
+}
+
+/// Whether no rule can say anything but `allow` (then nothing is checked).
+pub fn everything_allowed(settings: &PermissionSettings, agent_rules: &[Compiled]) -> bool {
+    settings.default == permissions::Action::Allow
+        && settings.rules.iter().chain(agent_rules).chain(&settings.enforce).all(|r| r.rule.action == permissions::Action::Allow)
+}
+
+/// The rules a call meets, in order: the server's, the agent's, then the
+/// enforced ones; the session's grants answer what would be asked.
+pub fn policy<'a>(settings: &'a PermissionSettings, agent_rules: &'a [Compiled], grants: &'a [Compiled]) -> permissions::Policy<'a> {
+    permissions::Policy {
+        rules: settings.rules.iter().chain(agent_rules).chain(&settings.enforce).collect(),
+        default: settings.default,
+        grants,
+    }
+}
+
+/// The session's `always` answers, compiled; none when they cannot be read
+/// (then the call is asked again, never allowed by mistake).
+pub async fn session_grants(store: &Store, session: &str) -> Vec<Compiled> {
+    match store.permission_grants(session).await {
+        Ok(grants) => grants.iter().filter_map(permissions::Grant::compile).collect(),
+        Err(err) => {
+            tracing::warn!(session = %session, %err, "cannot read the session's permission grants");
+            Vec::new()
+        }
+    }
+}
+
+/// What a call's permission is decided on: the field its manifest
+/// names, read as a command line, a path or text. `session_dir` is the
+/// session's `work_dir` as stored, `opened` the directory opened for the call.
+pub fn subject(plugin: Option<&crate::runtime::Plugin>, input: &serde_json::Value, session_dir: Option<&str>, opened: Option<&WorkDir>) -> Subject {
+    let Some(plugin) = plugin else { return Subject { kind: PatternKind::Text, value: None } };
+    let section = &plugin.manifest.tool;
+    let value = section
+        .pattern_field
+        .as_ref()
+        .and_then(|field| match input.get(field) {
+            Some(serde_json::Value::String(s)) => Some(s.clone()),
+            Some(serde_json::Value::Null) | None => None,
+            Some(other) => Some(other.to_string()),
+        })
+        .or_else(|| section.pattern_default.clone());
+    let value = match section.pattern_kind {
+        PatternKind::Path => value.map(|p| {
+            let lexical = permissions::normalise_path(&p, session_dir);
+            // Where the path really leads inside the working directory
+            // (a link in `src/` to `../secrets` is `secrets`); a path
+            // that leads out keeps its text, and the sandbox refuses it.
+            match opened {
+                Some(dir) if !lexical.starts_with('/') => dir.resolve(&lexical).unwrap_or(lexical),
+                _ => lexical,
+            }
+        }),
+        _ => value,
+    };
+    Subject { kind: section.pattern_kind, value }
+}
+
+/// Runs one call of a permitted tool in the working directory, under the
+/// tenant's storage quota. `plugin` is what the name resolved to for the
+/// tenant (`None`: the runtime's error names the tool).
+pub async fn invoke_tool(
+    runtime: &Runtime,
+    quota: &RunQuota,
+    plugin: Option<&Arc<crate::runtime::Plugin>>,
+    name: &str,
+    id: &str,
+    input: &serde_json::Value,
+    work_dir: Option<&Result<Arc<WorkDir>, Arc<WorkDirError>>>,
+) -> (String, bool) {
+    let work_dir = match work_dir {
+        None => None,
+        Some(Ok(dir)) => Some(dir.clone()),
+        Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
+    };
+    // A tool that can write meets the tenant's storage quota: refused
+    // when the quota is used up, re-measured after it ran.
+    let can_write = plugin.is_some_and(|p| p.grants.filesystem == FsAccess::ReadWrite || p.grants.process);
+    let storage = match (&quota.tenancy, quota.storage_mb) {
+        (Some(tenancy), Some(mb)) if can_write => Some((tenancy, mb)),
+        _ => None,
+    };
+    if let Some((tenancy, mb)) = storage {
+        let used = tenancy.storage(&quota.tenant).await;
+        if used >= mb << 20 {
+            return (format!("`{name}` was not run: {}", storage_exceeded(used, mb)), true);
+        }
+    }
+    let call = ToolInvocation { id: id.to_string(), input: input.to_string(), work_dir };
+    let started = std::time::Instant::now();
+    let key = plugin.map_or_else(|| name.to_string(), |p| p.key());
+    let result = runtime.call_tool(&key, call).await;
+    crate::telemetry::tool_call(name, started.elapsed());
+    let (mut text, mut is_error) = match result {
+        Ok(out) => (out.text, out.is_error),
+        Err(err) => (format!("the tool failed: {err}"), true),
+    };
+    if let Some((tenancy, mb)) = storage {
+        let used = tenancy.measure_storage(&quota.tenant).await;
+        if used > mb << 20 {
+            text = format!("{text}\n\n[error: {}; delete files to write again]", storage_exceeded(used, mb));
+            is_error = true;
+        }
+    }
+    (text, is_error)
 }
 
 fn storage_exceeded(used: u64, mb: u64) -> String {

@@ -188,36 +188,8 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
     if !agent.tools.is_empty() && session.work_dir.is_none() {
         return Err(ApiError::Invalid(format!("agent `{}` has tools but session `{session_id}` has no work_dir", agent.id)));
     }
-    // Opened now, without following symlinks, and checked again: a
-    // directory swapped for a link since the session was saved gets no
-    // tool call (each is answered with the reason).
-    let rules_here = match &state.tenancy {
-        Some(tenancy) => state.work_dirs.within(tenancy.dir(&session.tenant_id)),
-        None => (*state.work_dirs).clone(),
-    };
-    // A tenant's commands run as the tenant's own uid, never as root.
-    let user = match &state.tenancy {
-        Some(tenancy) => Some(tenancy.uid(&session.tenant_id).await?),
-        None => None,
-    };
-    let work_dir = session.work_dir.as_deref().map(|dir| {
-        rules_here.open(dir).map(|d| Arc::new(match user { Some(uid) => d.with_user((uid, uid)), None => d })).map_err(|err| {
-            tracing::warn!(session = %session.id, %err, "tools refused for this run");
-            Arc::new(err)
-        })
-    });
-    let quota = match &state.tenancy {
-        Some(tenancy) => {
-            let quotas = tenancy.quotas(&session.tenant_id).await?;
-            crate::agent::RunQuota {
-                tenant: session.tenant_id.clone(),
-                tenancy: Some(tenancy.clone()),
-                tokens_per_day: quotas.tokens_per_day,
-                storage_mb: quotas.storage_mb,
-            }
-        }
-        None => crate::agent::RunQuota { tenant: session.tenant_id.clone(), tenancy: None, tokens_per_day: None, storage_mb: None },
-    };
+    let work_dir = open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?;
+    let quota = run_quota(state, &session.tenant_id).await?;
     Ok(Run {
         quota,
         runtime: state.runtime.clone(),
@@ -234,6 +206,51 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         approvals: state.approvals.clone(),
         context,
         budget,
+    })
+}
+
+/// The session's working directory, opened for a run or a call (and
+/// checked again); why tools cannot run there, if they cannot.
+pub(super) async fn open_work_dir(
+    state: &AppState,
+    session: &str,
+    tenant: &str,
+    dir: Option<&str>,
+) -> ApiResult<Option<Result<Arc<crate::runtime::WorkDir>, Arc<crate::runtime::WorkDirError>>>> {
+    // Opened now, without following symlinks, and checked again: a
+    // directory swapped for a link since the session was saved gets no
+    // tool call (each is answered with the reason).
+    let rules_here = match &state.tenancy {
+        Some(tenancy) => state.work_dirs.within(tenancy.dir(tenant)),
+        None => (*state.work_dirs).clone(),
+    };
+    // A tenant's commands run as the tenant's own uid, never as root.
+    let user = match &state.tenancy {
+        Some(tenancy) => Some(tenancy.uid(tenant).await?),
+        None => None,
+    };
+    let work_dir = dir.map(|dir| {
+        rules_here.open(dir).map(|d| Arc::new(match user { Some(uid) => d.with_user((uid, uid)), None => d })).map_err(|err| {
+            tracing::warn!(session = %session, %err, "tools refused in this session");
+            Arc::new(err)
+        })
+    });
+    Ok(work_dir)
+}
+
+/// The tenant of a run or a call, and the quotas it meets on the way.
+pub(super) async fn run_quota(state: &AppState, tenant: &str) -> ApiResult<crate::agent::RunQuota> {
+    Ok(match &state.tenancy {
+        Some(tenancy) => {
+            let quotas = tenancy.quotas(tenant).await?;
+            crate::agent::RunQuota {
+                tenant: tenant.to_string(),
+                tenancy: Some(tenancy.clone()),
+                tokens_per_day: quotas.tokens_per_day,
+                storage_mb: quotas.storage_mb,
+            }
+        }
+        None => crate::agent::RunQuota { tenant: tenant.to_string(), tenancy: None, tokens_per_day: None, storage_mb: None },
     })
 }
 

@@ -5,6 +5,7 @@ mod audit;
 mod compaction;
 mod console;
 pub mod error;
+mod mcp;
 mod messages;
 mod openapi;
 mod permissions;
@@ -189,6 +190,7 @@ pub fn router(state: AppState) -> Router {
         .merge(permissions::routes())
         .merge(plugins::routes())
         .merge(tenants::routes())
+        .merge(mcp::routes(&state))
         // After routing: the route's template and `{id}` are known.
         .merge(console::routes())
         // After routing: the route's template and `{id}` are known.
