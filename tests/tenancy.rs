@@ -767,6 +767,153 @@ async fn open_event_streams_count_against_max_streams() {
     }
 }
 
+/// Opens an MCP session on `session` (initialize, then initialized) and
+/// returns its `Mcp-Session-Id`.
+async fn mcp_session(me: &As<'_>, session: &str) -> String {
+    let path = format!("/sessions/{session}/mcp");
+    let init = json!({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+        "protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "test", "version": "0"}}});
+    let resp = me
+        .req(reqwest::Method::POST, &path)
+        .header("accept", "application/json, text/event-stream")
+        .json(&init)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let id = resp.headers()["mcp-session-id"].to_str().unwrap().to_string();
+    drop(resp);
+    let resp = me
+        .req(reqwest::Method::POST, &path)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-session-id", &id)
+        .json(&json!({"jsonrpc": "2.0", "method": "notifications/initialized"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    id
+}
+
+#[tokio::test]
+async fn an_mcp_clients_open_stream_counts_against_max_streams() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({"max_streams": 1}), json!([])).await;
+    let me = host.tenant(&a.key);
+    let id = mcp_session(&me, &a.session).await;
+    let path = format!("/sessions/{}/mcp", a.session);
+    let get = || me.req(reqwest::Method::GET, &path).header("accept", "text/event-stream").header("mcp-session-id", &id);
+    let open = get().send().await.unwrap();
+    assert_eq!(open.status(), 200);
+    // The MCP stream holds the tenant's one place: a run's event stream is refused...
+    let (status, _, body) = me.raw(me.req(reqwest::Method::GET, &format!("/sessions/{}/events", a.session))).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("max_streams")), "{body}");
+    // ...while the MCP client's requests (each answered and ended) go on.
+    let (status, _, body) = me
+        .raw(
+            me.req(reqwest::Method::POST, &path)
+                .header("accept", "application/json, text/event-stream")
+                .header("mcp-session-id", &id)
+                .json(&json!({"jsonrpc": "2.0", "id": 2, "method": "tools/list"})),
+        )
+        .await;
+    assert_ne!(status, 429, "{body}");
+    drop(open);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let resp = me.req(reqwest::Method::GET, &format!("/sessions/{}/events", a.session)).send().await.unwrap();
+        if resp.status() == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "the closed MCP stream still counts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The uid of a process, from `/proc/PID/status`.
+fn proc_uid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status.lines().find_map(|l| l.strip_prefix("Uid:"))?.split_whitespace().next()?.parse().ok()
+}
+
+/// Host pids of processes whose command line is exactly `argv`.
+fn pids_running(argv: &[&str]) -> Vec<u32> {
+    let want: Vec<u8> = argv.iter().flat_map(|a| a.bytes().chain([0])).collect();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c == want))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_tenants_commands_cannot_signal_another_tenants_and_plugins_say_who_they_run_as() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({}), json!([])).await;
+    let b = tenant(&host, "beta", json!({}), json!([])).await;
+    // SAFETY: plain syscall.
+    let root = unsafe { libc::geteuid() } == 0;
+
+    // GET /plugins tells each tenant who its commands run as.
+    let bash_of = |list: &Value| list.as_array().unwrap().iter().find(|p| p["id"] == "bash").cloned().unwrap();
+    let (_, list_a) = host.tenant(&a.key).get("/plugins").await;
+    let (_, list_b) = host.tenant(&b.key).get("/plugins").await;
+    let (_, list_admin) = host.admin().get("/plugins").await;
+    let (cmd_a, cmd_b, cmd_admin) = (bash_of(&list_a)["commands"].clone(), bash_of(&list_b)["commands"].clone(), bash_of(&list_admin)["commands"].clone());
+    for c in [&cmd_a, &cmd_b, &cmd_admin] {
+        assert_eq!(c["network"], "none", "{c}");
+        assert_eq!(c["memory_mb"], 1024, "{c}");
+        assert_eq!(c["max_processes"], 256, "{c}");
+    }
+    if root {
+        assert!(cmd_a["user"].as_str().unwrap().contains("this tenant's own"), "{cmd_a}");
+        assert_ne!(cmd_a["uid"], cmd_b["uid"]);
+        assert!(cmd_admin["user"].as_str().unwrap().contains("uid_range 200000-265535"), "{cmd_admin}");
+        assert!(cmd_admin.get("uid").is_none(), "{cmd_admin}");
+    }
+    // The start log says it too.
+    assert!(host.server.log().contains("`process` commands run as each tenant's own uid") || !root, "{}", host.server.log());
+
+    // A runs a long command; B, knowing its pid on the host, tries to stop it.
+    let marker = "7.31";
+    a.fake.push(calls("tu_a", "bash", json!({"command": format!("sleep {marker} ; echo A-SURVIVED")})));
+    a.fake.push(done());
+    let a_run = message(&host, &a, "sleep");
+    let b_side = async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        let pid = loop {
+            if let Some(pid) = pids_running(&["sleep", marker]).first() {
+                break *pid;
+            }
+            assert!(std::time::Instant::now() < deadline, "A's command never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        if root {
+            assert_eq!(proc_uid(pid), cmd_a["uid"].as_u64().map(|u| u as u32), "A's command runs as A's uid");
+        }
+        let attack = format!(
+            "kill -9 {pid} ; echo kill=$? ; kill -STOP {pid} ; echo stop=$? ; kill -9 -1 ; echo all=$? ; echo B-DONE"
+        );
+        b.fake.push(calls("tu_b", "bash", json!({"command": attack})));
+        b.fake.push(done());
+        let (status, body) = message(&host, &b, "attack").await;
+        assert_eq!(status, 200, "{body}");
+        // The process is still there, and not stopped.
+        let state = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        assert!(state.contains("State:\tS") || state.contains("State:\tR"), "{state}");
+        result_sent(&b.fake, "tu_b")["content"].to_string()
+    };
+    let ((status, body), b_text) = tokio::join!(a_run, b_side);
+    assert_eq!(status, 200, "{body}");
+    assert!(b_text.contains("B-DONE"), "{b_text}");
+    assert!(b_text.contains("kill=1") && b_text.contains("stop=1"), "B's signals were refused: {b_text}");
+    let a_text = result_sent(&a.fake, "tu_a")["content"].to_string();
+    assert!(a_text.contains("A-SURVIVED"), "{a_text}");
+    // Nothing of A's outlives its call.
+    assert!(pids_running(&["sleep", marker]).is_empty());
+}
+
 #[tokio::test]
 async fn every_change_is_in_the_audit_trail_without_secrets() {
     let host = host("").await;

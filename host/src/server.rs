@@ -86,6 +86,24 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     } else {
         tracing::warn!("`process` commands run {}", confinement.describe());
     }
+    {
+        let commands = &settings.policy.commands;
+        let uid_range = settings.admin_token.is_some().then_some(settings.uid_range);
+        let (_, user) = crate::runtime::policy::describe_user(commands, None, uid_range);
+        let ports = if commands.network || commands.allowed_ports.is_empty() {
+            String::new()
+        } else {
+            format!(" but TCP ports {:?}", commands.allowed_ports)
+        };
+        tracing::info!(
+            "`process` commands run as {user}; network: {}{ports}; limits per call: memory {} MB, {} processes, file size {} MB ({})",
+            if commands.network { "all" } else { "none" },
+            commands.memory_bytes >> 20,
+            commands.max_processes,
+            commands.file_size_bytes >> 20,
+            crate::runtime::cgroup::controllers().describe()
+        );
+    }
 
     let addr = std::net::SocketAddr::new(settings.host, settings.port);
     let listener = TcpListener::bind(addr).await.map_err(|source| ServeError::Bind { addr: addr.to_string(), source })?;

@@ -55,6 +55,10 @@ pub struct PluginView {
     /// (the Landlock ABI, what is enforced and what is missing).
     #[serde(skip_serializing_if = "Option::is_none")]
     confinement: Option<String>,
+    /// For plugins granted `process`: who its commands run as, their
+    /// network and their limits, for this caller.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    commands: Option<CommandsView>,
     /// In the answer to an install only: what the plugin will likely trip
     /// over, although it was installed (a tool that declares no filesystem
     /// access, for one).
@@ -80,7 +84,63 @@ pub struct GrantedView {
     env: Vec<String>,
 }
 
-fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CommandsView {
+    /// The uid commands run as, when it is one for every session.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    uid: Option<u32>,
+    /// Who commands run as, in words.
+    user: String,
+    /// `none` or `all` (`[process] network`, or the plugin's override).
+    network: &'static str,
+    /// With `network = "none"`: the TCP ports commands may still connect to.
+    allowed_ports: Vec<u16>,
+    memory_mb: u64,
+    max_processes: u64,
+    /// Absent: as long as the call's timeout.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cpu_seconds: Option<u64>,
+    file_size_mb: u64,
+    /// How the limits are enforced here (cgroup or rlimit).
+    enforced_by: String,
+}
+
+/// Who a caller's commands run as: a tenant's own uid, or the server's
+/// rule for everyone.
+#[derive(Debug, Clone, Copy)]
+struct CallerUser {
+    tenant_uid: Option<u32>,
+    uid_range: Option<(u32, u32)>,
+}
+
+async fn caller_user(state: &AppState, caller: &Caller) -> ApiResult<CallerUser> {
+    Ok(match (&state.tenancy, caller) {
+        (Some(tenancy), Caller::Tenant(id)) => CallerUser { tenant_uid: Some(tenancy.uid(id).await?), uid_range: Some(tenancy.uid_range()) },
+        (Some(tenancy), Caller::Operator) => CallerUser { tenant_uid: None, uid_range: Some(tenancy.uid_range()) },
+        (None, _) => CallerUser { tenant_uid: None, uid_range: None },
+    })
+}
+
+fn commands_view(plugin: &Plugin, user: CallerUser) -> Option<CommandsView> {
+    if !plugin.grants.process {
+        return None;
+    }
+    let limits = &plugin.grants.commands;
+    let (uid, user) = policy::describe_user(limits, user.tenant_uid, user.uid_range);
+    Some(CommandsView {
+        uid,
+        user,
+        network: if limits.network { "all" } else { "none" },
+        allowed_ports: limits.allowed_ports.clone(),
+        memory_mb: limits.memory_bytes >> 20,
+        max_processes: limits.max_processes,
+        cpu_seconds: limits.cpu_seconds,
+        file_size_mb: limits.file_size_bytes >> 20,
+        enforced_by: crate::runtime::cgroup::controllers().describe(),
+    })
+}
+
+fn view(runtime: &Runtime, plugin: &Plugin, user: CallerUser) -> PluginView {
     let (state, error) = match runtime.load_state(plugin) {
         LoadState::Compiling => ("compiling", None),
         LoadState::Ready => ("ready", None),
@@ -106,6 +166,7 @@ fn view(runtime: &Runtime, plugin: &Plugin) -> PluginView {
             },
         },
         confinement: m.capabilities.process.then(|| policy::confinement().describe()),
+        commands: commands_view(plugin, user),
         warnings: Vec::new(),
     }
 }
@@ -173,11 +234,12 @@ fn install_warnings(plugin: &Plugin) -> Vec<String> {
 pub(super) async fn list(State(state): State<AppState>, caller: Caller, QueryParams(q): QueryParams<PageQuery>) -> ApiResult<Page<PluginView>> {
     let limit = page::limit(q.limit)?;
     let plugins = visible(&state, &caller);
+    let user = caller_user(&state, &caller).await?;
     let items = plugins
         .iter()
         .filter(|p| q.after.as_deref().is_none_or(|after| p.id() > after))
         .take(limit + 1)
-        .map(|p| view(&state.runtime, p))
+        .map(|p| view(&state.runtime, p, user))
         .collect();
     Ok(Page::from_extra(items, limit, |last: &PluginView| page::link("/plugins", &[("limit", &limit.to_string()), ("after", &last.id)])))
 }
@@ -283,7 +345,7 @@ async fn receive_and_install(
         tracing::warn!(plugin = %plugin.id(), "{warning}");
     }
     let code = if existed { StatusCode::OK } else { StatusCode::CREATED };
-    Ok((code, Json(PluginView { warnings, ..view(&state.runtime, &plugin) })))
+    Ok((code, Json(PluginView { warnings, ..view(&state.runtime, &plugin, caller_user(&state, &caller).await?) })))
 }
 
 /// The `manifest` field, which is short text.

@@ -30,9 +30,14 @@ pub struct Security {
 
 /// Routes only the admin token may use in multi-tenant mode (a tenant key
 /// gets 403): tenants, server-wide metrics, the plugins directory reload.
-/// Routes that answer with an event stream (`max_streams`).
-fn is_stream(path: &str) -> bool {
-    path.starts_with("/sessions/") && (path.ends_with("/message/stream") || path.ends_with("/events"))
+/// Requests that answer with a long-lived event stream (`max_streams`):
+/// a message stream, a run's events, and an MCP client's GET stream (its
+/// POSTs answer one request each and end).
+fn is_stream(method: &axum::http::Method, path: &str) -> bool {
+    path.starts_with("/sessions/")
+        && (path.ends_with("/message/stream")
+            || path.ends_with("/events")
+            || (method == axum::http::Method::GET && path.ends_with("/mcp")))
 }
 
 fn admin_only(path: &str) -> bool {
@@ -111,7 +116,7 @@ pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next
                 Ok(q) => q,
                 Err(err) => return ApiError::from(err).into_response(),
             };
-            let slot = if is_stream(req.uri().path()) {
+            let slot = if is_stream(req.method(), req.uri().path()) {
                 tenancy.open_stream(tenant, quotas.max_streams).map(Some)
             } else {
                 Ok(None)

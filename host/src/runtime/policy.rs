@@ -11,7 +11,7 @@ use super::manifest::{FsAccess, Manifest};
 
 /// How `process` commands are confined on this machine (Landlock, PID
 /// namespace): probed once, for the server to report.
-pub use super::process::{Confinement, PortGuard, confinement};
+pub use super::process::{Confinement, PortGuard, confinement, describe_user};
 
 /// Per-call limits of a plugin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -423,21 +423,54 @@ fn command_line(confinement: &Confinement, own_network: bool, user: Option<(u32,
     command
 }
 
-async fn run(
-    work_dir: Arc<WorkDir>,
-    ports: Option<Arc<PortGate>>,
-    limits: super::cgroup::CommandLimits,
-    cmd: Command,
-) -> std::io::Result<Outcome> {
-    let timeout = Duration::from_millis(cmd.timeout_ms.max(1).into()).min(MAX_TIMEOUT);
-    let cap = (cmd.max_output_bytes as usize).clamp(256, MAX_OUTPUT);
+/// What to start under the confinement `bash` commands get: `bash -c
+/// SCRIPT` with `args` as `$0`, `$1`, …, and `env` besides the few
+/// variables every command gets.
+pub(crate) struct Program<'a> {
+    pub script: &'a str,
+    pub args: &'a [String],
+    pub env: &'a [(String, String)],
+    pub stdin: Stdio,
+    pub stdout: Stdio,
+    pub stderr: Stdio,
+    /// `RLIMIT_CPU` when the limits name none.
+    pub cpu_seconds: u64,
+}
+
+/// A confined program and what it holds. Dropping it kills the program
+/// and everything it started (fields drop in order: the process group,
+/// then its cgroup, then its temporary directory).
+pub(crate) struct Confined {
+    pub child: tokio::process::Child,
+    group: KillGroup,
+    cgroup: super::cgroup::CallGroup,
+    tmp: tempfile::TempDir,
+}
+
+impl Confined {
+    /// The limit the program ran into, if it ran into one.
+    pub fn verdict(&self, exit_code: Option<i32>) -> Option<String> {
+        self.cgroup.verdict(exit_code)
+    }
+}
+
+/// Starts `program` in `work_dir` with Landlock, namespaces, another
+/// user, no capabilities, its own cgroup and rlimits and the network
+/// `limits` allow: what a tool's command gets, for anything the server
+/// starts on a session's behalf (MCP servers too).
+pub(crate) async fn spawn_confined(
+    work_dir: &WorkDir,
+    ports: Option<&Arc<PortGate>>,
+    limits: &super::cgroup::CommandLimits,
+    program: Program<'_>,
+) -> std::io::Result<Confined> {
     let confinement = confinement();
     // The command's own temporary directory: the only writable place
     // besides the working directory. Removed when the call returns.
     let tmp = tempfile::Builder::new().prefix("hangar-bash-").tempdir()?;
     let fs_rules = if confinement.landlock_abi > 0 {
         let abi = ABI::from(confinement.landlock_abi).min(LANDLOCK_ABI);
-        Some(fs_ruleset(abi, &work_dir, tmp.path()).map_err(std::io::Error::other)?)
+        Some(fs_ruleset(abi, work_dir, tmp.path()).map_err(std::io::Error::other)?)
     } else {
         None
     };
@@ -447,7 +480,7 @@ async fn run(
     // rules allowing only `allowed_ports`.
     let own_network = !limits.network && limits.allowed_ports.is_empty() && confinement.net_namespace;
     let port_rules = if limits.network {
-        match &ports {
+        match ports {
             Some(gate) => gate.rules().await.map_err(std::io::Error::other)?.map(|r| r.ruleset.try_clone()).transpose()?,
             None => None,
         }
@@ -461,19 +494,19 @@ async fn run(
     // Its own cgroup (memory, processes) and rlimits (CPU, file size).
     let cgroup = super::cgroup::CallGroup::create(&ulid::Ulid::new().to_string(), limits.clone())?;
     let join = cgroup.join_fds();
-    let rlimits = cgroup.rlimits(timeout.as_secs());
-    let (reader, writer) = std::io::pipe()?;
+    let rlimits = cgroup.rlimits(program.cpu_seconds);
 
     // Not as root when it can be helped: as the owner of the working
     // directory (or `[process] user`), switched to after the namespaces are
     // made. The private temporary directory becomes that user's.
-    let user = command_user(&work_dir, &limits)?;
+    let user = command_user(work_dir, limits)?;
     if let Some((uid, gid)) = user {
         std::os::unix::fs::chown(tmp.path(), Some(uid), Some(gid))?;
     }
     let mut command = command_line(confinement, own_network, user);
     command
-        .arg(&cmd.script)
+        .arg(program.script)
+        .args(program.args)
         // Nothing of the server's environment (keys above all) reaches the command.
         .env_clear()
         .env("PATH", PATH)
@@ -481,9 +514,10 @@ async fn run(
         .env("LANG", "C.UTF-8")
         .env("TERM", "dumb")
         .env("TMPDIR", tmp.path())
-        .stdin(Stdio::null())
-        .stdout(writer.try_clone()?)
-        .stderr(writer)
+        .envs(program.env.iter().map(|(k, v)| (k, v)))
+        .stdin(program.stdin)
+        .stdout(program.stdout)
+        .stderr(program.stderr)
         .process_group(0)
         .kill_on_drop(true);
     // Everything the child needs is built here, in the parent; between fork
@@ -520,12 +554,35 @@ async fn run(
             Ok(())
         });
     }
-    let mut child = command.spawn()?;
+    let child = command.spawn()?;
     // The command keeps copies of the pipe's write end: drop them, or the
     // reader never sees the end of the output.
     drop(command);
-    let pgid = child.id().map(|id| id as i32).unwrap_or(-1);
-    let group = KillGroup(pgid);
+    let group = KillGroup(child.id().map(|id| id as i32).unwrap_or(-1));
+    Ok(Confined { child, group, cgroup, tmp })
+}
+
+async fn run(
+    work_dir: Arc<WorkDir>,
+    ports: Option<Arc<PortGate>>,
+    limits: super::cgroup::CommandLimits,
+    cmd: Command,
+) -> std::io::Result<Outcome> {
+    let timeout = Duration::from_millis(cmd.timeout_ms.max(1).into()).min(MAX_TIMEOUT);
+    let cap = (cmd.max_output_bytes as usize).clamp(256, MAX_OUTPUT);
+    let (reader, writer) = std::io::pipe()?;
+    let program = Program {
+        script: &cmd.script,
+        args: &[],
+        env: &[],
+        stdin: Stdio::null(),
+        stdout: writer.try_clone()?.into(),
+        stderr: writer.into(),
+        cpu_seconds: timeout.as_secs(),
+    };
+    let Confined { mut child, group, cgroup, tmp } = spawn_confined(&work_dir, ports.as_ref(), &limits, program).await?;
+    let pgid = group.0;
+    let _tmp = tmp;
     let mut reading = tokio::task::spawn_blocking(move || read_capped(reader, cap));
 
     let (exit_code, timed_out) = match tokio::time::timeout(timeout, child.wait()).await {
@@ -555,12 +612,35 @@ async fn run(
     Ok(Outcome { output, exit_code, timed_out, truncated })
 }
 
+/// Whether commands can run as another user than the server's: only a
+/// server running as root can switch, and only with `setpriv`.
+pub fn switches_user() -> bool {
+    // SAFETY: plain syscall.
+    let euid = unsafe { libc::geteuid() };
+    euid == 0 && confinement().drops_capabilities
+}
+
+/// Who commands run as, in words, for operators (the start log and
+/// `GET /plugins`): `tenant` is the uid of the caller's tenant in
+/// multi-tenant mode, `uid_range` the range tenants' uids come from.
+pub fn describe_user(limits: &super::cgroup::CommandLimits, tenant: Option<u32>, uid_range: Option<(u32, u32)>) -> (Option<u32>, String) {
+    if !switches_user() {
+        // SAFETY: plain syscall.
+        let euid = unsafe { libc::geteuid() };
+        return (Some(euid), format!("uid {euid}, the server's own (only a server running as root can switch users)"));
+    }
+    match (tenant, uid_range, limits.user) {
+        (Some(uid), _, _) => (Some(uid), format!("uid {uid}, this tenant's own (gid {uid})")),
+        (None, Some((first, last)), _) => (None, format!("each tenant's own uid, from [process] uid_range {first}-{last}")),
+        (None, None, Some((uid, gid))) => (Some(uid), format!("uid {uid}, gid {gid} ([process] user)")),
+        (None, None, None) => (None, "the owner of each session's work_dir".to_string()),
+    }
+}
+
 /// The user a command runs as, when it is not the server's own: only a
 /// server running as root can switch, and only with `setpriv`.
 fn command_user(work_dir: &WorkDir, limits: &super::cgroup::CommandLimits) -> std::io::Result<Option<(u32, u32)>> {
-    // SAFETY: plain syscall.
-    let euid = unsafe { libc::geteuid() };
-    if euid != 0 || !confinement().drops_capabilities {
+    if !switches_user() {
         return Ok(None);
     }
     let (uid, gid) = match work_dir.user().or(limits.user) {
