@@ -195,6 +195,27 @@ pub struct FileConfig {
     /// keys tenants may use.
     #[serde(default)]
     pub tenants: TenantsConfig,
+    /// MCP servers used as tools.
+    #[serde(default)]
+    pub mcp: McpConfig,
+}
+
+/// `[mcp]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct McpConfig {
+    /// Origins `http` MCP servers may have (`https://mcp.example.com`,
+    /// `http://127.0.0.1:8931`); none by default. A tenant's may also be
+    /// one of `[tenants] allowed_origins`.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// Whether `stdio` MCP servers may be registered [default: true on a
+    /// single-user server, false in multi-tenant mode].
+    pub stdio: Option<bool>,
+    /// A session's `stdio` server is stopped after this long unused [default: 300].
+    pub idle_timeout_s: Option<u64>,
+    /// How long a call (or a server's start) may take [default: 60].
+    pub call_timeout_s: Option<u64>,
 }
 
 /// `[tenants]`.
@@ -338,6 +359,8 @@ pub struct Settings {
     pub uid_range: (u32, u32),
     /// `[tenants] allowed_origins`, parsed.
     pub tenant_origins: Vec<crate::runtime::policy::OriginPattern>,
+    /// `[mcp]`, resolved.
+    pub mcp: crate::mcp::McpSettings,
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
@@ -384,6 +407,8 @@ pub enum ConfigError {
     UidRange,
     #[error("[tenants] allowed_origins: `{origin}`: {reason}")]
     TenantOrigin { origin: String, reason: String },
+    #[error("[mcp] allowed_origins: `{origin}`: {reason}")]
+    McpOrigin { origin: String, reason: String },
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -509,6 +534,27 @@ impl Settings {
                         .map_err(|reason| ConfigError::TenantOrigin { origin: o.clone(), reason })
                 })
                 .collect::<Result<_, _>>()?,
+            mcp: crate::mcp::McpSettings {
+                origins: file
+                    .mcp
+                    .allowed_origins
+                    .iter()
+                    .map(|o| {
+                        crate::runtime::policy::OriginPattern::parse(o)
+                            .map_err(|reason| ConfigError::McpOrigin { origin: o.clone(), reason })
+                    })
+                    .collect::<Result<_, _>>()?,
+                tenant_origins: file
+                    .tenants
+                    .allowed_origins
+                    .iter()
+                    .filter_map(|o| crate::runtime::policy::OriginPattern::parse(o).ok())
+                    .collect(),
+                stdio: file.mcp.stdio.unwrap_or(!multi_tenant),
+                idle_timeout: Duration::from_secs(file.mcp.idle_timeout_s.unwrap_or(300).max(1)),
+                call_timeout: Duration::from_secs(file.mcp.call_timeout_s.unwrap_or(60).max(1)),
+                multi_tenant,
+            },
             tenants: std::sync::Arc::new(file.tenants),
             uid_range: match file.process.uid_range {
                 None => DEFAULT_UID_RANGE,

@@ -12,6 +12,7 @@ pub mod agent;
 pub mod api;
 pub mod authoring;
 pub mod config;
+pub mod mcp;
 pub mod permissions;
 pub mod runtime;
 pub mod server;

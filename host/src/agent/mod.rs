@@ -224,6 +224,8 @@ pub struct Run {
     /// The session's compacted view (`None` while it was never compacted).
     pub context: Option<SessionContext>,
     pub budget: Budget,
+    /// The tenant's MCP servers, whose tools are `SERVER__TOOL`.
+    pub mcp: crate::mcp::McpHub,
 }
 
 /// Finds the model's context window (it may ask the provider, over the network).
@@ -541,6 +543,16 @@ impl Run {
     async fn tool_specs(&self) -> Result<Vec<ToolSpec>, RunError> {
         let mut specs = Vec::new();
         for name in &self.agent.tools {
+            if self.plugin(name).is_none()
+                && let Some(resolved) = self.mcp.resolve(&self.quota.tenant, name).await
+            {
+                specs.push(ToolSpec {
+                    name: name.clone(),
+                    description: resolved.tool.description,
+                    input_schema: resolved.tool.input_schema.to_string(),
+                });
+                continue;
+            }
             specs.push(self.runtime.tool_spec(&self.plugin_key(name)).await?);
         }
         Ok(specs)
@@ -894,7 +906,18 @@ impl Run {
         if let Some(reason) = invalid {
             return (format!("{reason}; call `{name}` again with a JSON object"), true);
         }
-        invoke_tool(&self.runtime, &self.quota, self.plugin(name).as_ref(), name, id, input, self.work_dir.as_ref()).await
+        let plugin = self.plugin(name);
+        if plugin.is_none()
+            && let Some(resolved) = self.mcp.resolve(&self.quota.tenant, name).await
+        {
+            let work_dir = match &self.work_dir {
+                Some(Ok(dir)) => Some(dir),
+                Some(Err(err)) => return (format!("`{name}` was not run: {err}"), true),
+                None => None,
+            };
+            return self.mcp.call(&resolved, &self.session.id, work_dir, input).await;
+        }
+        invoke_tool(&self.runtime, &self.quota, plugin.as_ref(), name, id, input, self.work_dir.as_ref()).await
     }
 
     /// The plugin a tool name of this run's agent means: a server-wide one,

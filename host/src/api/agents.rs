@@ -174,6 +174,8 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
     for (i, tool) in agent.tools.iter().enumerate() {
         match state.runtime.resolve(&agent.tenant_id, tool) {
             Some(p) if p.manifest.kind == Kind::Tool => {}
+            // A tool of one of the tenant's MCP servers (`SERVER__TOOL`).
+            _ if state.mcp.resolve(&agent.tenant_id, tool).await.is_some() => {}
             _ => return Err(ApiError::Invalid(format!("unknown tool `{tool}` in `tools`"))),
         }
         if agent.tools[..i].contains(tool) {
@@ -187,6 +189,16 @@ async fn validate(state: &AppState, agent: &Agent) -> ApiResult<()> {
             continue;
         }
         let Some(plugin) = state.runtime.resolve(&agent.tenant_id, &rule_text.tool).filter(|p| p.manifest.kind == Kind::Tool) else {
+            // An MCP server's tool names no input field: `*` only.
+            if state.mcp.resolve(&agent.tenant_id, &rule_text.tool).await.is_some() {
+                if !rule.is_any() {
+                    return Err(ApiError::Invalid(format!(
+                        "`permissions[{i}]` {rule_text}: tool `{}` is an MCP server's, so its rules can only use the pattern `*`",
+                        rule_text.tool
+                    )));
+                }
+                continue;
+            }
             return Err(ApiError::Invalid(format!("`permissions[{i}]` {rule_text}: unknown tool `{}`", rule_text.tool)));
         };
         if !rule.is_any() && plugin.manifest.tool.pattern_field.is_none() {

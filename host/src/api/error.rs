@@ -76,6 +76,9 @@ pub enum ApiError {
     Plugin(#[from] RuntimeError),
     #[error("{0}")]
     WorkDir(#[from] WorkDirError),
+    /// An MCP server refused at registration, or failing its first listing.
+    #[error("{0}")]
+    Mcp(crate::mcp::McpError),
     /// A stored provider key that the server key cannot open.
     #[error("{0}")]
     KeyUnreadable(String),
@@ -92,6 +95,15 @@ impl From<StoreError> for ApiError {
             StoreError::Answered { .. } | StoreError::KeyTaken { .. } | StoreError::NameTaken { .. } => ApiError::Conflict(err.to_string()),
             StoreError::Quota { quota, limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded::from_store(quota, limit, used)),
             other => ApiError::Store(other),
+        }
+    }
+}
+
+impl From<crate::mcp::McpError> for ApiError {
+    fn from(err: crate::mcp::McpError) -> Self {
+        match err {
+            crate::mcp::McpError::Store(err) => err.into(),
+            other => ApiError::Mcp(other),
         }
     }
 }
@@ -188,6 +200,10 @@ impl ApiError {
                     (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused")
                 }
                 _ => (StatusCode::BAD_GATEWAY, "plugin_failed"),
+            },
+            ApiError::Mcp(err) => match err {
+                crate::mcp::McpError::Failed { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "mcp_server_failed"),
+                _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             },
             ApiError::KeyUnreadable(_) => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
             ApiError::Store(_) | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),

@@ -206,6 +206,7 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         approvals: state.approvals.clone(),
         context,
         budget,
+        mcp: state.mcp.clone(),
     })
 }
 

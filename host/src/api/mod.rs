@@ -6,6 +6,7 @@ mod compaction;
 mod console;
 pub mod error;
 mod mcp;
+mod mcp_servers;
 mod messages;
 mod openapi;
 mod permissions;
@@ -58,6 +59,8 @@ pub struct AppState {
     pub uploads: Arc<tokio::sync::Semaphore>,
     /// Multi-tenant mode (`--admin-token`): tenant keys and quotas.
     pub tenancy: Option<crate::tenancy::Tenancy>,
+    /// MCP servers used as tools.
+    pub mcp: crate::mcp::McpHub,
 }
 
 impl AppState {
@@ -83,8 +86,10 @@ impl AppState {
             }
             _ => None,
         };
+        let mcp = crate::mcp::McpHub::new(store.clone(), runtime.clone(), settings.mcp.clone(), settings.policy.commands.clone());
         AppState {
             tenancy,
+            mcp,
             bus: crate::agent::Bus::new(store.clone()),
             work_dirs: Arc::new(work_dirs),
             store,
@@ -191,6 +196,7 @@ pub fn router(state: AppState) -> Router {
         .merge(plugins::routes())
         .merge(tenants::routes())
         .merge(mcp::routes(&state))
+        .merge(mcp_servers::routes())
         // After routing: the route's template and `{id}` are known.
         .merge(console::routes())
         // After routing: the route's template and `{id}` are known.

@@ -27,6 +27,7 @@ use crate::runtime::Kind;
         super::tenants::create, super::tenants::list, super::tenants::show, super::tenants::update, super::tenants::remove,
         super::tenants::add_key, super::tenants::revoke_key, super::tenants::tenant_usage, super::tenants::usage,
         super::audit::list,
+        super::mcp_servers::list, super::mcp_servers::register, super::mcp_servers::unregister,
     ),
     components(schemas(super::ErrorBody, super::Status, crate::store::HistoryMessage, crate::store::Block,
         crate::store::RunRecord, crate::store::RunStatus, crate::store::RunFailure, crate::agent::RunEvent,
@@ -37,6 +38,7 @@ use crate::runtime::Kind;
         (name = "runs", description = "Runs as stored resources, their cancel, and their events (resumable SSE)"),
         (name = "permissions", description = "Tool calls waiting for a person's answer (allow, ask or deny rules)"),
         (name = "plugins", description = "Tool and provider plugins (WebAssembly components)"),
+        (name = "mcp", description = "MCP servers whose tools agents use as SERVER__TOOL"),
         (name = "audit", description = "Every change made through the API: who, what, when, from where"),
         (name = "tenants", description = "Multi-tenant mode (--admin-token): tenants, their keys and quotas (admin token only), and usage"),
     )

@@ -572,5 +572,8 @@ pub(super) async fn tools(State(state): State<AppState>, caller: Caller) -> ApiR
             Err(err) => tracing::debug!(%err, "tool left out of /tools"),
         }
     }
+    for tool in super::mcp_servers::tools_of(&state, &caller).await? {
+        out.push(ToolView { name: tool.name, description: tool.description, input_schema: tool.input_schema });
+    }
     Ok(Json(out))
 }

@@ -173,6 +173,8 @@ pub(super) async fn remove(State(state): State<AppState>, Path(id): Path<String>
     }
     let session = state.store.session(&id).await?;
     state.store.delete_session(&id).await?;
+    // Its MCP servers' programs stop before its directory goes.
+    state.mcp.end_session(&id).await;
     // The directory made for it goes with it; one the client named stays.
     if let Some(dir) = own_dir(&state, &session)
         && session.work_dir.as_deref() == dir.to_str()

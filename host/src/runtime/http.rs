@@ -88,14 +88,23 @@ impl reqwest::dns::Resolve for PublicResolver {
         let host = name.as_str().to_string();
         let explicit = self.explicit.iter().any(|h| h.eq_ignore_ascii_case(&host));
         Box::pin(async move {
-            let found: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let kept: Vec<SocketAddr> = found.into_iter().filter(|a| explicit || !is_internal(a.ip())).collect();
-            if kept.is_empty() {
-                return Err(format!("`{host}` resolves only to internal addresses, which a tenant's requests may not reach").into());
-            }
+            let kept = public_addrs(&host, 0, explicit).await?;
             Ok(Box::new(kept.into_iter()) as reqwest::dns::Addrs)
         })
     }
+}
+
+/// The addresses of `host` a tenant's request may use: all of them when
+/// the operator names the host (`explicit`), else those that are not
+/// internal; none is an error.
+pub async fn public_addrs(host: &str, port: u16, explicit: bool) -> Result<Vec<SocketAddr>, String> {
+    let found: Vec<SocketAddr> =
+        tokio::net::lookup_host((host, port)).await.map_err(|e| format!("cannot resolve `{host}`: {e}"))?.collect();
+    let kept: Vec<SocketAddr> = found.into_iter().filter(|a| explicit || !is_internal(a.ip())).collect();
+    if kept.is_empty() {
+        return Err(format!("`{host}` resolves only to internal addresses, which a tenant's requests may not reach"));
+    }
+    Ok(kept)
 }
 
 /// The client for tenants' requests: as [`client`], with names resolved

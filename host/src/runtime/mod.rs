@@ -34,6 +34,8 @@ pub use http::Secret;
 pub use manifest::{Capabilities, FsAccess, Kind, Manifest};
 pub use policy::{Grants, Limits, Policy};
 pub use workdir::{WorkDir, WorkDirError, WorkDirRules};
+pub use http::public_addrs;
+pub(crate) use process::{Confined, Program, spawn_confined};
 
 use bindings::provider::{Provider, ProviderPre};
 use bindings::tool::{Tool, ToolPre};
@@ -254,6 +256,11 @@ impl Runtime {
     /// so that no command can drive the API that confines it. The Landlock
     /// ruleset is built once, in the background; where the kernel has no
     /// TCP rules, commands get a network namespace of their own instead.
+    /// What keeps commands off the server's ports, once they are known.
+    pub(crate) fn port_gate(&self) -> Option<Arc<process::PortGate>> {
+        self.inner.ports.get().cloned()
+    }
+
     pub fn protect_ports(&self, ports: &[u16]) {
         let gate = Arc::new(PortGate::new(ports));
         if self.inner.ports.set(gate.clone()).is_err() {

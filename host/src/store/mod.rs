@@ -15,6 +15,7 @@ use rusqlite_migration::{M, Migrations};
 
 mod audit;
 mod context;
+mod mcp;
 mod permissions;
 mod records;
 mod runs;
@@ -22,6 +23,7 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
+pub use mcp::{McpServerRecord, McpTool, McpTransport};
 pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
@@ -96,7 +98,9 @@ fn migrations() -> Migrations<'static> {
     // Compaction settings of agents, compacted views of sessions (issue: context compaction).
     M::up(context::MIGRATION),
     // Who changed what, when and from where (issue: hosting security).
-    M::up(audit::MIGRATION)])
+    M::up(audit::MIGRATION),
+    // MCP servers used as tools (issue: MCP both ways).
+    M::up(mcp::MIGRATION)])
 }
 
 /// The `meta` key of when `tenant`'s credentials last changed (the

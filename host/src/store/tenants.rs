@@ -354,7 +354,7 @@ impl Store {
                 for session in &sessions {
                     super::delete_session_rows(c, session)?;
                 }
-                for table in ["tenant_keys", "agents", "provider_auth", "usage"] {
+                for table in ["tenant_keys", "agents", "provider_auth", "usage", "mcp_servers"] {
                     c.execute(&format!("DELETE FROM {table} WHERE tenant_id = ?1"), [&id])?;
                 }
                 c.execute("DELETE FROM meta WHERE key = ?1", [super::auth_changed_key(&id)])?;
