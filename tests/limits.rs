@@ -118,3 +118,20 @@ async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_r
         let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(work.path().join("fifo"));
     }
 }
+
+#[tokio::test]
+async fn calls_together_stay_within_the_servers_memory_budget() {
+    // Each call may take 256 MiB, the server's plugins 48 MiB in all.
+    let mut policy = Policy::default();
+    policy.plugins.insert("misbehave".into(), PluginPolicy::default());
+    let config = RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, memory_total_bytes: Some(48 << 20), ..Default::default() };
+    let runtime = Runtime::new(config).unwrap();
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(MANIFEST, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    let err = call(&runtime, "alloc").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::ServerMemory { ref plugin, budget_bytes } if plugin == "misbehave" && budget_bytes == 48 << 20), "{err}");
+    assert!(err.to_string().contains("server memory budget of 48 MiB"), "{err}");
+    assert_eq!(runtime.memory_budget(), (48 << 20, 0), "the failed call gave its memory back");
+    assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine", "the next call gets memory again");
+    assert_eq!(runtime.memory_budget().1, 0);
+}

@@ -301,6 +301,9 @@ pub struct LimitsConfig {
     pub output_kb: Option<u64>,
     /// What one model answer (text and tool input of a step) may hold.
     pub step_output_kb: Option<u64>,
+    /// Memory all plugin calls running at once may hold together, over
+    /// each plugin's own `memory_mb` [default: half the machine's memory].
+    pub plugin_memory_total_mb: Option<u64>,
 }
 
 /// Default of `--header-timeout-ms`.
@@ -354,6 +357,8 @@ pub struct Settings {
     pub secret_key: Option<crate::runtime::Secret>,
     /// Write-ahead log size past which it is checkpointed and truncated.
     pub wal_limit_bytes: u64,
+    /// `[limits] plugin_memory_total_mb`; `None`: the runtime's default.
+    pub plugin_memory_total_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -436,6 +441,10 @@ impl Settings {
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
             step_output_bytes: file.limits.step_output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.step_output_bytes),
         };
+        if file.limits.plugin_memory_total_mb == Some(0) {
+            return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });
+        }
+        let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
         let event_retention = match (args.event_retention, file.event_retention) {
             (Some(d), _) => d,
             (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
@@ -547,6 +556,7 @@ impl Settings {
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,
             wal_limit_bytes,
+            plugin_memory_total_bytes,
         })
     }
 }

@@ -41,7 +41,7 @@ use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
 use http::HttpAccess;
 use process::{PortGate, ProcessAccess};
-use state::{MemoryLimiter, PluginState};
+use state::{MemoryBudget, MemoryLimiter, MemoryRefusal, PluginState};
 
 /// Where a plugin came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -153,6 +153,8 @@ struct Inner {
     /// the server has bound them.
     ports: OnceLock<Arc<PortGate>>,
     tool_pool: ToolPool,
+    /// The memory all instances may hold at once.
+    memory_budget: Arc<MemoryBudget>,
     _ticker: EpochTicker,
 }
 
@@ -205,6 +207,21 @@ pub struct RuntimeConfig {
     /// Hosts a tenant's requests may reach even at internal addresses
     /// (those `[tenants] allowed_origins` names exactly).
     pub tenant_hosts: Vec<String>,
+    /// The memory (linear memories and tables) all plugin instances may
+    /// hold at once; `None`: [`default_memory_total`].
+    pub memory_total_bytes: Option<usize>,
+}
+
+/// The default server-wide memory budget of plugins: half the machine's
+/// memory, leaving the rest to the server, its database and the commands
+/// `bash` runs; 4 GiB where the machine's size is unknown.
+pub fn default_memory_total() -> usize {
+    // SAFETY: sysconf reads a system setting and has no preconditions.
+    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || page_size <= 0 {
+        return 4 << 30;
+    }
+    ((pages as u128 * page_size as u128) / 2).min(usize::MAX as u128) as usize
 }
 
 /// One tool invocation.
@@ -245,9 +262,16 @@ impl Runtime {
                 plugins: RwLock::new(BTreeMap::new()),
                 ports: OnceLock::new(),
                 tool_pool,
+                memory_budget: Arc::new(MemoryBudget::new(config.memory_total_bytes.unwrap_or_else(default_memory_total))),
                 _ticker: ticker,
             }),
         })
+    }
+
+    /// The server-wide memory budget of plugin instances: its size, and
+    /// what the stores alive now hold of it.
+    pub fn memory_budget(&self) -> (usize, usize) {
+        (self.inner.memory_budget.total(), self.inner.memory_budget.used())
     }
 
     /// Keeps every command (`process`) off these ports, the server's own,
@@ -691,7 +715,7 @@ impl Runtime {
             plugin: Arc::from(plugin.id()),
             wasi: wasi.build(),
             table: Default::default(),
-            limiter: MemoryLimiter { limit: grants.limits.memory_bytes, hit: false },
+            limiter: MemoryLimiter::new(grants.limits.memory_bytes, self.inner.memory_budget.clone()),
             http,
             process,
             log_gate: plugin.log_gate.clone(),
@@ -710,8 +734,14 @@ impl Runtime {
     /// it hit, if any.
     fn call_error(&self, plugin: &Plugin, store: &Store<PluginState>, err: wasmtime::Error) -> RuntimeError {
         let id = plugin.id().to_string();
-        if store.data().limiter.hit {
-            return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
+        match store.data().limiter.hit {
+            Some(MemoryRefusal::Plugin) => {
+                return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
+            }
+            Some(MemoryRefusal::Server) => {
+                return RuntimeError::ServerMemory { plugin: id, budget_bytes: self.inner.memory_budget.total() };
+            }
+            None => {}
         }
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
