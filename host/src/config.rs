@@ -304,6 +304,10 @@ pub struct LimitsConfig {
     /// Memory all plugin calls running at once may hold together, over
     /// each plugin's own `memory_mb` [default: half the machine's memory].
     pub plugin_memory_total_mb: Option<u64>,
+    /// Bytes one call of a `read-write` plugin may write [default: 256].
+    pub write_mb: Option<u64>,
+    /// Files one call of a `read-write` plugin may create [default: 10,000].
+    pub max_files: Option<u64>,
 }
 
 /// Default of `--header-timeout-ms`.
@@ -440,6 +444,8 @@ impl Settings {
             memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
             step_output_bytes: file.limits.step_output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.step_output_bytes),
+            write_bytes: file.limits.write_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or(defaults.write_bytes),
+            max_files: file.limits.max_files.unwrap_or(defaults.max_files),
         };
         if file.limits.plugin_memory_total_mb == Some(0) {
             return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });

@@ -38,6 +38,9 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` was refused memory: the server memory budget of {} MiB for all plugin calls is in use by other calls", .budget_bytes / (1024 * 1024))]
     ServerMemory { plugin: String, budget_bytes: usize },
 
+    #[error("plugin `{plugin}` reached its limit of {limit}; writes past it failed")]
+    Writes { plugin: String, limit: super::WriteLimit },
+
     #[error("plugin `{plugin}` produced {actual} bytes of output, over its limit of {limit} bytes")]
     Output { plugin: String, actual: usize, limit: usize },
 

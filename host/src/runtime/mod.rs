@@ -13,6 +13,7 @@ pub mod cgroup;
 mod process;
 mod state;
 mod workdir;
+mod writes;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -34,6 +35,7 @@ pub use http::Secret;
 pub use manifest::{Capabilities, FsAccess, Kind, Manifest};
 pub use policy::{Grants, Limits, Policy};
 pub use workdir::{WorkDir, WorkDirError, WorkDirRules};
+pub use writes::WriteLimit;
 
 use bindings::provider::{Provider, ProviderPre};
 use bindings::tool::{Tool, ToolPre};
@@ -633,6 +635,13 @@ impl Runtime {
     fn linker(&self, grants: &Grants) -> wasmtime::Result<Linker<PluginState>> {
         let mut linker = Linker::new(&self.inner.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        if grants.filesystem == FsAccess::ReadWrite {
+            // wasmtime-wasi's `wasi:filesystem/types`, replaced by the same
+            // functions behind the call's write quota.
+            linker.allow_shadowing(true);
+            wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<_, writes::CountedFsData>(&mut linker, writes::counted_fs)?;
+            linker.allow_shadowing(false);
+        }
         bindings::wit_log::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         if !grants.http.is_empty() {
@@ -719,6 +728,7 @@ impl Runtime {
             http,
             process,
             log_gate: plugin.log_gate.clone(),
+            writes: writes::WriteQuota::new(grants.limits.write_bytes, grants.limits.max_files),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -742,6 +752,10 @@ impl Runtime {
                 return RuntimeError::ServerMemory { plugin: id, budget_bytes: self.inner.memory_budget.total() };
             }
             None => {}
+        }
+        // A guest that fails on a refused write fails because of the limit.
+        if let Some(limit) = store.data().writes.hit() {
+            return RuntimeError::Writes { plugin: id, limit };
         }
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
@@ -857,11 +871,20 @@ impl Runtime {
             input: call.input,
             work_dir: call.work_dir.as_deref().and_then(|w| w.path().to_str()).unwrap_or_default().to_string(),
         };
-        let output = self
+        let (mut output, write_limit) = self
             .with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), move |tool, store| {
-                Box::pin(async move { tool.hangar_plugin_tool_api().call_invoke(store, &wit_call).await })
+                Box::pin(async move {
+                    let output = tool.hangar_plugin_tool_api().call_invoke(&mut *store, &wit_call).await?;
+                    Ok((output, store.data().writes.hit()))
+                })
             })
             .await?;
+        // The guest saw `quota` errors and may have carried on; the result
+        // says which limit refused its writes, whatever the guest made of them.
+        if let Some(limit) = write_limit {
+            output.text = format!("{}\n\n[error: {}]", output.text, RuntimeError::Writes { plugin: plugin.id().into(), limit });
+            output.is_error = true;
+        }
         let limit = plugin.grants.limits.output_bytes;
         if output.text.len() > limit {
             return Err(RuntimeError::Output { plugin: plugin.id().into(), actual: output.text.len(), limit });

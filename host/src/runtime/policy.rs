@@ -26,13 +26,32 @@ pub struct Limits {
     /// step). Each event is small; their sum is what the host keeps in
     /// memory, sends to clients and stores, so it is capped as a whole.
     pub step_output_bytes: usize,
+    /// For a `read-write` plugin: bytes one call may write, holes past a
+    /// file's end included (a sparse file takes no disk, but every reader
+    /// of it sees its size).
+    pub write_bytes: u64,
+    /// For a `read-write` plugin: files, directories and links one call may create.
+    pub max_files: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_secs(60), memory_bytes: 256 << 20, output_bytes: 1 << 20, step_output_bytes: 4 << 20 }
+        Limits {
+            deadline: Duration::from_secs(60),
+            memory_bytes: 256 << 20,
+            output_bytes: 1 << 20,
+            step_output_bytes: 4 << 20,
+            write_bytes: 256 << 20,
+            max_files: 10_000,
+        }
     }
 }
+
+/// What one call of a built-in plugin may write: `write` and `edit` write
+/// one file a call, so these caps are far from anything they do and
+/// still bound a call gone wrong.
+const BUILTIN_WRITE_BYTES: u64 = 4 << 30;
+const BUILTIN_MAX_FILES: u64 = 100_000;
 
 /// The shortest call deadline of a plugin granted `process`: a command may
 /// run for up to 10 minutes, and its own timeout must end it first.
@@ -59,6 +78,10 @@ pub struct PluginPolicy {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub output_kb: Option<u64>,
+    /// Bytes one call may write (`read-write` only) [default: 256; 4096 for built-ins].
+    pub write_mb: Option<u64>,
+    /// Files one call may create (`read-write` only) [default: 10,000; 100,000 for built-ins].
+    pub max_files: Option<u64>,
     /// What this plugin's commands get, over `[process]`.
     #[serde(default)]
     pub commands: CommandOverrides,
@@ -198,6 +221,8 @@ impl Policy {
         // The operator may tune the commands of a built-in (`[plugins.bash.commands]`) too.
         let commands = allowed.commands.apply(&self.commands);
         if builtin {
+            limits.write_bytes = allowed.write_mb.map_or(BUILTIN_WRITE_BYTES, |mb| mb.saturating_mul(1 << 20));
+            limits.max_files = allowed.max_files.unwrap_or(BUILTIN_MAX_FILES);
             return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands });
         }
 
@@ -247,6 +272,12 @@ impl Policy {
         }
         if let Some(kb) = allowed.output_kb {
             limits.output_bytes = (kb as usize) << 10;
+        }
+        if let Some(mb) = allowed.write_mb {
+            limits.write_bytes = mb.saturating_mul(1 << 20);
+        }
+        if let Some(files) = allowed.max_files {
+            limits.max_files = files;
         }
         Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands })
     }

@@ -23,6 +23,8 @@ pub struct PluginState {
     pub process: Option<ProcessAccess>,
     /// The plugin's log budget, shared by all its calls.
     pub log_gate: Arc<super::log::LogGate>,
+    /// What this call may still write (counted for `read-write` plugins).
+    pub writes: Arc<super::writes::WriteQuota>,
 }
 
 impl WasiView for PluginState {
@@ -109,7 +111,8 @@ impl MemoryLimiter {
     }
 
     /// Bytes of memories and tables the instance holds.
-    pub fn used(&self) -> usize {
+    #[cfg(test)]
+    fn used(&self) -> usize {
         self.used
     }
 
