@@ -466,6 +466,25 @@ mod tests {
     }
 
     #[test]
+    fn write_limits_default_by_origin_and_follow_the_operator() {
+        let mut policy = Policy::default();
+        let rw = manifest("filesystem = \"read-write\"");
+        policy.plugins.insert("x".into(), PluginPolicy { filesystem: FsAccess::ReadWrite, ..Default::default() });
+        let third = policy.grant(&rw, false).unwrap().limits;
+        assert_eq!((third.write_bytes, third.max_files), (256 << 20, 10_000));
+        let builtin = policy.grant(&rw, true).unwrap().limits;
+        assert_eq!((builtin.write_bytes, builtin.max_files), (BUILTIN_WRITE_BYTES, BUILTIN_MAX_FILES));
+        policy.plugins.insert(
+            "x".into(),
+            PluginPolicy { filesystem: FsAccess::ReadWrite, write_mb: Some(1), max_files: Some(10), ..Default::default() },
+        );
+        for builtin in [false, true] {
+            let set = policy.grant(&rw, builtin).unwrap().limits;
+            assert_eq!((set.write_bytes, set.max_files), (1 << 20, 10), "builtin: {builtin}");
+        }
+    }
+
+    #[test]
     fn policy_grants_are_checked_capability_by_capability() {
         let mut policy = Policy::default();
         policy.plugins.insert(

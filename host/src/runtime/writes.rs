@@ -64,7 +64,7 @@ impl WriteQuota {
         Arc::new(WriteQuota { bytes_limit, files_limit, bytes: AtomicU64::new(0), files: AtomicU64::new(0), hit: AtomicU8::new(HIT_NONE) })
     }
 
-    /// The limit the call reached, if it did (the bytes one if both).
+    /// The first limit the call reached, if it reached one.
     pub fn hit(&self) -> Option<WriteLimit> {
         match self.hit.load(Ordering::Relaxed) {
             HIT_BYTES => Some(WriteLimit::Bytes(self.bytes_limit)),
