@@ -118,3 +118,76 @@ async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_r
         let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(work.path().join("fifo"));
     }
 }
+
+#[tokio::test]
+async fn calls_together_stay_within_the_servers_memory_budget() {
+    // Each call may take 256 MiB, the server's plugins 48 MiB in all.
+    let mut policy = Policy::default();
+    policy.plugins.insert("misbehave".into(), PluginPolicy::default());
+    let config = RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, memory_total_bytes: Some(48 << 20), ..Default::default() };
+    let runtime = Runtime::new(config).unwrap();
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(MANIFEST, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    let err = call(&runtime, "alloc").await.unwrap_err();
+    assert!(matches!(err, RuntimeError::ServerMemory { ref plugin, budget_bytes } if plugin == "misbehave" && budget_bytes == 48 << 20), "{err}");
+    assert!(err.to_string().contains("server memory budget of 48 MiB"), "{err}");
+    assert_eq!(runtime.memory_budget(), (48 << 20, 0), "the failed call gave its memory back");
+    assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine", "the next call gets memory again");
+    assert_eq!(runtime.memory_budget().1, 0);
+}
+
+/// `misbehave` granted `read-write` with a call's writes capped at 1 MB and 10 files.
+async fn writer() -> Runtime {
+    let mut policy = Policy::default();
+    policy.plugins.insert(
+        "misbehave".into(),
+        PluginPolicy { filesystem: hangar::runtime::FsAccess::ReadWrite, write_mb: Some(1), max_files: Some(10), ..Default::default() },
+    );
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
+    let manifest = format!("{MANIFEST}\n[capabilities]\nfilesystem = \"read-write\"\n");
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(&manifest, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    runtime
+}
+
+async fn call_in(runtime: &Runtime, dir: &Arc<hangar::runtime::WorkDir>, mode: &str) -> hangar::runtime::ToolOutput {
+    let input = serde_json::json!({ "mode": mode }).to_string();
+    runtime.call_tool("misbehave", ToolInvocation { id: "w".into(), input, work_dir: Some(dir.clone()) }).await.unwrap()
+}
+
+#[tokio::test]
+async fn a_call_writes_no_more_than_its_write_limits_and_the_next_call_works() {
+    let runtime = writer().await;
+    let work = tempfile::tempdir().unwrap();
+    let dir = common::open_dir(work.path());
+
+    // 5 MB in 64 KiB writes: refused once past 1 MB, and nothing past it lands.
+    let out = call_in(&runtime, &dir, "write-5mb").await;
+    assert!(out.is_error, "{}", out.text);
+    // Through a stream, which Rust's standard library reports as an I/O error.
+    assert!(out.text.contains("wrote 1048576 bytes, then: I/O error"), "the guest's write failed at the limit: {}", out.text);
+    assert!(out.text.contains("plugin `misbehave` reached its limit of 1 MB written in one call"), "{}", out.text);
+    assert_eq!(std::fs::metadata(work.path().join("big.bin")).unwrap().len(), 1 << 20);
+
+    // A 1 TiB sparse file: the hole counts as written.
+    let out = call_in(&runtime, &dir, "sparse-1tib").await;
+    assert!(out.is_error && out.text.contains("set_len: No space left on device"), "{}", out.text);
+    assert!(out.text.contains("limit of 1 MB written in one call"), "{}", out.text);
+    assert_eq!(std::fs::metadata(work.path().join("sparse.bin")).unwrap().len(), 0);
+
+    // 100 files: the eleventh is refused, and never appears.
+    let out = call_in(&runtime, &dir, "create-100").await;
+    assert!(out.is_error, "{}", out.text);
+    assert!(out.text.contains("created 10 files, then: Quota exceeded"), "{}", out.text);
+    assert!(out.text.contains("plugin `misbehave` reached its limit of 10 files created in one call"), "{}", out.text);
+    assert!(work.path().join("f9.txt").exists() && !work.path().join("f10.txt").exists());
+
+    // Each call has limits of its own: the next one writes as usual.
+    let out = call_in(&runtime, &dir, "write-small").await;
+    assert!(!out.is_error, "{}", out.text);
+    assert_eq!(std::fs::read_to_string(work.path().join("small.txt")).unwrap(), "hello");
+    // Rewriting a file that exists creates nothing.
+    for _ in 0..3 {
+        assert!(!call_in(&runtime, &dir, "write-small").await.is_error);
+    }
+}

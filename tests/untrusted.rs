@@ -242,3 +242,61 @@ async fn the_provider_list_does_not_wait_out_a_long_deadline() {
     let (status, _) = server.get("/health").await;
     assert_eq!(status, 200);
 }
+
+const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+
+#[tokio::test]
+async fn a_read_write_tool_call_stops_at_its_write_limits_and_the_run_goes_on() {
+    let work = tempfile::tempdir().unwrap();
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config(config_dir.path(), "[plugins.misbehave]\nfilesystem = \"read-write\"\nwrite_mb = 1\nmax_files = 10\n");
+    let server = Server::start(&["--config", &config]);
+    let manifest = format!("{MISBEHAVE}\n[capabilities]\nfilesystem = \"read-write\"\n");
+    let (status, body) = upload(&server, &manifest, common::build_component("tests/fixtures/misbehave")).await;
+    assert_eq!(status, 201, "{body}");
+    let granted = &body["capabilities"]["granted"];
+    assert_eq!((granted["write_mb"].as_u64(), granted["max_files"].as_u64()), (Some(1), Some(10)), "{body}");
+    let (_, plugins) = server.get("/plugins").await;
+    let write = plugins.as_array().unwrap().iter().find(|p| p["id"] == "write").unwrap();
+    assert_eq!(write["capabilities"]["granted"]["write_mb"], 4096, "built-ins get generous caps: {write}");
+    let read = plugins.as_array().unwrap().iter().find(|p| p["id"] == "read").unwrap();
+    assert!(read["capabilities"]["granted"].get("write_mb").is_none(), "no write cap where nothing is written: {read}");
+
+    // One run: the model calls each mode in turn, then a normal write, and answers.
+    let modes = ["write-5mb", "sparse-1tib", "create-100", "write-small"];
+    let mut replies: Vec<Reply> = modes
+        .iter()
+        .enumerate()
+        .map(|(i, mode)| Reply::sse(anthropic::tool_answer(&format!("toolu_{i}"), "misbehave", &[&json!({"mode": mode}).to_string()], 10, 5)))
+        .collect();
+    replies.push(Reply::sse(anthropic::text_answer(&["done"], 10, 5)));
+    let fake = FakeServer::start(replies).await;
+    let (status, _) =
+        server.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}})).await;
+    assert_eq!(status, 200);
+    let (_, agent) =
+        server.post("/agents", json!({"name": "w", "tools": ["misbehave"], "provider": {"id": "anthropic", "model": "claude-test"}})).await;
+    let (_, session) = server.post("/sessions", json!({"work_dir": work.path()})).await;
+    let (status, body) = server
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "go"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let calls = body["tool_calls"].as_array().unwrap();
+    assert_eq!(calls.len(), 4, "{body}");
+    let limit = |i: usize, text: &str| {
+        assert_eq!(calls[i]["is_error"], true, "{}", calls[i]);
+        let output = calls[i]["output"].as_str().unwrap();
+        assert!(output.contains(&format!("plugin `misbehave` reached its limit of {text}")), "{output}");
+    };
+    limit(0, "1 MB written in one call");
+    limit(1, "1 MB written in one call");
+    limit(2, "10 files created in one call");
+    assert_eq!(calls[3]["is_error"], false, "{}", calls[3]);
+    assert_eq!(calls[3]["output"], "wrote small.txt");
+
+    // What the calls left: at most a megabyte, no sparse giant, ten files.
+    assert_eq!(std::fs::metadata(work.path().join("big.bin")).unwrap().len(), 1 << 20);
+    assert_eq!(std::fs::metadata(work.path().join("sparse.bin")).unwrap().len(), 0);
+    assert!(work.path().join("f9.txt").exists() && !work.path().join("f10.txt").exists());
+    assert_eq!(std::fs::read_to_string(work.path().join("small.txt")).unwrap(), "hello");
+}

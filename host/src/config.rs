@@ -322,6 +322,13 @@ pub struct LimitsConfig {
     pub output_kb: Option<u64>,
     /// What one model answer (text and tool input of a step) may hold.
     pub step_output_kb: Option<u64>,
+    /// Memory all plugin calls running at once may hold together, over
+    /// each plugin's own `memory_mb` [default: half the machine's memory].
+    pub plugin_memory_total_mb: Option<u64>,
+    /// Bytes one call of a `read-write` plugin may write [default: 256].
+    pub write_mb: Option<u64>,
+    /// Files one call of a `read-write` plugin may create [default: 10,000].
+    pub max_files: Option<u64>,
 }
 
 /// Default of `--header-timeout-ms`.
@@ -377,6 +384,8 @@ pub struct Settings {
     pub secret_key: Option<crate::runtime::Secret>,
     /// Write-ahead log size past which it is checkpointed and truncated.
     pub wal_limit_bytes: u64,
+    /// `[limits] plugin_memory_total_mb`; `None`: the runtime's default.
+    pub plugin_memory_total_bytes: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -460,7 +469,13 @@ impl Settings {
             memory_bytes: file.limits.memory_mb.map(|mb| (mb as usize) << 20).unwrap_or(defaults.memory_bytes),
             output_bytes: file.limits.output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.output_bytes),
             step_output_bytes: file.limits.step_output_kb.map(|kb| (kb as usize) << 10).unwrap_or(defaults.step_output_bytes),
+            write_bytes: file.limits.write_mb.map(|mb| mb.saturating_mul(1 << 20)).unwrap_or(defaults.write_bytes),
+            max_files: file.limits.max_files.unwrap_or(defaults.max_files),
         };
+        if file.limits.plugin_memory_total_mb == Some(0) {
+            return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });
+        }
+        let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
         let event_retention = match (args.event_retention, file.event_retention) {
             (Some(d), _) => d,
             (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
@@ -593,6 +608,7 @@ impl Settings {
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,
             wal_limit_bytes,
+            plugin_memory_total_bytes,
         })
     }
 }

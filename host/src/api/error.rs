@@ -199,6 +199,8 @@ impl ApiError {
                 RuntimeError::Manifest { .. } | RuntimeError::UploadedManifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused")
                 }
+                // The server is busy, not the plugin at fault: try again.
+                RuntimeError::ServerMemory { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
                 _ => (StatusCode::BAD_GATEWAY, "plugin_failed"),
             },
             ApiError::Mcp(err) => match err {

@@ -82,6 +82,12 @@ pub struct GrantedView {
     /// Environment variables the host reads for this provider (its key and
     /// base URL): a built-in's vendor variables, or what the operator lists.
     env: Vec<String>,
+    /// With `read-write`: bytes one call may write, in MB (1 MB = 2^20 bytes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    write_mb: Option<u64>,
+    /// With `read-write`: files, directories and links one call may create.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_files: Option<u64>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -163,6 +169,8 @@ fn view(runtime: &Runtime, plugin: &Plugin, user: CallerUser) -> PluginView {
                 http: plugin.grants.http.iter().map(ToString::to_string).collect(),
                 process: plugin.grants.process,
                 env: plugin.grants.env.clone(),
+                write_mb: (plugin.grants.filesystem == FsAccess::ReadWrite).then_some(plugin.grants.limits.write_bytes >> 20),
+                max_files: (plugin.grants.filesystem == FsAccess::ReadWrite).then_some(plugin.grants.limits.max_files),
             },
         },
         confinement: m.capabilities.process.then(|| policy::confinement().describe()),

@@ -33,6 +33,14 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` tried to use more than its memory limit of {} MiB", .limit_bytes / (1024 * 1024))]
     Memory { plugin: String, limit_bytes: usize },
 
+    /// Refused because the calls running now hold the server's budget, not
+    /// because of this plugin's own cap: the same call may work later.
+    #[error("plugin `{plugin}` was refused memory: the server memory budget of {} MiB for all plugin calls is in use by other calls", .budget_bytes / (1024 * 1024))]
+    ServerMemory { plugin: String, budget_bytes: usize },
+
+    #[error("plugin `{plugin}` reached its limit of {limit}; writes past it failed")]
+    Writes { plugin: String, limit: super::WriteLimit },
+
     #[error("plugin `{plugin}` produced {actual} bytes of output, over its limit of {limit} bytes")]
     Output { plugin: String, actual: usize, limit: usize },
 

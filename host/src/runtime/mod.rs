@@ -13,6 +13,7 @@ pub mod cgroup;
 mod process;
 mod state;
 mod workdir;
+mod writes;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -36,6 +37,7 @@ pub use policy::{Grants, Limits, Policy};
 pub use workdir::{WorkDir, WorkDirError, WorkDirRules};
 pub use http::public_addrs;
 pub(crate) use process::{Confined, Program, spawn_confined};
+pub use writes::WriteLimit;
 
 use bindings::provider::{Provider, ProviderPre};
 use bindings::tool::{Tool, ToolPre};
@@ -43,7 +45,7 @@ use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
 use http::HttpAccess;
 use process::{PortGate, ProcessAccess};
-use state::{MemoryLimiter, PluginState};
+use state::{MemoryBudget, MemoryLimiter, MemoryRefusal, PluginState};
 
 /// Where a plugin came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, utoipa::ToSchema)]
@@ -155,6 +157,8 @@ struct Inner {
     /// the server has bound them.
     ports: OnceLock<Arc<PortGate>>,
     tool_pool: ToolPool,
+    /// The memory all instances may hold at once.
+    memory_budget: Arc<MemoryBudget>,
     _ticker: EpochTicker,
 }
 
@@ -207,6 +211,21 @@ pub struct RuntimeConfig {
     /// Hosts a tenant's requests may reach even at internal addresses
     /// (those `[tenants] allowed_origins` names exactly).
     pub tenant_hosts: Vec<String>,
+    /// The memory (linear memories and tables) all plugin instances may
+    /// hold at once; `None`: [`default_memory_total`].
+    pub memory_total_bytes: Option<usize>,
+}
+
+/// The default server-wide memory budget of plugins: half the machine's
+/// memory, leaving the rest to the server, its database and the commands
+/// `bash` runs; 4 GiB where the machine's size is unknown.
+pub fn default_memory_total() -> usize {
+    // SAFETY: sysconf reads a system setting and has no preconditions.
+    let (pages, page_size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    if pages <= 0 || page_size <= 0 {
+        return 4 << 30;
+    }
+    ((pages as u128 * page_size as u128) / 2).min(usize::MAX as u128) as usize
 }
 
 /// One tool invocation.
@@ -247,9 +266,16 @@ impl Runtime {
                 plugins: RwLock::new(BTreeMap::new()),
                 ports: OnceLock::new(),
                 tool_pool,
+                memory_budget: Arc::new(MemoryBudget::new(config.memory_total_bytes.unwrap_or_else(default_memory_total))),
                 _ticker: ticker,
             }),
         })
+    }
+
+    /// The server-wide memory budget of plugin instances: its size, and
+    /// what the stores alive now hold of it.
+    pub fn memory_budget(&self) -> (usize, usize) {
+        (self.inner.memory_budget.total(), self.inner.memory_budget.used())
     }
 
     /// Keeps every command (`process`) off these ports, the server's own,
@@ -616,6 +642,13 @@ impl Runtime {
     fn linker(&self, grants: &Grants) -> wasmtime::Result<Linker<PluginState>> {
         let mut linker = Linker::new(&self.inner.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
+        if grants.filesystem == FsAccess::ReadWrite {
+            // wasmtime-wasi's `wasi:filesystem/types`, replaced by the same
+            // functions behind the call's write quota.
+            linker.allow_shadowing(true);
+            wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<_, writes::CountedFsData>(&mut linker, writes::counted_fs)?;
+            linker.allow_shadowing(false);
+        }
         bindings::wit_log::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         if !grants.http.is_empty() {
@@ -698,10 +731,11 @@ impl Runtime {
             plugin: Arc::from(plugin.id()),
             wasi: wasi.build(),
             table: Default::default(),
-            limiter: MemoryLimiter { limit: grants.limits.memory_bytes, hit: false },
+            limiter: MemoryLimiter::new(grants.limits.memory_bytes, self.inner.memory_budget.clone()),
             http,
             process,
             log_gate: plugin.log_gate.clone(),
+            writes: writes::WriteQuota::new(grants.limits.write_bytes, grants.limits.max_files),
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
@@ -717,8 +751,18 @@ impl Runtime {
     /// it hit, if any.
     fn call_error(&self, plugin: &Plugin, store: &Store<PluginState>, err: wasmtime::Error) -> RuntimeError {
         let id = plugin.id().to_string();
-        if store.data().limiter.hit {
-            return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
+        match store.data().limiter.hit {
+            Some(MemoryRefusal::Plugin) => {
+                return RuntimeError::Memory { plugin: id, limit_bytes: plugin.grants.limits.memory_bytes };
+            }
+            Some(MemoryRefusal::Server) => {
+                return RuntimeError::ServerMemory { plugin: id, budget_bytes: self.inner.memory_budget.total() };
+            }
+            None => {}
+        }
+        // A guest that fails on a refused write fails because of the limit.
+        if let Some(limit) = store.data().writes.hit() {
+            return RuntimeError::Writes { plugin: id, limit };
         }
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
@@ -834,11 +878,20 @@ impl Runtime {
             input: call.input,
             work_dir: call.work_dir.as_deref().and_then(|w| w.path().to_str()).unwrap_or_default().to_string(),
         };
-        let output = self
+        let (mut output, write_limit) = self
             .with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), move |tool, store| {
-                Box::pin(async move { tool.hangar_plugin_tool_api().call_invoke(store, &wit_call).await })
+                Box::pin(async move {
+                    let output = tool.hangar_plugin_tool_api().call_invoke(&mut *store, &wit_call).await?;
+                    Ok((output, store.data().writes.hit()))
+                })
             })
             .await?;
+        // The guest saw `quota` errors and may have carried on; the result
+        // says which limit refused its writes, whatever the guest made of them.
+        if let Some(limit) = write_limit {
+            output.text = format!("{}\n\n[error: {}]", output.text, RuntimeError::Writes { plugin: plugin.id().into(), limit });
+            output.is_error = true;
+        }
         let limit = plugin.grants.limits.output_bytes;
         if output.text.len() > limit {
             return Err(RuntimeError::Output { plugin: plugin.id().into(), actual: output.text.len(), limit });

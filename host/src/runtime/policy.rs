@@ -26,13 +26,32 @@ pub struct Limits {
     /// step). Each event is small; their sum is what the host keeps in
     /// memory, sends to clients and stores, so it is capped as a whole.
     pub step_output_bytes: usize,
+    /// For a `read-write` plugin: bytes one call may write, holes past a
+    /// file's end included (a sparse file takes no disk, but every reader
+    /// of it sees its size).
+    pub write_bytes: u64,
+    /// For a `read-write` plugin: files, directories and links one call may create.
+    pub max_files: u64,
 }
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { deadline: Duration::from_secs(60), memory_bytes: 256 << 20, output_bytes: 1 << 20, step_output_bytes: 4 << 20 }
+        Limits {
+            deadline: Duration::from_secs(60),
+            memory_bytes: 256 << 20,
+            output_bytes: 1 << 20,
+            step_output_bytes: 4 << 20,
+            write_bytes: 256 << 20,
+            max_files: 10_000,
+        }
     }
 }
+
+/// What one call of a built-in plugin may write: `write` and `edit` write
+/// one file a call, so these caps are far from anything they do and
+/// still bound a call gone wrong.
+const BUILTIN_WRITE_BYTES: u64 = 4 << 30;
+const BUILTIN_MAX_FILES: u64 = 100_000;
 
 /// The shortest call deadline of a plugin granted `process`: a command may
 /// run for up to 10 minutes, and its own timeout must end it first.
@@ -59,6 +78,10 @@ pub struct PluginPolicy {
     pub timeout_ms: Option<u64>,
     pub memory_mb: Option<u64>,
     pub output_kb: Option<u64>,
+    /// Bytes one call may write (`read-write` only) [default: 256; 4096 for built-ins].
+    pub write_mb: Option<u64>,
+    /// Files one call may create (`read-write` only) [default: 10,000; 100,000 for built-ins].
+    pub max_files: Option<u64>,
     /// What this plugin's commands get, over `[process]`.
     #[serde(default)]
     pub commands: CommandOverrides,
@@ -198,6 +221,8 @@ impl Policy {
         // The operator may tune the commands of a built-in (`[plugins.bash.commands]`) too.
         let commands = allowed.commands.apply(&self.commands);
         if builtin {
+            limits.write_bytes = allowed.write_mb.map_or(BUILTIN_WRITE_BYTES, |mb| mb.saturating_mul(1 << 20));
+            limits.max_files = allowed.max_files.unwrap_or(BUILTIN_MAX_FILES);
             return Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands });
         }
 
@@ -247,6 +272,12 @@ impl Policy {
         }
         if let Some(kb) = allowed.output_kb {
             limits.output_bytes = (kb as usize) << 10;
+        }
+        if let Some(mb) = allowed.write_mb {
+            limits.write_bytes = mb.saturating_mul(1 << 20);
+        }
+        if let Some(files) = allowed.max_files {
+            limits.max_files = files;
         }
         Ok(Grants { filesystem: asked.filesystem, http, process: asked.process, env, limits, commands })
     }
@@ -432,6 +463,25 @@ mod tests {
         assert_eq!(PROCESS_MIN_DEADLINE, Duration::from_secs(660), "the 11 minutes docs/plugins.md promises");
         assert_eq!(deadline(&with_timeout(true, 900_000), &process), Duration::from_secs(900), "raised above it");
         assert_eq!(deadline(&with_timeout(false, 1_000), &manifest("")), Duration::from_secs(1), "no process: as set");
+    }
+
+    #[test]
+    fn write_limits_default_by_origin_and_follow_the_operator() {
+        let mut policy = Policy::default();
+        let rw = manifest("filesystem = \"read-write\"");
+        policy.plugins.insert("x".into(), PluginPolicy { filesystem: FsAccess::ReadWrite, ..Default::default() });
+        let third = policy.grant(&rw, false).unwrap().limits;
+        assert_eq!((third.write_bytes, third.max_files), (256 << 20, 10_000));
+        let builtin = policy.grant(&rw, true).unwrap().limits;
+        assert_eq!((builtin.write_bytes, builtin.max_files), (BUILTIN_WRITE_BYTES, BUILTIN_MAX_FILES));
+        policy.plugins.insert(
+            "x".into(),
+            PluginPolicy { filesystem: FsAccess::ReadWrite, write_mb: Some(1), max_files: Some(10), ..Default::default() },
+        );
+        for builtin in [false, true] {
+            let set = policy.grant(&rw, builtin).unwrap().limits;
+            assert_eq!((set.write_bytes, set.max_files), (1 << 20, 10), "builtin: {builtin}");
+        }
     }
 
     #[test]
