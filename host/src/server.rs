@@ -62,6 +62,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         cache_dir: Some(settings.cache_dir.clone()),
         policy: settings.policy.clone(),
         tenant_hosts: settings.tenant_origins.iter().filter_map(|o| o.exact_host().map(str::to_string)).collect(),
+        compile: settings.compile.clone(),
         ..Default::default()
     })?;
     // Registration is instant; compilation runs in the background, so

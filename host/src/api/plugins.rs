@@ -479,7 +479,7 @@ fn plugin_of(err: &crate::runtime::RuntimeError) -> String {
     use crate::runtime::RuntimeError as E;
     match err {
         E::UploadedManifest { .. } => "upload".into(),
-        E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
+        E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CompileLimit { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
         other => other.to_string(),
     }
 }
