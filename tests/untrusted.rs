@@ -448,3 +448,35 @@ async fn an_abandoned_upload_or_a_stopping_server_kills_its_compile() {
     }
     let _ = uploading.await;
 }
+
+#[tokio::test]
+async fn a_directory_plugin_slow_to_compile_fails_at_its_compile_timeout_and_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slowbuild.plugin.toml"), SLOWBUILD).unwrap();
+    // Not the uploads' component: a cache entry from another test can't interfere.
+    let wasm = slow_to_compile(100_001, 1000);
+    std::fs::write(plugins.join("slowbuild.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 2\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    // Loaded in the background, in a worker, and failed at its bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    let slow = loop {
+        let (_, list) = server.get("/plugins").await;
+        let slow = list.as_array().unwrap().iter().find(|p| p["id"] == "slowbuild").expect("listed").clone();
+        if slow["state"] != "compiling" {
+            break slow;
+        }
+        assert!(std::time::Instant::now() < deadline, "still compiling: {slow}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(slow["state"], "failed", "{slow}");
+    assert!(slow["error"].as_str().unwrap().contains("took longer than 2 s (limits.compile_timeout_s)"), "{slow}");
+    assert!(children(server.pid()).is_empty(), "processes left: {:?}", children(server.pid()));
+    assert!(cache_entries(&wasm).is_empty());
+    let (status, tools) = server.get("/tools").await;
+    assert_eq!(status, 200, "{tools}");
+}

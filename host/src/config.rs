@@ -306,9 +306,9 @@ pub struct LimitsConfig {
     pub output_kb: Option<u64>,
     /// What one model answer (text and tool input of a step) may hold.
     pub step_output_kb: Option<u64>,
-    /// Wall-clock seconds one plugin compile may take [default: 60].
+    /// Wall-clock seconds one plugin compile may take [default: 300].
     pub compile_timeout_s: Option<u64>,
-    /// Memory of one plugin compile, in MB [default: 2048].
+    /// Memory of one plugin compile, in MB [default: 4096].
     pub compile_memory_mb: Option<u64>,
     /// Plugin compiles running at once, server-wide [default: 2].
     pub max_concurrent_compiles: Option<usize>,

@@ -40,8 +40,10 @@ pub struct CompileSettings {
     pub cache_bytes: u64,
 }
 
-pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
-pub const DEFAULT_MEMORY_BYTES: u64 = 2048 << 20;
+// Generous: a componentize-py tool (19 MB, an interpreter inside) takes
+// 40 to 60 s to compile on two busy cores, and must not be refused.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(300);
+pub const DEFAULT_MEMORY_BYTES: u64 = 4096 << 20;
 pub const DEFAULT_MAX_CONCURRENT: usize = 2;
 
 impl Default for CompileSettings {

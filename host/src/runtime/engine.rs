@@ -812,6 +812,64 @@ mod tests {
     }
 
     #[test]
+    fn the_compile_workers_artifacts_load_in_the_servers_pooling_engine() {
+        // What `hangar compile-worker` produces (no pool) must be accepted
+        // by the server's engine (with the pool): the worker relies on it.
+        let artifact = compile_engine().unwrap().precompile_component(builtin("read")).unwrap();
+        let server = build_engine(PoolSize { instances: 4, ..Default::default() }).unwrap();
+        // SAFETY: bytes just compiled by this process from a built-in.
+        unsafe { Component::deserialize(&server, &artifact) }.expect("the pooling engine loads the worker's artifact");
+    }
+
+    #[test]
+    fn the_cache_stays_under_its_cap_evicting_the_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("cache");
+        let engine = engine();
+        let names = ["read", "grep", "glob"];
+        let artifacts: Vec<Vec<u8>> =
+            names.iter().map(|n| Component::new(&engine, builtin(n)).unwrap().serialize().unwrap()).collect();
+        let entry_size = |i: usize| artifacts[i].len() as u64 + 65;
+        // Room for the two largest entries with their digests, not three.
+        let mut sizes: Vec<u64> = (0..3).map(entry_size).collect();
+        sizes.sort();
+        let cap = sizes[1] + sizes[2] + 100;
+        assert!(cap < sizes.iter().sum::<u64>());
+        let cache = CompileCache::new(Some(path.clone()), cap);
+        let entry = |i: usize| Entry::new(&engine, builtin(names[i]));
+        let set_mtime = |name: &str, secs: i64| {
+            let c = CString::new(path.join(name).into_os_string().into_encoded_bytes()).unwrap();
+            let times = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
+            // SAFETY: a NUL-terminated path and two timespecs that outlive the call.
+            assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) }, 0);
+        };
+        cache.store(&engine, builtin("read"), &artifacts[0]);
+        cache.store(&engine, builtin("grep"), &artifacts[1]);
+        // `read` is the older entry, but a hit makes it the most recent:
+        // `grep` is then the least recently used.
+        set_mtime(&entry(0).name, 900_000_000);
+        set_mtime(&entry(1).name, 1_000_000_000);
+        assert!(cache.lookup(&engine, builtin("read")).is_some(), "a hit");
+        cache.store(&engine, builtin("glob"), &artifacts[2]);
+
+        let names_now = listing(&path);
+        let total: u64 = names_now.iter().map(|n| std::fs::metadata(path.join(n)).unwrap().len()).sum();
+        assert!(total <= cap, "{total} bytes over the cap of {cap}: {names_now:?}");
+        for (i, kept) in [(0, true), (1, false), (2, true)] {
+            let e = entry(i);
+            assert_eq!(names_now.contains(&e.name), kept, "{}: {names_now:?}", names[i]);
+            assert_eq!(names_now.contains(&e.digest_name), kept, "{}'s digest: {names_now:?}", names[i]);
+        }
+        assert!(cache.lookup(&engine, builtin("glob")).is_some());
+        assert!(cache.lookup(&engine, builtin("grep")).is_none(), "evicted");
+
+        // An entry alone over the cap is still kept: it was just written.
+        let tiny = CompileCache::new(Some(tmp.path().join("tiny")), 1);
+        tiny.store(&engine, builtin("read"), &artifacts[0]);
+        assert!(tiny.lookup(&engine, builtin("read")).is_some());
+    }
+
+    #[test]
     fn an_entry_of_another_user_is_neither_used_nor_deleted_nor_replaced() {
         if !running_as_root() {
             eprintln!("skipped: needs root to give a file to another uid");
