@@ -65,7 +65,9 @@ pub enum Failure {
     Memory(u64),
     /// The component is not valid (wasmtime's message).
     Invalid(String),
-    /// The worker ended some other way (a crash, or it could not start).
+    /// The compiler crashed on the component (killed by a signal).
+    Crashed(String),
+    /// The worker could not be run: the server's problem, not the component's.
     Worker(String),
 }
 
@@ -198,7 +200,7 @@ fn classify(
         return Err(Failure::Memory(memory_bytes));
     }
     match status.signal() {
-        Some(signal) => Err(Failure::Worker(format!("the compile worker was killed by signal {signal}: {}", errors.trim()))),
+        Some(signal) => Err(Failure::Crashed(format!("signal {signal}: {}", errors.trim()))),
         None => Err(Failure::Invalid(errors.trim().to_string())),
     }
 }

@@ -623,6 +623,9 @@ impl Runtime {
                         reason: format!("needed more than {} MB of memory (limits.compile_memory_mb)", bytes >> 20),
                     },
                     compile::Failure::Invalid(reason) => RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {reason}") },
+                    compile::Failure::Crashed(reason) => {
+                        RuntimeError::Load { plugin: id.clone(), reason: format!("the compiler crashed on it ({reason})") }
+                    }
                     compile::Failure::Worker(reason) => RuntimeError::Unavailable { plugin: id.clone(), reason },
                 })?;
                 tokio::task::spawn_blocking(move || {
