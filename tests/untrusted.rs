@@ -480,3 +480,21 @@ async fn a_directory_plugin_slow_to_compile_fails_at_its_compile_timeout_and_the
     let (status, tools) = server.get("/tools").await;
     assert_eq!(status, 200, "{tools}");
 }
+
+#[test]
+fn a_compile_limit_of_zero_is_refused_at_start() {
+    for key in ["compile_timeout_s", "compile_memory_mb", "max_concurrent_compiles", "compile_cache_mb"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &format!("[limits]\n{key} = 0\n"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["serve", "--port", "0", "--config", &config, "--db"])
+            .arg(dir.path().join("hangar.db"))
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{key} = 0 must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("[limits] {key} must be at least 1")), "{key}: {stderr}");
+    }
+}
