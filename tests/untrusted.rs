@@ -498,3 +498,38 @@ fn a_compile_limit_of_zero_is_refused_at_start() {
         assert!(stderr.contains(&format!("[limits] {key} must be at least 1")), "{key}: {stderr}");
     }
 }
+
+#[tokio::test]
+async fn compiles_run_at_most_max_concurrent_compiles_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 2\nmax_concurrent_compiles = 1\n");
+    let server = std::sync::Arc::new(Server::start(&["--config", &config]));
+    // Two uploads at once (the most the server receives together); each
+    // compile runs into its timeout, the second after the first.
+    let uploads: Vec<_> = ["slowone", "slowtwo"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let server = server.clone();
+            let manifest = SLOWBUILD.replace("slowbuild", name);
+            let wasm = slow_to_compile(100_000 + i, 1000);
+            tokio::spawn(async move { upload(&server, &manifest, wasm).await })
+        })
+        .collect();
+    wait_for_worker(server.pid(), std::time::Duration::from_secs(120)).await;
+    let mut most = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    while uploads.iter().any(|u| !u.is_finished()) {
+        let now = children(server.pid());
+        most = most.max(now.len());
+        seen.extend(now);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for upload in uploads {
+        let (status, body) = upload.await.unwrap();
+        assert_eq!(status, 422, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("took longer than 2 s (limits.compile_timeout_s)"), "{body}");
+    }
+    assert_eq!(most, 1, "one compile at a time");
+    assert_eq!(seen.len(), 2, "each upload had its own worker, one after the other: {seen:?}");
+}
