@@ -300,3 +300,294 @@ async fn a_read_write_tool_call_stops_at_its_write_limits_and_the_run_goes_on() 
     assert!(work.path().join("f9.txt").exists() && !work.path().join("f10.txt").exists());
     assert_eq!(std::fs::read_to_string(work.path().join("small.txt")).unwrap(), "hello");
 }
+
+// Compiling an upload is bounded (issue 24.4, issue 22.2): the compile runs
+// in a child process with a time and a memory limit, is killed when its
+// client leaves or the server stops, and a refused upload caches nothing.
+
+const SLOWBUILD: &str = "kind = \"tool\"\nname = \"slowbuild\"\nversion = \"0.1.0\"\ndescription = \"One huge function, slow to compile (tests only).\"\n";
+
+fn leb128(mut n: usize, out: &mut Vec<u8>) {
+    loop {
+        let byte = (n & 0x7f) as u8;
+        n >>= 7;
+        if n == 0 {
+            out.push(byte);
+            return;
+        }
+        out.push(byte | 0x80);
+    }
+}
+
+fn section(id: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(id);
+    leb128(payload.len(), out);
+    out.extend_from_slice(payload);
+}
+
+/// A valid component holding one core module with one function of about
+/// `body_bytes` bytes: `locals` i64 locals and one small `loop` after
+/// another, each reading one local and writing another. Every loop is a
+/// block whose parameters Cranelift must build for the locals live across
+/// it, so compiling it takes time and memory far beyond its size (100 KB:
+/// about 20 s and 300 MB in a debug build of this host).
+fn slow_to_compile(body_bytes: usize, locals: usize) -> Vec<u8> {
+    let mut body = Vec::new();
+    // One run of 1000 i64 locals.
+    leb128(1, &mut body);
+    leb128(locals, &mut body);
+    body.push(0x7e);
+    let mut i = 0;
+    while body.len() < body_bytes {
+        let (read, write) = ((i * 7) % locals, (i * 31 + 3) % locals);
+        body.extend_from_slice(&[0x03, 0x40, 0x20]); // loop (empty type), local.get
+        leb128(read, &mut body);
+        body.extend_from_slice(&[0x42, 0x01, 0x7c, 0x21]); // i64.const 1, i64.add, local.set
+        leb128(write, &mut body);
+        body.push(0x0b); // end
+        i += 1;
+    }
+    body.push(0x0b);
+    let mut module = b"\0asm\x01\0\0\0".to_vec();
+    section(1, &[1, 0x60, 0, 0], &mut module); // one type: [] -> []
+    section(3, &[1, 0], &mut module); // one function of that type
+    let mut code = vec![1];
+    leb128(body.len(), &mut code);
+    code.extend_from_slice(&body);
+    section(10, &code, &mut module);
+    let mut component = b"\0asm\x0d\x00\x01\x00".to_vec();
+    section(1, &module, &mut component); // a core module section
+    component
+}
+
+/// The live (not zombie) child processes of `pid`.
+fn children(pid: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else { continue };
+        // `PID (COMM) STATE PPID ...`; COMM may hold spaces and parentheses.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else { continue };
+        let mut fields = rest.split_whitespace();
+        let (Some(state), Some(ppid)) = (fields.next(), fields.next()) else { continue };
+        if ppid == pid.to_string() && state != "Z" {
+            found.push(entry.file_name().to_str().unwrap().parse().unwrap());
+        }
+    }
+    found
+}
+
+/// Waits (up to `within`) for `pid` to have a live child: the compile worker.
+async fn wait_for_worker(pid: u32, within: std::time::Duration) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let found = children(pid);
+        if !found.is_empty() {
+            return found;
+        }
+        assert!(std::time::Instant::now() < deadline, "no compile worker started");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Waits (up to `within`) for `pid` to have no live child left.
+async fn wait_no_children(pid: u32, within: std::time::Duration, what: &str) {
+    let deadline = std::time::Instant::now() + within;
+    while !children(pid).is_empty() {
+        assert!(std::time::Instant::now() < deadline, "{what}: processes left: {:?}", children(pid));
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}
+
+/// Compile cache entries of `wasm` in the tests' shared cache.
+fn cache_entries(wasm: &[u8]) -> Vec<String> {
+    use sha2::Digest;
+    let prefix = hex::encode(&sha2::Sha256::digest(wasm)[..16]);
+    std::fs::read_dir(common::cache_dir())
+        .map(|dir| dir.flatten().filter_map(|e| e.file_name().into_string().ok()).filter(|n| n.starts_with(&prefix)).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn a_component_slow_to_compile_is_refused_at_its_compile_timeout_while_the_server_answers() {
+    let wasm = slow_to_compile(100_000, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 3\n");
+    let server = std::sync::Arc::new(Server::start(&["--config", &config]));
+    let uploading = {
+        let (server, wasm) = (server.clone(), wasm.clone());
+        tokio::spawn(async move { upload(&server, SLOWBUILD, wasm).await })
+    };
+    // The compile runs in a worker process, and the server answers meanwhile.
+    // (It may first wait for a turn behind the built-ins on a cold cache.)
+    let worker = wait_for_worker(server.pid(), std::time::Duration::from_secs(120)).await;
+    let started = std::time::Instant::now();
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    let (status, tools) = server.get("/tools").await;
+    assert_eq!(status, 200, "{tools}");
+    assert!(children(server.pid()).iter().any(|pid| worker.contains(pid)), "still compiling while the server answered");
+
+    let (status, body) = uploading.await.unwrap();
+    let took = started.elapsed();
+    assert_eq!(status, 422, "{body}");
+    assert_eq!(body["code"], "plugin_refused", "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("`slowbuild`") && error.contains("took longer than 3 s (limits.compile_timeout_s)"), "{error}");
+    assert!(took < std::time::Duration::from_secs(3 + 30), "refused within its bound: {took:?}");
+    // The worker was killed and reaped before the answer.
+    assert!(children(server.pid()).is_empty(), "processes left: {:?}", children(server.pid()));
+    let (_, plugins) = server.get("/plugins").await;
+    assert!(!ids(&plugins).contains(&"slowbuild".to_string()), "{plugins}");
+    assert!(cache_entries(&wasm).is_empty(), "nothing cached: {:?}", cache_entries(&wasm));
+}
+
+#[tokio::test]
+async fn a_compile_over_its_memory_limit_fails_the_upload_naming_the_limit() {
+    let wasm = slow_to_compile(100_000, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_memory_mb = 128\ncompile_timeout_s = 300\n");
+    let server = Server::start(&["--config", &config]);
+    let (status, body) = upload(&server, SLOWBUILD, wasm.clone()).await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("`slowbuild`") && error.contains("needed more than 128 MB of memory (limits.compile_memory_mb)"), "{error}");
+    assert!(children(server.pid()).is_empty(), "processes left: {:?}", children(server.pid()));
+    let (_, plugins) = server.get("/plugins").await;
+    assert!(!ids(&plugins).contains(&"slowbuild".to_string()), "{plugins}");
+    assert!(cache_entries(&wasm).is_empty());
+
+    // An ordinary plugin still compiles under that limit (in the worker,
+    // unless an earlier test cached it), loads, and is cached.
+    let small = common::build_component("tests/fixtures/rogue");
+    let (status, body) = upload(&server, ROGUE, small.clone()).await;
+    assert_eq!(status, 201, "{body}");
+    assert!(!cache_entries(&small).is_empty(), "a plugin that loaded is cached");
+}
+
+#[tokio::test]
+async fn an_abandoned_upload_or_a_stopping_server_kills_its_compile() {
+    let wasm = slow_to_compile(100_000, 1000);
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 300\n");
+    let mut server = Server::start(&["--config", &config]);
+
+    // The client goes away while the component compiles.
+    let client = server.client.clone();
+    let url = server.url("/plugins");
+    let form = Form::new().text("manifest", SLOWBUILD.to_string()).part("wasm", Part::bytes(wasm.clone()).file_name("plugin.wasm"));
+    let abandoned = tokio::spawn(async move { client.post(url).multipart(form).send().await });
+    wait_for_worker(server.pid(), std::time::Duration::from_secs(120)).await;
+    abandoned.abort();
+    let _ = abandoned.await;
+    wait_no_children(server.pid(), std::time::Duration::from_secs(10), "after the client left").await;
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+
+    // The server is told to stop while a compile runs: it stops, and the
+    // worker with it.
+    let uploading = {
+        let (client, url) = (reqwest::Client::new(), server.url("/plugins"));
+        let form = Form::new().text("manifest", SLOWBUILD.to_string()).part("wasm", Part::bytes(wasm).file_name("plugin.wasm"));
+        tokio::spawn(async move { client.post(url).multipart(form).send().await })
+    };
+    let workers = wait_for_worker(server.pid(), std::time::Duration::from_secs(120)).await;
+    let status = server.terminate();
+    assert!(status.success(), "clean exit on SIGTERM while compiling: {status:?}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    for pid in workers {
+        let alive = || {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .is_ok_and(|stat| stat.rfind(')').is_some_and(|i| !stat[i + 2..].starts_with('Z')))
+        };
+        while alive() {
+            assert!(std::time::Instant::now() < deadline, "the compile worker {pid} outlived the server");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let _ = uploading.await;
+}
+
+#[tokio::test]
+async fn a_directory_plugin_slow_to_compile_fails_at_its_compile_timeout_and_the_server_serves() {
+    let dir = tempfile::tempdir().unwrap();
+    let plugins = dir.path().join("plugins");
+    std::fs::create_dir(&plugins).unwrap();
+    std::fs::write(plugins.join("slowbuild.plugin.toml"), SLOWBUILD).unwrap();
+    // Not the uploads' component: a cache entry from another test can't interfere.
+    let wasm = slow_to_compile(100_001, 1000);
+    std::fs::write(plugins.join("slowbuild.wasm"), &wasm).unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 2\n");
+    let server = Server::start(&["--plugins", plugins.to_str().unwrap(), "--config", &config]);
+    let (status, _) = server.get("/health").await;
+    assert_eq!(status, 200);
+    // Loaded in the background, in a worker, and failed at its bound.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(150);
+    let slow = loop {
+        let (_, list) = server.get("/plugins").await;
+        let slow = list.as_array().unwrap().iter().find(|p| p["id"] == "slowbuild").expect("listed").clone();
+        if slow["state"] != "compiling" {
+            break slow;
+        }
+        assert!(std::time::Instant::now() < deadline, "still compiling: {slow}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    };
+    assert_eq!(slow["state"], "failed", "{slow}");
+    assert!(slow["error"].as_str().unwrap().contains("took longer than 2 s (limits.compile_timeout_s)"), "{slow}");
+    assert!(children(server.pid()).is_empty(), "processes left: {:?}", children(server.pid()));
+    assert!(cache_entries(&wasm).is_empty());
+    let (status, tools) = server.get("/tools").await;
+    assert_eq!(status, 200, "{tools}");
+}
+
+#[test]
+fn a_compile_limit_of_zero_is_refused_at_start() {
+    for key in ["compile_timeout_s", "compile_memory_mb", "max_concurrent_compiles", "compile_cache_mb"] {
+        let dir = tempfile::tempdir().unwrap();
+        let config = config(dir.path(), &format!("[limits]\n{key} = 0\n"));
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+            .args(["serve", "--port", "0", "--config", &config, "--db"])
+            .arg(dir.path().join("hangar.db"))
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{key} = 0 must be refused");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(&format!("[limits] {key} must be at least 1")), "{key}: {stderr}");
+    }
+}
+
+#[tokio::test]
+async fn compiles_run_at_most_max_concurrent_compiles_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = config(dir.path(), "[limits]\ncompile_timeout_s = 2\nmax_concurrent_compiles = 1\n");
+    let server = std::sync::Arc::new(Server::start(&["--config", &config]));
+    // Two uploads at once (the most the server receives together); each
+    // compile runs into its timeout, the second after the first.
+    let uploads: Vec<_> = ["slowone", "slowtwo"]
+        .into_iter()
+        .enumerate()
+        .map(|(i, name)| {
+            let server = server.clone();
+            let manifest = SLOWBUILD.replace("slowbuild", name);
+            let wasm = slow_to_compile(100_000 + i, 1000);
+            tokio::spawn(async move { upload(&server, &manifest, wasm).await })
+        })
+        .collect();
+    wait_for_worker(server.pid(), std::time::Duration::from_secs(120)).await;
+    let mut most = 0;
+    let mut seen = std::collections::BTreeSet::new();
+    while uploads.iter().any(|u| !u.is_finished()) {
+        let now = children(server.pid());
+        most = most.max(now.len());
+        seen.extend(now);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    for upload in uploads {
+        let (status, body) = upload.await.unwrap();
+        assert_eq!(status, 422, "{body}");
+        assert!(body["error"].as_str().unwrap().contains("took longer than 2 s (limits.compile_timeout_s)"), "{body}");
+    }
+    assert_eq!(most, 1, "one compile at a time");
+    assert_eq!(seen.len(), 2, "each upload had its own worker, one after the other: {seen:?}");
+}

@@ -9,6 +9,7 @@ use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
 
 use crate::permissions::{Action, Compiled, Origin, Rule, RuleError};
+use crate::runtime::CompileSettings;
 use crate::runtime::policy::{Limits, PluginPolicy, Policy};
 
 /// Hangar runs AI agents behind a REST API. Their tools (bash, read, write,
@@ -39,6 +40,10 @@ pub enum Command {
     /// `hangar plugin install FILE|DIR --server URL`.
     #[command(subcommand)]
     Plugin(crate::authoring::PluginCommand),
+    /// The server's own compile worker: a component on stdin, compiled on
+    /// stdout (see runtime/compile.rs). Not for people.
+    #[command(hide = true)]
+    CompileWorker,
 }
 
 #[derive(Debug, Default, Args)]
@@ -329,6 +334,14 @@ pub struct LimitsConfig {
     pub write_mb: Option<u64>,
     /// Files one call of a `read-write` plugin may create [default: 10,000].
     pub max_files: Option<u64>,
+    /// Wall-clock seconds one plugin compile may take [default: 300].
+    pub compile_timeout_s: Option<u64>,
+    /// Memory of one plugin compile, in MB [default: 4096].
+    pub compile_memory_mb: Option<u64>,
+    /// Plugin compiles running at once, server-wide [default: 2].
+    pub max_concurrent_compiles: Option<usize>,
+    /// Size of the compile cache directory, in MB [default: 1024].
+    pub compile_cache_mb: Option<u64>,
 }
 
 /// Default of `--header-timeout-ms`.
@@ -351,6 +364,9 @@ pub struct Settings {
     /// (`hangar.db` → `hangar.plugins/`), as they are part of its state.
     pub installed_dir: PathBuf,
     pub cache_dir: PathBuf,
+    /// How plugins are compiled (`[limits] compile_*`) and the compile
+    /// cache's size.
+    pub compile: CompileSettings,
     /// The config file read (or that would have been): one of the server's
     /// own files, which no session may be given.
     pub config_path: PathBuf,
@@ -476,6 +492,24 @@ impl Settings {
             return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });
         }
         let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
+        let compile = {
+            let l = &file.limits;
+            let nonzero = |value: Option<u64>, setting: &'static str| match value {
+                Some(0) => Err(ConfigError::Zero { setting }),
+                other => Ok(other),
+            };
+            let defaults = CompileSettings::default();
+            CompileSettings {
+                // This very binary, even if its file is replaced while it runs.
+                worker: Some(PathBuf::from("/proc/self/exe")),
+                timeout: nonzero(l.compile_timeout_s, "[limits] compile_timeout_s")?.map(Duration::from_secs).unwrap_or(defaults.timeout),
+                memory_bytes: nonzero(l.compile_memory_mb, "[limits] compile_memory_mb")?.map(|mb| mb << 20).unwrap_or(defaults.memory_bytes),
+                max_concurrent: nonzero(l.max_concurrent_compiles.map(|n| n as u64), "[limits] max_concurrent_compiles")?
+                    .map(|n| n as usize)
+                    .unwrap_or(defaults.max_concurrent),
+                cache_bytes: nonzero(l.compile_cache_mb, "[limits] compile_cache_mb")?.map(|mb| mb << 20).unwrap_or(defaults.cache_bytes),
+            }
+        };
         let event_retention = match (args.event_retention, file.event_retention) {
             (Some(d), _) => d,
             (None, Some(text)) => parse_duration(&text).map_err(ConfigError::Retention)?,
@@ -605,6 +639,7 @@ impl Settings {
                     limits
                 },
             },
+            compile,
             header_timeout: Duration::from_millis(header_timeout_ms),
             max_connections_per_client,
             wal_limit_bytes,

@@ -7,7 +7,7 @@ fn main() -> std::process::ExitCode {
     // An author's commands log as plain text; the server as it is told.
     let format = match &cli.command {
         Command::Serve(args) => args.log_format,
-        Command::Plugin(_) => Default::default(),
+        Command::Plugin(_) | Command::CompileWorker => Default::default(),
     };
     hangar::telemetry::init_logs(format);
     let result = match cli.command {
@@ -21,6 +21,8 @@ fn main() -> std::process::ExitCode {
                 }
             };
         }
+        // The server's own helper: its stdout is the compiled component.
+        Command::CompileWorker => return hangar::runtime::compile::worker_main(),
         Command::Serve(args) => Settings::resolve(args).map_err(|e| e.to_string()).and_then(|settings| {
             tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

@@ -192,7 +192,8 @@ impl RunError {
                 RuntimeError::Manifest { .. }
                 | RuntimeError::CapabilityDenied { .. }
                 | RuntimeError::Clash { .. }
-                | RuntimeError::Load { .. },
+                | RuntimeError::Load { .. }
+                | RuntimeError::CompileLimit { .. },
             ) => "plugin_refused",
             RunError::Plugin(_) => "plugin_failed",
             RunError::Store(_) => "internal",

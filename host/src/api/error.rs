@@ -196,7 +196,8 @@ impl ApiError {
             ApiError::TooManyUploads { .. } => (StatusCode::TOO_MANY_REQUESTS, "too_many_uploads"),
             ApiError::Plugin(err) => match err {
                 RuntimeError::NotFound(_) | RuntimeError::WrongKind { .. } => (StatusCode::UNPROCESSABLE_ENTITY, "unknown_plugin"),
-                RuntimeError::Manifest { .. } | RuntimeError::UploadedManifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. } => {
+                RuntimeError::Manifest { .. } | RuntimeError::UploadedManifest { .. } | RuntimeError::CapabilityDenied { .. } | RuntimeError::Clash { .. } | RuntimeError::Load { .. }
+                | RuntimeError::CompileLimit { .. } => {
                     (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused")
                 }
                 // The server is busy, not the plugin at fault: try again.

@@ -267,7 +267,7 @@ pub struct PluginUpload {
     request_body(content = PluginUpload, content_type = "multipart/form-data"),
     responses((status = 201, body = PluginView, description = "installed"), (status = 200, body = PluginView, description = "upgraded"),
         (status = 400, body = super::ErrorBody, description = "not a multipart/form-data body, or a malformed one"),
-        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody, description = "the manifest or the component is refused"),
+        (status = 413, body = super::ErrorBody), (status = 422, body = super::ErrorBody, description = "the manifest or the component is refused, among others because compiling it ran past `[limits] compile_timeout_s` or `compile_memory_mb`"),
         (status = 429, body = super::ErrorBody, description = "two uploads are already being received (`Retry-After: 5`), or a tenant's `plugins` or `plugin_mb` quota is reached")))]
 pub(super) async fn install(
     State(state): State<AppState>,
@@ -549,7 +549,7 @@ fn plugin_of(err: &crate::runtime::RuntimeError) -> String {
     use crate::runtime::RuntimeError as E;
     match err {
         E::UploadedManifest { .. } => "upload".into(),
-        E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
+        E::Manifest { plugin, .. } | E::Load { plugin, .. } | E::CompileLimit { plugin, .. } | E::CapabilityDenied { plugin, .. } | E::Clash { plugin, .. } => plugin.clone(),
         other => other.to_string(),
     }
 }

@@ -40,11 +40,27 @@ impl Default for PoolSize {
     }
 }
 
-pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
+/// Everything about the engine that shapes compiled code. The server's
+/// engine and the compile worker's (`hangar compile-worker`) both start
+/// from it, so what the worker compiles the server can deserialize.
+fn code_config() -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     config.memory_init_cow(true);
+    config
+}
+
+/// The engine of the compile worker: the server's settings without the
+/// instance pool, which does not change compiled code (wasmtime documents
+/// that artifacts work with and without it) but would reserve terabytes of
+/// address space in a process that only compiles.
+pub fn compile_engine() -> wasmtime::Result<Engine> {
+    Engine::new(&code_config())
+}
+
+pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
+    let mut config = code_config();
 
     let mut pooling = PoolingAllocationConfig::default();
     pooling
@@ -120,12 +136,19 @@ impl Drop for EpochTicker {
 ///
 /// An entry that fails any check is reported, deleted if it is ours, and
 /// the component is compiled again and written back.
+///
+/// An entry is written only for a component that compiled *and* loaded
+/// (linked and described itself), so a refused upload leaves nothing
+/// behind. The directory is kept under a size cap: after each write the
+/// least recently used entries (by modification time, which a hit renews)
+/// are deleted until the rest fit.
 pub struct CompileCache {
     dir: Option<CacheDir>,
+    max_bytes: u64,
 }
 
 impl CompileCache {
-    pub fn new(dir: Option<PathBuf>) -> CompileCache {
+    pub fn new(dir: Option<PathBuf>, max_bytes: u64) -> CompileCache {
         let dir = dir.and_then(|path| match CacheDir::open(&path) {
             Ok(dir) => Some(dir),
             Err(reason) => {
@@ -136,16 +159,20 @@ impl CompileCache {
                 None
             }
         });
-        CompileCache { dir }
+        CompileCache { dir, max_bytes }
     }
 
-    /// The compiled component, from the cache when it holds a valid entry.
-    pub fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Component> {
-        let Some(dir) = &self.dir else {
-            return Component::new(engine, wasm);
-        };
+    /// Whether compiled components are kept at all.
+    pub fn enabled(&self) -> bool {
+        self.dir.is_some()
+    }
+
+    /// The compiled component from a valid entry; `None` on a miss (an
+    /// entry that fails a check is discarded, and that is a miss too).
+    pub fn lookup(&self, engine: &Engine, wasm: &[u8]) -> Option<Component> {
+        let dir = self.dir.as_ref()?;
         let entry = Entry::new(engine, wasm);
-        let writable = match dir.read_verified(&entry) {
+        match dir.read_verified(&entry) {
             Ok(Some(bytes)) => {
                 // SAFETY: `Component::deserialize` checks that the bytes come
                 // from a compatible engine, but then maps the machine code in
@@ -159,7 +186,11 @@ impl CompileCache {
                 //     this uid, writable by no one else;
                 // (3) the digest, bound to this entry's name and component
                 //     hash, matches these exact bytes, which are already in
-                //     memory: nothing can change them between check and load.
+                //     memory: nothing can change them between check and load;
+                // (4) only `store` writes entries, with bytes this server
+                //     compiled itself or read from its own compile worker
+                //     (see `compile_in_worker`), which is as trustworthy as
+                //     compiling here.
                 // What this does not stop: a process running as this uid or as
                 // root can write an entry and a matching digest (the digest is
                 // not keyed by a secret). Such a process can as well replace
@@ -170,31 +201,56 @@ impl CompileCache {
                 match unsafe { Component::deserialize(engine, &bytes) } {
                     Ok(component) => {
                         crate::telemetry::compile_cache(true);
-                        return Ok(component);
+                        // Recently used: the last to be evicted.
+                        dir.touch(&entry.name);
+                        return Some(component);
                     }
                     Err(err) => {
                         tracing::warn!(entry = %entry.name, dir = %dir.path.display(), "discarding a compile cache entry wasmtime refuses: {err:#}");
-                        dir.discard(&entry)
+                        dir.discard(&entry);
                     }
                 }
             }
-            // A miss. The digest file may be left from an entry deleted by
-            // hand, or be a writer's that is about to add the entry:
-            // leave it; writing replaces it.
-            Ok(None) => dir.ours_or_absent(&entry.digest_name),
+            Ok(None) => {}
             Err(reason) => {
                 tracing::warn!(entry = %entry.name, dir = %dir.path.display(), "discarding a compile cache entry: {reason}");
-                dir.discard(&entry)
+                dir.discard(&entry);
             }
-        };
-        crate::telemetry::compile_cache(false);
-        let component = Component::new(engine, wasm)?;
-        if writable {
-            dir.store(&entry, &component.serialize()?);
         }
+        crate::telemetry::compile_cache(false);
+        None
+    }
+
+    /// Keeps `artifact`, the compiled form of `wasm` (which has loaded),
+    /// then evicts the least recently used entries past the size cap.
+    pub fn store(&self, engine: &Engine, wasm: &[u8], artifact: &[u8]) {
+        let Some(dir) = &self.dir else { return };
+        let entry = Entry::new(engine, wasm);
+        // A digest file left from an entry deleted by hand, or a writer's
+        // that is about to add the entry, is replaced; a file of another
+        // uid is left alone and this component not cached.
+        if !(dir.ours_or_absent(&entry.name) && dir.ours_or_absent(&entry.digest_name)) {
+            return;
+        }
+        dir.store(&entry, artifact);
+        dir.evict(self.max_bytes, &entry.name);
+    }
+
+    /// The compiled component: from the cache, or compiled here and stored
+    /// at once (the tests' shortcut; the runtime stores only what loaded).
+    #[cfg(test)]
+    fn load(&self, engine: &Engine, wasm: &[u8]) -> wasmtime::Result<Component> {
+        if let Some(component) = self.lookup(engine, wasm) {
+            return Ok(component);
+        }
+        let component = Component::new(engine, wasm)?;
+        self.store(engine, wasm, &component.serialize()?);
         Ok(component)
     }
 }
+
+/// Default of `[limits] compile_cache_mb`, in bytes.
+pub const DEFAULT_CACHE_BYTES: u64 = 1024 << 20;
 
 /// The names of one component's entry, and what its digest is bound to.
 struct Entry {
@@ -384,6 +440,67 @@ impl CacheDir {
         }
     }
 
+    /// Renews the entry's modification time: what eviction orders by.
+    fn touch(&self, name: &str) {
+        let Ok(c_name) = CString::new(name) else { return };
+        // SAFETY: a system call on a descriptor `self.handle` keeps open,
+        // with a NUL-terminated name that outlives it; a null `times` is
+        // "now".
+        if unsafe { libc::utimensat(self.handle.as_raw_fd(), c_name.as_ptr(), std::ptr::null(), libc::AT_SYMLINK_NOFOLLOW) } < 0 {
+            tracing::debug!(dir = %self.path.display(), "cannot renew `{name}`: {}", std::io::Error::last_os_error());
+        }
+    }
+
+    /// Deletes the least recently used entries (and their digests) of ours
+    /// until the entries take at most `max_bytes`; `keep`, just written,
+    /// stays even when it alone is over.
+    fn evict(&self, max_bytes: u64, keep: &str) {
+        // The directory read through its handle, not its path.
+        let listing = match std::fs::read_dir(format!("/proc/self/fd/{}", self.handle.as_raw_fd())) {
+            Ok(listing) => listing,
+            Err(e) => {
+                tracing::warn!(dir = %self.path.display(), "cannot list the compile cache to bound its size: {e}");
+                return;
+            }
+        };
+        let size_of = |name: &str| -> Option<std::fs::Metadata> {
+            let meta = self.open_at(name, libc::O_PATH, 0).ok()?.metadata().ok()?;
+            (meta.is_file() && meta.uid() == self.uid).then_some(meta)
+        };
+        let mut entries: Vec<(i64, i64, u64, String)> = listing
+            .filter_map(|e| e.ok()?.file_name().into_string().ok())
+            .filter(|name| name.ends_with(".cwasm") && !name.starts_with('.'))
+            .filter_map(|name| {
+                let meta = size_of(&name)?;
+                let digest = size_of(&format!("{name}.sha256")).map_or(0, |m| m.len());
+                Some((meta.mtime(), meta.mtime_nsec(), meta.len() + digest, name))
+            })
+            .collect();
+        let mut total: u64 = entries.iter().map(|e| e.2).sum();
+        if total <= max_bytes {
+            return;
+        }
+        entries.sort();
+        for (_, _, size, name) in entries {
+            if total <= max_bytes {
+                break;
+            }
+            if name == keep {
+                continue;
+            }
+            // The entry first: an entry never stands without its digest.
+            match self.unlink_at(&name) {
+                Ok(()) => {
+                    let _ = self.unlink_at(&format!("{name}.sha256"));
+                    total -= size;
+                    tracing::info!(entry = %name, dir = %self.path.display(), "evicted from the compile cache (least recently used)");
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => total -= size,
+                Err(e) => tracing::warn!(dir = %self.path.display(), "cannot evict `{name}`: {e}"),
+            }
+        }
+    }
+
     /// A new file `0600` under a name no one else uses, holding `bytes`.
     fn write_temporary(&self, bytes: &[u8]) -> std::io::Result<String> {
         static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -494,7 +611,7 @@ mod tests {
     fn a_fresh_directory_is_created_private_with_its_parents() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = tmp.path().join("a/b/compiled");
-        let cache = CompileCache::new(Some(dir.clone()));
+        let cache = CompileCache::new(Some(dir.clone()), DEFAULT_CACHE_BYTES);
         assert!(cache.dir.is_some());
         for path in [tmp.path().join("a"), tmp.path().join("a/b"), dir] {
             assert_eq!(mode(&path), 0o700, "{}", path.display());
@@ -507,7 +624,7 @@ mod tests {
         for bad in [0o777, 0o770, 0o702, 0o720] {
             let tmp = tempfile::tempdir().unwrap();
             chmod(tmp.path(), bad);
-            let cache = CompileCache::new(Some(tmp.path().into()));
+            let cache = CompileCache::new(Some(tmp.path().into()), DEFAULT_CACHE_BYTES);
             assert!(cache.dir.is_none(), "mode {bad:03o} must be refused");
             cache.load(&engine, builtin("read")).expect("compiles without the cache");
             assert!(listing(tmp.path()).is_empty(), "nothing written in a refused directory");
@@ -515,7 +632,7 @@ mod tests {
         // Readable by others is not a way in.
         let tmp = tempfile::tempdir().unwrap();
         chmod(tmp.path(), 0o755);
-        assert!(CompileCache::new(Some(tmp.path().into())).dir.is_some());
+        assert!(CompileCache::new(Some(tmp.path().into()), DEFAULT_CACHE_BYTES).dir.is_some());
     }
 
     #[test]
@@ -527,7 +644,7 @@ mod tests {
         let link = tmp.path().join("link");
         symlink(&real, &link).unwrap();
         for path in [link.clone(), tmp.path().join("link/"), tmp.path().join("link/.")] {
-            let cache = CompileCache::new(Some(path.clone()));
+            let cache = CompileCache::new(Some(path.clone()), DEFAULT_CACHE_BYTES);
             assert!(cache.dir.is_none(), "{} must be refused", path.display());
             cache.load(&engine, builtin("read")).unwrap();
         }
@@ -535,7 +652,7 @@ mod tests {
         // A dangling link is refused too, not created through.
         let dangling = tmp.path().join("dangling");
         symlink(tmp.path().join("nowhere"), &dangling).unwrap();
-        assert!(CompileCache::new(Some(dangling)).dir.is_none());
+        assert!(CompileCache::new(Some(dangling), DEFAULT_CACHE_BYTES).dir.is_none());
         assert!(!tmp.path().join("nowhere").exists());
     }
 
@@ -549,7 +666,7 @@ mod tests {
         let dir = tmp.path().join("theirs");
         std::fs::DirBuilder::new().mode(0o700).create(&dir).unwrap();
         std::os::unix::fs::chown(&dir, Some(65534), None).unwrap();
-        assert!(CompileCache::new(Some(dir)).dir.is_none());
+        assert!(CompileCache::new(Some(dir), DEFAULT_CACHE_BYTES).dir.is_none());
     }
 
     /// A cache in a fresh directory with entries for `read` and `grep`.
@@ -567,7 +684,7 @@ mod tests {
             let tmp = tempfile::tempdir().unwrap();
             let path = tmp.path().join("cache");
             let engine = engine();
-            let cache = CompileCache::new(Some(path.clone()));
+            let cache = CompileCache::new(Some(path.clone()), DEFAULT_CACHE_BYTES);
             cache.load(&engine, builtin("read")).unwrap();
             cache.load(&engine, builtin("grep")).unwrap();
             let (read, grep) = (Entry::new(&engine, builtin("read")), Entry::new(&engine, builtin("grep")));
@@ -638,7 +755,7 @@ mod tests {
         }
         assert_eq!(names.len(), 4, "no temporary file left: {names:?}");
         let inode = std::fs::metadata(p.file(&p.read.name)).unwrap().ino();
-        let again = CompileCache::new(Some(p.path.clone()));
+        let again = CompileCache::new(Some(p.path.clone()), DEFAULT_CACHE_BYTES);
         again.load(&p.engine, builtin("read")).unwrap();
         assert_eq!(std::fs::metadata(p.file(&p.read.name)).unwrap().ino(), inode, "a valid entry is used as is");
     }
@@ -692,6 +809,64 @@ mod tests {
             // SAFETY: a NUL-terminated path that outlives the call.
             assert_eq!(unsafe { libc::mkfifo(name.as_ptr(), 0o600) }, 0);
         });
+    }
+
+    #[test]
+    fn the_compile_workers_artifacts_load_in_the_servers_pooling_engine() {
+        // What `hangar compile-worker` produces (no pool) must be accepted
+        // by the server's engine (with the pool): the worker relies on it.
+        let artifact = compile_engine().unwrap().precompile_component(builtin("read")).unwrap();
+        let server = build_engine(PoolSize { instances: 4, ..Default::default() }).unwrap();
+        // SAFETY: bytes just compiled by this process from a built-in.
+        unsafe { Component::deserialize(&server, &artifact) }.expect("the pooling engine loads the worker's artifact");
+    }
+
+    #[test]
+    fn the_cache_stays_under_its_cap_evicting_the_least_recently_used() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("cache");
+        let engine = engine();
+        let names = ["read", "grep", "glob"];
+        let artifacts: Vec<Vec<u8>> =
+            names.iter().map(|n| Component::new(&engine, builtin(n)).unwrap().serialize().unwrap()).collect();
+        let entry_size = |i: usize| artifacts[i].len() as u64 + 65;
+        // Room for the two largest entries with their digests, not three.
+        let mut sizes: Vec<u64> = (0..3).map(entry_size).collect();
+        sizes.sort();
+        let cap = sizes[1] + sizes[2] + 100;
+        assert!(cap < sizes.iter().sum::<u64>());
+        let cache = CompileCache::new(Some(path.clone()), cap);
+        let entry = |i: usize| Entry::new(&engine, builtin(names[i]));
+        let set_mtime = |name: &str, secs: i64| {
+            let c = CString::new(path.join(name).into_os_string().into_encoded_bytes()).unwrap();
+            let times = [libc::timespec { tv_sec: secs, tv_nsec: 0 }, libc::timespec { tv_sec: secs, tv_nsec: 0 }];
+            // SAFETY: a NUL-terminated path and two timespecs that outlive the call.
+            assert_eq!(unsafe { libc::utimensat(libc::AT_FDCWD, c.as_ptr(), times.as_ptr(), 0) }, 0);
+        };
+        cache.store(&engine, builtin("read"), &artifacts[0]);
+        cache.store(&engine, builtin("grep"), &artifacts[1]);
+        // `read` is the older entry, but a hit makes it the most recent:
+        // `grep` is then the least recently used.
+        set_mtime(&entry(0).name, 900_000_000);
+        set_mtime(&entry(1).name, 1_000_000_000);
+        assert!(cache.lookup(&engine, builtin("read")).is_some(), "a hit");
+        cache.store(&engine, builtin("glob"), &artifacts[2]);
+
+        let names_now = listing(&path);
+        let total: u64 = names_now.iter().map(|n| std::fs::metadata(path.join(n)).unwrap().len()).sum();
+        assert!(total <= cap, "{total} bytes over the cap of {cap}: {names_now:?}");
+        for (i, kept) in [(0, true), (1, false), (2, true)] {
+            let e = entry(i);
+            assert_eq!(names_now.contains(&e.name), kept, "{}: {names_now:?}", names[i]);
+            assert_eq!(names_now.contains(&e.digest_name), kept, "{}'s digest: {names_now:?}", names[i]);
+        }
+        assert!(cache.lookup(&engine, builtin("glob")).is_some());
+        assert!(cache.lookup(&engine, builtin("grep")).is_none(), "evicted");
+
+        // An entry alone over the cap is still kept: it was just written.
+        let tiny = CompileCache::new(Some(tmp.path().join("tiny")), 1);
+        tiny.store(&engine, builtin("read"), &artifacts[0]);
+        assert!(tiny.lookup(&engine, builtin("read")).is_some());
     }
 
     #[test]

@@ -27,6 +27,11 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` failed to load: {reason}")]
     Load { plugin: String, reason: String },
 
+    /// Compiling the component ran into `[limits] compile_timeout_s` or
+    /// `compile_memory_mb`: `reason` names the limit and its setting.
+    #[error("plugin `{plugin}` is refused: compiling it {reason}")]
+    CompileLimit { plugin: String, reason: String },
+
     #[error("plugin `{plugin}` ran past its deadline of {}", humantime(*.limit))]
     Deadline { plugin: String, limit: Duration },
 

@@ -3,6 +3,7 @@
 //! a fresh `Store` per call with a deadline, a memory cap and an output cap.
 
 mod bindings;
+pub mod compile;
 mod engine;
 mod error;
 pub mod http;
@@ -29,6 +30,7 @@ pub use bindings::provider_api::{
     ToolUseDelta, ToolUseStart,
 };
 pub use bindings::types::{ContentBlock, Message, ModelInfo, Role, StopReason, ToolOutput, ToolResult, ToolSpec, ToolUse, Usage};
+pub use compile::CompileSettings;
 pub use engine::PoolSize;
 pub use error::RuntimeError;
 pub use http::Secret;
@@ -147,6 +149,9 @@ pub struct Runtime {
 struct Inner {
     engine: Engine,
     cache: CompileCache,
+    compile: CompileSettings,
+    /// One permit per compile running: `compile.max_concurrent`.
+    compiles: tokio::sync::Semaphore,
     policy: Policy,
     http_client: reqwest::Client,
     /// For tenants' requests: no internal address but `tenant_hosts`'.
@@ -214,6 +219,8 @@ pub struct RuntimeConfig {
     /// The memory (linear memories and tables) all plugin instances may
     /// hold at once; `None`: [`default_memory_total`].
     pub memory_total_bytes: Option<usize>,
+    /// How components are compiled, and the compile cache's size.
+    pub compile: CompileSettings,
 }
 
 /// The default server-wide memory budget of plugins: half the machine's
@@ -258,7 +265,9 @@ impl Runtime {
         Ok(Runtime {
             inner: Arc::new(Inner {
                 engine,
-                cache: CompileCache::new(config.cache_dir),
+                cache: CompileCache::new(config.cache_dir, config.compile.cache_bytes),
+                compiles: tokio::sync::Semaphore::new(config.compile.max_concurrent.max(1)),
+                compile: config.compile,
                 policy: config.policy,
                 http_client: http::client(),
                 public_client: http::public_client(Arc::new(config.tenant_hosts.clone())),
@@ -536,13 +545,7 @@ impl Runtime {
     async fn load(&self, plugin: Arc<Plugin>) -> Result<Arc<Loaded>, RuntimeError> {
         let id = plugin.id().to_string();
         let started = std::time::Instant::now();
-        let engine = self.inner.engine.clone();
-        let runtime = self.clone();
-        let wasm = plugin.wasm.clone();
-        let component = tokio::task::spawn_blocking(move || runtime.inner.cache.load(&engine, &wasm))
-            .await
-            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: e.to_string() })?
-            .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {e:#}") })?;
+        let (component, artifact) = self.compiled(&plugin).await?;
 
         self.check_imports(&plugin, &component)?;
         let linker = self.linker(&plugin.grants)
@@ -603,8 +606,83 @@ impl Runtime {
                 Loaded::Provider { pre, info }
             }
         };
+        // Cached only now: a component that compiles but does not load
+        // (a refused upload) leaves nothing on disk.
+        if let Some(artifact) = artifact {
+            let runtime = self.clone();
+            let wasm = plugin.wasm.clone();
+            let _ = tokio::task::spawn_blocking(move || runtime.inner.cache.store(&runtime.inner.engine, &wasm, &artifact)).await;
+        }
         tracing::info!(plugin = %id, ms = started.elapsed().as_millis() as u64, "plugin loaded");
         Ok(Arc::new(loaded))
+    }
+
+    /// The plugin's compiled component, from the cache or compiled now,
+    /// with its serialized form when the cache should keep it once the
+    /// plugin has loaded.
+    async fn compiled(&self, plugin: &Plugin) -> Result<(wasmtime::component::Component, Option<Vec<u8>>), RuntimeError> {
+        let id = plugin.id().to_string();
+        let joined = |e: tokio::task::JoinError| RuntimeError::Load { plugin: id.clone(), reason: e.to_string() };
+        let invalid = |e: wasmtime::Error| RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {e:#}") };
+        let (runtime, wasm) = (self.clone(), plugin.wasm.clone());
+        let hit = tokio::task::spawn_blocking(move || runtime.inner.cache.lookup(&runtime.inner.engine, &wasm)).await.map_err(joined)?;
+        if let Some(component) = hit {
+            return Ok((component, None));
+        }
+        // Waiting for a turn is not compiling: the time limit starts below.
+        let _permit = self.inner.compiles.acquire().await.map_err(|e| RuntimeError::Unavailable { plugin: id.clone(), reason: e.to_string() })?;
+        let keep = self.inner.cache.enabled();
+        let (runtime, wasm) = (self.clone(), plugin.wasm.clone());
+        match (&self.inner.compile.worker, plugin.source) {
+            // Built-in plugins are part of the binary, as trusted as the
+            // server's own code: compiled here, without the worker's cost.
+            (None, _) | (Some(_), Source::Builtin) => tokio::task::spawn_blocking(move || {
+                let component = wasmtime::component::Component::new(&runtime.inner.engine, &wasm)?;
+                let artifact = if keep { Some(component.serialize()?) } else { None };
+                Ok((component, artifact))
+            })
+            .await
+            .map_err(joined)?
+            .map_err(invalid),
+            (Some(program), _) => {
+                let settings = &self.inner.compile;
+                let artifact = compile::in_worker(program, settings, &plugin.wasm).await.map_err(|failure| match failure {
+                    compile::Failure::Timeout(limit) => RuntimeError::CompileLimit {
+                        plugin: id.clone(),
+                        reason: format!("took longer than {} s (limits.compile_timeout_s)", limit.as_secs()),
+                    },
+                    compile::Failure::Memory(bytes) => RuntimeError::CompileLimit {
+                        plugin: id.clone(),
+                        reason: format!("needed more than {} MB of memory (limits.compile_memory_mb)", bytes >> 20),
+                    },
+                    compile::Failure::Invalid(reason) => RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {reason}") },
+                    compile::Failure::Crashed(reason) => {
+                        RuntimeError::Load { plugin: id.clone(), reason: format!("the compiler crashed on it ({reason})") }
+                    }
+                    compile::Failure::Worker(reason) => RuntimeError::Unavailable { plugin: id.clone(), reason },
+                })?;
+                tokio::task::spawn_blocking(move || {
+                    // SAFETY: `deserialize` checks the artifact's header
+                    // against this engine, then maps its machine code as
+                    // executable. The bytes are what `Component::new` would
+                    // have produced here: the worker is this same build of
+                    // hangar (`CompileSettings::worker`, `/proc/self/exe` in
+                    // the server) compiling `wasm` with the same code
+                    // settings (`engine::code_config`), and they come over a
+                    // pipe only the worker holds. Compiling elsewhere moves
+                    // where Cranelift runs, not whom its output is trusted by:
+                    // in both cases it is Cranelift's code for the component.
+                    let component = unsafe { wasmtime::component::Component::deserialize(&runtime.inner.engine, &artifact) }?;
+                    Ok((component, keep.then_some(artifact)))
+                })
+                .await
+                .map_err(joined)?
+                .map_err(|e: wasmtime::Error| RuntimeError::Load {
+                    plugin: id.clone(),
+                    reason: format!("the compile worker's output does not load: {e:#}"),
+                })
+            }
+        }
     }
 
     /// Refuses, by name, a host interface the component imports but was
