@@ -89,6 +89,12 @@ if [ "$(python3 -m pip show mcp 2>/dev/null | sed -n 's/^Version: //p')" != "$MC
     python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "mcp==$MCP" \
         || python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "mcp==$MCP"
 fi
+# An MCP stdio server runs confined like `bash`, where the command `PATH`
+# holds only system directories: the system's python3 needs the SDK too.
+if [ "$(/usr/bin/python3 -m pip show mcp 2>/dev/null | sed -n 's/^Version: //p')" != "$MCP" ]; then
+    say "installing mcp $MCP for /usr/bin/python3"
+    /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "mcp==$MCP"
+fi
 
 # Every test; none may skip for a missing tool.
 export CI="${CI:-true}"

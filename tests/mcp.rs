@@ -210,3 +210,204 @@ async fn a_tenant_key_reaches_only_its_own_sessions() {
     assert_eq!(seen["calls"][0]["isError"], false, "{seen}");
     assert!(seen["calls"][0]["text"].as_str().unwrap().contains("A-CONTENT"), "{seen}");
 }
+
+// MCP servers as tools (part 2): the official SDK as a Streamable HTTP
+// server and as a stdio server, registered over the API and called by an
+// agent run through the scripted fake provider.
+
+/// The host pids of processes whose command line contains `needle`.
+fn pids_with(needle: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).replace('\0', " ").contains(needle))
+        })
+        .collect()
+}
+
+/// Starts `tests/mcp_http_server.py` on a free loopback port; its port.
+async fn http_mcp_server(token: &str) -> (tokio::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp_http_server.py");
+    let child = tokio::process::Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .arg(token)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("python3 runs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+        assert!(std::time::Instant::now() < deadline, "the MCP HTTP server did not start");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    (child, port)
+}
+
+/// The confined stdio server runs the system's `python3` (the command
+/// `PATH` holds only system directories), so the SDK must be installed there.
+fn system_python_has_sdk() -> bool {
+    let ok = std::process::Command::new("/usr/bin/python3").args(["-c", "import mcp.server.mcpserver"]).output().is_ok_and(|o| o.status.success());
+    if !ok {
+        assert!(std::env::var_os("CI").is_none(), "/usr/bin/python3 lacks the MCP SDK (test.sh installs it)");
+        eprintln!("skipped: /usr/bin/python3 lacks the MCP SDK: /usr/bin/python3 -m pip install --break-system-packages mcp");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
+    use common::fake::{FakeServer, Reply, anthropic};
+    if !have_sdk() || !system_python_has_sdk() {
+        return;
+    }
+    let header_secret = "hdr-secret-7c1e0a9b";
+    let (_http, port) = http_mcp_server(header_secret).await;
+    let config = tempfile::tempdir().unwrap();
+    let config_file = config.path().join("hangar.toml");
+    std::fs::write(&config_file, format!("[mcp]\nallowed_origins = [\"http://127.0.0.1:{port}\"]\nidle_timeout_s = 2\n")).unwrap();
+    let server = Server::start(&["--config", config_file.to_str().unwrap()]);
+
+    // Registration: refused origins, bad names and bodies are 4xx; a
+    // server whose header is missing cannot list its tools.
+    for (body, status) in [
+        (json!({"name": "far", "transport": "http", "url": "http://127.0.0.1:1/mcp"}), 422),
+        (json!({"name": "a__b", "transport": "http", "url": format!("http://127.0.0.1:{port}/mcp")}), 422),
+        (json!({"name": "x", "transport": "ftp"}), 422),
+        (json!({"name": "x", "transport": "http"}), 422),
+        (json!({"name": "nohdr", "transport": "http", "url": format!("http://127.0.0.1:{port}/mcp")}), 422),
+    ] {
+        let (got, answer) = server.post("/mcp/servers", body.clone()).await;
+        assert_eq!(got, status, "{body}: {answer}");
+        assert!(answer["error"].is_string(), "{answer}");
+    }
+    let (status, calc) = server
+        .post("/mcp/servers", json!({"name": "calc", "transport": "http", "url": format!("http://127.0.0.1:{port}/mcp"),
+            "headers": {"x-token": header_secret}}))
+        .await;
+    assert_eq!(status, 201, "{calc}");
+    assert_eq!(calc["secret_names"], json!(["x-token"]));
+    assert!(!calc.to_string().contains(header_secret));
+    assert_eq!(calc["tools"][0]["name"], "calc__add", "{calc}");
+
+    let code = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/mcp_stdio_server.py")).unwrap();
+    let (status, py) = server
+        .post("/mcp/servers", json!({"name": "py", "transport": "stdio", "command": "python3", "args": ["-c", code],
+            "env": {"PY_SECRET": "env-secret-55aa"}}))
+        .await;
+    assert_eq!(status, 201, "{py}");
+    let mut tools: Vec<&str> = py["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    tools.sort();
+    assert_eq!(tools, ["py__echo", "py__fail", "py__peek", "py__picture", "py__spawn"]);
+    let (status, _) = server.post("/mcp/servers", json!({"name": "py", "transport": "stdio", "command": "true"})).await;
+    assert_eq!(status, 409);
+
+    let (_, listed) = server.get("/tools").await;
+    let listed: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
+    assert!(listed.contains(&"calc__add") && listed.contains(&"py__echo"), "{listed:?}");
+
+    // An agent uses them; the fake provider asks for each call in turn.
+    let root = tempfile::tempdir().unwrap();
+    let work = root.path().join("work");
+    std::fs::create_dir(&work).unwrap();
+    std::fs::write(root.path().join("outside.txt"), "OUTSIDE-SECRET").unwrap();
+    let marker = "913.37";
+    let calls = [
+        ("t1", "calc__add", json!({"a": 2, "b": 3})),
+        ("t2", "py__echo", json!({"text": "hi"})),
+        ("t3", "py__peek", json!({"path": root.path().join("outside.txt")})),
+        ("t4", "py__picture", json!({})),
+        ("t5", "py__fail", json!({})),
+        ("t6", "py__spawn", json!({"marker": marker})),
+    ];
+    let mut script: Vec<Reply> =
+        calls.iter().map(|(id, name, input)| Reply::sse(anthropic::tool_answer(id, name, &[&input.to_string()], 5, 5))).collect();
+    script.push(Reply::sse(anthropic::text_answer(&["done"], 5, 1)));
+    let fake = FakeServer::start(script).await;
+    let (status, _) =
+        server.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}})).await;
+    assert_eq!(status, 200);
+    let names: Vec<&str> = calls.iter().map(|c| c.1).collect();
+    let (status, agent) = server
+        .post("/agents", json!({"name": "m", "tools": names, "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (_, session) = server.post("/sessions", json!({"work_dir": work})).await;
+    let (status, body) = server
+        .post(&format!("/sessions/{}/message", session["id"].as_str().unwrap()), json!({"agent_id": agent["id"], "message": "go"}))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["response"], "done");
+    let results = body["tool_calls"].as_array().unwrap();
+    let result = |i: usize| (results[i]["output"].as_str().unwrap().to_string(), results[i]["is_error"].as_bool().unwrap());
+    assert_eq!(result(0), ("5".to_string(), false));
+    let (echo, error) = result(1);
+    assert!(!error && echo == format!("hi from {}", work.canonicalize().unwrap().display()), "{echo}");
+    let (peek, error) = result(2);
+    assert!(error && !peek.contains("OUTSIDE-SECRET") && peek.contains("Permission denied"), "{peek}");
+    let (picture, error) = result(3);
+    assert!(!error && picture.starts_with("[image: image/png, 2 KB]"), "{picture}");
+    let (fail, error) = result(4);
+    assert!(error && fail.contains("boom"), "{fail}");
+    let (spawned, error) = result(5);
+    assert!(!error && spawned.starts_with("started"), "{spawned}");
+    assert!(!pids_with(&format!("sleep {marker}")).is_empty(), "the server's child runs while the server does");
+
+    // Idle for longer than `idle_timeout_s`: the program and all it started are gone.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !pids_with(&format!("sleep {marker}")).is_empty() || !pids_with("hangar-test-stdio").is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the idle stdio server or its child outlived the idle timeout");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+
+    // Secrets are stored sealed and never shown.
+    let (_, servers) = server.get("/mcp/servers").await;
+    assert!(!servers.to_string().contains(header_secret) && !servers.to_string().contains("env-secret-55aa"), "{servers}");
+    let db = std::fs::read(server.db_path()).unwrap();
+    for secret in [header_secret, "env-secret-55aa"] {
+        assert!(!db.windows(secret.len()).any(|w| w == secret.as_bytes()), "{secret} is in the database in clear");
+    }
+
+    // Deleted: gone from /tools, and an agent can no longer name it.
+    let (status, _) = server.delete("/mcp/servers/py").await;
+    assert_eq!(status, 200);
+    let (status, _) = server.delete("/mcp/servers/py").await;
+    assert_eq!(status, 404);
+    let (_, listed) = server.get("/tools").await;
+    assert!(!listed.to_string().contains("py__echo"));
+    let (status, _) = server
+        .post("/agents", json!({"name": "n", "tools": ["py__echo"], "provider": {"id": "anthropic", "model": "claude-test"}}))
+        .await;
+    assert_eq!(status, 422);
+}
+
+#[tokio::test]
+async fn tenants_register_only_allowed_http_servers_and_no_stdio_by_default() {
+    let root = tempfile::tempdir().unwrap();
+    let server = Server::start(&["--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap()]);
+    let admin = authed(ADMIN);
+    let resp = admin.post(server.url("/tenants")).json(&json!({"name": "t"})).send().await.unwrap();
+    let tenant: Value = resp.json().await.unwrap();
+    let me = authed(tenant["key"].as_str().unwrap());
+    for body in [
+        json!({"name": "s", "transport": "stdio", "command": "python3"}),
+        json!({"name": "h", "transport": "http", "url": "http://127.0.0.1:9/mcp"}),
+        json!({"name": "m", "transport": "http", "url": "http://169.254.169.254/mcp"}),
+    ] {
+        let resp = me.post(server.url("/mcp/servers")).json(&body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let answer: Value = resp.json().await.unwrap();
+        assert_eq!(status, 422, "{body}: {answer}");
+        let error = answer["error"].as_str().unwrap();
+        assert!(error.contains("[mcp] stdio = false") || error.contains("allowed_origins"), "{error}");
+    }
+    // Nothing of theirs is listed, for them or the admin.
+    for client in [&me, &admin] {
+        let listed: Value = client.get(server.url("/mcp/servers")).send().await.unwrap().json().await.unwrap();
+        assert_eq!(listed, json!([]));
+    }
+}

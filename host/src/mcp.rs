@@ -185,6 +185,11 @@ impl McpHub {
                 return Err(McpError::Refused(format!("`{name}` is not a valid header or variable name")));
             }
         }
+        // A clash is answered before the server is started for nothing
+        // (the store checks again, atomically).
+        if self.0.store.mcp_servers(&record.tenant_id).await?.iter().any(|s| s.name == record.name) {
+            return Err(StoreError::NameTaken { kind: "MCP server", name: record.name }.into());
+        }
         // The tools it offers now; listing them proves it works.
         record.tools = match &record.transport {
             McpTransport::Http { .. } => {
