@@ -27,9 +27,9 @@ pub fn routes() -> Router<AppState> {
 #[serde(deny_unknown_fields)]
 pub struct McpServerCreate {
     /// Letters, digits, `-` and `_` (no `__`); the agent sees its tools as `NAME__TOOL`.
+    #[schema(pattern = "^[A-Za-z0-9-]+(_[A-Za-z0-9-]+)*$", min_length = 1, max_length = 40)]
     name: String,
-    /// `http` or `stdio`.
-    transport: String,
+    transport: TransportKind,
     /// `http`: the server's Streamable HTTP endpoint.
     url: Option<String>,
     /// `http`: headers sent with every request (stored encrypted, never shown).
@@ -42,6 +42,13 @@ pub struct McpServerCreate {
     /// `stdio`: its environment besides `PATH`, `HOME` and `TMPDIR` (stored encrypted, never shown).
     #[serde(default)]
     env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportKind {
+    Http,
+    Stdio,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -90,14 +97,16 @@ pub(super) async fn tools_of(state: &AppState, caller: &Caller) -> ApiResult<Vec
     Ok(servers.iter().flat_map(|s| s.tools.iter().map(|t| tool_view(&s.name, t))).collect())
 }
 
-#[utoipa::path(get, path = "/mcp/servers", tag = "mcp", responses((status = 200, body = Vec<McpServerView>)))]
+#[utoipa::path(operation_id = "list_mcp_servers", get, path = "/mcp/servers", tag = "mcp", responses((status = 200, body = Vec<McpServerView>)))]
 pub(super) async fn list(State(state): State<AppState>, caller: Caller) -> ApiResult<Json<Vec<McpServerView>>> {
     let servers = state.mcp.servers(&owner_of(&caller)).await?;
     Ok(Json(servers.iter().map(view).collect()))
 }
 
-#[utoipa::path(post, path = "/mcp/servers", tag = "mcp", request_body = McpServerCreate,
+#[utoipa::path(operation_id = "register_mcp_server", post, path = "/mcp/servers", tag = "mcp", request_body = McpServerCreate,
     responses((status = 201, body = McpServerView, description = "registered; its tools were listed"),
+        (status = 400, body = super::ErrorBody, description = "malformed JSON"),
+        (status = 413, body = super::ErrorBody), (status = 415, body = super::ErrorBody),
         (status = 409, body = super::ErrorBody, description = "the name is taken"),
         (status = 422, body = super::ErrorBody, description = "refused (its name, its origin, stdio servers not allowed), or the server could not be reached, started or listed")))]
 pub(super) async fn register(
@@ -106,22 +115,21 @@ pub(super) async fn register(
     JsonBody(input): JsonBody<McpServerCreate>,
 ) -> ApiResult<(StatusCode, Json<McpServerView>)> {
     let invalid = |m: &str| super::ApiError::Invalid(m.to_string());
-    let (transport, secrets) = match input.transport.as_str() {
-        "http" => {
+    let (transport, secrets) = match input.transport {
+        TransportKind::Http => {
             if input.command.is_some() || !input.args.is_empty() || !input.env.is_empty() {
                 return Err(invalid("`command`, `args` and `env` are for `stdio` servers"));
             }
             let url = input.url.ok_or_else(|| invalid("an `http` server needs `url`"))?;
             (McpTransport::Http { url }, input.headers)
         }
-        "stdio" => {
+        TransportKind::Stdio => {
             if input.url.is_some() || !input.headers.is_empty() {
                 return Err(invalid("`url` and `headers` are for `http` servers"));
             }
             let command = input.command.ok_or_else(|| invalid("a `stdio` server needs `command`"))?;
             (McpTransport::Stdio { command, args: input.args }, input.env)
         }
-        other => return Err(invalid(&format!("`transport` must be `http` or `stdio`, not `{other}`"))),
     };
     let record = McpServerRecord {
         tenant_id: owner_of(&caller),
@@ -135,7 +143,7 @@ pub(super) async fn register(
     Ok((StatusCode::CREATED, Json(view(&registered))))
 }
 
-#[utoipa::path(delete, path = "/mcp/servers/{name}", tag = "mcp",
+#[utoipa::path(operation_id = "delete_mcp_server", delete, path = "/mcp/servers/{name}", tag = "mcp", params(("name" = String, Path)),
     responses((status = 200, body = Status), (status = 404, body = super::ErrorBody)))]
 pub(super) async fn unregister(State(state): State<AppState>, caller: Caller, Path(name): Path<String>) -> ApiResult<Json<Status>> {
     state.mcp.unregister(&owner_of(&caller), &name).await?;
