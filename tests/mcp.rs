@@ -302,9 +302,17 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
     assert_eq!(status, 201, "{py}");
     let mut tools: Vec<&str> = py["tools"].as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
     tools.sort();
-    assert_eq!(tools, ["py__echo", "py__fail", "py__peek", "py__picture", "py__spawn"]);
+    assert_eq!(tools, ["py__die", "py__echo", "py__fail", "py__peek", "py__picture", "py__spawn"]);
     let (status, _) = server.post("/mcp/servers", json!({"name": "py", "transport": "stdio", "command": "true"})).await;
     assert_eq!(status, 409);
+    // A program that cannot start is refused with what it said.
+    let (status, body) = server
+        .post("/mcp/servers", json!({"name": "broken", "transport": "stdio", "command": "python3",
+            "args": ["-c", "import sys; sys.stderr.write('no config file found'); sys.exit(2)"]}))
+        .await;
+    assert_eq!(status, 422, "{body}");
+    let error = body["error"].as_str().unwrap();
+    assert!(error.contains("exit status: 2") && error.contains("no config file found"), "{error}");
 
     let (_, listed) = server.get("/tools").await;
     let listed: Vec<&str> = listed.as_array().unwrap().iter().map(|t| t["name"].as_str().unwrap()).collect();
@@ -322,7 +330,9 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
         ("t3", "py__peek", json!({"path": root.path().join("outside.txt")})),
         ("t4", "py__picture", json!({})),
         ("t5", "py__fail", json!({})),
-        ("t6", "py__spawn", json!({"marker": marker})),
+        ("t6", "py__die", json!({})),
+        ("t7", "py__echo", json!({"text": "again"})),
+        ("t8", "py__spawn", json!({"marker": marker})),
     ];
     let mut script: Vec<Reply> =
         calls.iter().map(|(id, name, input)| Reply::sse(anthropic::tool_answer(id, name, &[&input.to_string()], 5, 5))).collect();
@@ -331,7 +341,9 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
     let (status, _) =
         server.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-test", "base_url": fake.url}}})).await;
     assert_eq!(status, 200);
-    let names: Vec<&str> = calls.iter().map(|c| c.1).collect();
+    let mut names: Vec<&str> = calls.iter().map(|c| c.1).collect();
+    names.sort();
+    names.dedup();
     let (status, agent) = server
         .post("/agents", json!({"name": "m", "tools": names, "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
         .await;
@@ -353,7 +365,12 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
     assert!(!error && picture.starts_with("[image: image/png, 2 KB]"), "{picture}");
     let (fail, error) = result(4);
     assert!(error && fail.contains("boom"), "{fail}");
-    let (spawned, error) = result(5);
+    // A server that dies mid-call is that call's error; the next call starts it anew.
+    let (died, error) = result(5);
+    assert!(error && died.contains("`py__die` failed"), "{died}");
+    let (again, error) = result(6);
+    assert!(!error && again.starts_with("again from"), "{again}");
+    let (spawned, error) = result(7);
     assert!(!error && spawned.starts_with("started"), "{spawned}");
     assert!(!pids_with(&format!("sleep {marker}")).is_empty(), "the server's child runs while the server does");
 

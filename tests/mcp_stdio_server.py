@@ -3,7 +3,7 @@ SDK (`mcp` on PyPI). Hangar starts it per session, confined like `bash`.
 
 Tools: echo (text and the directory it runs in), peek (reads any path:
 the sandbox must refuse one outside the work dir), picture (an image
-block), fail (an error result), spawn (leaves a process behind, which must
+block), fail (an error result), die (the server crashes), spawn (leaves a process behind, which must
 not outlive the server's stop).
 """
 
@@ -43,6 +43,12 @@ def picture() -> Image:
 def fail() -> str:
     """Always fails."""
     raise ToolError("boom: this tool always fails")
+
+
+@server.tool()
+def die() -> str:
+    """Exits mid-call, as a crashing server does."""
+    os._exit(1)
 
 
 @server.tool()

@@ -34,6 +34,9 @@ use crate::store::{McpServerRecord, McpTool, McpTransport, SERVER_KEYS, Store, S
 /// Between a server's name and its tool's, in the name an agent uses.
 pub const SEPARATOR: &str = "__";
 
+/// How much of a stdio server's stderr is kept for its errors.
+const STDERR_TAIL: usize = 1024;
+
 #[derive(Debug, thiserror::Error)]
 pub enum McpError {
     /// The registration is refused (its name, its origin, stdio not allowed).
@@ -373,7 +376,7 @@ impl McpHub {
             env: &server.secrets,
             stdin: std::process::Stdio::piped(),
             stdout: std::process::Stdio::piped(),
-            stderr: std::process::Stdio::null(),
+            stderr: std::process::Stdio::piped(),
             // A long-lived program: CPU time as the limits say, else an hour.
             cpu_seconds: 3600,
         };
@@ -383,18 +386,37 @@ impl McpHub {
         let (Some(stdout), Some(stdin)) = (confined.child.stdout.take(), confined.child.stdin.take()) else {
             return Err(McpError::Failed { server: server.name.clone(), reason: "cannot start it: no pipes".into() });
         };
+        // The end of what it writes to stderr, to say why it did not start.
+        let said = Arc::new(Mutex::new(Vec::<u8>::new()));
+        if let Some(mut stderr) = confined.child.stderr.take() {
+            let said = said.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = [0u8; 4096];
+                while let Ok(n @ 1..) = stderr.read(&mut buf).await {
+                    let mut kept = said.lock().unwrap_or_else(|p| p.into_inner());
+                    kept.extend_from_slice(&buf[..n]);
+                    let excess = kept.len().saturating_sub(STDERR_TAIL);
+                    kept.drain(..excess);
+                }
+            });
+        }
         let timeout = self.0.settings.call_timeout;
         let client = match tokio::time::timeout(timeout, ().serve((stdout, stdin))).await {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => {
-                let status = confined.child.try_wait().ok().flatten();
+                // It usually exited: how, and (its pipe then closes) its last words.
+                let status = tokio::time::timeout(Duration::from_millis(500), confined.child.wait()).await.ok().and_then(Result::ok);
                 let verdict = status.and_then(|s| confined.verdict(s.code()));
                 let how = match (status, verdict) {
                     (_, Some(v)) => format!(" ({v})"),
                     (Some(s), None) => format!(" (it exited: {s})"),
                     (None, None) => String::new(),
                 };
-                return Err(McpError::Failed { server: server.name.clone(), reason: format!("it did not start: {e}{how}") });
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                let tail = String::from_utf8_lossy(&said.lock().unwrap_or_else(|p| p.into_inner())).trim().to_string();
+                let tail = if tail.is_empty() { String::new() } else { format!("; it said: {tail}") };
+                return Err(McpError::Failed { server: server.name.clone(), reason: format!("it did not start: {e}{how}{tail}") });
             }
             Err(_) => return Err(timed_out(&server.name, timeout)),
         };
