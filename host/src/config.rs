@@ -491,6 +491,7 @@ impl Settings {
         if file.limits.plugin_memory_total_mb == Some(0) {
             return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });
         }
+        let tenant_origins = origins(&file.tenants.allowed_origins, |origin, reason| ConfigError::TenantOrigin { origin, reason })?;
         let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
         let compile = {
             let l = &file.limits;
@@ -574,31 +575,10 @@ impl Settings {
             token,
             admin_token,
             tenant_root,
-            tenant_origins: file
-                .tenants
-                .allowed_origins
-                .iter()
-                .map(|o| {
-                    crate::runtime::policy::OriginPattern::parse(o)
-                        .map_err(|reason| ConfigError::TenantOrigin { origin: o.clone(), reason })
-                })
-                .collect::<Result<_, _>>()?,
+            tenant_origins: tenant_origins.clone(),
             mcp: crate::mcp::McpSettings {
-                origins: file
-                    .mcp
-                    .allowed_origins
-                    .iter()
-                    .map(|o| {
-                        crate::runtime::policy::OriginPattern::parse(o)
-                            .map_err(|reason| ConfigError::McpOrigin { origin: o.clone(), reason })
-                    })
-                    .collect::<Result<_, _>>()?,
-                tenant_origins: file
-                    .tenants
-                    .allowed_origins
-                    .iter()
-                    .filter_map(|o| crate::runtime::policy::OriginPattern::parse(o).ok())
-                    .collect(),
+                origins: origins(&file.mcp.allowed_origins, |origin, reason| ConfigError::McpOrigin { origin, reason })?,
+                tenant_origins,
                 stdio: file.mcp.stdio.unwrap_or(!multi_tenant),
                 idle_timeout: Duration::from_secs(file.mcp.idle_timeout_s.unwrap_or(300).max(1)),
                 call_timeout: Duration::from_secs(file.mcp.call_timeout_s.unwrap_or(60).max(1)),
@@ -646,4 +626,13 @@ impl Settings {
             plugin_memory_total_bytes,
         })
     }
+}
+
+/// A list of origin patterns from the config file; the first bad one is
+/// `error(origin, reason)`.
+fn origins(
+    list: &[String],
+    error: impl Fn(String, String) -> ConfigError,
+) -> Result<Vec<crate::runtime::policy::OriginPattern>, ConfigError> {
+    list.iter().map(|o| crate::runtime::policy::OriginPattern::parse(o).map_err(|reason| error(o.clone(), reason))).collect()
 }

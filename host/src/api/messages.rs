@@ -400,16 +400,22 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     };
     let _active = crate::telemetry::Active::runs();
     let started = std::time::Instant::now();
-    let tenant = state.store.session_owner(session_id).await?.unwrap_or_default();
-    // Every line a run logs names its tenant.
-    let span = tracing::info_span!("run", tenant = %tenant, run = %run_id);
-    let outcome = tracing::Instrument::instrument(
+    // Every line a run logs names its tenant, known once `prepare` has
+    // read the session (no read of its own before the first token).
+    let span = tracing::info_span!("run", tenant = tracing::field::Empty, run = %run_id);
+    let (outcome, tenant) = tracing::Instrument::instrument(
         async {
             match prepare(state, session_id, &request).await {
-                Ok(run) => run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() }),
+                Ok(run) => {
+                    let tenant = run.session.tenant_id.clone();
+                    tracing::Span::current().record("tenant", tenant.as_str());
+                    let outcome = run.execute(&emitter).await.map_err(|err| RunFailure { error: err.to_string(), code: err.code().into() });
+                    (outcome, tenant)
+                }
                 Err(err) => {
                     let body = err.body();
-                    Err(RunFailure { error: body.error, code: body.code.into() })
+                    let tenant = state.store.session_owner(session_id).await.ok().flatten().unwrap_or_default();
+                    (Err(RunFailure { error: body.error, code: body.code.into() }), tenant)
                 }
             }
         },
