@@ -138,10 +138,6 @@ impl McpHub {
         hub
     }
 
-    pub fn settings(&self) -> &McpSettings {
-        &self.0.settings
-    }
-
     /// The servers `tenant` may use.
     pub async fn servers(&self, tenant: &str) -> Result<Vec<McpServerRecord>, McpError> {
         Ok(self.0.store.mcp_servers(tenant).await?)

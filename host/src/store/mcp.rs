@@ -131,16 +131,6 @@ impl Store {
         rows.into_iter().map(|row| self.mcp_record(row)).collect()
     }
 
-    /// Replaces the tools a server listed (when it lists them anew).
-    pub async fn set_mcp_tools(&self, tenant: &str, name: &str, tools: &[McpTool]) -> Result<(), StoreError> {
-        let (tenant, name, tools) = (tenant.to_string(), name.to_string(), serde_json::to_string(tools)?);
-        self.write(move |c| {
-            c.execute("UPDATE mcp_servers SET tools = ?3 WHERE tenant_id = ?1 AND name = ?2", params![tenant, name, tools])?;
-            Ok(())
-        })
-        .await
-    }
-
     /// Removes the owner's server `name`.
     pub async fn delete_mcp_server(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
         let (tenant, name) = (tenant.to_string(), name.to_string());
