@@ -269,7 +269,7 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
     let (_http, port) = http_mcp_server(header_secret).await;
     let config = tempfile::tempdir().unwrap();
     let config_file = config.path().join("hangar.toml");
-    std::fs::write(&config_file, format!("[mcp]\nallowed_origins = [\"http://127.0.0.1:{port}\"]\nidle_timeout_s = 2\n")).unwrap();
+    std::fs::write(&config_file, format!("[mcp]\nallowed_origins = [\"http://127.0.0.1:{port}\"]\nidle_timeout_s = 5\n")).unwrap();
     let server = Server::start(&["--config", config_file.to_str().unwrap()]);
 
     // Registration: refused origins, bad names and bodies are 4xx; a
@@ -375,7 +375,7 @@ async fn an_agent_calls_tools_of_an_http_and_a_stdio_mcp_server() {
     assert!(!pids_with(&format!("sleep {marker}")).is_empty(), "the server's child runs while the server does");
 
     // Idle for longer than `idle_timeout_s`: the program and all it started are gone.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     while !pids_with(&format!("sleep {marker}")).is_empty() || !pids_with("hangar-test-stdio").is_empty() {
         assert!(std::time::Instant::now() < deadline, "the idle stdio server or its child outlived the idle timeout");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;

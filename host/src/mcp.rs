@@ -75,9 +75,36 @@ type Client = RunningService<RoleClient, ()>;
 /// A program serving MCP for one session, and what confines it.
 struct StdioServer {
     client: Client,
+    /// When its last call ended (or it started), and how many calls it is
+    /// answering now: idle means none in flight for `idle_timeout` since the
+    /// last one ended, so a long call is never counted as idle time.
     last_used: Mutex<Instant>,
+    in_flight: std::sync::atomic::AtomicUsize,
     /// Dropped last: kills the program and all it started.
     _confined: crate::runtime::Confined,
+}
+
+impl StdioServer {
+    fn is_idle(&self, idle: Duration) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= idle
+    }
+
+    /// Marks a call in flight until the guard drops, also when the call's
+    /// future is cancelled.
+    fn busy(&self) -> Busy<'_> {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(self)
+    }
+}
+
+struct Busy<'a>(&'a StdioServer);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        *self.0.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 #[derive(Clone)]
@@ -124,7 +151,7 @@ impl McpHub {
                     let mut stdio = inner.stdio.lock().await;
                     let expired: Vec<(String, String)> = stdio
                         .iter()
-                        .filter(|(_, s)| s.last_used.lock().unwrap_or_else(|p| p.into_inner()).elapsed() >= idle)
+                        .filter(|(_, s)| s.is_idle(idle))
                         .map(|(k, _)| k.clone())
                         .collect();
                     expired.iter().filter_map(|k| stdio.remove(k)).collect()
@@ -259,8 +286,10 @@ impl McpHub {
                 None => Err(McpError::Failed { server: server.name.clone(), reason: "this session has no working directory".into() }),
                 Some(dir) => match self.stdio_server(server, session, dir).await {
                     Ok(running) => {
-                        *running.last_used.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now();
-                        let outcome = call_with(&server.name, &running.client, params, timeout).await;
+                        let outcome = {
+                            let _busy = running.busy();
+                            call_with(&server.name, &running.client, params, timeout).await
+                        };
                         if outcome.is_err() {
                             // It died or hung: the next call starts it anew.
                             self.0.stdio.lock().await.remove(&(session.to_string(), key(server)));
@@ -416,7 +445,7 @@ impl McpHub {
             }
             Err(_) => return Err(timed_out(&server.name, timeout)),
         };
-        Ok(StdioServer { client, last_used: Mutex::new(Instant::now()), _confined: confined })
+        Ok(StdioServer { client, last_used: Mutex::new(Instant::now()), in_flight: Default::default(), _confined: confined })
     }
 }
 
