@@ -15,8 +15,10 @@ pub struct Hangar {
     pub dir: tempfile::TempDir,
 }
 
-pub fn binary() -> &'static str {
-    env!("CARGO_BIN_EXE_hangar")
+/// The `hangar` built with this bench, or the one `BENCH_HANGAR` names
+/// (to compare two builds under the same load, run for run).
+pub fn binary() -> String {
+    std::env::var("BENCH_HANGAR").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hangar").to_string())
 }
 
 /// `serve --port 0` with a fresh database and `cache_dir`; waits for the

@@ -227,6 +227,9 @@ pub struct Run {
     pub budget: Budget,
     /// The tenant's MCP servers, whose tools are `SERVER__TOOL`.
     pub mcp: crate::mcp::McpHub,
+    /// The write of the user's message, while the model is asked (`None`
+    /// at construction). Every later write and the run's end wait for it.
+    pub saving: Option<tokio::task::JoinHandle<Result<Session, StoreError>>>,
 }
 
 /// Finds the model's context window (it may ask the provider, over the network).
@@ -295,7 +298,14 @@ impl Run {
     /// A cancel or a server shutdown stops the run at the next await point;
     /// history is left valid either way.
     pub async fn execute(mut self, events: &Emitter) -> Result<RunOutcome, RunError> {
-        let result = self.drive(events).await;
+        let mut result = self.drive(events).await;
+        // A run that failed before its next write still ends only once the
+        // user's message is stored: its history is whole when `error` is sent.
+        if let Err(err) = self.saved().await
+            && result.is_ok()
+        {
+            result = Err(err.into());
+        }
         if let Err(err) = &result {
             tracing::warn!(session = %self.session.id, run = %events.run_id, %err, "run failed");
         }
@@ -304,7 +314,11 @@ impl Run {
 
     async fn drive(&mut self, events: &Emitter) -> Result<RunOutcome, RunError> {
         history::push_user_text(&mut self.session.history, &self.message);
-        self.persist().await?;
+        // Stored while the model is asked rather than before: the write
+        // stands off the time to the first token.
+        self.session.updated_at = now().max(self.session.updated_at);
+        let (store, session) = (self.store.clone(), self.session.clone());
+        self.saving = Some(tokio::spawn(async move { store.update_session(session).await }));
 
         let specs = self.tool_specs().await?;
         let mut usage = Usage::default();
@@ -535,7 +549,16 @@ impl Run {
         Ok(compacted)
     }
 
+    /// Waits for the user's message to be stored, if it is still being written.
+    async fn saved(&mut self) -> Result<(), StoreError> {
+        match self.saving.take() {
+            Some(write) => write.await.map_err(|e| StoreError::Task(e.to_string()))?.map(drop),
+            None => Ok(()),
+        }
+    }
+
     async fn persist(&mut self) -> Result<(), StoreError> {
+        self.saved().await?;
         self.session.updated_at = now().max(self.session.updated_at);
         self.session = self.store.update_session(self.session.clone()).await?;
         Ok(())

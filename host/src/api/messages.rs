@@ -174,7 +174,9 @@ pub(super) async fn owned_agent(state: &AppState, id: &str, owner: &str) -> ApiR
 /// the run's from here on), the provider's access, the working directory
 /// opened and checked.
 async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
-    let session = state.store.session(session_id).await?;
+    // Two reads before the first token, side by side.
+    let (session, context) = tokio::join!(state.store.session(session_id), state.store.session_context(session_id));
+    let (session, context) = (session?, context?);
     let agent = owned_agent(state, &request.agent_id, &session.tenant_id).await?;
     let rules = crate::permissions::compile(&agent.permissions, crate::permissions::Origin::Agent)
         .map_err(|e| ApiError::Invalid(format!("agent `{}`: {e}", agent.id)))?;
@@ -182,7 +184,6 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
     let access = super::providers::access(state, &plugin, &session.tenant_id).await?;
-    let context = state.store.session_context(session_id).await?;
     let budget = crate::agent::Budget::new(agent.provider.context_window, Some(super::providers::window_lookup(state, &agent)));
     // What `check` refused at submit may have changed while the run was queued.
     if !agent.tools.is_empty() && session.work_dir.is_none() {
@@ -207,6 +208,7 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         context,
         budget,
         mcp: state.mcp.clone(),
+        saving: None,
     })
 }
 
@@ -389,7 +391,6 @@ pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
 /// client that sends its next message on `done` never finds it busy.
 async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: Start) -> Result<Option<Claim>, StoreError> {
     let run_id = claim.run_id;
-    let emitter = Emitter { bus: state.bus.clone(), feed: state.bus.feed(session_id).await?, run_id: run_id.clone(), cancel: claim.cancel };
     let request = match request {
         Some(request) => request,
         None => {
@@ -403,9 +404,14 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     // Every line a run logs names its tenant, known once `prepare` has
     // read the session (no read of its own before the first token).
     let span = tracing::info_span!("run", tenant = tracing::field::Empty, run = %run_id);
+    // The feed's read of the session's last seq runs beside prepare's
+    // reads: both stand before the first token.
+    let (feed, prepared) =
+        tokio::join!(state.bus.feed(session_id), tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()));
+    let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };
     let (outcome, tenant) = tracing::Instrument::instrument(
         async {
-            match prepare(state, session_id, &request).await {
+            match prepared {
                 Ok(run) => {
                     let tenant = run.session.tenant_id.clone();
                     tracing::Span::current().record("tenant", tenant.as_str());

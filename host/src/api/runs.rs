@@ -219,11 +219,19 @@ pub(super) async fn run_stream(
     mut guard: Option<CancelOnDrop>,
 ) -> ApiResult<SseStream> {
     let subscription = state.bus.subscribe(&session, after, Some(&run)).await;
+    // A run still its session's active one after subscribing has not sent
+    // `done`/`error` yet (its end is announced after it is let go): the
+    // live feed carries the rest, with no read of the record before the
+    // first token.
+    let live = subscription.is_ok() && state.runs.active(&session).as_deref() == Some(run.as_str());
     // A run that has ended sends nothing more: what is stored after the
     // cursor is all there is (read after subscribing, so a run that ends
     // in between is seen either way).
-    let record = state.store.run(&session, &run).await?;
-    if subscription.is_ok() && record.status.is_final() {
+    let record = if live { None } else { Some(state.store.run(&session, &run).await?) };
+    if let Some(record) = record
+        && subscription.is_ok()
+        && record.status.is_final()
+    {
         let kept_since = chrono::Duration::from_std(state.settings.event_retention).map(|keep| now() - keep);
         if let (Some(ended), Ok(kept_since)) = (record.ended_at, kept_since)
             && ended < kept_since

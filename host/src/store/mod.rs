@@ -145,9 +145,12 @@ fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
         .map_err(|e| rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e)))
 }
 
-/// Idle read connections kept open; more are opened under a burst of reads
-/// and closed again after it.
-const IDLE_READERS: usize = 8;
+/// Read connections, and reads running at once: a burst of reads queues
+/// for one of these instead of opening a connection (and taking a blocking
+/// thread) per read. A thousand runs starting together used to open
+/// hundreds, each with its own page cache and thread stack, and the peak
+/// memory of the 1,000-stream benchmark held them all.
+const READERS: usize = 8;
 
 /// Writes committed together at most.
 const GROUP_MAX: usize = 128;
@@ -167,6 +170,8 @@ pub struct Store {
     /// writer and beside each other, so a `GET` never queues behind a write
     /// or behind another `GET` for the one connection.
     readers: Arc<Mutex<Vec<Connection>>>,
+    /// One permit per read running (at most [`READERS`]).
+    reading: Arc<tokio::sync::Semaphore>,
     path: Arc<Path>,
     agents: Arc<AgentCache>,
     /// Seals provider keys before they are written, opens them when read.
@@ -263,6 +268,7 @@ impl Store {
         Ok(Store {
             writer,
             readers: Default::default(),
+            reading: Arc::new(tokio::sync::Semaphore::new(READERS)),
             path: path.into(),
             agents: Default::default(),
             secrets: Arc::new(secrets::SecretBox::ephemeral()),
@@ -325,7 +331,10 @@ impl Store {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (readers, path) = (self.readers.clone(), self.path.clone());
+        // Never closed, so acquiring cannot fail.
+        let permit = self.reading.clone().acquire_owned().await.map_err(|e| StoreError::Task(e.to_string()))?;
         tokio::task::spawn_blocking(move || {
+            let _permit = permit;
             let idle = readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).pop();
             let conn = match idle {
                 Some(conn) => conn,
@@ -333,7 +342,7 @@ impl Store {
             };
             let result = f(&conn);
             let mut idle = readers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            if idle.len() < IDLE_READERS {
+            if idle.len() < READERS {
                 idle.push(conn);
             }
             result
