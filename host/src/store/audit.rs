@@ -72,23 +72,21 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client()
-                    .await?
-                    .execute(
-                        INSERT,
-                        &[
-                            &entry.id,
-                            &at,
-                            &entry.tenant_id,
-                            &entry.actor,
-                            &entry.method,
-                            &entry.route,
-                            &entry.path,
-                            &(entry.status as i64),
-                            &entry.address,
-                        ],
-                    )
-                    .await?;
+                pg.execute(
+                    INSERT,
+                    &[
+                        &entry.id,
+                        &at,
+                        &entry.tenant_id,
+                        &entry.actor,
+                        &entry.method,
+                        &entry.route,
+                        &entry.path,
+                        &(entry.status as i64),
+                        &entry.address,
+                    ],
+                )
+                .await?;
                 Ok(())
             }
         }
@@ -122,8 +120,6 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => pg
-                .client()
-                .await?
                 .query(
                     &format!("{PAGE} WHERE ($1::TEXT IS NULL OR tenant_id = $1) AND ($2::TEXT IS NULL OR id > $2) ORDER BY id LIMIT $3"),
                     &[&tenant, &after, &limit],
@@ -152,7 +148,7 @@ impl Store {
         let before = ts(&before);
         match &self.db {
             Db::Sqlite(db) => db.write(move |c| Ok(c.prepare_cached("DELETE FROM audit WHERE at < ?1")?.execute([before])?)).await,
-            Db::Postgres(pg) => Ok(pg.client().await?.execute("DELETE FROM audit WHERE at < $1", &[&before]).await? as usize),
+            Db::Postgres(pg) => Ok(pg.execute("DELETE FROM audit WHERE at < $1", &[&before]).await?),
         }
     }
 }

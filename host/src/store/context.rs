@@ -88,10 +88,7 @@ impl Store {
                 })
                 .await?
             }
-            Db::Postgres(pg) => pg
-                .client()
-                .await?
-                .query_opt("SELECT context FROM session_contexts WHERE session_id = $1", &[&session])
+            Db::Postgres(pg) => pg.query_opt("SELECT context FROM session_contexts WHERE session_id = $1", &[&session])
                 .await?
                 .map(|r| r.get(0)),
         };
@@ -111,7 +108,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client().await?.execute(PUT, &[&session, &context, &at]).await?;
+                pg.execute(PUT, &[&session, &context, &at]).await?;
                 Ok(())
             }
         }

@@ -141,10 +141,7 @@ impl Store {
                 })
                 .await?
             }
-            Db::Postgres(pg) => pg
-                .client()
-                .await?
-                .query(SELECT, &[&tenant])
+            Db::Postgres(pg) => pg.query(SELECT, &[&tenant])
                 .await?
                 .iter()
                 .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
@@ -162,7 +159,7 @@ impl Store {
                 let name = name.clone();
                 db.write(move |c| Ok(c.execute(&pg::sqlite(DELETE), params![tenant, name])?)).await?
             }
-            Db::Postgres(pg) => pg.client().await?.execute(DELETE, &[&tenant, &name]).await? as usize,
+            Db::Postgres(pg) => pg.execute(DELETE, &[&tenant, &name]).await?,
         };
         if deleted == 0 {
             return Err(StoreError::NotFound { kind: "MCP server", id: name });

@@ -138,7 +138,7 @@ impl std::fmt::Display for Location {
     }
 }
 
-/// The SQLite schema's steps; `pg::MIGRATIONS` has the same steps in
+/// The SQLite schema's steps; `pg::migrations` gives the same steps in
 /// PostgreSQL's dialect.
 const MIGRATIONS: [&str; 9] = [
         "CREATE TABLE agents (
@@ -465,25 +465,23 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client()
-                    .await?
-                    .execute(
-                        "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
-                        &[
-                            &agent.id,
-                            &agent.name,
-                            &agent.instructions,
-                            &json.tools,
-                            &json.provider,
-                            &ts(&agent.created_at),
-                            &ts(&agent.updated_at),
-                            &json.permissions,
-                            &json.compaction,
-                            &agent.tenant_id,
-                        ],
-                    )
-                    .await?;
+                pg.execute(
+                    "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    &[
+                        &agent.id,
+                        &agent.name,
+                        &agent.instructions,
+                        &json.tools,
+                        &json.provider,
+                        &ts(&agent.created_at),
+                        &ts(&agent.updated_at),
+                        &json.permissions,
+                        &json.compaction,
+                        &agent.tenant_id,
+                    ],
+                )
+                .await?;
                 Ok(agent)
             }
         }
@@ -505,23 +503,21 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                pg.client()
-                    .await?
-                    .execute(
-                        "UPDATE agents SET name = $2, instructions = $3, tools = $4, provider = $5, updated_at = $6, permissions = $7, compaction = $8
-                         WHERE id = $1",
-                        &[
-                            &agent.id,
-                            &agent.name,
-                            &agent.instructions,
-                            &json.tools,
-                            &json.provider,
-                            &ts(&agent.updated_at),
-                            &json.permissions,
-                            &json.compaction,
-                        ],
-                    )
-                    .await? as usize
+                pg.execute(
+                    "UPDATE agents SET name = $2, instructions = $3, tools = $4, provider = $5, updated_at = $6, permissions = $7, compaction = $8
+                     WHERE id = $1",
+                    &[
+                        &agent.id,
+                        &agent.name,
+                        &agent.instructions,
+                        &json.tools,
+                        &json.provider,
+                        &ts(&agent.updated_at),
+                        &json.permissions,
+                        &json.compaction,
+                    ],
+                )
+                .await?
             }
         };
         if updated == 0 {
@@ -554,7 +550,7 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                let rows = pg.client().await?.query(&format!("{AGENT_SELECT} ORDER BY id"), &[]).await?;
+                let rows = pg.query(&format!("{AGENT_SELECT} ORDER BY id"), &[]).await?;
                 rows.iter().map(agent_pg_row).collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -576,7 +572,7 @@ impl Store {
                 let id = id.clone();
                 db.write(move |c| Ok(c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?)).await?
             }
-            Db::Postgres(pg) => pg.client().await?.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id]).await? as usize,
+            Db::Postgres(pg) => pg.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id]).await?,
         };
         if deleted == 0 {
             return Err(StoreError::NotFound { kind, id });
@@ -654,10 +650,8 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                pg.client()
+                pg.execute("UPDATE sessions SET work_dir = $2, history = $3, updated_at = $4 WHERE id = $1", &[&id, &work_dir, &history, &at])
                     .await?
-                    .execute("UPDATE sessions SET work_dir = $2, history = $3, updated_at = $4 WHERE id = $1", &[&id, &work_dir, &history, &at])
-                    .await? as usize
             }
         };
         if updated == 0 {
@@ -675,7 +669,7 @@ impl Store {
                     .await?
             }
             Db::Postgres(pg) => {
-                let row = pg.client().await?.query_opt(&format!("{SESSION_SELECT} WHERE id = $1"), &[&id]).await?;
+                let row = pg.query_opt(&format!("{SESSION_SELECT} WHERE id = $1"), &[&id]).await?;
                 row.as_ref().map(session_pg_row).transpose()?
             }
         };
@@ -696,7 +690,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                let row = pg.client().await?.query_opt("SELECT work_dir, tenant_id FROM sessions WHERE id = $1", &[&id]).await?;
+                let row = pg.query_opt("SELECT work_dir, tenant_id FROM sessions WHERE id = $1", &[&id]).await?;
                 Ok(row.map(|r| (r.get(0), r.get(1))))
             }
         }
@@ -731,8 +725,6 @@ impl Store {
             }
             Db::Postgres(pg) => {
                 let rows = pg
-                    .client()
-                    .await?
                     .query(
                         &format!(
                             "SELECT id, work_dir, {columns}::TEXT, created_at, updated_at, tenant_id FROM sessions
@@ -757,7 +749,7 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                let rows = pg.client().await?.query(&format!("{SESSION_SELECT} ORDER BY id"), &[]).await?;
+                let rows = pg.query(&format!("{SESSION_SELECT} ORDER BY id"), &[]).await?;
                 rows.iter().map(session_pg_row).collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -800,7 +792,7 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                let rows = pg.client().await?.query(&format!("{AUTH_SELECT} WHERE tenant_id = $1 ORDER BY provider"), &[&tenant]).await?;
+                let rows = pg.query(&format!("{AUTH_SELECT} WHERE tenant_id = $1 ORDER BY provider"), &[&tenant]).await?;
                 rows.iter().map(auth_pg_row).collect::<Result<Vec<_>, _>>()?
             }
         };
@@ -836,10 +828,7 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                let row = pg
-                    .client()
-                    .await?
-                    .query_opt(&format!("{AUTH_SELECT} WHERE tenant_id = $1 AND provider = $2"), &[&tenant, &provider])
+                let row = pg.query_opt(&format!("{AUTH_SELECT} WHERE tenant_id = $1 AND provider = $2"), &[&tenant, &provider])
                     .await?;
                 row.as_ref().map(auth_pg_row).transpose()?
             }
@@ -927,7 +916,7 @@ impl Store {
                 db.read(move |c| Ok(c.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| r.get(0)).optional()?)).await?
             }
             Db::Postgres(pg) => {
-                pg.client().await?.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?.map(|r| r.get(0))
+                pg.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?.map(|r| r.get(0))
             }
         };
         text.as_deref().map(parse_time).transpose()
@@ -1399,6 +1388,23 @@ mod tests {
     on_both!(permission_requests_and_grants);
     on_both!(tenants_and_their_keys);
     on_both!(contexts_audit_and_mcp_servers);
+
+    /// Hosts starting together on one new database migrate it once; a
+    /// database a newer Hangar migrated is refused, not written to.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_migrations_apply_once_and_refuse_a_newer_schema() {
+        let Some(db) = scratch::ScratchDb::create().await else { return };
+        for opened in futures::future::join_all((0..3).map(|_| Store::open_postgres(&db.url))).await {
+            opened.unwrap();
+        }
+        let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let versions: Vec<i64> =
+            client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i64).collect::<Vec<_>>());
+        client.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 'later')", &[]).await.unwrap();
+        assert!(matches!(Store::open_postgres(&db.url).await, Err(StoreError::PgSchema { found: 99, .. })));
+    }
 
     fn agent(id: &str) -> Agent {
         let t = now();

@@ -348,10 +348,7 @@ impl Store {
                 })
                 .await?
             }
-            Db::Postgres(pg) => pg
-                .client()
-                .await?
-                .query(&format!("{SELECT} WHERE session_id = $1 AND ($2::TEXT IS NULL OR status = $2) ORDER BY id"), &[&session, &status])
+            Db::Postgres(pg) => pg.query(&format!("{SELECT} WHERE session_id = $1 AND ($2::TEXT IS NULL OR status = $2) ORDER BY id"), &[&session, &status])
                 .await?
                 .iter()
                 .map(pg_row)
@@ -372,10 +369,7 @@ impl Store {
                 })
                 .await
             }
-            Db::Postgres(pg) => Ok(pg
-                .client()
-                .await?
-                .query("SELECT tool, pattern FROM permission_grants WHERE session_id = $1 ORDER BY created_at", &[&session])
+            Db::Postgres(pg) => Ok(pg.query("SELECT tool, pattern FROM permission_grants WHERE session_id = $1 ORDER BY created_at", &[&session])
                 .await?
                 .iter()
                 .map(|r| Grant { tool: r.get(0), pattern: r.get(1) })

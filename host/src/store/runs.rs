@@ -309,7 +309,7 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                let row = pg.client().await?.query_opt(&format!("{RUN_SELECT} WHERE id = $1 AND session_id = $2"), &[&id, &session]).await?;
+                let row = pg.query_opt(&format!("{RUN_SELECT} WHERE id = $1 AND session_id = $2"), &[&id, &session]).await?;
                 row.as_ref().map(run_pg_row).transpose()?
             }
         };
@@ -324,7 +324,7 @@ impl Store {
                 let id = id.clone();
                 db.read(move |c| Ok(c.query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0)).optional()?)).await?
             }
-            Db::Postgres(pg) => pg.client().await?.query_opt("SELECT request FROM runs WHERE id = $1", &[&id]).await?.map(|r| r.get(0)),
+            Db::Postgres(pg) => pg.query_opt("SELECT request FROM runs WHERE id = $1", &[&id]).await?.map(|r| r.get(0)),
         };
         Ok(serde_json::from_str(&text.ok_or(StoreError::NotFound { kind: "run", id })?)?)
     }
@@ -405,8 +405,6 @@ impl Store {
             }
             Db::Postgres(pg) => {
                 let row = pg
-                    .client()
-                    .await?
                     .query_opt(
                         &format!(
                             "{RUN_AND_REQUEST_SELECT} WHERE session_id = $1 AND idempotency_key = $2 AND created_at >= $3 ORDER BY id DESC LIMIT 1"
@@ -433,7 +431,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client().await?.execute("UPDATE runs SET status = 'running', started_at = $2 WHERE id = $1", &[&id, &at]).await?;
+                pg.execute("UPDATE runs SET status = 'running', started_at = $2 WHERE id = $1", &[&id, &at]).await?;
                 Ok(())
             }
         }
@@ -452,9 +450,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client()
-                    .await?
-                    .execute("UPDATE runs SET status = $2, ended_at = $3, result = $4 WHERE id = $1", &[&id, &status.as_str(), &at, &result])
+                pg.execute("UPDATE runs SET status = $2, ended_at = $3, result = $4 WHERE id = $1", &[&id, &status.as_str(), &at, &result])
                     .await?;
                 Ok(())
             }
@@ -472,7 +468,7 @@ impl Store {
                 })
                 .await?
             }
-            Db::Postgres(pg) => pg.client().await?.query(&query, &[]).await?.iter().map(run_pg_row).collect::<Result<Vec<_>, _>>()?,
+            Db::Postgres(pg) => pg.query(&query, &[]).await?.iter().map(run_pg_row).collect::<Result<Vec<_>, _>>()?,
         };
         rows.into_iter().map(finish_run).collect()
     }
@@ -525,7 +521,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                let row = pg.client().await?.query_opt("SELECT events_pruned FROM sessions WHERE id = $1", &[&session]).await?;
+                let row = pg.query_opt("SELECT events_pruned FROM sessions WHERE id = $1", &[&session]).await?;
                 Ok(row.map_or(0, |r| pg::count(&r, 0)))
             }
         }
@@ -558,14 +554,11 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                let rows = pg
-                    .client()
-                    .await?
-                    .query(
-                        &format!("SELECT seq, run_id, name, data FROM events WHERE {column} = $1 AND seq > $2 AND seq < $3 ORDER BY seq"),
-                        &[&owner, &after, &before],
-                    )
-                    .await?;
+                let rows = pg.query(
+                    &format!("SELECT seq, run_id, name, data FROM events WHERE {column} = $1 AND seq > $2 AND seq < $3 ORDER BY seq"),
+                    &[&owner, &after, &before],
+                )
+                .await?;
                 Ok(rows
                     .iter()
                     .map(|r| StoredEvent { seq: pg::count(r, 0), run_id: r.get(1), name: r.get(2), data: r.get(3) })

@@ -404,12 +404,8 @@ impl Store {
                 .await?
             }
             Db::Postgres(pg) => {
-                match pg
-                    .client()
-                    .await?
-                    .execute("UPDATE tenants SET name = $2, quotas = $3, updated_at = $4 WHERE id = $1", &[&id, &name, &quotas, &at])
-                    .await
-                {
+                let c = pg.client().await?;
+                match c.execute("UPDATE tenants SET name = $2, quotas = $3, updated_at = $4 WHERE id = $1", &[&id, &name, &quotas, &at]).await {
                     Err(e) if pg::unique_violation(&e) => None,
                     other => Some(other? as usize),
                 }
@@ -431,7 +427,7 @@ impl Store {
                     .await?
             }
             Db::Postgres(pg) => {
-                let row = pg.client().await?.query_opt(&format!("{TENANT_SELECT} WHERE id = $1"), &[&id]).await?;
+                let row = pg.query_opt(&format!("{TENANT_SELECT} WHERE id = $1"), &[&id]).await?;
                 row.as_ref().map(tenant_pg_row).transpose()?
             }
         };
@@ -448,10 +444,7 @@ impl Store {
                 })
                 .await?
             }
-            Db::Postgres(pg) => pg
-                .client()
-                .await?
-                .query(&format!("{TENANT_SELECT} WHERE ($1::TEXT IS NULL OR id > $1) ORDER BY id LIMIT $2"), &[&after, &(limit as i64)])
+            Db::Postgres(pg) => pg.query(&format!("{TENANT_SELECT} WHERE ($1::TEXT IS NULL OR id > $1) ORDER BY id LIMIT $2"), &[&after, &(limit as i64)])
                 .await?
                 .iter()
                 .map(tenant_pg_row)
@@ -529,14 +522,12 @@ impl Store {
             }
             // One statement: the key is stored only while its tenant exists.
             Db::Postgres(pg) => {
-                pg.client()
-                    .await?
-                    .execute(
-                        "INSERT INTO tenant_keys (id, tenant_id, hash, prefix, created_at)
-                         SELECT $1, id, $3, $4, $5 FROM tenants WHERE id = $2 FOR SHARE",
-                        &[&key_id, &tenant, &hash, &prefix, &created],
-                    )
-                    .await?
+                pg.execute(
+                    "INSERT INTO tenant_keys (id, tenant_id, hash, prefix, created_at)
+                     SELECT $1, id, $3, $4, $5 FROM tenants WHERE id = $2 FOR SHARE",
+                    &[&key_id, &tenant, &hash, &prefix, &created],
+                )
+                .await?
                     > 0
             }
         };
@@ -554,7 +545,7 @@ impl Store {
                 db.write(move |c| Ok(c.execute("DELETE FROM tenant_keys WHERE id = ?1 AND tenant_id = ?2", [&key_id, &tenant])?)).await?
             }
             Db::Postgres(pg) => {
-                pg.client().await?.execute("DELETE FROM tenant_keys WHERE id = $1 AND tenant_id = $2", &[&key_id, &tenant]).await? as usize
+                pg.execute("DELETE FROM tenant_keys WHERE id = $1 AND tenant_id = $2", &[&key_id, &tenant]).await?
             }
         };
         if deleted == 0 {
@@ -582,10 +573,7 @@ impl Store {
                 })
                 .await
             }
-            Db::Postgres(pg) => pg
-                .client()
-                .await?
-                .query("SELECT id, prefix, created_at, last_used_at FROM tenant_keys WHERE tenant_id = $1 ORDER BY id", &[&tenant])
+            Db::Postgres(pg) => pg.query("SELECT id, prefix, created_at, last_used_at FROM tenant_keys WHERE tenant_id = $1 ORDER BY id", &[&tenant])
                 .await?
                 .iter()
                 .map(|r| Ok(TenantKey { id: r.get(0), prefix: r.get(1), created_at: pg::ts_at(r, 2)?, last_used_at: pg::ts_opt(r, 3)? }))
@@ -605,10 +593,7 @@ impl Store {
                 })
                 .await
             }
-            Db::Postgres(pg) => Ok(pg
-                .client()
-                .await?
-                .query_opt("SELECT tenant_id, id FROM tenant_keys WHERE hash = $1", &[&hash])
+            Db::Postgres(pg) => Ok(pg.query_opt("SELECT tenant_id, id FROM tenant_keys WHERE hash = $1", &[&hash])
                 .await?
                 .map(|r| (r.get(0), r.get(1)))),
         }
@@ -625,7 +610,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.client().await?.execute("UPDATE tenant_keys SET last_used_at = $2 WHERE id = $1", &[&key_id, &at]).await?;
+                pg.execute("UPDATE tenant_keys SET last_used_at = $2 WHERE id = $1", &[&key_id, &at]).await?;
                 Ok(())
             }
         }
@@ -644,7 +629,7 @@ impl Store {
                 db.write(move |c| Ok(c.prepare_cached(&pg::sqlite(ADD))?.query_row(params![tenant, today, input, output], |r| r.get(0))?))
                     .await
             }
-            Db::Postgres(pg) => Ok(pg::count(&pg.client().await?.query_one(ADD, &[&tenant, &today, &input, &output]).await?, 0)),
+            Db::Postgres(pg) => Ok(pg::count(&pg.query_one(ADD, &[&tenant, &today, &input, &output]).await?, 0)),
         }
     }
 
@@ -708,7 +693,7 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                Ok(pg.client().await?.query_opt("SELECT tenant_id FROM sessions WHERE id = $1", &[&id]).await?.map(|r| r.get(0)))
+                Ok(pg.query_opt("SELECT tenant_id FROM sessions WHERE id = $1", &[&id]).await?.map(|r| r.get(0)))
             }
         }
     }
@@ -725,10 +710,7 @@ impl Store {
                 })
                 .await
             }
-            Db::Postgres(pg) => Ok(pg
-                .client()
-                .await?
-                .query("SELECT id FROM sessions WHERE tenant_id = $1 ORDER BY id", &[&tenant])
+            Db::Postgres(pg) => Ok(pg.query("SELECT id FROM sessions WHERE tenant_id = $1 ORDER BY id", &[&tenant])
                 .await?
                 .iter()
                 .map(|r| r.get(0))
