@@ -21,10 +21,11 @@ use super::StoreError;
 
 /// The schema: SQLite's steps (`super::MIGRATIONS`), at the same
 /// versions. Where the two dialects differ only in SQLite's `INTEGER` (64
-/// bits; PostgreSQL's is 32, its BIGINT is 64) and `WITHOUT ROWID` (a
-/// SQLite storage choice), a step is SQLite's own text, translated by
-/// [`from_sqlite`]; where they differ more, this list has the step written
-/// for PostgreSQL. Both lists are `[_; 9]`: they cannot fall out of step.
+/// bits; PostgreSQL's is 32, its BIGINT is 64), `WITHOUT ROWID` (a SQLite
+/// storage choice) and how the current time is written, a step is SQLite's
+/// own text, translated by [`from_sqlite`]; where they differ more, this
+/// list has the step written for PostgreSQL. Both lists are `[_; 9]`: they
+/// cannot fall out of step.
 const OWN_STEPS: [Option<&str>; 9] = [
     None,
     None,
@@ -39,47 +40,7 @@ const OWN_STEPS: [Option<&str>; 9] = [
         DROP INDEX runs_by_key;
         CREATE UNIQUE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;",
     ),
-    // SQLite's takes the time with strftime and rebuilds provider_auth to
-    // change its primary key; PostgreSQL alters it in place.
-    Some(
-        "CREATE TABLE tenants (
-            id TEXT PRIMARY KEY,
-            name TEXT NOT NULL UNIQUE,
-            quotas TEXT NOT NULL DEFAULT '{}',
-            created_at TEXT NOT NULL,
-            updated_at TEXT NOT NULL,
-            uid BIGINT UNIQUE
-        );
-        INSERT INTO tenants (id, name, quotas, created_at, updated_at)
-            VALUES ('default', 'default', '{}',
-                    to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'),
-                    to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.MS\"Z\"'));
-        CREATE TABLE tenant_keys (
-            id TEXT PRIMARY KEY,
-            tenant_id TEXT NOT NULL,
-            hash TEXT NOT NULL UNIQUE,
-            prefix TEXT NOT NULL,
-            created_at TEXT NOT NULL,
-            last_used_at TEXT
-        );
-        CREATE INDEX tenant_keys_by_tenant ON tenant_keys (tenant_id);
-        ALTER TABLE agents ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
-        ALTER TABLE sessions ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
-        CREATE INDEX sessions_by_tenant ON sessions (tenant_id, id);
-        -- A provider's key per tenant ('' holds the server's own keys).
-        ALTER TABLE provider_auth ADD COLUMN tenant_id TEXT NOT NULL DEFAULT 'default';
-        ALTER TABLE provider_auth ALTER COLUMN tenant_id DROP DEFAULT;
-        ALTER TABLE provider_auth DROP CONSTRAINT provider_auth_pkey;
-        ALTER TABLE provider_auth ADD PRIMARY KEY (tenant_id, provider);
-        CREATE TABLE usage (
-            tenant_id TEXT NOT NULL,
-            day TEXT NOT NULL,
-            input_tokens BIGINT NOT NULL DEFAULT 0,
-            output_tokens BIGINT NOT NULL DEFAULT 0,
-            runs BIGINT NOT NULL DEFAULT 0,
-            PRIMARY KEY (tenant_id, day)
-        );",
-    ),
+    None,
     None,
     None,
     None,
@@ -99,8 +60,12 @@ pub(super) fn migrations() -> Vec<Cow<'static, str>> {
 
 /// A SQLite step in PostgreSQL's dialect (see [`OWN_STEPS`] for which).
 fn from_sqlite(step: &str) -> String {
-    step.replace(" WITHOUT ROWID", "").replace("INTEGER", "BIGINT")
+    step.replace(" WITHOUT ROWID", "").replace("INTEGER", "BIGINT").replace(SQLITE_NOW, PG_NOW)
 }
+
+/// The current time as the store writes times (RFC 3339, UTC, milliseconds).
+const SQLITE_NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
+const PG_NOW: &str = r#"to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.MS"Z"')"#;
 
 /// Connections kept at most; PostgreSQL's own default limit is 100, which
 /// several hosts share.
@@ -213,4 +178,18 @@ pub(super) fn count(row: &Row, i: usize) -> u64 {
 /// for the few statements both backends share word for word.
 pub(super) fn sqlite(statement: &str) -> String {
     statement.replace('$', "?")
+}
+
+#[cfg(test)]
+mod tests {
+    /// No SQLite-only word is left in a step (applying them is tested
+    /// against a real server by the store's tests).
+    #[test]
+    fn every_step_is_in_postgresql_dialect() {
+        for (i, step) in super::migrations().iter().enumerate() {
+            for sqlite_only in ["WITHOUT ROWID", "INTEGER", "strftime", "rowid"] {
+                assert!(!step.contains(sqlite_only), "step {}: {sqlite_only}", i + 1);
+            }
+        }
+    }
 }
