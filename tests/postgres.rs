@@ -134,16 +134,12 @@ async fn tenants_on_postgresql_keep_their_keys_and_quotas() {
     let config = tempfile::tempdir().unwrap();
     let config_file = config.path().join("hangar.toml");
     std::fs::write(&config_file, format!("[tenants]\nallowed_origins = [{:?}]\n", fake.url)).unwrap();
-    let server = Server::start(&[
-        "--db",
-        &db.url,
-        "--admin-token",
-        ADMIN,
-        "--work-root",
-        root.path().to_str().unwrap(),
-        "--config",
-        config_file.to_str().unwrap(),
-    ]);
+    // Selected by the variable this time, not by --db.
+    let server = Server::start_with_env(
+        &["--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap(), "--config", config_file.to_str().unwrap()],
+        &[("HANGAR_DATABASE_URL", &db.url)],
+    );
+    assert!(server.log().contains("hangar_test_"), "the log names the database:\n{}", server.log());
     let with = |key: &str, method: reqwest::Method, path: &str| server.client.request(method, server.url(path)).bearer_auth(key);
 
     let (status, tenant) = server

@@ -143,8 +143,8 @@ impl Drop for Server {
 fn spawn(dir: &Path, args: &[String], envs: &[(String, String)]) -> Result<(Child, String, Arc<Mutex<String>>), String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
     cmd.arg("serve").args(["--port", "0"]);
-    // A test may name its own database (`--db postgres://…`).
-    if !args.iter().any(|a| a == "--db") {
+    // A test may name its own database (`--db postgres://…`, or the variable).
+    if !args.iter().any(|a| a == "--db") && !envs.iter().any(|(k, _)| k == "HANGAR_DATABASE_URL") {
         cmd.arg("--db").arg(dir.join("hangar.db"));
     }
     cmd.arg("--cache-dir")

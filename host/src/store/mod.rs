@@ -1406,6 +1406,17 @@ mod tests {
         assert!(matches!(Store::open_postgres(&db.url).await, Err(StoreError::PgSchema { found: 99, .. })));
     }
 
+    #[test]
+    fn a_location_is_a_path_or_a_postgres_url_shown_without_its_password() {
+        assert_eq!(Location::parse("/var/lib/hangar.db"), Location::Sqlite("/var/lib/hangar.db".into()));
+        assert_eq!(Location::parse("postgres.db"), Location::Sqlite("postgres.db".into()), "a file named so");
+        let url = Location::parse("postgresql://hangar:s3cret@db.internal:5432/hangar");
+        assert!(matches!(&url, Location::Postgres(u) if u.ends_with("/hangar")));
+        assert_eq!(url.path(), None);
+        assert_eq!(url.to_string(), "postgresql://hangar:***@db.internal:5432/hangar");
+        assert_eq!(Location::parse("postgres://hangar@127.0.0.1:5432/h").to_string(), "postgres://hangar@127.0.0.1:5432/h");
+    }
+
     fn agent(id: &str) -> Agent {
         let t = now();
         Agent {
