@@ -3,7 +3,8 @@
 //! names (`test.sh` starts one; without it the tests skip with the reason,
 //! or fail under CI): agents, sessions, provider keys, messages answered by
 //! a scripted fake of the Anthropic API, a stream resumed with
-//! `Last-Event-ID`, tenants, and a restart that keeps all of it.
+//! `Last-Event-ID`, tenants, and a restart that keeps all of it; and a
+//! start against a database that cannot be reached.
 
 mod common;
 
@@ -190,4 +191,21 @@ async fn tenants_on_postgresql_keep_their_keys_and_quotas() {
     assert_eq!(usage["runs_today"], 1, "{usage}");
     let (status, _) = server.send(with("hk_not-a-key", reqwest::Method::GET, "/sessions")).await;
     assert_eq!(status, 401);
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_stops_the_start_with_the_reason_and_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["serve", "--port", "0", "--db", "postgres://hangar:pw-s3cret@127.0.0.1:1/hangar", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("XDG_DATA_HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the PostgreSQL database postgres://hangar:***@127.0.0.1:1/hangar"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(!err.contains("pw-s3cret"), "{err}");
 }

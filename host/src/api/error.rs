@@ -260,3 +260,17 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_cannot_be_reached_is_503_and_may_be_tried_again() {
+        let err = ApiError::from(StoreError::PgPool("error connecting to server: Connection refused".into()));
+        assert_eq!(err.status_and_code(), (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"));
+        assert_eq!(err.retry_after(), Some(1));
+        let broken = ApiError::from(StoreError::Time("yesterday".into()));
+        assert_eq!(broken.status_and_code(), (StatusCode::INTERNAL_SERVER_ERROR, "internal"), "bad stored data is a bug");
+    }
+}

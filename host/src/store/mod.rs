@@ -62,11 +62,14 @@ pub enum StoreError {
     Task(String),
     #[error("database commit failed: {0}")]
     Commit(String),
-    #[error("database: {0}")]
+    #[error("database: {}", pg::reason(.0))]
     Postgres(#[from] tokio_postgres::Error),
     /// No connection could be had from the PostgreSQL pool.
     #[error("database connection: {0}")]
     PgPool(String),
+    /// The start could not connect to (or migrate) the database named.
+    #[error("cannot open the PostgreSQL database {at}: {reason}")]
+    PgOpen { at: String, reason: String },
     /// The database was migrated by a newer Hangar.
     #[error("the PostgreSQL schema is at version {found}, newer than this build knows ({known}); upgrade Hangar")]
     PgSchema { found: i64, known: usize },
@@ -81,7 +84,7 @@ impl StoreError {
     /// 08xxx, 57P0x, 53300 too many connections).
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::PgPool(_) => true,
+            StoreError::PgPool(_) | StoreError::PgOpen { .. } => true,
             StoreError::Postgres(err) => {
                 err.is_closed()
                     || err.code().is_some_and(|code| {
@@ -357,7 +360,12 @@ impl Store {
     /// Connects to a PostgreSQL database (`postgres://USER@HOST:PORT/DB`)
     /// and migrates it.
     pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
-        Ok(Self::with_db(Db::Postgres(pg::Pg::open(url).await?)))
+        match pg::Pg::open(url).await {
+            Ok(pg) => Ok(Self::with_db(Db::Postgres(pg))),
+            Err(err @ StoreError::PgSchema { .. }) => Err(err),
+            // Which database (its URL without a password), and why.
+            Err(err) => Err(StoreError::PgOpen { at: Location::Postgres(url.into()).to_string(), reason: err.to_string() }),
+        }
     }
 
     /// Opens whichever backend `location` names (`wal_limit`: SQLite's).

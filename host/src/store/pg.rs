@@ -97,7 +97,10 @@ impl Pg {
     }
 
     pub(super) async fn client(&self) -> Result<Client, StoreError> {
-        self.pool.get().await.map_err(|e| StoreError::PgPool(e.to_string()))
+        self.pool.get().await.map_err(|e| match e {
+            deadpool_postgres::PoolError::Backend(e) => StoreError::PgPool(reason(&e)),
+            other => StoreError::PgPool(other.to_string()),
+        })
     }
 
     // One statement on a pooled connection, in a transaction of its own.
@@ -144,6 +147,24 @@ impl Pg {
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// Why a statement or a connection failed, for a person: tokio-postgres
+/// says only "db error" or "error connecting to server" and keeps the
+/// reason in its source. A server's message is given with its SQLSTATE, not
+/// its detail (which can quote a row's values).
+pub(super) fn reason(err: &tokio_postgres::Error) -> String {
+    if let Some(db) = err.as_db_error() {
+        return format!("{} ({})", db.message(), db.code().code());
+    }
+    let mut text = err.to_string();
+    let mut source = std::error::Error::source(err);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// Whether `err` is a unique constraint's violation (SQLSTATE 23505).
