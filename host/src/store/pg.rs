@@ -6,8 +6,10 @@
 //! transaction-scoped advisory lock on what they count instead.
 //!
 //! The schema is the SQLite one in PostgreSQL's dialect, with the same
-//! column names (mostly SQLite's very text: see [`OWN_STEPS`]); times stay RFC 3339 text (so they order and read exactly
-//! as in SQLite) and JSON stays text. Integers are BIGINT throughout.
+//! column names (mostly SQLite's very text: see [`OWN_STEPS`]); times stay
+//! RFC 3339 text (so they order and read exactly as in SQLite) and JSON
+//! stays text. Integers are BIGINT throughout. No TLS yet: connections are
+//! for loopback or a private network.
 
 use std::borrow::Cow;
 use std::str::FromStr;
