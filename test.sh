@@ -32,6 +32,9 @@ for command in "${!debian[@]}"; do
     command -v "$command" >/dev/null || missing+=("${debian[$command]}")
 done
 if ! python3 -m pip --version >/dev/null 2>&1; then missing+=(python3-pip); fi
+# PostgreSQL 15 (the store's second backend), unless the tests are given one.
+PG_BIN=/usr/lib/postgresql/15/bin
+if [ -z "${HANGAR_TEST_DATABASE_URL:-}" ] && [ ! -x "$PG_BIN/initdb" ]; then missing+=(postgresql); fi
 if [ ${#missing[@]} -gt 0 ]; then
     say "installing Debian packages: ${missing[*]}"
     sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -94,6 +97,27 @@ fi
 if [ "$(/usr/bin/python3 -m pip show mcp 2>/dev/null | sed -n 's/^Version: //p')" != "$MCP" ]; then
     say "installing mcp $MCP for /usr/bin/python3"
     /usr/bin/python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --break-system-packages "mcp==$MCP"
+fi
+
+# A throwaway PostgreSQL for the tests of the PostgreSQL backend (each test
+# makes a database of its own in it), unless HANGAR_TEST_DATABASE_URL names
+# a server already. It listens on loopback only, on a free port, with its
+# socket in its own directory, trusting loopback connections; fsync is off
+# since nothing in it outlives the run. Stopped and removed on exit.
+if [ -z "${HANGAR_TEST_DATABASE_URL:-}" ]; then
+    # initdb refuses to run as root: root runs it as the `postgres` user.
+    as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+    pg_dir=$(mktemp -d "${TMPDIR:-/tmp}/hangar-pg.XXXXXX")
+    if [ "$(id -u)" -eq 0 ]; then chown postgres: "$pg_dir"; fi
+    trap 'as_pg "$PG_BIN/pg_ctl" -D "$pg_dir/data" stop -m immediate >/dev/null 2>&1 || true; rm -rf "$pg_dir"' EXIT
+    pg_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+    as_pg "$PG_BIN/initdb" -D "$pg_dir/data" -U postgres --auth=trust --encoding=UTF8 --no-sync >"$pg_dir/initdb.log" \
+        || { cat "$pg_dir/initdb.log" >&2; exit 1; }
+    as_pg "$PG_BIN/pg_ctl" -D "$pg_dir/data" -l "$pg_dir/server.log" -w start \
+        -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_dir -c fsync=off -c max_connections=400" >/dev/null \
+        || { cat "$pg_dir/server.log" >&2; exit 1; }
+    export HANGAR_TEST_DATABASE_URL="postgres://postgres@127.0.0.1:$pg_port/postgres"
+    say "PostgreSQL 15 for the tests on 127.0.0.1:$pg_port"
 fi
 
 # Every test; none may skip for a missing tool.

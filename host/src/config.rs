@@ -54,9 +54,10 @@ pub struct ServeArgs {
     /// Port to listen on (0 picks a free one and logs it).
     #[arg(long)]
     pub port: Option<u16>,
-    /// SQLite database file [default: $XDG_DATA_HOME/hangar/hangar.db]
-    #[arg(long, value_name = "PATH")]
-    pub db: Option<PathBuf>,
+    /// SQLite database file, or a PostgreSQL database as
+    /// postgres://USER@HOST:PORT/DB [default: $XDG_DATA_HOME/hangar/hangar.db]
+    #[arg(long, value_name = "PATH|URL", env = "HANGAR_DATABASE_URL", hide_env_values = true)]
+    pub db: Option<String>,
     /// Directory of extra plugins (NAME.wasm + NAME.plugin.toml)
     /// [default: $XDG_DATA_HOME/hangar/plugins]
     #[arg(long = "plugins", value_name = "DIR")]
@@ -156,7 +157,8 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 pub struct FileConfig {
     pub host: Option<IpAddr>,
     pub port: Option<u16>,
-    pub db: Option<PathBuf>,
+    /// A SQLite file's path or a `postgres://` URL.
+    pub db: Option<String>,
     pub plugins_dir: Option<PathBuf>,
     pub cache_dir: Option<PathBuf>,
     #[serde(default)]
@@ -358,10 +360,12 @@ pub const DEFAULT_WAL_LIMIT_MB: u64 = 64;
 pub struct Settings {
     pub host: IpAddr,
     pub port: u16,
-    pub db: PathBuf,
+    pub db: crate::store::Location,
     pub plugins_dir: PathBuf,
-    /// Plugins installed through the API: beside the database
-    /// (`hangar.db` → `hangar.plugins/`), as they are part of its state.
+    /// Plugins installed through the API: beside a SQLite database
+    /// (`hangar.db` → `hangar.plugins/`), as they are part of its state;
+    /// with PostgreSQL, `$XDG_DATA_HOME/hangar/hangar.plugins` (a host's
+    /// own until plugins live in the database, issue 16).
     pub installed_dir: PathBuf,
     pub cache_dir: PathBuf,
     /// How plugins are compiled (`[limits] compile_*`) and the compile
@@ -536,8 +540,12 @@ impl Settings {
         }
         let wal_limit_bytes = wal_limit_mb << 20;
         let db = match args.db.or(file.db) {
-            Some(db) => db,
-            None => data()?.join("hangar.db"),
+            Some(db) => crate::store::Location::parse(&db),
+            None => crate::store::Location::Sqlite(data()?.join("hangar.db")),
+        };
+        let installed_dir = match &db {
+            crate::store::Location::Sqlite(path) => path.with_extension("plugins"),
+            crate::store::Location::Postgres(_) => data()?.join("hangar.plugins"),
         };
         let timeout_s = file.permissions.timeout_s.unwrap_or(DEFAULT_PERMISSION_TIMEOUT.as_secs());
         if timeout_s == 0 {
@@ -559,7 +567,7 @@ impl Settings {
             secret_key,
             permissions,
             host,
-            installed_dir: db.with_extension("plugins"),
+            installed_dir,
             port: args.port.or(file.port).unwrap_or(2323),
             db,
             plugins_dir: match args.plugins_dir.or(file.plugins_dir) {

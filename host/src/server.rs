@@ -54,7 +54,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         }
     });
     let secrets = SecretBox::load(settings.secret_key.as_ref().map(|k| k.expose()), &settings.secret_key_file)?;
-    let (store, sealed) = Store::open_with(&settings.db, settings.wal_limit_bytes)?.with_secrets(secrets).await?;
+    let (store, sealed) = Store::open_location(&settings.db, settings.wal_limit_bytes).await?.with_secrets(secrets).await?;
     if sealed > 0 {
         tracing::info!(keys = sealed, "sealed provider keys stored in plain text by an older version");
     }
@@ -144,7 +144,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let state_for_flush = state.clone();
     let app = api::router(state);
     tracing::info!(
-        db = %settings.db.display(),
+        db = %settings.db,
         plugins = %settings.plugins_dir.display(),
         token = settings.token.is_some(),
         header_timeout_ms = limits.header_timeout.as_millis() as u64,

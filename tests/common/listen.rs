@@ -13,13 +13,15 @@ pub fn listen_address(stderr: ChildStderr, mut each_line: impl FnMut(&str) + Sen
     std::thread::spawn(move || {
         let mut tx = Some(tx);
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            // The line first, then the address: a caller that reads the log
+            // as soon as it has the address finds the "listening on" line in it.
+            each_line(&line);
             if let Some(addr) = line.split("listening on ").nth(1)
                 && let Some(tx) = tx.take()
             {
                 // Text logs end the address with a space, JSON logs with a quote.
                 let _ = tx.send(addr.split(|c: char| c.is_whitespace() || c == '"').next().unwrap_or("").to_string());
             }
-            each_line(&line);
         }
     });
     rx

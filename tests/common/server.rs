@@ -142,10 +142,12 @@ impl Drop for Server {
 /// Starts the binary and waits for its "listening on" line.
 fn spawn(dir: &Path, args: &[String], envs: &[(String, String)]) -> Result<(Child, String, Arc<Mutex<String>>), String> {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_hangar"));
-    cmd.arg("serve")
-        .args(["--port", "0", "--db"])
-        .arg(dir.join("hangar.db"))
-        .arg("--cache-dir")
+    cmd.arg("serve").args(["--port", "0"]);
+    // A test may name its own database (`--db postgres://…`, or the variable).
+    if !args.iter().any(|a| a == "--db") && !envs.iter().any(|(k, _)| k == "HANGAR_DATABASE_URL") {
+        cmd.arg("--db").arg(dir.join("hangar.db"));
+    }
+    cmd.arg("--cache-dir")
         .arg(super::cache_dir())
         .args(args)
         // Nothing of the developer's own setup may leak in.

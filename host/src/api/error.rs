@@ -84,6 +84,10 @@ pub enum ApiError {
     KeyUnreadable(String),
     #[error("{0}")]
     Store(StoreError),
+    /// The database cannot be reached now (PostgreSQL down, restarting, or
+    /// out of connections): the request may succeed when tried again.
+    #[error("{0}")]
+    DatabaseUnavailable(StoreError),
     #[error("{0}")]
     Internal(String),
 }
@@ -94,6 +98,7 @@ impl From<StoreError> for ApiError {
             StoreError::NotFound { .. } => ApiError::NotFound(err.to_string()),
             StoreError::Answered { .. } | StoreError::KeyTaken { .. } | StoreError::NameTaken { .. } => ApiError::Conflict(err.to_string()),
             StoreError::Quota { quota, limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded::from_store(quota, limit, used)),
+            other if other.is_unavailable() => ApiError::DatabaseUnavailable(other),
             other => ApiError::Store(other),
         }
     }
@@ -209,6 +214,7 @@ impl ApiError {
                 _ => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
             },
             ApiError::KeyUnreadable(_) => (StatusCode::SERVICE_UNAVAILABLE, "key_unreadable"),
+            ApiError::DatabaseUnavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"),
             ApiError::Store(_) | ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
     }
@@ -231,6 +237,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             ApiError::TooManyUploads { .. } => Some(RETRY_UPLOAD_SECS),
+            ApiError::DatabaseUnavailable(_) => Some(1),
             ApiError::Quota(q) => Some(q.retry_after),
             ApiError::RunFailed { code, .. } if code == "quota_exceeded" => Some(crate::tenancy::until_midnight()),
             _ => None,
@@ -253,3 +260,17 @@ impl IntoResponse for ApiError {
 }
 
 pub type ApiResult<T> = Result<T, ApiError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_database_that_cannot_be_reached_is_503_and_may_be_tried_again() {
+        let err = ApiError::from(StoreError::PgPool("error connecting to server: Connection refused".into()));
+        assert_eq!(err.status_and_code(), (StatusCode::SERVICE_UNAVAILABLE, "database_unavailable"));
+        assert_eq!(err.retry_after(), Some(1));
+        let broken = ApiError::from(StoreError::Time("yesterday".into()));
+        assert_eq!(broken.status_and_code(), (StatusCode::INTERNAL_SERVER_ERROR, "internal"), "bad stored data is a bug");
+    }
+}

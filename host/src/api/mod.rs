@@ -71,9 +71,14 @@ impl AppState {
         shutdown: tokio::sync::watch::Receiver<bool>,
         stopping: tokio::sync::watch::Receiver<bool>,
     ) -> AppState {
+        // A SQLite file is the server's own; a PostgreSQL database is not a file here.
+        let mut files = vec![("the config file", settings.config_path.as_path()), ("the secret key file", &settings.secret_key_file)];
+        if let Some(db) = settings.db.path() {
+            files.insert(0, ("the database", db));
+        }
         let work_dirs = WorkDirRules::new(
             settings.work_roots.clone(),
-            &[("the database", &settings.db), ("the config file", &settings.config_path), ("the secret key file", &settings.secret_key_file)],
+            &files,
             &[
                 ("the compile cache", &settings.cache_dir),
                 ("the plugins directory", &settings.plugins_dir),

@@ -11,7 +11,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Store, StoreError, ts};
+use super::{Db, Store, StoreError, pg, ts};
 
 pub(super) const MIGRATION: &str = "
     ALTER TABLE agents ADD COLUMN compaction TEXT NOT NULL DEFAULT '{}';
@@ -79,27 +79,39 @@ impl Store {
     /// The session's compacted view; `None` while it was never compacted.
     pub async fn session_context(&self, session: &str) -> Result<Option<SessionContext>, StoreError> {
         let session = session.to_string();
-        self.read(move |c| {
-            let text: Option<String> = c
-                .prepare_cached("SELECT context FROM session_contexts WHERE session_id = ?1")?
-                .query_row([&session], |r| r.get(0))
-                .optional()?;
-            Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
-        })
-        .await
+        let text: Option<String> = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    Ok(c.prepare_cached("SELECT context FROM session_contexts WHERE session_id = ?1")?
+                        .query_row([&session], |r| r.get(0))
+                        .optional()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => pg.query_opt("SELECT context FROM session_contexts WHERE session_id = $1", &[&session])
+                .await?
+                .map(|r| r.get(0)),
+        };
+        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
     }
 
     pub async fn put_session_context(&self, session: &str, context: SessionContext) -> Result<(), StoreError> {
-        let session = session.to_string();
-        self.write(move |c| {
-            c.prepare_cached(
-                "INSERT INTO session_contexts (session_id, context, updated_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(session_id) DO UPDATE SET context = ?2, updated_at = ?3",
-            )?
-            .execute(params![session, serde_json::to_string(&context)?, ts(&super::now())])?;
-            Ok(())
-        })
-        .await
+        const PUT: &str = "INSERT INTO session_contexts (session_id, context, updated_at) VALUES ($1, $2, $3)
+             ON CONFLICT(session_id) DO UPDATE SET context = $2, updated_at = $3";
+        let (session, context, at) = (session.to_string(), serde_json::to_string(&context)?, ts(&super::now()));
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    c.prepare_cached(&pg::sqlite(PUT))?.execute(params![session, context, at])?;
+                    Ok(())
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                pg.execute(PUT, &[&session, &context, &at]).await?;
+                Ok(())
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@ use rusqlite::{OptionalExtension, params};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use super::{Store, StoreError, parse_ts, ts};
+use super::{Db, Store, StoreError, parse_time, pg, ts};
 
 pub(super) const MIGRATION: &str = "
     CREATE TABLE mcp_servers (
@@ -78,7 +78,7 @@ impl Store {
             transport: serde_json::from_str(&spec)?,
             secrets,
             tools: serde_json::from_str(&tools)?,
-            created_at: parse_ts(created_at)?,
+            created_at: parse_time(&created_at)?,
         })
     }
 
@@ -93,54 +93,77 @@ impl Store {
             McpTransport::Stdio { .. } => "stdio",
         };
         let (tenant, name, created) = (record.tenant_id.clone(), record.name.clone(), ts(&record.created_at));
-        self.write(move |c| {
-            let taken: Option<String> = c
-                .query_row(
-                    "SELECT name FROM mcp_servers WHERE name = ?1 AND (tenant_id = ?2 OR tenant_id = '' OR ?2 = '')",
-                    params![name, tenant],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            if taken.is_some() {
-                return Err(StoreError::NameTaken { kind: "MCP server", name });
+        const TAKEN: &str = "SELECT name FROM mcp_servers WHERE name = $1 AND (tenant_id = $2 OR tenant_id = '' OR $2 = '')";
+        const INSERT: &str =
+            "INSERT INTO mcp_servers (tenant_id, name, transport, spec, secrets, tools, created_at) VALUES ($1, $2, $3, $4, $5, $6, $7)";
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    let taken: Option<String> = c.query_row(&pg::sqlite(TAKEN), params![name, tenant], |r| r.get(0)).optional()?;
+                    if taken.is_some() {
+                        return Err(StoreError::NameTaken { kind: "MCP server", name });
+                    }
+                    c.execute(&pg::sqlite(INSERT), params![tenant, name, transport, spec, sealed, tools, created])?;
+                    Ok(())
+                })
+                .await?
             }
-            c.execute(
-                "INSERT INTO mcp_servers (tenant_id, name, transport, spec, secrets, tools, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![tenant, name, transport, spec, sealed, tools, created],
-            )?;
-            Ok(())
-        })
-        .await?;
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                // A name is unique across a tenant and the server-wide
+                // servers, which no index can say: registrations of a name
+                // take turns.
+                pg::lock(&tx, &format!("mcp:{name}")).await?;
+                if tx.query_opt(TAKEN, &[&name, &tenant]).await?.is_some() {
+                    return Err(StoreError::NameTaken { kind: "MCP server", name });
+                }
+                tx.execute(INSERT, &[&tenant, &name, &transport, &spec, &sealed, &tools, &created]).await?;
+                tx.commit().await?;
+            }
+        }
         Ok(record)
     }
 
     /// The servers `tenant` may use (its own and the server-wide ones; for
     /// `''` only the server-wide ones), by name.
     pub async fn mcp_servers(&self, tenant: &str) -> Result<Vec<McpServerRecord>, StoreError> {
+        const SELECT: &str = "SELECT tenant_id, name, spec, secrets, tools, created_at FROM mcp_servers
+             WHERE tenant_id = $1 OR tenant_id = '' ORDER BY name";
         let tenant = tenant.to_string();
-        let rows: Vec<Row> = self
-            .read(move |c| {
-                let mut stmt = c.prepare_cached(
-                    "SELECT tenant_id, name, spec, secrets, tools, created_at FROM mcp_servers
-                     WHERE tenant_id = ?1 OR tenant_id = '' ORDER BY name",
-                )?;
-                let rows = stmt.query_map(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
-                Ok(rows.collect::<Result<Vec<_>, _>>()?)
-            })
-            .await?;
+        let rows: Vec<Row> = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let mut stmt = c.prepare_cached(&pg::sqlite(SELECT))?;
+                    let rows =
+                        stmt.query_map(params![tenant], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?;
+                    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => pg.query(SELECT, &[&tenant])
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
+                .collect(),
+        };
         rows.into_iter().map(|row| self.mcp_record(row)).collect()
     }
 
     /// Removes the owner's server `name`.
     pub async fn delete_mcp_server(&self, tenant: &str, name: &str) -> Result<(), StoreError> {
+        const DELETE: &str = "DELETE FROM mcp_servers WHERE tenant_id = $1 AND name = $2";
         let (tenant, name) = (tenant.to_string(), name.to_string());
-        self.write(move |c| {
-            let n = c.execute("DELETE FROM mcp_servers WHERE tenant_id = ?1 AND name = ?2", params![tenant, name])?;
-            if n == 0 {
-                return Err(StoreError::NotFound { kind: "MCP server", id: name });
+        let deleted = match &self.db {
+            Db::Sqlite(db) => {
+                let name = name.clone();
+                db.write(move |c| Ok(c.execute(&pg::sqlite(DELETE), params![tenant, name])?)).await?
             }
-            Ok(())
-        })
-        .await
+            Db::Postgres(pg) => pg.execute(DELETE, &[&tenant, &name]).await?,
+        };
+        if deleted == 0 {
+            return Err(StoreError::NotFound { kind: "MCP server", id: name });
+        }
+        Ok(())
     }
 }

@@ -1,9 +1,14 @@
-//! Persistence on SQLite (rusqlite): WAL mode, versioned migrations
-//! (rusqlite_migration). Reads run on a pool of read-only connections on
-//! blocking threads; writes go to one writer thread that commits every
-//! write waiting at the time in one transaction (group commit), each in
-//! a savepoint of its own so a failing write rolls back alone. The async
-//! server never waits on disk I/O.
+//! Persistence: one interface ([`Store`]) over two backends.
+//!
+//! - SQLite (rusqlite), the default: WAL mode, versioned migrations
+//!   (rusqlite_migration). Reads run on a pool of read-only connections on
+//!   blocking threads; writes go to one writer thread that commits every
+//!   write waiting at the time in one transaction (group commit), each in
+//!   a savepoint of its own so a failing write rolls back alone. The async
+//!   server never waits on disk I/O.
+//! - PostgreSQL (`pg`): a connection pool, a transaction per write.
+//!
+//! Each method holds both implementations side by side, so they read alike.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,8 +22,10 @@ mod audit;
 mod context;
 mod mcp;
 mod permissions;
+mod pg;
 mod records;
 mod runs;
+pub mod scratch;
 pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
@@ -55,10 +62,88 @@ pub enum StoreError {
     Task(String),
     #[error("database commit failed: {0}")]
     Commit(String),
+    #[error("database: {}", pg::reason(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No connection could be had from the PostgreSQL pool.
+    #[error("database connection: {0}")]
+    PgPool(String),
+    /// The start could not connect to (or migrate) the database named.
+    #[error("cannot open the PostgreSQL database {at}: {reason}")]
+    PgOpen { at: String, reason: String },
+    /// The database was migrated by a newer Hangar.
+    #[error("the PostgreSQL schema is at version {found}, newer than this build knows ({known}); upgrade Hangar")]
+    PgSchema { found: i64, known: usize },
+    #[error("stored time `{0}` is not RFC 3339")]
+    Time(String),
 }
 
-fn migrations() -> Migrations<'static> {
-    Migrations::new(vec![M::up(
+impl StoreError {
+    /// The database could not be reached, rather than refusing this
+    /// request: no connection from the pool, a connection that broke, or
+    /// PostgreSQL's connection-exception and shutdown classes (SQLSTATE
+    /// 08xxx, 57P0x, 53300 too many connections).
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::PgPool(_) | StoreError::PgOpen { .. } => true,
+            StoreError::Postgres(err) => {
+                err.is_closed()
+                    || err.code().is_some_and(|code| {
+                        let code = code.code();
+                        code.starts_with("08") || code.starts_with("57P0") || code == "53300"
+                    })
+            }
+            _ => false,
+        }
+    }
+}
+
+/// Where the data lives: `--db` (or `HANGAR_DATABASE_URL`) is a SQLite
+/// file's path or a `postgres://` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Location {
+    pub fn parse(text: &str) -> Location {
+        if text.starts_with("postgres://") || text.starts_with("postgresql://") {
+            Location::Postgres(text.to_string())
+        } else {
+            Location::Sqlite(PathBuf::from(text))
+        }
+    }
+
+    /// The SQLite file, if that is the backend.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            Location::Sqlite(path) => Some(path),
+            Location::Postgres(_) => None,
+        }
+    }
+}
+
+/// Shown in logs: a URL's password is left out.
+impl std::fmt::Display for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Location::Sqlite(path) => write!(f, "{}", path.display()),
+            Location::Postgres(url) => match url::Url::parse(url) {
+                Ok(mut url) => {
+                    if url.password().is_some() {
+                        let _ = url.set_password(Some("***"));
+                    }
+                    write!(f, "{url}")
+                }
+                Err(_) => write!(f, "postgres://(unparsable URL)"),
+            },
+        }
+    }
+}
+
+/// The SQLite schema's steps; `pg::migrations` gives the same steps in
+/// PostgreSQL's dialect.
+const MIGRATIONS: [&str; 9] = [
         "CREATE TABLE agents (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -82,25 +167,28 @@ fn migrations() -> Migrations<'static> {
             base_url TEXT,
             updated_at TEXT NOT NULL
         );",
-    ),
     // When credentials last changed, deletions included (a deleted record
     // can no longer carry the time itself).
-    M::up("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);"),
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);",
     // Runs and the events of each session (issue: durable runs).
-    M::up(runs::MIGRATION),
+    runs::MIGRATION,
     // Permission rules of agents, requests and grants (issue: permissions).
-    M::up(permissions::MIGRATION),
+    permissions::MIGRATION,
     // One run per idempotency key (concurrent submits with one key).
-    M::up(runs::KEY_MIGRATION),
+    runs::KEY_MIGRATION,
     // Tenants, their keys and usage; every agent, session and provider key
     // owned by one (issue: multi-tenant hosting).
-    M::up(tenants::MIGRATION),
+    tenants::MIGRATION,
     // Compaction settings of agents, compacted views of sessions (issue: context compaction).
-    M::up(context::MIGRATION),
+    context::MIGRATION,
     // Who changed what, when and from where (issue: hosting security).
-    M::up(audit::MIGRATION),
+    audit::MIGRATION,
     // MCP servers used as tools (issue: MCP both ways).
-    M::up(mcp::MIGRATION)])
+    mcp::MIGRATION,
+];
+
+fn migrations() -> Migrations<'static> {
+    Migrations::new(MIGRATIONS.iter().map(|step| M::up(step)).collect())
 }
 
 /// The `meta` key of when `tenant`'s credentials last changed (the
@@ -110,6 +198,15 @@ fn auth_changed_key(tenant: &str) -> String {
         DEFAULT_TENANT => "auth_updated_at".into(),
         other => format!("auth_updated_at:{other}"),
     }
+}
+
+async fn pg_touch_auth(tx: &deadpool_postgres::Transaction<'_>, tenant: &str, at: &DateTime<Utc>) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT(key) DO UPDATE SET value = $2",
+        &[&auth_changed_key(tenant), &ts(at)],
+    )
+    .await?;
+    Ok(())
 }
 
 fn touch_auth(tx: &Connection, tenant: &str, at: &DateTime<Utc>) -> rusqlite::Result<()> {
@@ -129,6 +226,15 @@ fn delete_session_rows(c: &Connection, id: &str) -> rusqlite::Result<usize> {
     c.execute("DELETE FROM sessions WHERE id = ?1", [id])
 }
 
+/// [`delete_session_rows`] on PostgreSQL (`session_contexts` goes by its
+/// foreign key's cascade, as in SQLite).
+async fn pg_delete_session_rows(tx: &deadpool_postgres::Transaction<'_>, id: &str) -> Result<usize, StoreError> {
+    tx.execute("DELETE FROM events WHERE session_id = $1", &[&id]).await?;
+    tx.execute("DELETE FROM runs WHERE session_id = $1", &[&id]).await?;
+    permissions::pg_delete_for_session(tx, id).await?;
+    Ok(tx.execute("DELETE FROM sessions WHERE id = $1", &[&id]).await? as usize)
+}
+
 /// Timestamps as RFC 3339 UTC with millisecond precision.
 pub fn now() -> DateTime<Utc> {
     let now = Utc::now();
@@ -139,6 +245,10 @@ fn ts(t: &DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
 
+fn parse_time(text: &str) -> Result<DateTime<Utc>, StoreError> {
+    DateTime::parse_from_rfc3339(text).map(|t| t.with_timezone(&Utc)).map_err(|_| StoreError::Time(text.to_string()))
+}
+
 fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(&text)
         .map(|t| t.with_timezone(&Utc))
@@ -147,9 +257,7 @@ fn parse_ts(text: String) -> rusqlite::Result<DateTime<Utc>> {
 
 /// Read connections, and reads running at once: a burst of reads queues
 /// for one of these instead of opening a connection (and taking a blocking
-/// thread) per read. A thousand runs starting together used to open
-/// hundreds, each with its own page cache and thread stack, and the peak
-/// memory of the 1,000-stream benchmark held them all.
+/// thread) per read, each with its own page cache.
 const READERS: usize = 8;
 
 /// Writes committed together at most.
@@ -163,6 +271,22 @@ type Finish = Box<dyn FnOnce(Option<&str>) + Send>;
 
 #[derive(Clone)]
 pub struct Store {
+    db: Db,
+    agents: Arc<AgentCache>,
+    /// Seals provider keys before they are written, opens them when read.
+    secrets: Arc<secrets::SecretBox>,
+}
+
+/// The backend behind a [`Store`].
+#[derive(Clone)]
+enum Db {
+    Sqlite(Sqlite),
+    Postgres(pg::Pg),
+}
+
+/// A SQLite database: its writer thread and its readers.
+#[derive(Clone)]
+struct Sqlite {
     /// The queue of the one writer thread (SQLite takes one writer at a
     /// time; queuing there beats threads contending for a lock).
     writer: std::sync::mpsc::Sender<Job>,
@@ -173,9 +297,6 @@ pub struct Store {
     /// One permit per read running (at most [`READERS`]).
     reading: Arc<tokio::sync::Semaphore>,
     path: Arc<Path>,
-    agents: Arc<AgentCache>,
-    /// Seals provider keys before they are written, opens them when read.
-    secrets: Arc<secrets::SecretBox>,
 }
 
 /// Every agent, in memory: a small table read by every `GET /agents` and
@@ -209,6 +330,21 @@ impl AgentCache {
         self.generation.fetch_add(1, Ordering::SeqCst);
         *slot = None;
     }
+
+    /// Held across a write to the agents table: the list is emptied when
+    /// the write has committed or failed (or its caller gave up on it), so
+    /// the next read sees the table.
+    fn changing(&self) -> AgentsChanging<'_> {
+        AgentsChanging(self)
+    }
+}
+
+struct AgentsChanging<'a>(&'a AgentCache);
+
+impl Drop for AgentsChanging<'_> {
+    fn drop(&mut self) {
+        self.0.invalidate();
+    }
 }
 
 impl Store {
@@ -221,6 +357,585 @@ impl Store {
     /// Opens the database; its write-ahead log is checkpointed and cut back
     /// whenever it passes `wal_limit` bytes (see [`checkpoint_loop`]).
     pub fn open_with(path: &Path, wal_limit: u64) -> Result<Store, StoreError> {
+        Ok(Self::with_db(Db::Sqlite(Sqlite::open(path, wal_limit)?)))
+    }
+
+    /// Connects to a PostgreSQL database (`postgres://USER@HOST:PORT/DB`)
+    /// and migrates it.
+    pub async fn open_postgres(url: &str) -> Result<Store, StoreError> {
+        match pg::Pg::open(url).await {
+            Ok(pg) => Ok(Self::with_db(Db::Postgres(pg))),
+            Err(err @ StoreError::PgSchema { .. }) => Err(err),
+            // Which database (its URL without a password), and why.
+            Err(err) => Err(StoreError::PgOpen { at: Location::Postgres(url.into()).to_string(), reason: err.to_string() }),
+        }
+    }
+
+    /// Opens whichever backend `location` names (`wal_limit`: SQLite's).
+    pub async fn open_location(location: &Location, wal_limit: u64) -> Result<Store, StoreError> {
+        match location {
+            Location::Sqlite(path) => Self::open_with(path, wal_limit),
+            Location::Postgres(url) => Self::open_postgres(url).await,
+        }
+    }
+
+    fn with_db(db: Db) -> Store {
+        Store { db, agents: Default::default(), secrets: Arc::new(secrets::SecretBox::ephemeral()) }
+    }
+
+    /// Seals provider keys with `secrets` (the server key) from now on, and
+    /// seals any key still stored in plain text (from before keys were
+    /// sealed). Returns how many were sealed now.
+    pub async fn with_secrets(mut self, secrets: secrets::SecretBox) -> Result<(Store, usize), StoreError> {
+        self.secrets = Arc::new(secrets);
+        let sealer = self.secrets.clone();
+        let is_plain = |s: &String| !secrets::SecretBox::is_sealed(s);
+        let sealed = match &self.db {
+            Db::Sqlite(db) => {
+                let sealed = db
+                    .write(move |c| {
+                        let plain: Vec<(String, String, String)> = c
+                            .prepare("SELECT tenant_id, provider, secret FROM provider_auth WHERE secret IS NOT NULL")?
+                            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
+                            .filter(|row| row.as_ref().map_or(true, |(_, _, s)| is_plain(s)))
+                            .collect::<Result<_, _>>()?;
+                        for (tenant, provider, secret) in &plain {
+                            c.execute(
+                                "UPDATE provider_auth SET secret = ?3 WHERE tenant_id = ?1 AND provider = ?2",
+                                params![tenant, provider, sealer.seal(secret)],
+                            )?;
+                        }
+                        Ok(plain.len())
+                    })
+                    .await?;
+                if sealed > 0 {
+                    // Copy the sealed pages over the plain ones in the database file
+                    // now, and empty the WAL that held the plain text.
+                    let path = db.path.clone();
+                    tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
+                        let conn = Sqlite::open_connection(&path)?;
+                        conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
+                        Ok(())
+                    })
+                    .await
+                    .map_err(|e| StoreError::Task(e.to_string()))??;
+                }
+                sealed
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                let rows = tx
+                    .query("SELECT tenant_id, provider, secret FROM provider_auth WHERE secret IS NOT NULL FOR UPDATE", &[])
+                    .await?;
+                let mut sealed = 0;
+                for row in rows {
+                    let (tenant, provider, secret): (String, String, String) = (row.get(0), row.get(1), row.get(2));
+                    if is_plain(&secret) {
+                        tx.execute(
+                            "UPDATE provider_auth SET secret = $3 WHERE tenant_id = $1 AND provider = $2",
+                            &[&tenant, &provider, &sealer.seal(&secret)],
+                        )
+                        .await?;
+                        sealed += 1;
+                    }
+                }
+                tx.commit().await?;
+                sealed
+            }
+        };
+        Ok((self, sealed))
+    }
+
+    // ----- agents -----
+
+    pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        let _changed = self.agents.changing();
+        let json = AgentJson::of(&agent)?;
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    c.execute(
+                        "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
+                        params![
+                            agent.id,
+                            agent.name,
+                            agent.instructions,
+                            json.tools,
+                            json.provider,
+                            ts(&agent.created_at),
+                            ts(&agent.updated_at),
+                            json.permissions,
+                            json.compaction,
+                            agent.tenant_id
+                        ],
+                    )?;
+                    Ok(agent)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                pg.execute(
+                    "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
+                    &[
+                        &agent.id,
+                        &agent.name,
+                        &agent.instructions,
+                        &json.tools,
+                        &json.provider,
+                        &ts(&agent.created_at),
+                        &ts(&agent.updated_at),
+                        &json.permissions,
+                        &json.compaction,
+                        &agent.tenant_id,
+                    ],
+                )
+                .await?;
+                Ok(agent)
+            }
+        }
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        let _changed = self.agents.changing();
+        let json = AgentJson::of(&agent)?;
+        let updated = match &self.db {
+            Db::Sqlite(db) => {
+                let (id, name, instructions, at) = (agent.id.clone(), agent.name.clone(), agent.instructions.clone(), ts(&agent.updated_at));
+                db.write(move |c| {
+                    Ok(c.execute(
+                        "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7, compaction = ?8
+                         WHERE id = ?1",
+                        params![id, name, instructions, json.tools, json.provider, at, json.permissions, json.compaction],
+                    )?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                pg.execute(
+                    "UPDATE agents SET name = $2, instructions = $3, tools = $4, provider = $5, updated_at = $6, permissions = $7, compaction = $8
+                     WHERE id = $1",
+                    &[
+                        &agent.id,
+                        &agent.name,
+                        &agent.instructions,
+                        &json.tools,
+                        &json.provider,
+                        &ts(&agent.updated_at),
+                        &json.permissions,
+                        &json.compaction,
+                    ],
+                )
+                .await?
+            }
+        };
+        if updated == 0 {
+            return Err(StoreError::NotFound { kind: "agent", id: agent.id });
+        }
+        Ok(agent)
+    }
+
+    pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
+        self.agents()
+            .await?
+            .iter()
+            .find(|a| a.id == id)
+            .cloned()
+            .ok_or_else(|| StoreError::NotFound { kind: "agent", id: id.to_string() })
+    }
+
+    /// Every agent, by id.
+    pub async fn agents(&self) -> Result<Arc<Vec<Agent>>, StoreError> {
+        if let Some(list) = self.agents.get() {
+            return Ok(list);
+        }
+        let generation = self.agents.generation();
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(|c| {
+                    let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
+                    Ok(stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let rows = pg.query(&format!("{AGENT_SELECT} ORDER BY id"), &[]).await?;
+                rows.iter().map(agent_pg_row).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        let list = Arc::new(rows.into_iter().map(RawAgent::finish).collect::<Result<Vec<_>, _>>()?);
+        self.agents.fill(generation, list.clone());
+        Ok(list)
+    }
+
+    pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
+        let _changed = self.agents.changing();
+        self.delete_row("agents", "agent", id).await
+    }
+
+    /// Deletes row `id` of `table`, or says it does not exist.
+    async fn delete_row(&self, table: &'static str, kind: &'static str, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let deleted = match &self.db {
+            Db::Sqlite(db) => {
+                let id = id.clone();
+                db.write(move |c| Ok(c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?)).await?
+            }
+            Db::Postgres(pg) => pg.execute(&format!("DELETE FROM {table} WHERE id = $1"), &[&id]).await?,
+        };
+        if deleted == 0 {
+            return Err(StoreError::NotFound { kind, id });
+        }
+        Ok(())
+    }
+
+    // ----- sessions -----
+
+    pub async fn insert_session(&self, session: Session) -> Result<Session, StoreError> {
+        self.insert_session_within(session, None).await
+    }
+
+    /// Stores a session unless its tenant already has `max_sessions`: the
+    /// count and the insert are one write, so concurrent creates cannot
+    /// both slip under the limit.
+    pub async fn insert_session_within(&self, session: Session, max_sessions: Option<u64>) -> Result<Session, StoreError> {
+        let history = serde_json::to_string(&session.history)?;
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    if let Some(limit) = max_sessions {
+                        let used = tenants::session_count(c, &session.tenant_id)?;
+                        if used >= limit {
+                            return Err(StoreError::Quota { quota: "max_sessions", limit, used });
+                        }
+                    }
+                    c.prepare_cached(
+                        "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    )?
+                    .execute(params![
+                        session.id,
+                        session.work_dir,
+                        history,
+                        ts(&session.created_at),
+                        ts(&session.updated_at),
+                        session.tenant_id
+                    ])?;
+                    Ok(session)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                if let Some(limit) = max_sessions {
+                    // Concurrent creates of one tenant (on any host) count one after another.
+                    pg::lock(&tx, &format!("sessions:{}", session.tenant_id)).await?;
+                    let used = tenants::pg_session_count(&tx, &session.tenant_id).await?;
+                    if used >= limit {
+                        return Err(StoreError::Quota { quota: "max_sessions", limit, used });
+                    }
+                }
+                tx.execute(
+                    "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES ($1, $2, $3, $4, $5, $6)",
+                    &[&session.id, &session.work_dir, &history, &ts(&session.created_at), &ts(&session.updated_at), &session.tenant_id],
+                )
+                .await?;
+                tx.commit().await?;
+                Ok(session)
+            }
+        }
+    }
+
+    /// Writes a session's fields (and its whole history) in one transaction.
+    pub async fn update_session(&self, session: Session) -> Result<Session, StoreError> {
+        let (id, work_dir, history, at) =
+            (session.id.clone(), session.work_dir.clone(), serde_json::to_string(&session.history)?, ts(&session.updated_at));
+        let updated = match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    Ok(c.prepare_cached("UPDATE sessions SET work_dir = ?2, history = ?3, updated_at = ?4 WHERE id = ?1")?
+                        .execute(params![id, work_dir, history, at])?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                pg.execute("UPDATE sessions SET work_dir = $2, history = $3, updated_at = $4 WHERE id = $1", &[&id, &work_dir, &history, &at])
+                    .await?
+            }
+        };
+        if updated == 0 {
+            return Err(StoreError::NotFound { kind: "session", id: session.id });
+        }
+        Ok(session)
+    }
+
+    pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
+        let id = id.to_string();
+        let found = match &self.db {
+            Db::Sqlite(db) => {
+                let id = id.clone();
+                db.read(move |c| Ok(c.prepare_cached(&format!("{SESSION_SELECT} WHERE id = ?1"))?.query_row([&id], session_row).optional()?))
+                    .await?
+            }
+            Db::Postgres(pg) => {
+                let row = pg.query_opt(&format!("{SESSION_SELECT} WHERE id = $1"), &[&id]).await?;
+                row.as_ref().map(session_pg_row).transpose()?
+            }
+        };
+        found.ok_or(StoreError::NotFound { kind: "session", id })?.finish()
+    }
+
+    /// A session's `work_dir` and owner (`None` if there is no such
+    /// session), without reading its history.
+    pub async fn session_work_dir(&self, id: &str) -> Result<Option<(Option<String>, String)>, StoreError> {
+        let id = id.to_string();
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    Ok(c.prepare_cached("SELECT work_dir, tenant_id FROM sessions WHERE id = ?1")?
+                        .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
+                        .optional()?)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let row = pg.query_opt("SELECT work_dir, tenant_id FROM sessions WHERE id = $1", &[&id]).await?;
+                Ok(row.map(|r| (r.get(0), r.get(1))))
+            }
+        }
+    }
+
+    /// Whether a session exists, without reading (and decoding) its history.
+    pub async fn session_exists(&self, id: &str) -> Result<bool, StoreError> {
+        Ok(self.session_owner(id).await?.is_some())
+    }
+
+    /// At most `limit` sessions with ids above `after`, by id, of `tenant`
+    /// (`None`: of every tenant); with `history` false their histories are
+    /// not read (and left empty).
+    pub async fn sessions_page(
+        &self,
+        tenant: Option<String>,
+        after: Option<String>,
+        limit: usize,
+        history: bool,
+    ) -> Result<Vec<Session>, StoreError> {
+        let columns = if history { "history" } else { "'[]'" };
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let mut stmt = c.prepare_cached(&format!(
+                        "SELECT id, work_dir, {columns}, created_at, updated_at, tenant_id FROM sessions
+                         WHERE (?1 IS NULL OR id > ?1) AND (?3 IS NULL OR tenant_id = ?3) ORDER BY id LIMIT ?2"
+                    ))?;
+                    Ok(stmt.query_map(params![after, limit as i64, tenant], session_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let rows = pg
+                    .query(
+                        &format!(
+                            "SELECT id, work_dir, {columns}::TEXT, created_at, updated_at, tenant_id FROM sessions
+                             WHERE ($1::TEXT IS NULL OR id > $1) AND ($3::TEXT IS NULL OR tenant_id = $3) ORDER BY id LIMIT $2"
+                        ),
+                        &[&after, &(limit as i64), &tenant],
+                    )
+                    .await?;
+                rows.iter().map(session_pg_row).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        rows.into_iter().map(RawSession::finish).collect()
+    }
+
+    pub async fn sessions(&self) -> Result<Vec<Session>, StoreError> {
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(|c| {
+                    let mut stmt = c.prepare_cached(&format!("{SESSION_SELECT} ORDER BY id"))?;
+                    Ok(stmt.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let rows = pg.query(&format!("{SESSION_SELECT} ORDER BY id"), &[]).await?;
+                rows.iter().map(session_pg_row).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        rows.into_iter().map(RawSession::finish).collect()
+    }
+
+    /// Deletes a session with its runs and events.
+    pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
+        let id = id.to_string();
+        let deleted = match &self.db {
+            Db::Sqlite(db) => {
+                let id = id.clone();
+                db.write(move |c| Ok(delete_session_rows(c, &id)?)).await?
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                let deleted = pg_delete_session_rows(&tx, &id).await?;
+                tx.commit().await?;
+                deleted
+            }
+        };
+        if deleted == 0 {
+            return Err(StoreError::NotFound { kind: "session", id });
+        }
+        Ok(())
+    }
+
+    // ----- provider credentials -----
+
+    /// The provider keys of `tenant` ([`SERVER_KEYS`]: the server's own).
+    pub async fn auth_records(&self, tenant: &str) -> Result<Vec<AuthRecord>, StoreError> {
+        let tenant = tenant.to_string();
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let mut stmt = c.prepare_cached(&format!("{AUTH_SELECT} WHERE tenant_id = ?1 ORDER BY provider"))?;
+                    Ok(stmt.query_map([&tenant], auth_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let rows = pg.query(&format!("{AUTH_SELECT} WHERE tenant_id = $1 ORDER BY provider"), &[&tenant]).await?;
+                rows.iter().map(auth_pg_row).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        Ok(rows.into_iter().map(|r| self.unseal(r)).collect())
+    }
+
+    /// Opens a record's sealed key; one sealed under another server key
+    /// is kept out, with the reason.
+    fn unseal(&self, mut record: AuthRecord) -> AuthRecord {
+        if let Some(stored) = record.secret.take() {
+            if !secrets::SecretBox::is_sealed(&stored) {
+                record.secret = Some(stored);
+            } else if let Some(plain) = self.secrets.open(&stored) {
+                record.secret = Some(plain);
+            } else {
+                record.unreadable = Some(format!(
+                    "the stored key of provider `{}` cannot be opened with the server key from {}: it was sealed under another key (was the key file replaced or lost?); store the key again with PUT /provider/auth",
+                    record.provider, self.secrets.source
+                ));
+            }
+        }
+        record
+    }
+
+    pub async fn auth_record(&self, tenant: &str, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
+        let (tenant, provider) = (tenant.to_string(), provider.to_string());
+        let found = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    Ok(c.query_row(&format!("{AUTH_SELECT} WHERE tenant_id = ?1 AND provider = ?2"), [&tenant, &provider], auth_row)
+                        .optional()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let row = pg.query_opt(&format!("{AUTH_SELECT} WHERE tenant_id = $1 AND provider = $2"), &[&tenant, &provider])
+                    .await?;
+                row.as_ref().map(auth_pg_row).transpose()?
+            }
+        };
+        Ok(found.map(|r| self.unseal(r)))
+    }
+
+    /// Writes several records at once: a PUT either applies whole or not at all.
+    pub async fn put_auth_records(&self, tenant: &str, records: Vec<AuthRecord>) -> Result<(), StoreError> {
+        let tenant = tenant.to_string();
+        // Sealed here, before either backend sees them.
+        let rows: Vec<(AuthRecord, Option<String>)> = records
+            .into_iter()
+            .map(|r| {
+                let sealed = r.secret.as_deref().map(|s| self.secrets.seal(s));
+                (r, sealed)
+            })
+            .collect();
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    for (r, secret) in &rows {
+                        c.execute(
+                            "INSERT INTO provider_auth (tenant_id, provider, auth_type, secret, base_url, updated_at) VALUES (?6, ?1, ?2, ?3, ?4, ?5)
+                             ON CONFLICT(tenant_id, provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
+                            params![r.provider, r.auth_type, secret, r.base_url, ts(&r.updated_at), tenant],
+                        )?;
+                        touch_auth(c, &tenant, &r.updated_at)?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                for (r, secret) in &rows {
+                    tx.execute(
+                        "INSERT INTO provider_auth (tenant_id, provider, auth_type, secret, base_url, updated_at) VALUES ($6, $1, $2, $3, $4, $5)
+                         ON CONFLICT(tenant_id, provider) DO UPDATE SET auth_type = $2, secret = $3, base_url = $4, updated_at = $5",
+                        &[&r.provider, &r.auth_type, secret, &r.base_url, &ts(&r.updated_at), &tenant],
+                    )
+                    .await?;
+                    pg_touch_auth(&tx, &tenant, &r.updated_at).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Removes a provider's record; false when there was none.
+    pub async fn delete_auth_record(&self, tenant: &str, provider: &str) -> Result<bool, StoreError> {
+        let (tenant, provider) = (tenant.to_string(), provider.to_string());
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    let removed = c.execute("DELETE FROM provider_auth WHERE tenant_id = ?1 AND provider = ?2", [&tenant, &provider])? > 0;
+                    if removed {
+                        touch_auth(c, &tenant, &now())?;
+                    }
+                    Ok(removed)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                let removed =
+                    tx.execute("DELETE FROM provider_auth WHERE tenant_id = $1 AND provider = $2", &[&tenant, &provider]).await? > 0;
+                if removed {
+                    pg_touch_auth(&tx, &tenant, &now()).await?;
+                }
+                tx.commit().await?;
+                Ok(removed)
+            }
+        }
+    }
+
+    /// When stored credentials last changed, if ever.
+    pub async fn auth_updated_at(&self, tenant: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
+        let key = auth_changed_key(tenant);
+        let text: Option<String> = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| Ok(c.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| r.get(0)).optional()?)).await?
+            }
+            Db::Postgres(pg) => {
+                pg.query_opt("SELECT value FROM meta WHERE key = $1", &[&key]).await?.map(|r| r.get(0))
+            }
+        };
+        text.as_deref().map(parse_time).transpose()
+    }
+}
+
+impl Sqlite {
+    fn open(path: &Path, wal_limit: u64) -> Result<Sqlite, StoreError> {
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| StoreError::Open { path: path.into(), source })?;
         }
@@ -265,51 +980,7 @@ impl Store {
         };
         spawn("hangar-db-writer", Box::new(move || write_loop(conn, jobs, wake, written)))?;
         spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wal, wakes, written_too)))?;
-        Ok(Store {
-            writer,
-            readers: Default::default(),
-            reading: Arc::new(tokio::sync::Semaphore::new(READERS)),
-            path: path.into(),
-            agents: Default::default(),
-            secrets: Arc::new(secrets::SecretBox::ephemeral()),
-        })
-    }
-
-    /// Seals provider keys with `secrets` (the server key) from now on, and
-    /// seals any key still stored in plain text (from before keys were
-    /// sealed). Returns how many were sealed now.
-    pub async fn with_secrets(mut self, secrets: secrets::SecretBox) -> Result<(Store, usize), StoreError> {
-        self.secrets = Arc::new(secrets);
-        let sealer = self.secrets.clone();
-        let sealed = self
-            .write(move |c| {
-                let plain: Vec<(String, String, String)> = c
-                    .prepare("SELECT tenant_id, provider, secret FROM provider_auth WHERE secret IS NOT NULL")?
-                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
-                    .filter(|row| row.as_ref().map_or(true, |(_, _, s): &(String, String, String)| !secrets::SecretBox::is_sealed(s)))
-                    .collect::<Result<_, _>>()?;
-                for (tenant, provider, secret) in &plain {
-                    c.execute(
-                        "UPDATE provider_auth SET secret = ?3 WHERE tenant_id = ?1 AND provider = ?2",
-                        params![tenant, provider, sealer.seal(secret)],
-                    )?;
-                }
-                Ok(plain.len())
-            })
-            .await?;
-        if sealed > 0 {
-            // Copy the sealed pages over the plain ones in the database file
-            // now, and empty the WAL that held the plain text.
-            let path = self.path.clone();
-            tokio::task::spawn_blocking(move || -> Result<(), StoreError> {
-                let conn = Self::open_connection(&path)?;
-                conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))?;
-                Ok(())
-            })
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
-        }
-        Ok((self, sealed))
+        Ok(Sqlite { writer, readers: Default::default(), reading: Arc::new(tokio::sync::Semaphore::new(READERS)), path: path.into() })
     }
 
     /// A further connection to the database `open` migrated.
@@ -379,328 +1050,31 @@ impl Store {
         self.writer.send(job).map_err(|_| StoreError::Task("the database writer has stopped".into()))?;
         result.await.map_err(|_| StoreError::Task("the write panicked in the database writer".into()))?
     }
-
-    /// A write to the agents table: the in-memory list is emptied once it
-    /// has committed (or failed), so the next read sees the table.
-    async fn write_agents<T: Send + 'static>(
-        &self,
-        f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
-    ) -> Result<T, StoreError> {
-        let result = self.write(f).await;
-        self.agents.invalidate();
-        result
-    }
-
-    // ----- agents -----
-
-    pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        self.write_agents(move |c| {
-            c.execute(
-                "INSERT INTO agents (id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-                params![
-                    agent.id,
-                    agent.name,
-                    agent.instructions,
-                    serde_json::to_string(&agent.tools)?,
-                    serde_json::to_string(&agent.provider)?,
-                    ts(&agent.created_at),
-                    ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?,
-                    serde_json::to_string(&agent.compaction)?,
-                    agent.tenant_id
-                ],
-            )?;
-            Ok(agent)
-        })
-        .await
-    }
-
-    pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
-        self.write_agents(move |c| {
-            let n = c.execute(
-                "UPDATE agents SET name = ?2, instructions = ?3, tools = ?4, provider = ?5, updated_at = ?6, permissions = ?7, compaction = ?8
-                 WHERE id = ?1",
-                params![
-                    agent.id,
-                    agent.name,
-                    agent.instructions,
-                    serde_json::to_string(&agent.tools)?,
-                    serde_json::to_string(&agent.provider)?,
-                    ts(&agent.updated_at),
-                    serde_json::to_string(&agent.permissions)?,
-                    serde_json::to_string(&agent.compaction)?
-                ],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound { kind: "agent", id: agent.id });
-            }
-            Ok(agent)
-        })
-        .await
-    }
-
-    pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
-        self.agents()
-            .await?
-            .iter()
-            .find(|a| a.id == id)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound { kind: "agent", id: id.to_string() })
-    }
-
-    /// Every agent, by id.
-    pub async fn agents(&self) -> Result<Arc<Vec<Agent>>, StoreError> {
-        if let Some(list) = self.agents.get() {
-            return Ok(list);
-        }
-        let generation = self.agents.generation();
-        let list = Arc::new(
-            self.read(|c| {
-                let mut stmt = c.prepare_cached(&format!("{AGENT_SELECT} ORDER BY id"))?;
-                let rows = stmt.query_map([], agent_row)?.collect::<Result<Vec<_>, _>>()?;
-                rows.into_iter().map(RawAgent::finish).collect::<Result<Vec<_>, _>>()
-            })
-            .await?,
-        );
-        self.agents.fill(generation, list.clone());
-        Ok(list)
-    }
-
-    pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
-        self.write_agents(delete_row("agents", "agent", id)).await
-    }
-
-    // ----- sessions -----
-
-    pub async fn insert_session(&self, session: Session) -> Result<Session, StoreError> {
-        self.insert_session_within(session, None).await
-    }
-
-    /// Stores a session unless its tenant already has `max_sessions`: the
-    /// count and the insert are one write, so concurrent creates cannot
-    /// both slip under the limit.
-    pub async fn insert_session_within(&self, session: Session, max_sessions: Option<u64>) -> Result<Session, StoreError> {
-        self.write(move |c| {
-            if let Some(limit) = max_sessions {
-                let used = tenants::session_count(c, &session.tenant_id)?;
-                if used >= limit {
-                    return Err(StoreError::Quota { quota: "max_sessions", limit, used });
-                }
-            }
-            c.prepare_cached(
-                "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            )?
-            .execute(params![
-                session.id,
-                session.work_dir,
-                serde_json::to_string(&session.history)?,
-                ts(&session.created_at),
-                ts(&session.updated_at),
-                session.tenant_id
-            ])?;
-            Ok(session)
-        })
-        .await
-    }
-
-    /// Writes a session's fields (and its whole history) in one transaction.
-    pub async fn update_session(&self, session: Session) -> Result<Session, StoreError> {
-        self.write(move |c| {
-            let n = c.prepare_cached("UPDATE sessions SET work_dir = ?2, history = ?3, updated_at = ?4 WHERE id = ?1")?.execute(
-                params![session.id, session.work_dir, serde_json::to_string(&session.history)?, ts(&session.updated_at)],
-            )?;
-            if n == 0 {
-                return Err(StoreError::NotFound { kind: "session", id: session.id });
-            }
-            Ok(session)
-        })
-        .await
-    }
-
-    pub async fn session(&self, id: &str) -> Result<Session, StoreError> {
-        let id = id.to_string();
-        self.read(move |c| {
-            c.prepare_cached(&format!("{SESSION_SELECT} WHERE id = ?1"))?
-                .query_row([&id], session_row)
-                .optional()?
-                .ok_or(StoreError::NotFound { kind: "session", id })?
-                .finish()
-        })
-        .await
-    }
-
-    /// A session's `work_dir` and owner (`None` if there is no such
-    /// session), without reading its history.
-    pub async fn session_work_dir(&self, id: &str) -> Result<Option<(Option<String>, String)>, StoreError> {
-        let id = id.to_string();
-        self.read(move |c| {
-            Ok(c.prepare_cached("SELECT work_dir, tenant_id FROM sessions WHERE id = ?1")?
-                .query_row([&id], |r| Ok((r.get(0)?, r.get(1)?)))
-                .optional()?)
-        })
-        .await
-    }
-
-    /// Whether a session exists, without reading (and decoding) its history.
-    pub async fn session_exists(&self, id: &str) -> Result<bool, StoreError> {
-        let id = id.to_string();
-        self.read(move |c| Ok(c.prepare_cached("SELECT 1 FROM sessions WHERE id = ?1")?.exists([&id])?)).await
-    }
-
-    /// At most `limit` sessions with ids above `after`, by id, of `tenant`
-    /// (`None`: of every tenant); with `history` false their histories are
-    /// not read (and left empty).
-    pub async fn sessions_page(
-        &self,
-        tenant: Option<String>,
-        after: Option<String>,
-        limit: usize,
-        history: bool,
-    ) -> Result<Vec<Session>, StoreError> {
-        self.read(move |c| {
-            let columns = if history { "history" } else { "'[]'" };
-            let mut stmt = c.prepare_cached(&format!(
-                "SELECT id, work_dir, {columns}, created_at, updated_at, tenant_id FROM sessions
-                 WHERE (?1 IS NULL OR id > ?1) AND (?3 IS NULL OR tenant_id = ?3) ORDER BY id LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![after, limit as i64, tenant], session_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(RawSession::finish).collect()
-        })
-        .await
-    }
-
-    pub async fn sessions(&self) -> Result<Vec<Session>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("{SESSION_SELECT} ORDER BY id"))?;
-            let rows = stmt.query_map([], session_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(RawSession::finish).collect()
-        })
-        .await
-    }
-
-    /// Deletes a session with its runs and events.
-    pub async fn delete_session(&self, id: &str) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.write(move |c| {
-            if delete_session_rows(c, &id)? == 0 {
-                return Err(StoreError::NotFound { kind: "session", id });
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    // ----- provider credentials -----
-
-    /// The provider keys of `tenant` ([`SERVER_KEYS`]: the server's own).
-    pub async fn auth_records(&self, tenant: &str) -> Result<Vec<AuthRecord>, StoreError> {
-        let tenant = tenant.to_string();
-        self.read(move |c| {
-            let mut stmt = c.prepare_cached(
-                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE tenant_id = ?1 ORDER BY provider",
-            )?;
-            let rows = stmt.query_map([&tenant], auth_row)?.collect::<Result<Vec<_>, _>>()?;
-            Ok(rows)
-        })
-        .await
-        .map(|rows| rows.into_iter().map(|r| self.unseal(r)).collect())
-    }
-
-    /// Opens a record's sealed key; one sealed under another server key
-    /// is kept out, with the reason.
-    fn unseal(&self, mut record: AuthRecord) -> AuthRecord {
-        if let Some(stored) = record.secret.take() {
-            if !secrets::SecretBox::is_sealed(&stored) {
-                record.secret = Some(stored);
-            } else if let Some(plain) = self.secrets.open(&stored) {
-                record.secret = Some(plain);
-            } else {
-                record.unreadable = Some(format!(
-                    "the stored key of provider `{}` cannot be opened with the server key from {}: it was sealed under another key (was the key file replaced or lost?); store the key again with PUT /provider/auth",
-                    record.provider, self.secrets.source
-                ));
-            }
-        }
-        record
-    }
-
-    pub async fn auth_record(&self, tenant: &str, provider: &str) -> Result<Option<AuthRecord>, StoreError> {
-        let (tenant, provider) = (tenant.to_string(), provider.to_string());
-        self.read(move |c| {
-            Ok(c.query_row(
-                "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth WHERE tenant_id = ?1 AND provider = ?2",
-                [&tenant, &provider],
-                auth_row,
-            )
-            .optional()?)
-        })
-        .await
-        .map(|r| r.map(|r| self.unseal(r)))
-    }
-
-    /// Writes several records at once: a PUT either applies whole or not at all.
-    pub async fn put_auth_records(&self, tenant: &str, records: Vec<AuthRecord>) -> Result<(), StoreError> {
-        let sealer = self.secrets.clone();
-        let tenant = tenant.to_string();
-        self.write(move |c| {
-            for r in &records {
-                let secret = r.secret.as_deref().map(|s| sealer.seal(s));
-                c.execute(
-                    "INSERT INTO provider_auth (tenant_id, provider, auth_type, secret, base_url, updated_at) VALUES (?6, ?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT(tenant_id, provider) DO UPDATE SET auth_type = ?2, secret = ?3, base_url = ?4, updated_at = ?5",
-                    params![r.provider, r.auth_type, secret, r.base_url, ts(&r.updated_at), tenant],
-                )?;
-                touch_auth(c, &tenant, &r.updated_at)?;
-            }
-            Ok(())
-        })
-        .await
-    }
-
-    /// Removes a provider's record; false when there was none.
-    pub async fn delete_auth_record(&self, tenant: &str, provider: &str) -> Result<bool, StoreError> {
-        let (tenant, provider) = (tenant.to_string(), provider.to_string());
-        self.write(move |c| {
-            let removed = c.execute("DELETE FROM provider_auth WHERE tenant_id = ?1 AND provider = ?2", [&tenant, &provider])? > 0;
-            if removed {
-                touch_auth(c, &tenant, &now())?;
-            }
-            Ok(removed)
-        })
-        .await
-    }
-
-    /// When stored credentials last changed, if ever.
-    pub async fn auth_updated_at(&self, tenant: &str) -> Result<Option<DateTime<Utc>>, StoreError> {
-        let key = auth_changed_key(tenant);
-        self.read(move |c| {
-            let text: Option<String> = c.query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| r.get(0)).optional()?;
-            Ok(text.map(parse_ts).transpose()?)
-        })
-        .await
-    }
-}
-
-/// The write that deletes row `id` of `table`, or says it does not exist.
-fn delete_row(
-    table: &'static str,
-    kind: &'static str,
-    id: &str,
-) -> impl FnOnce(&Connection) -> Result<(), StoreError> + Send + 'static {
-    let id = id.to_string();
-    move |c| {
-        let n = c.execute(&format!("DELETE FROM {table} WHERE id = ?1"), [&id])?;
-        if n == 0 {
-            return Err(StoreError::NotFound { kind, id });
-        }
-        Ok(())
-    }
 }
 
 const AGENT_SELECT: &str =
     "SELECT id, name, instructions, tools, provider, created_at, updated_at, permissions, compaction, tenant_id FROM agents";
 const SESSION_SELECT: &str = "SELECT id, work_dir, history, created_at, updated_at, tenant_id FROM sessions";
+const AUTH_SELECT: &str = "SELECT provider, auth_type, secret, base_url, updated_at FROM provider_auth";
+
+/// An agent's JSON columns, encoded once for either backend.
+struct AgentJson {
+    tools: String,
+    provider: String,
+    permissions: String,
+    compaction: String,
+}
+
+impl AgentJson {
+    fn of(agent: &Agent) -> Result<AgentJson, StoreError> {
+        Ok(AgentJson {
+            tools: serde_json::to_string(&agent.tools)?,
+            provider: serde_json::to_string(&agent.provider)?,
+            permissions: serde_json::to_string(&agent.permissions)?,
+            compaction: serde_json::to_string(&agent.compaction)?,
+        })
+    }
+}
 
 /// A row before its JSON columns are decoded (rusqlite's row closure cannot
 /// return our error type).
@@ -738,6 +1112,27 @@ fn agent_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawAgent> {
     ))
 }
 
+fn agent_pg_row(row: &tokio_postgres::Row) -> Result<RawAgent, StoreError> {
+    Ok(RawAgent(
+        Agent {
+            id: row.get(0),
+            name: row.get(1),
+            instructions: row.get(2),
+            tools: Vec::new(),
+            provider: AgentProvider::default(),
+            permissions: Vec::new(),
+            compaction: Compaction::default(),
+            created_at: pg::ts_at(row, 5)?,
+            updated_at: pg::ts_at(row, 6)?,
+            tenant_id: row.get(9),
+        },
+        row.get(3),
+        row.get(4),
+        row.get(7),
+        row.get(8),
+    ))
+}
+
 struct RawSession(Session, String);
 
 impl RawSession {
@@ -760,6 +1155,31 @@ fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawSession> {
         },
         row.get(2)?,
     ))
+}
+
+fn session_pg_row(row: &tokio_postgres::Row) -> Result<RawSession, StoreError> {
+    Ok(RawSession(
+        Session {
+            id: row.get(0),
+            work_dir: row.get(1),
+            history: Vec::new(),
+            created_at: pg::ts_at(row, 3)?,
+            updated_at: pg::ts_at(row, 4)?,
+            tenant_id: row.get(5),
+        },
+        row.get(2),
+    ))
+}
+
+fn auth_pg_row(row: &tokio_postgres::Row) -> Result<AuthRecord, StoreError> {
+    Ok(AuthRecord {
+        provider: row.get(0),
+        auth_type: row.get(1),
+        secret: row.get(2),
+        base_url: row.get(3),
+        updated_at: pg::ts_at(row, 4)?,
+        unreadable: None,
+    })
 }
 
 fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
@@ -908,6 +1328,7 @@ fn write_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::HashSet;
 
     fn session(id: &str) -> Session {
         let t = now();
@@ -948,5 +1369,440 @@ mod tests {
         let ids: Vec<String> = reopened.sessions().await.unwrap().into_iter().map(|s| s.id).collect();
         assert_eq!(ids.len(), 150);
         assert!(ids.iter().all(|id| id.starts_with("s-")));
+    }
+
+    // ----- the same checks on both backends -----
+
+    /// Runs a check on a fresh SQLite store and on a fresh PostgreSQL
+    /// database (when the tests have a server: see [`scratch::ScratchDb`]).
+    macro_rules! on_both {
+        ($check:ident) => {
+            mod $check {
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn sqlite() {
+                    let dir = tempfile::tempdir().unwrap();
+                    super::$check(Store::open(&dir.path().join("hangar.db")).unwrap()).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn postgres() {
+                    let Some(db) = scratch::ScratchDb::create().await else { return };
+                    super::$check(Store::open_postgres(&db.url).await.unwrap()).await;
+                }
+            }
+        };
+    }
+
+    on_both!(agents_sessions_and_provider_keys);
+    on_both!(quotas_hold_under_concurrent_writes);
+    on_both!(an_idempotency_key_makes_one_run);
+    on_both!(runs_events_retention_and_restart);
+    on_both!(permission_requests_and_grants);
+    on_both!(tenants_and_their_keys);
+    on_both!(contexts_audit_and_mcp_servers);
+
+    /// Hosts starting together on one new database migrate it once; a
+    /// database a newer Hangar migrated is refused, not written to.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_migrations_apply_once_and_refuse_a_newer_schema() {
+        let Some(db) = scratch::ScratchDb::create().await else { return };
+        for opened in futures::future::join_all((0..3).map(|_| Store::open_postgres(&db.url))).await {
+            opened.unwrap();
+        }
+        let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        let versions: Vec<i64> =
+            client.query("SELECT version FROM schema_migrations ORDER BY version", &[]).await.unwrap().iter().map(|r| r.get(0)).collect();
+        assert_eq!(versions, (1..=MIGRATIONS.len() as i64).collect::<Vec<_>>());
+        client.execute("INSERT INTO schema_migrations (version, applied_at) VALUES (99, 'later')", &[]).await.unwrap();
+        assert!(matches!(Store::open_postgres(&db.url).await, Err(StoreError::PgSchema { found: 99, .. })));
+    }
+
+    #[test]
+    fn a_location_is_a_path_or_a_postgres_url_shown_without_its_password() {
+        assert_eq!(Location::parse("/var/lib/hangar.db"), Location::Sqlite("/var/lib/hangar.db".into()));
+        assert_eq!(Location::parse("postgres.db"), Location::Sqlite("postgres.db".into()), "a file named so");
+        let url = Location::parse("postgresql://hangar:s3cret@db.internal:5432/hangar");
+        assert!(matches!(&url, Location::Postgres(u) if u.ends_with("/hangar")));
+        assert_eq!(url.path(), None);
+        assert_eq!(url.to_string(), "postgresql://hangar:***@db.internal:5432/hangar");
+        assert_eq!(Location::parse("postgres://hangar@127.0.0.1:5432/h").to_string(), "postgres://hangar@127.0.0.1:5432/h");
+    }
+
+    fn agent(id: &str) -> Agent {
+        let t = now();
+        Agent {
+            id: id.into(),
+            name: format!("agent {id}"),
+            instructions: "be brief".into(),
+            tools: vec!["bash".into()],
+            provider: AgentProvider { id: "anthropic".into(), model: "m".into(), ..Default::default() },
+            permissions: Vec::new(),
+            compaction: Compaction::default(),
+            created_at: t,
+            updated_at: t,
+            tenant_id: DEFAULT_TENANT.into(),
+        }
+    }
+
+    fn request() -> RunRequest {
+        RunRequest { agent_id: "a".into(), message: "hi".into(), body: serde_json::json!({"message": "hi"}) }
+    }
+
+    fn no_limit() -> RunLimit {
+        RunLimit { tenant: DEFAULT_TENANT.into(), max_concurrent_runs: None }
+    }
+
+    async fn run_in(store: &Store, session: &str, id: &str) -> RunRecord {
+        let run = RunRecord::queued(id.into(), session.into(), "a".into(), now());
+        store.insert_run(run, request(), None, now(), no_limit()).await.unwrap()
+    }
+
+    async fn agents_sessions_and_provider_keys(store: Store) {
+        store.insert_agent(agent("a1")).await.unwrap();
+        store.insert_agent(agent("a2")).await.unwrap();
+        assert_eq!(store.agents().await.unwrap().len(), 2);
+        let mut renamed = agent("a1");
+        renamed.name = "renamed".into();
+        store.update_agent(renamed).await.unwrap();
+        assert_eq!(store.agent("a1").await.unwrap().name, "renamed", "the cache was emptied by the write");
+        assert_eq!(store.agent("a1").await.unwrap().provider.model, "m");
+        store.delete_agent("a2").await.unwrap();
+        assert!(matches!(store.agent("a2").await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.delete_agent("a2").await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.update_agent(agent("nope")).await, Err(StoreError::NotFound { .. })));
+
+        let mut s = session("s1");
+        s.work_dir = Some("/w".into());
+        s.history = vec![HistoryMessage { role: HistoryRole::User, content: vec![Block::Text { text: "hi".into() }] }];
+        store.insert_session(s.clone()).await.unwrap();
+        store.insert_session(session("s2")).await.unwrap();
+        assert_eq!(store.session("s1").await.unwrap().history, s.history);
+        assert_eq!(store.session_work_dir("s1").await.unwrap(), Some((Some("/w".into()), DEFAULT_TENANT.into())));
+        assert!(store.session_exists("s2").await.unwrap());
+        let page = store.sessions_page(Some(DEFAULT_TENANT.into()), Some("s1".into()), 10, false).await.unwrap();
+        assert_eq!(page.iter().map(|s| s.id.as_str()).collect::<Vec<_>>(), ["s2"]);
+        let page = store.sessions_page(None, None, 1, false).await.unwrap();
+        assert!(page.len() == 1 && page[0].history.is_empty(), "no history asked for");
+        s.history.clear();
+        store.update_session(s).await.unwrap();
+        assert!(store.session("s1").await.unwrap().history.is_empty());
+        store.delete_session("s1").await.unwrap();
+        assert!(matches!(store.session("s1").await, Err(StoreError::NotFound { .. })));
+        assert!(matches!(store.delete_session("s1").await, Err(StoreError::NotFound { .. })));
+        assert_eq!(store.sessions().await.unwrap().len(), 1);
+
+        assert_eq!(store.auth_updated_at(DEFAULT_TENANT).await.unwrap(), None);
+        let key = AuthRecord {
+            provider: "anthropic".into(),
+            auth_type: Some("api_key".into()),
+            secret: Some("sk-secret".into()),
+            base_url: None,
+            updated_at: now(),
+            unreadable: None,
+        };
+        store.put_auth_records(DEFAULT_TENANT, vec![key.clone()]).await.unwrap();
+        let read = store.auth_record(DEFAULT_TENANT, "anthropic").await.unwrap().unwrap();
+        assert_eq!(read.secret.as_deref(), Some("sk-secret"), "sealed when written, opened when read");
+        assert_eq!(store.auth_records(DEFAULT_TENANT).await.unwrap().len(), 1);
+        assert!(store.auth_records(SERVER_KEYS).await.unwrap().is_empty(), "another owner's keys");
+        assert_eq!(store.auth_updated_at(DEFAULT_TENANT).await.unwrap(), Some(key.updated_at));
+        assert!(store.delete_auth_record(DEFAULT_TENANT, "anthropic").await.unwrap());
+        assert!(!store.delete_auth_record(DEFAULT_TENANT, "anthropic").await.unwrap());
+    }
+
+    /// `max_sessions` and `max_concurrent_runs` are exact when many writes
+    /// race (on PostgreSQL each is its own transaction on its own connection).
+    async fn quotas_hold_under_concurrent_writes(store: Store) {
+        let creates = (0..20).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move { store.insert_session_within(session(&format!("s{i:02}")), Some(5)).await })
+        });
+        let results = futures::future::join_all(creates).await;
+        let made = results.iter().filter(|r| r.as_ref().unwrap().is_ok()).count();
+        assert_eq!(made, 5);
+        assert!(results.iter().all(|r| matches!(r.as_ref().unwrap(), Ok(_) | Err(StoreError::Quota { quota: "max_sessions", .. }))));
+
+        let sessions: Vec<String> = store.sessions().await.unwrap().into_iter().map(|s| s.id).collect();
+        let submits = (0..12).map(|i| {
+            let (store, session) = (store.clone(), sessions[i % sessions.len()].clone());
+            tokio::spawn(async move {
+                let run = RunRecord::queued(format!("r{i:02}"), session, "a".into(), now());
+                let limit = RunLimit { tenant: DEFAULT_TENANT.into(), max_concurrent_runs: Some(3) };
+                store.insert_run(run, request(), None, now(), limit).await
+            })
+        });
+        let results = futures::future::join_all(submits).await;
+        assert_eq!(results.iter().filter(|r| r.as_ref().unwrap().is_ok()).count(), 3);
+
+        let adds = (0..10).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move { store.add_tokens(DEFAULT_TENANT, 1, 2).await })
+        });
+        for added in futures::future::join_all(adds).await {
+            added.unwrap().unwrap();
+        }
+        assert_eq!(store.tokens_today(DEFAULT_TENANT).await.unwrap(), 30);
+        let usage = store.usage(DEFAULT_TENANT).await.unwrap();
+        assert_eq!((usage.sessions, usage.active_runs, usage.runs_today), (5, 3, 3));
+        assert_eq!((usage.today.input, usage.today.output, usage.month.input), (10, 20, 10));
+    }
+
+    async fn an_idempotency_key_makes_one_run(store: Store) {
+        store.insert_session(session("s")).await.unwrap();
+        let since = now() - chrono::Duration::hours(1);
+        let submits = (0..8).map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let run = RunRecord::queued(format!("r{i}"), "s".into(), "a".into(), now());
+                store.insert_run(run, request(), Some("key".into()), since, no_limit()).await
+            })
+        });
+        let results = futures::future::join_all(submits).await;
+        let made: Vec<String> = results.iter().filter_map(|r| r.as_ref().unwrap().as_ref().ok().map(|r| r.id.clone())).collect();
+        assert_eq!(made.len(), 1, "{results:?}");
+        assert!(results.iter().all(|r| matches!(r.as_ref().unwrap(), Ok(_) | Err(StoreError::KeyTaken { .. }))));
+        let (run, asked) = store.run_by_key("s", "key", since).await.unwrap().unwrap();
+        assert_eq!((run.id, asked), (made[0].clone(), request()));
+        assert!(store.run_by_key("s", "other", since).await.unwrap().is_none());
+        // Once the key's window has passed, the key is free for a new run.
+        let later = RunRecord::queued("r9".into(), "s".into(), "a".into(), now() + chrono::Duration::seconds(1));
+        store.insert_run(later, request(), Some("key".into()), now() + chrono::Duration::milliseconds(500), no_limit()).await.unwrap();
+        assert_eq!(store.run_by_key("s", "key", since).await.unwrap().unwrap().0.id, "r9");
+    }
+
+    async fn runs_events_retention_and_restart(store: Store) {
+        let use_ = Block::ToolUse { id: "t1".into(), name: "bash".into(), input: serde_json::json!({}) };
+        let mut s = session("s");
+        s.history = vec![HistoryMessage { role: HistoryRole::Assistant, content: vec![use_] }];
+        store.insert_session(s).await.unwrap();
+        for id in ["r1", "r2", "r3"] {
+            run_in(&store, "s", id).await;
+        }
+        let ids = |runs: Vec<RunRecord>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.runs("s", 2, None).await.unwrap()), ["r3", "r2"]);
+        assert_eq!(ids(store.runs("s", 10, Some("r3".into())).await.unwrap()), ["r2", "r1"]);
+        let after = RunsFrom::After { after: "r1".into(), before: None };
+        assert_eq!(ids(store.runs_page("s", 10, after).await.unwrap()), ["r2", "r3"]);
+        assert_eq!(store.run_request("r1").await.unwrap(), request());
+        store.start_run("r1", now()).await.unwrap();
+        let result = RunResult { response: Some("done".into()), ..Default::default() };
+        store.end_run("r1", RunStatus::Completed, now() - chrono::Duration::hours(2), result.clone()).await.unwrap();
+        let r1 = store.run("s", "r1").await.unwrap();
+        assert_eq!((r1.status, r1.result), (RunStatus::Completed, result));
+        assert!(matches!(store.run("other", "r1").await, Err(StoreError::NotFound { .. })), "another session's run");
+        store.start_run("r2", now()).await.unwrap();
+        assert_eq!(ids(store.queued_runs().await.unwrap()), ["r3"]);
+        store.delete_run("r3").await.unwrap();
+        assert!(matches!(store.delete_run("r3").await, Err(StoreError::NotFound { .. })));
+
+        let event = |seq: u64, run: &str| {
+            ("s".to_string(), StoredEvent { seq, run_id: run.into(), name: "text".into(), data: format!("{{\"n\":{seq}}}") })
+        };
+        store.insert_events(vec![event(1, "r1"), event(2, "r1"), event(3, "r2"), event(4, "r2")]).await.unwrap();
+        assert!(store.insert_events(vec![event(5, "r2"), event(4, "r2")]).await.is_err(), "a seq used twice");
+        assert_eq!(store.last_seq("s").await.unwrap(), 4, "the failed write left nothing");
+        let seqs = |events: Vec<StoredEvent>| events.into_iter().map(|e| e.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(store.events("s", 1, None, None).await.unwrap()), [2, 3, 4]);
+        assert_eq!(seqs(store.events("s", 0, Some(4), Some("r2".into())).await.unwrap()), [3]);
+        // r1 ended two hours ago: its events go, and the session remembers up to where.
+        assert_eq!(store.prune_events(now() - chrono::Duration::hours(1)).await.unwrap(), 2);
+        assert_eq!(store.events_pruned("s").await.unwrap(), 2);
+        assert_eq!(seqs(store.events("s", 0, None, None).await.unwrap()), [3, 4]);
+
+        // A restart: r2 was running with a tool call unanswered and a question open.
+        let question = PermissionRequest {
+            id: "p1".into(),
+            session_id: "s".into(),
+            run_id: "r2".into(),
+            tool_use_id: "t1".into(),
+            tool: "bash".into(),
+            input: serde_json::json!({"command": "ls"}),
+            patterns: vec!["ls *".into()],
+            status: PermissionStatus::Pending,
+            reply: None,
+            message: None,
+            created_at: now(),
+            answered_at: None,
+        };
+        store.insert_permission_requests(vec![question]).await.unwrap();
+        let interrupted =
+            store.interrupt_unfinished_runs("restarted", |run| ("error".into(), format!("{{\"run\":\"{run}\"}}"))).await.unwrap();
+        assert_eq!(interrupted, ["r2"]);
+        assert_eq!(store.run("s", "r2").await.unwrap().status, RunStatus::Interrupted);
+        assert_eq!(store.permission_request("s", "p1").await.unwrap().status, PermissionStatus::Interrupted);
+        let history = store.session("s").await.unwrap().history;
+        assert!(matches!(&history[1].content[0], Block::ToolResult { tool_use_id, is_error: true, .. } if tool_use_id == "t1"));
+        let last = store.events("s", 4, None, None).await.unwrap();
+        assert_eq!((last.len(), last[0].seq, last[0].name.as_str()), (1, 5, "error"));
+        assert_eq!(store.last_seq("s").await.unwrap(), 5);
+        assert!(store.interrupt_unfinished_runs("again", |_| (String::new(), String::new())).await.unwrap().is_empty());
+    }
+
+    async fn permission_requests_and_grants(store: Store) {
+        store.insert_session(session("s")).await.unwrap();
+        run_in(&store, "s", "r").await;
+        store.start_run("r", now()).await.unwrap();
+        let ask = |id: &str, pattern: &str| PermissionRequest {
+            id: id.into(),
+            session_id: "s".into(),
+            run_id: "r".into(),
+            tool_use_id: format!("t-{id}"),
+            tool: "bash".into(),
+            input: serde_json::json!({"command": pattern}),
+            patterns: vec![pattern.into()],
+            status: PermissionStatus::Pending,
+            reply: None,
+            message: None,
+            created_at: now(),
+            answered_at: None,
+        };
+        store.insert_permission_requests(vec![ask("p1", "git *"), ask("p2", "ls *")]).await.unwrap();
+        assert_eq!(store.run("s", "r").await.unwrap().status, RunStatus::Waiting);
+        assert_eq!(store.permission_requests("s", Some(PermissionStatus::Pending)).await.unwrap().len(), 2);
+        let always = Answer { status: PermissionStatus::Approved, reply: Some(Reply::Always), message: None };
+        let answered = store.answer_permission("s", "p1", always.clone()).await.unwrap();
+        assert_eq!((answered.status, answered.reply), (PermissionStatus::Approved, Some(Reply::Always)));
+        assert!(answered.answered_at.is_some());
+        assert_eq!(store.run("s", "r").await.unwrap().status, RunStatus::Waiting, "p2 is still open");
+        assert!(matches!(store.answer_permission("s", "p1", always).await, Err(StoreError::Answered { .. })));
+        assert!(matches!(store.permission_request("other", "p2").await, Err(StoreError::NotFound { .. })));
+        // Two answers to the last question at once: one wins, the other is told.
+        let answers = (0..2).map(|_| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                let reject = Answer { status: PermissionStatus::Rejected, reply: Some(Reply::Reject), message: Some("no".into()) };
+                store.answer_permission("s", "p2", reject).await
+            })
+        });
+        let results = futures::future::join_all(answers).await;
+        assert_eq!(results.iter().filter(|r| r.as_ref().unwrap().is_ok()).count(), 1);
+        assert_eq!(store.run("s", "r").await.unwrap().status, RunStatus::Running);
+        assert!(store.permission_requests("s", Some(PermissionStatus::Pending)).await.unwrap().is_empty());
+        assert_eq!(store.permission_requests("s", None).await.unwrap().len(), 2);
+        let grants = store.permission_grants("s").await.unwrap();
+        assert_eq!(grants.iter().map(|g| (g.tool.as_str(), g.pattern.as_str())).collect::<Vec<_>>(), [("bash", "git *")]);
+        store.delete_session("s").await.unwrap();
+        assert!(store.permission_grants("s").await.unwrap().is_empty(), "they go with the session");
+    }
+
+    async fn tenants_and_their_keys(store: Store) {
+        let tenant = |id: &str, name: &str| {
+            let t = now();
+            Tenant { id: id.into(), name: name.into(), quotas: Quotas::default(), uid: None, created_at: t, updated_at: t }
+        };
+        let uids = (60000, 60001);
+        let acme = store.insert_tenant(tenant("t1", "acme"), "k1".into(), "hash1".into(), "hk_1".into(), uids).await.unwrap();
+        assert_eq!(acme.uid, Some(60000));
+        let taken = store.insert_tenant(tenant("t2", "acme"), "k2".into(), "hash2".into(), "hk_2".into(), uids).await;
+        assert!(matches!(taken, Err(StoreError::NameTaken { .. })), "{taken:?}");
+        let other = store.insert_tenant(tenant("t3", "other"), "k3".into(), "hash3".into(), "hk_3".into(), uids).await.unwrap();
+        assert_eq!(other.uid, Some(60001));
+        assert!(matches!(
+            store.ensure_tenant_uid(DEFAULT_TENANT, uids).await,
+            Err(StoreError::Quota { quota: "uid_range", .. })
+        ));
+        assert_eq!(store.ensure_tenant_uid("t1", uids).await.unwrap(), 60000);
+        let mut renamed = store.tenant("t3").await.unwrap();
+        renamed.name = "acme".into();
+        assert!(matches!(store.update_tenant(renamed.clone()).await, Err(StoreError::NameTaken { .. })));
+        renamed.name = "other2".into();
+        renamed.quotas.max_sessions = Some(2);
+        store.update_tenant(renamed).await.unwrap();
+        assert_eq!(store.tenant("t3").await.unwrap().quotas.max_sessions, Some(2));
+        let page = store.tenants_page(None, 10).await.unwrap();
+        assert_eq!(page.iter().map(|t| t.id.as_str()).collect::<Vec<_>>(), ["default", "t1", "t3"]);
+        assert_eq!(store.tenants_page(Some("default".into()), 1).await.unwrap()[0].id, "t1");
+
+        let key = store.insert_tenant_key("t1", "k4".into(), "hash4".into(), "hk_4".into()).await.unwrap();
+        assert_eq!((key.id.as_str(), key.prefix.as_str()), ("k4", "hk_4"));
+        assert!(matches!(
+            store.insert_tenant_key("nobody", "k5".into(), "hash5".into(), "hk_5".into()).await,
+            Err(StoreError::NotFound { .. })
+        ));
+        assert_eq!(store.key_owner("hash4").await.unwrap(), Some(("t1".into(), "k4".into())));
+        store.touch_tenant_key("k4", now()).await.unwrap();
+        let keys = store.tenant_keys("t1").await.unwrap();
+        assert_eq!(keys.len(), 2);
+        assert!(keys.iter().find(|k| k.id == "k4").unwrap().last_used_at.is_some());
+        store.delete_tenant_key("t1", "k4").await.unwrap();
+        assert!(matches!(store.delete_tenant_key("t3", "k1").await, Err(StoreError::NotFound { .. })), "another tenant's key");
+
+        let mut owned = session("ts");
+        owned.tenant_id = "t1".into();
+        store.insert_session(owned).await.unwrap();
+        let mut a = agent("ta");
+        a.tenant_id = "t1".into();
+        store.insert_agent(a).await.unwrap();
+        store.put_auth_records("t1", vec![AuthRecord {
+            provider: "openai".into(),
+            auth_type: None,
+            secret: Some("k".into()),
+            base_url: None,
+            updated_at: now(),
+            unreadable: None,
+        }])
+        .await
+        .unwrap();
+        assert_eq!(store.session_owner("ts").await.unwrap().as_deref(), Some("t1"));
+        assert_eq!(store.tenant_sessions("t1").await.unwrap(), ["ts"]);
+        assert_eq!(store.delete_tenant("t1").await.unwrap(), ["ts"]);
+        assert!(matches!(store.tenant("t1").await, Err(StoreError::NotFound { .. })));
+        assert!(store.session_owner("ts").await.unwrap().is_none());
+        assert!(store.agents().await.unwrap().is_empty());
+        assert!(store.auth_records("t1").await.unwrap().is_empty());
+        assert_eq!(store.key_owner("hash1").await.unwrap(), None);
+        assert!(matches!(store.delete_tenant("t1").await, Err(StoreError::NotFound { .. })));
+    }
+
+    async fn contexts_audit_and_mcp_servers(store: Store) {
+        store.insert_session(session("s")).await.unwrap();
+        assert_eq!(store.session_context("s").await.unwrap(), None);
+        let context = SessionContext { summary: Some("so far".into()), summarized: 3, compactions: 1, ..Default::default() };
+        store.put_session_context("s", context.clone()).await.unwrap();
+        store.put_session_context("s", context.clone()).await.unwrap();
+        assert_eq!(store.session_context("s").await.unwrap(), Some(context));
+        store.delete_session("s").await.unwrap();
+        assert_eq!(store.session_context("s").await.unwrap(), None, "it goes with its session");
+
+        let entry = |id: &str, tenant: Option<&str>, at: DateTime<Utc>| AuditEntry {
+            id: id.into(),
+            at,
+            actor: "tenant".into(),
+            tenant_id: tenant.map(Into::into),
+            method: "POST".into(),
+            route: "/agents".into(),
+            path: "/agents".into(),
+            status: 201,
+            address: Some("127.0.0.1".into()),
+        };
+        store.insert_audit(entry("e1", None, now() - chrono::Duration::days(2))).await.unwrap();
+        store.insert_audit(entry("e2", Some("t"), now())).await.unwrap();
+        store.insert_audit(entry("e3", Some("t"), now())).await.unwrap();
+        let ids = |page: Vec<AuditEntry>| page.into_iter().map(|e| e.id).collect::<Vec<_>>();
+        assert_eq!(ids(store.audit_page(Some("t".into()), None, 10).await.unwrap()), ["e2", "e3"]);
+        assert_eq!(ids(store.audit_page(None, Some("e1".into()), 1).await.unwrap()), ["e2"]);
+        assert_eq!(store.audit_page(None, None, 1).await.unwrap()[0].status, 201);
+        assert_eq!(store.prune_audit(now() - chrono::Duration::days(1)).await.unwrap(), 1);
+
+        let server = |tenant: &str, name: &str| McpServerRecord {
+            tenant_id: tenant.into(),
+            name: name.into(),
+            transport: McpTransport::Http { url: "http://127.0.0.1:1/mcp".into() },
+            secrets: vec![("Authorization".into(), "Bearer x".into())],
+            tools: Vec::new(),
+            created_at: now(),
+        };
+        store.insert_mcp_server(server("", "wide")).await.unwrap();
+        store.insert_mcp_server(server("t", "own")).await.unwrap();
+        assert!(matches!(store.insert_mcp_server(server("t", "wide")).await, Err(StoreError::NameTaken { .. })));
+        let listed = store.mcp_servers("t").await.unwrap();
+        assert_eq!(listed.iter().map(|s| s.name.as_str()).collect::<HashSet<_>>(), HashSet::from(["own", "wide"]));
+        assert_eq!(listed[0].secrets, [("Authorization".to_string(), "Bearer x".to_string())], "opened when read");
+        assert_eq!(store.mcp_servers("").await.unwrap().len(), 1);
+        store.delete_mcp_server("t", "own").await.unwrap();
+        assert!(matches!(store.delete_mcp_server("t", "own").await, Err(StoreError::NotFound { .. })));
     }
 }

@@ -6,7 +6,7 @@ use chrono::{DateTime, Utc};
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{
-    Block, HistoryMessage, HistoryRole, RunRecord, RunResult, RunStatus, Store, StoreError, StoredEvent, parse_ts, ts,
+    Block, Db, HistoryMessage, HistoryRole, RunRecord, RunResult, RunStatus, Store, StoreError, StoredEvent, parse_ts, pg, ts,
 };
 
 pub(super) const MIGRATION: &str = "
@@ -62,6 +62,9 @@ pub struct RunRequest {
 
 const RUN_SELECT: &str =
     "SELECT id, session_id, agent_id, status, created_at, started_at, ended_at, result FROM runs";
+/// [`RUN_SELECT`] and the run's request.
+const RUN_AND_REQUEST_SELECT: &str =
+    "SELECT id, session_id, agent_id, status, created_at, started_at, ended_at, result, request FROM runs";
 
 fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, Option<String>)> {
     let status: String = row.get(3)?;
@@ -81,6 +84,23 @@ fn run_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<(RunRecord, Option<Strin
     ))
 }
 
+fn run_pg_row(row: &tokio_postgres::Row) -> Result<(RunRecord, Option<String>), StoreError> {
+    let status: &str = row.get(3);
+    Ok((
+        RunRecord {
+            id: row.get(0),
+            session_id: row.get(1),
+            agent_id: row.get(2),
+            status: RunStatus::parse(status).unwrap_or(RunStatus::Interrupted),
+            created_at: pg::ts_at(row, 4)?,
+            started_at: pg::ts_opt(row, 5)?,
+            ended_at: pg::ts_opt(row, 6)?,
+            result: RunResult::default(),
+        },
+        row.get(7),
+    ))
+}
+
 fn finish_run((mut record, result): (RunRecord, Option<String>)) -> Result<RunRecord, StoreError> {
     if let Some(result) = result {
         record.result = serde_json::from_str(&result)?;
@@ -90,6 +110,21 @@ fn finish_run((mut record, result): (RunRecord, Option<String>)) -> Result<RunRe
 
 fn event_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
     Ok(StoredEvent { seq: row.get::<_, i64>(0)? as u64, run_id: row.get(1)?, name: row.get(2)?, data: row.get(3)? })
+}
+
+const EVENT_INSERT_SQLITE: &str = "INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)";
+const EVENT_INSERT_PG: &str = "INSERT INTO events (session_id, seq, run_id, name, data) VALUES ($1, $2, $3, $4, $5)";
+
+/// [`max_seq`] on PostgreSQL.
+async fn pg_max_seq(c: &impl deadpool_postgres::GenericClient, session: &str) -> Result<u64, StoreError> {
+    let row = c
+        .query_one(
+            "SELECT GREATEST(COALESCE((SELECT MAX(seq) FROM events WHERE session_id = $1), 0),
+                             COALESCE((SELECT events_pruned FROM sessions WHERE id = $1), 0))",
+            &[&session],
+        )
+        .await?;
+    Ok(pg::count(&row, 0))
 }
 
 fn max_seq(c: &Connection, session: &str) -> rusqlite::Result<u64> {
@@ -162,76 +197,141 @@ impl Store {
         key_since: DateTime<Utc>,
         limit: RunLimit,
     ) -> Result<RunRecord, StoreError> {
-        self.write(move |c| {
-            // Counted and inserted in one write: concurrent submits cannot
-            // both slip under the limit.
-            if let Some(max) = limit.max_concurrent_runs {
-                let used = super::tenants::active_runs(c, &limit.tenant)?;
-                if used >= max {
-                    return Err(StoreError::Quota { quota: "max_concurrent_runs", limit: max, used });
+        let request = serde_json::to_string(&request)?;
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    // Counted and inserted in one write: concurrent submits cannot
+                    // both slip under the limit.
+                    if let Some(max) = limit.max_concurrent_runs {
+                        let used = super::tenants::active_runs(c, &limit.tenant)?;
+                        if used >= max {
+                            return Err(StoreError::Quota { quota: "max_concurrent_runs", limit: max, used });
+                        }
+                    }
+                    if let Some(key) = &key {
+                        c.prepare_cached(
+                            "UPDATE runs SET idempotency_key = NULL WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at < ?3",
+                        )?
+                        .execute(params![run.session_id, key, ts(&key_since)])?;
+                    }
+                    let inserted = c
+                        .prepare_cached(
+                            "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                        )?
+                        .execute(params![
+                            run.id,
+                            run.session_id,
+                            run.agent_id,
+                            run.status.as_str(),
+                            request,
+                            key,
+                            ts(&run.created_at),
+                            run.started_at.as_ref().map(ts)
+                        ]);
+                    match inserted {
+                        Err(rusqlite::Error::SqliteFailure(e, _))
+                            if e.code == rusqlite::ErrorCode::ConstraintViolation && key.is_some() =>
+                        {
+                            Err(StoreError::KeyTaken { key: key.unwrap_or_default() })
+                        }
+                        other => {
+                            other?;
+                            super::tenants::count_run(c, &limit.tenant, &run.created_at)?;
+                            Ok(run)
+                        }
+                    }
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                if let Some(max) = limit.max_concurrent_runs {
+                    // Submits of one tenant, on any host, count one after
+                    // another: the count and the insert are one transaction
+                    // under the tenant's lock.
+                    pg::lock(&tx, &format!("runs:{}", limit.tenant)).await?;
+                    let used = super::tenants::pg_active_runs(&tx, &limit.tenant).await?;
+                    if used >= max {
+                        return Err(StoreError::Quota { quota: "max_concurrent_runs", limit: max, used });
+                    }
+                }
+                if let Some(key) = &key {
+                    tx.execute(
+                        "UPDATE runs SET idempotency_key = NULL WHERE session_id = $1 AND idempotency_key = $2 AND created_at < $3",
+                        &[&run.session_id, key, &ts(&key_since)],
+                    )
+                    .await?;
+                }
+                let inserted = tx
+                    .execute(
+                        "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        &[
+                            &run.id,
+                            &run.session_id,
+                            &run.agent_id,
+                            &run.status.as_str(),
+                            &request,
+                            &key,
+                            &ts(&run.created_at),
+                            &run.started_at.as_ref().map(ts),
+                        ],
+                    )
+                    .await;
+                match inserted {
+                    // The unique index on (session_id, idempotency_key): a
+                    // concurrent submit took the key first.
+                    Err(e) if pg::unique_violation(&e) && key.is_some() => Err(StoreError::KeyTaken { key: key.unwrap_or_default() }),
+                    other => {
+                        other?;
+                        super::tenants::pg_count_run(&tx, &limit.tenant, &run.created_at).await?;
+                        tx.commit().await?;
+                        Ok(run)
+                    }
                 }
             }
-            if let Some(key) = &key {
-                c.prepare_cached("UPDATE runs SET idempotency_key = NULL WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at < ?3")?
-                    .execute(params![run.session_id, key, ts(&key_since)])?;
-            }
-            let inserted = c.prepare_cached(
-                "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?
-            .execute(params![
-                run.id,
-                run.session_id,
-                run.agent_id,
-                run.status.as_str(),
-                serde_json::to_string(&request)?,
-                key,
-                ts(&run.created_at),
-                run.started_at.as_ref().map(ts)
-            ]);
-            match inserted {
-                Err(rusqlite::Error::SqliteFailure(e, _)) if e.code == rusqlite::ErrorCode::ConstraintViolation && key.is_some() => {
-                    Err(StoreError::KeyTaken { key: key.unwrap_or_default() })
-                }
-                other => {
-                    other?;
-                    super::tenants::count_run(c, &limit.tenant, &run.created_at)?;
-                    Ok(run)
-                }
-            }
-        })
-        .await
+        }
     }
 
     pub async fn run(&self, session: &str, id: &str) -> Result<RunRecord, StoreError> {
         let (session, id) = (session.to_string(), id.to_string());
-        self.read(move |c| {
-            let row = c
-                .prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1 AND session_id = ?2"))?
-                .query_row([&id, &session], run_row)
-                .optional()?
-                .ok_or(StoreError::NotFound { kind: "run", id })?;
-            finish_run(row)
-        })
-        .await
+        let found = match &self.db {
+            Db::Sqlite(db) => {
+                let id = id.clone();
+                db.read(move |c| {
+                    Ok(c.prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1 AND session_id = ?2"))?
+                        .query_row([&id, &session], run_row)
+                        .optional()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let row = pg.query_opt(&format!("{RUN_SELECT} WHERE id = $1 AND session_id = $2"), &[&id, &session]).await?;
+                row.as_ref().map(run_pg_row).transpose()?
+            }
+        };
+        finish_run(found.ok_or(StoreError::NotFound { kind: "run", id })?)
     }
 
     /// The request a run was started with.
     pub async fn run_request(&self, id: &str) -> Result<RunRequest, StoreError> {
         let id = id.to_string();
-        self.read(move |c| {
-            let text: String = c
-                .query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0))
-                .optional()?
-                .ok_or(StoreError::NotFound { kind: "run", id })?;
-            Ok(serde_json::from_str(&text)?)
-        })
-        .await
+        let text: Option<String> = match &self.db {
+            Db::Sqlite(db) => {
+                let id = id.clone();
+                db.read(move |c| Ok(c.query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0)).optional()?)).await?
+            }
+            Db::Postgres(pg) => pg.query_opt("SELECT request FROM runs WHERE id = $1", &[&id]).await?.map(|r| r.get(0)),
+        };
+        Ok(serde_json::from_str(&text.ok_or(StoreError::NotFound { kind: "run", id })?)?)
     }
 
     /// Removes a run that never started (a submit that lost a race).
     pub async fn delete_run(&self, id: &str) -> Result<(), StoreError> {
-        self.write(super::delete_row("runs", "run", id)).await
+        self.delete_row("runs", "run", id).await
     }
 
     /// A session's runs, newest first: at most `limit`, older than `before`.
@@ -243,17 +343,45 @@ impl Store {
     /// or oldest first newer than `After`; at most `limit`.
     pub async fn runs_page(&self, session: &str, limit: usize, from: RunsFrom) -> Result<Vec<RunRecord>, StoreError> {
         let session = session.to_string();
-        self.read(move |c| {
-            let (condition, after, before) = match from {
-                RunsFrom::Before(before) => ("(?3 IS NULL OR id < ?3) ORDER BY id DESC", None, before),
-                RunsFrom::After { after, before } => ("id > ?2 AND (?3 IS NULL OR id < ?3) ORDER BY id", Some(after), before),
-            };
-            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE session_id = ?1 AND {condition} LIMIT ?4"))?;
-            let rows =
-                stmt.query_map(params![session, after, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(finish_run).collect()
-        })
-        .await
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let (condition, after, before) = match from {
+                        RunsFrom::Before(before) => ("(?3 IS NULL OR id < ?3) ORDER BY id DESC", None, before),
+                        RunsFrom::After { after, before } => {
+                            ("id > ?2 AND (?3 IS NULL OR id < ?3) ORDER BY id", Some(after), before)
+                        }
+                    };
+                    let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE session_id = ?1 AND {condition} LIMIT ?4"))?;
+                    Ok(stmt.query_map(params![session, after, before, limit as i64], run_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let c = pg.client().await?;
+                let limit = limit as i64;
+                let rows = match from {
+                    RunsFrom::Before(before) => {
+                        c.query(
+                            &format!("{RUN_SELECT} WHERE session_id = $1 AND ($2::TEXT IS NULL OR id < $2) ORDER BY id DESC LIMIT $3"),
+                            &[&session, &before, &limit],
+                        )
+                        .await?
+                    }
+                    RunsFrom::After { after, before } => {
+                        c.query(
+                            &format!(
+                                "{RUN_SELECT} WHERE session_id = $1 AND id > $2 AND ($3::TEXT IS NULL OR id < $3) ORDER BY id LIMIT $4"
+                            ),
+                            &[&session, &after, &before, &limit],
+                        )
+                        .await?
+                    }
+                };
+                rows.iter().map(run_pg_row).collect::<Result<Vec<_>, _>>()?
+            }
+        };
+        rows.into_iter().map(finish_run).collect()
     }
 
     /// The run submitted with this idempotency key since `since`, with its request.
@@ -264,85 +392,139 @@ impl Store {
         since: DateTime<Utc>,
     ) -> Result<Option<(RunRecord, RunRequest)>, StoreError> {
         let (session, key) = (session.to_string(), key.to_string());
-        self.read(move |c| {
-            let found: Option<String> = c
-                .query_row(
-                    "SELECT id FROM runs WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY id DESC LIMIT 1",
-                    params![session, key, ts(&since)],
-                    |r| r.get(0),
-                )
-                .optional()?;
-            let Some(id) = found else { return Ok(None) };
-            let row = c.prepare_cached(&format!("{RUN_SELECT} WHERE id = ?1"))?.query_row([&id], run_row)?;
-            let request: String = c.query_row("SELECT request FROM runs WHERE id = ?1", [&id], |r| r.get(0))?;
-            Ok(Some((finish_run(row)?, serde_json::from_str(&request)?)))
-        })
-        .await
+        let found = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    Ok(c.prepare_cached(&format!(
+                        "{RUN_AND_REQUEST_SELECT} WHERE session_id = ?1 AND idempotency_key = ?2 AND created_at >= ?3 ORDER BY id DESC LIMIT 1"
+                    ))?
+                    .query_row(params![session, key, ts(&since)], |r| Ok((run_row(r)?, r.get::<_, String>(8)?)))
+                    .optional()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => {
+                let row = pg
+                    .query_opt(
+                        &format!(
+                            "{RUN_AND_REQUEST_SELECT} WHERE session_id = $1 AND idempotency_key = $2 AND created_at >= $3 ORDER BY id DESC LIMIT 1"
+                        ),
+                        &[&session, &key, &ts(&since)],
+                    )
+                    .await?;
+                row.map(|r| Ok::<_, StoreError>((run_pg_row(&r)?, r.get::<_, String>(8)))).transpose()?
+            }
+        };
+        let Some((row, request)) = found else { return Ok(None) };
+        Ok(Some((finish_run(row)?, serde_json::from_str(&request)?)))
     }
 
     /// Marks a run started.
     pub async fn start_run(&self, id: &str, at: DateTime<Utc>) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.write(move |c| {
-            c.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1")?.execute(params![id, ts(&at)])?;
-            Ok(())
-        })
-        .await
+        let (id, at) = (id.to_string(), ts(&at));
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    c.prepare_cached("UPDATE runs SET status = 'running', started_at = ?2 WHERE id = ?1")?.execute(params![id, at])?;
+                    Ok(())
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                pg.execute("UPDATE runs SET status = 'running', started_at = $2 WHERE id = $1", &[&id, &at]).await?;
+                Ok(())
+            }
+        }
     }
 
     /// Records how a run ended.
     pub async fn end_run(&self, id: &str, status: RunStatus, at: DateTime<Utc>, result: RunResult) -> Result<(), StoreError> {
-        let id = id.to_string();
-        self.write(move |c| {
-            c.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")?.execute(params![
-                id,
-                status.as_str(),
-                ts(&at),
-                serde_json::to_string(&result)?
-            ])?;
-            Ok(())
-        })
-        .await
+        let (id, at, result) = (id.to_string(), ts(&at), serde_json::to_string(&result)?);
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    c.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")?
+                        .execute(params![id, status.as_str(), at, result])?;
+                    Ok(())
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                pg.execute("UPDATE runs SET status = $2, ended_at = $3, result = $4 WHERE id = $1", &[&id, &status.as_str(), &at, &result])
+                    .await?;
+                Ok(())
+            }
+        }
     }
 
     /// Runs waiting to start, oldest first.
     pub async fn queued_runs(&self) -> Result<Vec<RunRecord>, StoreError> {
-        self.read(|c| {
-            let mut stmt = c.prepare_cached(&format!("{RUN_SELECT} WHERE status = 'queued' ORDER BY id"))?;
-            let rows = stmt.query_map([], run_row)?.collect::<Result<Vec<_>, _>>()?;
-            rows.into_iter().map(finish_run).collect()
-        })
-        .await
+        let query = format!("{RUN_SELECT} WHERE status = 'queued' ORDER BY id");
+        let rows = match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let mut stmt = c.prepare_cached(&query)?;
+                    Ok(stmt.query_map([], run_row)?.collect::<Result<Vec<_>, _>>()?)
+                })
+                .await?
+            }
+            Db::Postgres(pg) => pg.query(&query, &[]).await?.iter().map(run_pg_row).collect::<Result<Vec<_>, _>>()?,
+        };
+        rows.into_iter().map(finish_run).collect()
     }
 
     /// Appends events, in order, in one transaction.
     pub async fn insert_events(&self, events: Vec<(String, StoredEvent)>) -> Result<(), StoreError> {
-        self.write(move |c| {
-            let mut stmt =
-                c.prepare_cached("INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)")?;
-            for (session, e) in &events {
-                stmt.execute(params![session, e.seq as i64, e.run_id, e.name, e.data])?;
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    let mut stmt = c.prepare_cached(EVENT_INSERT_SQLITE)?;
+                    for (session, e) in &events {
+                        stmt.execute(params![session, e.seq as i64, e.run_id, e.name, e.data])?;
+                    }
+                    Ok(())
+                })
+                .await
             }
-            Ok(())
-        })
-        .await
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                let stmt = tx.prepare_cached(EVENT_INSERT_PG).await?;
+                for (session, e) in &events {
+                    tx.execute(&stmt, &[session, &(e.seq as i64), &e.run_id, &e.name, &e.data]).await?;
+                }
+                tx.commit().await?;
+                Ok(())
+            }
+        }
     }
 
     /// The last seq the session has used (stored or pruned); 0 for none.
     pub async fn last_seq(&self, session: &str) -> Result<u64, StoreError> {
         let session = session.to_string();
-        self.read(move |c| Ok(max_seq(c, &session)?)).await
+        match &self.db {
+            Db::Sqlite(db) => db.read(move |c| Ok(max_seq(c, &session)?)).await,
+            Db::Postgres(pg) => pg_max_seq(&pg.client().await?, &session).await,
+        }
     }
 
     /// The highest seq retention has removed from the session.
     pub async fn events_pruned(&self, session: &str) -> Result<u64, StoreError> {
         let session = session.to_string();
-        self.read(move |c| {
-            let pruned: Option<i64> =
-                c.query_row("SELECT events_pruned FROM sessions WHERE id = ?1", [&session], |r| r.get(0)).optional()?;
-            Ok(pruned.unwrap_or(0) as u64)
-        })
-        .await
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    let pruned: Option<i64> =
+                        c.query_row("SELECT events_pruned FROM sessions WHERE id = ?1", [&session], |r| r.get(0)).optional()?;
+                    Ok(pruned.unwrap_or(0) as u64)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let row = pg.query_opt("SELECT events_pruned FROM sessions WHERE id = $1", &[&session]).await?;
+                Ok(row.map_or(0, |r| pg::count(&r, 0)))
+            }
+        }
     }
 
     /// Stored events with `after < seq < before`, of one run or all, in order.
@@ -354,25 +536,35 @@ impl Store {
         run: Option<String>,
     ) -> Result<Vec<StoredEvent>, StoreError> {
         let session = session.to_string();
-        self.read(move |c| {
-            let before = before.map_or(i64::MAX, |b| b as i64);
-            let rows = match run {
-                Some(run) => c
-                    .prepare_cached(
-                        "SELECT seq, run_id, name, data FROM events WHERE run_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq",
-                    )?
-                    .query_map(params![run, after as i64, before], event_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
-                None => c
-                    .prepare_cached(
-                        "SELECT seq, run_id, name, data FROM events WHERE session_id = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq",
-                    )?
-                    .query_map(params![session, after as i64, before], event_row)?
-                    .collect::<Result<Vec<_>, _>>()?,
-            };
-            Ok(rows)
-        })
-        .await
+        let (after, before) = (after as i64, before.map_or(i64::MAX, |b| b as i64));
+        // One run's events, or the session's.
+        let (column, owner) = match run {
+            Some(run) => ("run_id", run),
+            None => ("session_id", session),
+        };
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.read(move |c| {
+                    Ok(c.prepare_cached(&format!(
+                        "SELECT seq, run_id, name, data FROM events WHERE {column} = ?1 AND seq > ?2 AND seq < ?3 ORDER BY seq"
+                    ))?
+                    .query_map(params![owner, after, before], event_row)?
+                    .collect::<Result<Vec<_>, _>>()?)
+                })
+                .await
+            }
+            Db::Postgres(pg) => {
+                let rows = pg.query(
+                    &format!("SELECT seq, run_id, name, data FROM events WHERE {column} = $1 AND seq > $2 AND seq < $3 ORDER BY seq"),
+                    &[&owner, &after, &before],
+                )
+                .await?;
+                Ok(rows
+                    .iter()
+                    .map(|r| StoredEvent { seq: pg::count(r, 0), run_id: r.get(1), name: r.get(2), data: r.get(3) })
+                    .collect())
+            }
+        }
     }
 
     /// After a crash or a stop: every run left `running` or `waiting`
@@ -384,60 +576,109 @@ impl Store {
         reason: &'static str,
         event: impl Fn(&str) -> (String, String) + Send + 'static,
     ) -> Result<Vec<String>, StoreError> {
-        self.write(move |c| {
-            let runs: Vec<(String, String)> = c
-                .prepare("SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting') ORDER BY id")?
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            let at = super::now();
-            super::permissions::interrupt_pending(c, &at)?;
-            for (run, session) in &runs {
-                let result = RunResult {
-                    error: Some(super::RunFailure { error: reason.to_string(), code: "interrupted".into() }),
-                    ..Default::default()
-                };
-                c.execute(
-                    "UPDATE runs SET status = 'interrupted', ended_at = ?2, result = ?3 WHERE id = ?1",
-                    params![run, ts(&at), serde_json::to_string(&result)?],
-                )?;
-                let history: Option<String> =
-                    c.query_row("SELECT history FROM sessions WHERE id = ?1", [session], |r| r.get(0)).optional()?;
-                if let Some(history) = history {
-                    let mut history: Vec<HistoryMessage> = serde_json::from_str(&history)?;
-                    if answer_unanswered(&mut history, reason) > 0 {
+        let result = RunResult {
+            error: Some(super::RunFailure { error: reason.to_string(), code: "interrupted".into() }),
+            ..Default::default()
+        };
+        let result = serde_json::to_string(&result)?;
+        let repair = |history: &str| -> Result<Option<String>, StoreError> {
+            let mut history: Vec<HistoryMessage> = serde_json::from_str(history)?;
+            Ok(if answer_unanswered(&mut history, reason) > 0 { Some(serde_json::to_string(&history)?) } else { None })
+        };
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    let runs: Vec<(String, String)> = c
+                        .prepare("SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting') ORDER BY id")?
+                        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    let at = ts(&super::now());
+                    super::permissions::interrupt_pending(c, &at)?;
+                    for (run, session) in &runs {
                         c.execute(
-                            "UPDATE sessions SET history = ?2, updated_at = ?3 WHERE id = ?1",
-                            params![session, serde_json::to_string(&history)?, ts(&at)],
+                            "UPDATE runs SET status = 'interrupted', ended_at = ?2, result = ?3 WHERE id = ?1",
+                            params![run, at, result],
                         )?;
+                        let history: Option<String> =
+                            c.query_row("SELECT history FROM sessions WHERE id = ?1", [session], |r| r.get(0)).optional()?;
+                        if let Some(history) = history.as_deref().map(repair).transpose()?.flatten() {
+                            c.execute("UPDATE sessions SET history = ?2, updated_at = ?3 WHERE id = ?1", params![session, history, at])?;
+                        }
+                        let (name, data) = event(run);
+                        let seq = max_seq(c, session)? + 1;
+                        c.execute(EVENT_INSERT_SQLITE, params![session, seq as i64, run, name, data])?;
                     }
-                }
-                let (name, data) = event(run);
-                let seq = max_seq(c, session)? + 1;
-                c.execute(
-                    "INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![session, seq as i64, run, name, data],
-                )?;
+                    Ok(runs.into_iter().map(|(run, _)| run).collect())
+                })
+                .await
             }
-            Ok(runs.into_iter().map(|(run, _)| run).collect())
-        })
-        .await
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                // FOR UPDATE: a second host starting at the same moment
+                // waits, then finds these runs interrupted already.
+                let runs: Vec<(String, String)> = tx
+                    .query("SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting') ORDER BY id FOR UPDATE", &[])
+                    .await?
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1)))
+                    .collect();
+                let at = ts(&super::now());
+                super::permissions::pg_interrupt_pending(&tx, &at).await?;
+                for (run, session) in &runs {
+                    tx.execute("UPDATE runs SET status = 'interrupted', ended_at = $2, result = $3 WHERE id = $1", &[run, &at, &result])
+                        .await?;
+                    let history = tx.query_opt("SELECT history FROM sessions WHERE id = $1 FOR UPDATE", &[session]).await?;
+                    if let Some(history) = history.map(|r| r.get::<_, String>(0)).as_deref().map(repair).transpose()?.flatten() {
+                        tx.execute("UPDATE sessions SET history = $2, updated_at = $3 WHERE id = $1", &[session, &history, &at]).await?;
+                    }
+                    let (name, data) = event(run);
+                    let seq = pg_max_seq(&tx, session).await? + 1;
+                    tx.execute(EVENT_INSERT_PG, &[session, &(seq as i64), run, &name, &data]).await?;
+                }
+                tx.commit().await?;
+                Ok(runs.into_iter().map(|(run, _)| run).collect())
+            }
+        }
     }
 
     /// Removes the events of runs that ended before `before`; remembers,
     /// per session, the highest seq removed. Returns how many were removed.
     pub async fn prune_events(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
-        self.write(move |c| {
-            let ended = "SELECT id FROM runs WHERE ended_at IS NOT NULL AND ended_at < ?1";
-            let pruned: Vec<(String, i64)> = c
-                .prepare(&format!("SELECT session_id, MAX(seq) FROM events WHERE run_id IN ({ended}) GROUP BY session_id"))?
-                .query_map([ts(&before)], |r| Ok((r.get(0)?, r.get(1)?)))?
-                .collect::<Result<_, _>>()?;
-            for (session, seq) in &pruned {
-                c.execute("UPDATE sessions SET events_pruned = MAX(events_pruned, ?2) WHERE id = ?1", params![session, seq])?;
+        let before = ts(&before);
+        match &self.db {
+            Db::Sqlite(db) => {
+                db.write(move |c| {
+                    let ended = "SELECT id FROM runs WHERE ended_at IS NOT NULL AND ended_at < ?1";
+                    let pruned: Vec<(String, i64)> = c
+                        .prepare(&format!("SELECT session_id, MAX(seq) FROM events WHERE run_id IN ({ended}) GROUP BY session_id"))?
+                        .query_map([&before], |r| Ok((r.get(0)?, r.get(1)?)))?
+                        .collect::<Result<_, _>>()?;
+                    for (session, seq) in &pruned {
+                        c.execute("UPDATE sessions SET events_pruned = MAX(events_pruned, ?2) WHERE id = ?1", params![session, seq])?;
+                    }
+                    Ok(c.execute(&format!("DELETE FROM events WHERE run_id IN ({ended})"), [&before])?)
+                })
+                .await
             }
-            Ok(c.execute(&format!("DELETE FROM events WHERE run_id IN ({ended})"), [ts(&before)])?)
-        })
-        .await
+            Db::Postgres(pg) => {
+                let mut c = pg.client().await?;
+                let tx = c.transaction().await?;
+                let ended = "SELECT id FROM runs WHERE ended_at IS NOT NULL AND ended_at < $1";
+                tx.execute(
+                    &format!(
+                        "UPDATE sessions SET events_pruned = GREATEST(events_pruned, pruned.seq)
+                         FROM (SELECT session_id, MAX(seq) AS seq FROM events WHERE run_id IN ({ended}) GROUP BY session_id) AS pruned
+                         WHERE sessions.id = pruned.session_id"
+                    ),
+                    &[&before],
+                )
+                .await?;
+                let removed = tx.execute(&format!("DELETE FROM events WHERE run_id IN ({ended})"), &[&before]).await?;
+                tx.commit().await?;
+                Ok(removed as usize)
+            }
+        }
     }
 }
 

@@ -1,0 +1,211 @@
+//! The real `hangar` binary on PostgreSQL (`--db postgres://…`), each test
+//! on a database of its own made on the server `HANGAR_TEST_DATABASE_URL`
+//! names (`test.sh` starts one; without it the tests skip with the reason,
+//! or fail under CI): agents, sessions, provider keys, messages answered by
+//! a scripted fake of the Anthropic API, a stream resumed with
+//! `Last-Event-ID`, tenants, and a restart that keeps all of it; and a
+//! start against a database that cannot be reached.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::fake::{Chunk, FakeServer, Reply, anthropic};
+use common::server::Server;
+use common::sse::Events;
+use hangar::store::scratch::ScratchDb;
+use serde_json::{Value, json};
+use tokio::sync::Notify;
+
+const KEY: &str = "sk-ant-postgres-KEY-5c4b3a";
+
+/// A text answer in `n` parts that pauses after `at` of them until `gate`.
+fn gated_text(n: usize, at: usize, gate: Arc<Notify>) -> Reply {
+    let parts: Vec<String> = (0..n).map(|i| format!("part{i} ")).collect();
+    let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+    let mut chunks = vec![anthropic::start(5)];
+    let mut block = anthropic::text_block(0, &refs);
+    block.insert(1 + at, Chunk::Wait(gate));
+    chunks.extend(block);
+    chunks.extend(anthropic::stop("end_turn", 3));
+    Reply::sse(chunks)
+}
+
+/// Every response body of the test goes through here: none may hold the key.
+fn keyless((status, body): (u16, Value)) -> (u16, Value) {
+    assert!(!body.to_string().contains(KEY), "a response holds the provider key: {body}");
+    (status, body)
+}
+
+#[tokio::test]
+async fn one_host_on_postgresql_serves_and_keeps_everything_across_a_restart() {
+    let Some(db) = ScratchDb::create().await else { return };
+    let gate = Arc::new(Notify::new());
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::text_answer(&["Hello ", "from the fake."], 11, 4)),
+        gated_text(6, 2, gate.clone()),
+        Reply::sse(anthropic::text_answer(&["still here"], 3, 2)),
+    ])
+    .await;
+    let server = Server::start(&["--db", &db.url]);
+    assert!(server.log().contains("hangar_test_"), "the log names the database:\n{}", server.log());
+    let work = tempfile::tempdir().unwrap();
+
+    let (status, body) = keyless(
+        server.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}})).await,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, auth) = keyless(server.get("/provider/auth").await);
+    assert_eq!(status, 200);
+    assert_eq!(auth["providers"]["anthropic"]["configured"], true, "{auth}");
+    assert_eq!(auth["providers"]["anthropic"]["source"], "stored", "{auth}");
+    let (status, agent) = keyless(
+        server
+            .post("/agents", json!({"name": "pg", "instructions": "Be terse.", "tools": [],
+                "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+            .await,
+    );
+    assert_eq!(status, 201, "{agent}");
+    let agent = agent["id"].as_str().unwrap().to_string();
+    let (status, session) = keyless(server.post("/sessions", json!({"work_dir": work.path()})).await);
+    assert_eq!(status, 201, "{session}");
+    let session = session["id"].as_str().unwrap().to_string();
+    let path = |tail: &str| format!("/sessions/{session}{tail}");
+
+    // A message answered through the provider, with the key sent to it.
+    let (status, answer) = keyless(server.post(&path("/message"), json!({"agent_id": agent, "message": "hi"})).await);
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(answer["response"], "Hello from the fake.");
+    assert_eq!(fake.requests()[0].header("x-api-key"), Some(KEY));
+    let (_, stored) = keyless(server.get(&path("")).await);
+    assert_eq!(stored["history"].as_array().unwrap().len(), 2, "{stored}");
+
+    // A stream dropped mid-way, resumed from its last id through the session's events.
+    let resp = server
+        .client
+        .post(server.url(&path("/message/stream")))
+        .json(&json!({"agent_id": agent, "message": "stream it"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut live = Events::new(resp);
+    let seen = live.take(2).await;
+    assert!(seen.iter().all(|e| e.name == "text"), "{seen:?}");
+    drop(live);
+    // A second message while this one runs: the session is busy.
+    let (status, _) = keyless(server.post(&path("/message"), json!({"agent_id": agent, "message": "too soon"})).await);
+    assert_eq!(status, 409);
+    gate.notify_one();
+    let last = seen[1].id.unwrap();
+    let resumed = server.client.get(server.url(&path("/events"))).header("Last-Event-ID", last.to_string()).send().await.unwrap();
+    let rest = Events::new(resumed).take(5).await;
+    let ids: Vec<u64> = rest.iter().map(|e| e.id.unwrap()).collect();
+    assert_eq!(ids, (last + 1..=last + 5).collect::<Vec<_>>(), "exactly the events after the cursor");
+    assert_eq!(rest.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(), ["text", "text", "text", "text", "done"]);
+    let run_id = rest[4].json()["run_id"].as_str().unwrap().to_string();
+
+    // A restart (SIGTERM, then a new process on the same database) keeps it all.
+    let server = server.restart();
+    let (_, agents) = keyless(server.get("/agents").await);
+    assert_eq!(agents.as_array().unwrap().len(), 1, "{agents}");
+    assert_eq!(agents[0]["id"], agent);
+    let (status, kept) = keyless(server.get(&path("")).await);
+    assert_eq!(status, 200);
+    assert_eq!(kept["history"].as_array().unwrap().len(), 4, "{kept}");
+    let (status, run) = keyless(server.get(&path(&format!("/runs/{run_id}"))).await);
+    assert_eq!((status, run["status"].as_str()), (200, Some("completed")), "{run}");
+    assert_eq!(run["response"], "part0 part1 part2 part3 part4 part5 ");
+    let replay = Events::new(server.client.get(server.url(&path(&format!("/runs/{run_id}/events")))).send().await.unwrap()).all().await;
+    assert_eq!(replay.len(), 7, "6 texts and done, from the database: {replay:?}");
+    let (_, auth) = keyless(server.get("/provider/auth").await);
+    assert_eq!((auth["providers"]["anthropic"]["configured"].as_bool(), auth["updated_at"].is_string()), (Some(true), true), "{auth}");
+    let (status, answer) = keyless(server.post(&path("/message"), json!({"agent_id": agent, "message": "again"})).await);
+    assert_eq!((status, answer["response"].as_str()), (200, Some("still here")), "{answer}");
+    assert_eq!(fake.requests()[2].header("x-api-key"), Some(KEY), "the sealed key opened after the restart");
+    assert!(!server.log().contains(KEY), "the key is never logged");
+}
+
+#[tokio::test]
+async fn tenants_on_postgresql_keep_their_keys_and_quotas() {
+    const ADMIN: &str = "admin-token-for-postgres-tests";
+    let Some(db) = ScratchDb::create().await else { return };
+    let fake = FakeServer::start(vec![Reply::sse(anthropic::text_answer(&["tenant ", "answer"], 7, 3))]).await;
+    let root = tempfile::tempdir().unwrap();
+    let config = tempfile::tempdir().unwrap();
+    let config_file = config.path().join("hangar.toml");
+    std::fs::write(&config_file, format!("[tenants]\nallowed_origins = [{:?}]\n", fake.url)).unwrap();
+    // Selected by the variable this time, not by --db.
+    let server = Server::start_with_env(
+        &["--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap(), "--config", config_file.to_str().unwrap()],
+        &[("HANGAR_DATABASE_URL", &db.url)],
+    );
+    assert!(server.log().contains("hangar_test_"), "the log names the database:\n{}", server.log());
+    let with = |key: &str, method: reqwest::Method, path: &str| server.client.request(method, server.url(path)).bearer_auth(key);
+
+    let (status, tenant) = server
+        .send(with(ADMIN, reqwest::Method::POST, "/tenants").json(&json!({"name": "acme", "quotas": {"max_sessions": 1}})))
+        .await;
+    assert_eq!(status, 201, "{tenant}");
+    let (id, key) = (tenant["id"].as_str().unwrap().to_string(), tenant["key"].as_str().unwrap().to_string());
+    let (status, _) =
+        server.send(with(ADMIN, reqwest::Method::POST, "/tenants").json(&json!({"name": "acme"}))).await;
+    assert_eq!(status, 409, "a tenant name is unique");
+
+    let (status, body) = keyless(
+        server
+            .send(with(&key, reqwest::Method::PUT, "/provider/auth").json(
+                &json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}}),
+            ))
+            .await,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, agent) = server
+        .send(with(&key, reqwest::Method::POST, "/agents").json(&json!({"name": "a", "tools": [],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}})))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (status, session) = server.send(with(&key, reqwest::Method::POST, "/sessions").json(&json!({}))).await;
+    assert_eq!(status, 201, "{session}");
+    let (status, over) = server.send(with(&key, reqwest::Method::POST, "/sessions").json(&json!({}))).await;
+    assert_eq!((status, over["quota"].as_str()), (429, Some("max_sessions")), "{over}");
+    let session = session["id"].as_str().unwrap().to_string();
+    let (status, answer) = keyless(
+        server
+            .send(
+                with(&key, reqwest::Method::POST, &format!("/sessions/{session}/message"))
+                    .json(&json!({"agent_id": agent["id"], "message": "hi"})),
+            )
+            .await,
+    );
+    assert_eq!((status, answer["response"].as_str()), (200, Some("tenant answer")), "{answer}");
+
+    let server = server.restart();
+    let with = |key: &str, method: reqwest::Method, path: &str| server.client.request(method, server.url(path)).bearer_auth(key);
+    let (status, sessions) = server.send(with(&key, reqwest::Method::GET, "/sessions")).await;
+    assert_eq!(status, 200, "the tenant's key still opens the door: {sessions}");
+    assert!(sessions.to_string().contains(&session), "{sessions}");
+    let (status, usage) = server.send(with(ADMIN, reqwest::Method::GET, &format!("/tenants/{id}/usage"))).await;
+    assert_eq!(status, 200, "{usage}");
+    assert_eq!((usage["tokens_today"]["input"].as_u64(), usage["tokens_today"]["output"].as_u64()), (Some(7), Some(3)), "{usage}");
+    assert_eq!(usage["runs_today"], 1, "{usage}");
+    let (status, _) = server.send(with("hk_not-a-key", reqwest::Method::GET, "/sessions")).await;
+    assert_eq!(status, 401);
+}
+
+#[test]
+fn a_database_that_cannot_be_reached_stops_the_start_with_the_reason_and_no_password() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["serve", "--port", "0", "--db", "postgres://hangar:pw-s3cret@127.0.0.1:1/hangar", "--cache-dir"])
+        .arg(dir.path().join("cache"))
+        .env("XDG_DATA_HOME", dir.path())
+        .env("XDG_CONFIG_HOME", dir.path())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot open the PostgreSQL database postgres://hangar:***@127.0.0.1:1/hangar"), "{err}");
+    assert!(err.contains("Connection refused"), "{err}");
+    assert!(!err.contains("pw-s3cret"), "{err}");
+}
