@@ -229,7 +229,9 @@ pub struct Run {
     pub mcp: crate::mcp::McpHub,
     /// The write of the user's message, while the model is asked (`None`
     /// at construction). Every later write and the run's end wait for it.
-    pub saving: Option<tokio::task::JoinHandle<Result<Session, StoreError>>>,
+    /// A channel, not the task's handle: a handle would keep the finished
+    /// task's memory for as long as the stream runs.
+    pub saving: Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>>,
 }
 
 /// Finds the model's context window (it may ask the provider, over the network).
@@ -318,7 +320,11 @@ impl Run {
         // stands off the time to the first token.
         self.session.updated_at = now().max(self.session.updated_at);
         let (store, session) = (self.store.clone(), self.session.clone());
-        self.saving = Some(tokio::spawn(async move { store.update_session(session).await }));
+        let (saved, saving) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let _ = saved.send(store.update_session(session).await.map(drop));
+        });
+        self.saving = Some(saving);
 
         let specs = self.tool_specs().await?;
         let mut usage = Usage::default();
@@ -552,7 +558,7 @@ impl Run {
     /// Waits for the user's message to be stored, if it is still being written.
     async fn saved(&mut self) -> Result<(), StoreError> {
         match self.saving.take() {
-            Some(write) => write.await.map_err(|e| StoreError::Task(e.to_string()))?.map(drop),
+            Some(write) => write.await.map_err(|_| StoreError::Task("the write of the user's message was lost".into()))?,
             None => Ok(()),
         }
     }

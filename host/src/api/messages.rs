@@ -406,8 +406,12 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     let span = tracing::info_span!("run", tenant = tracing::field::Empty, run = %run_id);
     // The feed's read of the session's last seq runs beside prepare's
     // reads: both stand before the first token.
-    let (feed, prepared) =
-        tokio::join!(state.bus.feed(session_id), tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()));
+    // Boxed: held inline, the two would widen every state of this future,
+    // the long one that follows the stream included.
+    let (feed, prepared) = tokio::join!(
+        Box::pin(state.bus.feed(session_id)),
+        Box::pin(tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()))
+    );
     let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };
     let (outcome, tenant) = tracing::Instrument::instrument(
         async {
