@@ -218,7 +218,7 @@ impl Host for PluginState {
         let sent = tokio::time::timeout(wait.min(MAX_HEADER_WAIT), builder.body(req.body).send()).await;
         let response = match sent {
             Err(_) => return Ok(Err(HttpError::Timeout)),
-            Ok(Err(err)) => return Ok(Err(HttpError::Connection(describe(&err)))),
+            Ok(Err(err)) => return Ok(Err(HttpError::Connection(crate::error_chain(&err)))),
             Ok(Ok(response)) => response,
         };
         // The scrubber sees plain bytes only: a compressed answer to a
@@ -267,7 +267,7 @@ impl HostBody for PluginState {
                 }
                 Err(err) => {
                     body.response = None;
-                    return Ok(Err(HttpError::Connection(format!("the response body broke off: {}", describe(&err)))));
+                    return Ok(Err(HttpError::Connection(format!("the response body broke off: {}", crate::error_chain(&err)))));
                 }
             }
         }
@@ -277,18 +277,6 @@ impl HostBody for PluginState {
         self.table.delete(body)?;
         Ok(())
     }
-}
-
-/// The error chain of a reqwest error, which alone says only "error sending request".
-fn describe(err: &reqwest::Error) -> String {
-    let mut text = err.to_string();
-    let mut source = std::error::Error::source(err);
-    while let Some(inner) = source {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    text
 }
 
 /// Replaces the credential wherever it appears in a byte stream, even when
