@@ -143,7 +143,7 @@ impl std::fmt::Display for Location {
 
 /// The SQLite schema's steps; `pg::migrations` gives the same steps in
 /// PostgreSQL's dialect.
-const MIGRATIONS: [&str; 9] = [
+const MIGRATIONS: [&str; 10] = [
         "CREATE TABLE agents (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -185,6 +185,9 @@ const MIGRATIONS: [&str; 9] = [
     audit::MIGRATION,
     // MCP servers used as tools (issue: MCP both ways).
     mcp::MIGRATION,
+    // Several hosts on one database (issue: scale-out): who runs each run
+    // and until when, one active run per session, plugins kept in the database.
+    runs::HOSTS_MIGRATION,
 ];
 
 fn migrations() -> Migrations<'static> {

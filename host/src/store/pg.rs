@@ -24,11 +24,11 @@ use super::StoreError;
 /// The schema: SQLite's steps (`super::MIGRATIONS`), at the same
 /// versions. Where the two dialects differ only in SQLite's `INTEGER` (64
 /// bits; PostgreSQL's is 32, its BIGINT is 64), `WITHOUT ROWID` (a SQLite
-/// storage choice) and how the current time is written, a step is SQLite's
+/// storage choice), `BLOB` (`BYTEA`) and how the current time is written, a step is SQLite's
 /// own text, translated by [`from_sqlite`]; where they differ more, this
-/// list has the step written for PostgreSQL. Both lists are `[_; 9]`: they
+/// list has the step written for PostgreSQL. Both lists are `[_; 10]`: they
 /// cannot fall out of step.
-const OWN_STEPS: [Option<&str>; 9] = [
+const OWN_STEPS: [Option<&str>; 10] = [
     None,
     None,
     None,
@@ -42,6 +42,7 @@ const OWN_STEPS: [Option<&str>; 9] = [
         DROP INDEX runs_by_key;
         CREATE UNIQUE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;",
     ),
+    None,
     None,
     None,
     None,
@@ -62,7 +63,7 @@ pub(super) fn migrations() -> Vec<Cow<'static, str>> {
 
 /// A SQLite step in PostgreSQL's dialect (see [`OWN_STEPS`] for which).
 fn from_sqlite(step: &str) -> String {
-    step.replace(" WITHOUT ROWID", "").replace("INTEGER", "BIGINT").replace(SQLITE_NOW, PG_NOW)
+    step.replace(" WITHOUT ROWID", "").replace("INTEGER", "BIGINT").replace(" BLOB", " BYTEA").replace(SQLITE_NOW, PG_NOW)
 }
 
 /// The current time as the store writes times (RFC 3339, UTC, milliseconds).

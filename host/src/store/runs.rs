@@ -50,6 +50,36 @@ pub(super) const KEY_MIGRATION: &str = "
     CREATE UNIQUE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
 ";
 
+/// Several hosts on one database. Each run records the host running it
+/// (`host_id`) and until when that host's lease holds (`lease_until`, ms
+/// since the epoch by the database's clock); a cancel sent to any host is
+/// written to the row (`cancel_requested`); a run queued by `interrupt`
+/// starts before those queued earlier (`queue_first`). At most one run of
+/// a session is active, whichever host runs it: a unique index, not a
+/// host's memory, says so. (A second active run of a session could only
+/// be left by a crash mid-handover; it is interrupted here, as a restart
+/// would have.) Plugins installed through the API are kept here too, so
+/// every host loads them.
+pub(super) const HOSTS_MIGRATION: &str = "
+    ALTER TABLE runs ADD COLUMN host_id TEXT;
+    ALTER TABLE runs ADD COLUMN lease_until INTEGER;
+    ALTER TABLE runs ADD COLUMN cancel_requested INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE runs ADD COLUMN queue_first INTEGER NOT NULL DEFAULT 0;
+    UPDATE runs SET status = 'interrupted'
+     WHERE status IN ('running', 'waiting')
+       AND id NOT IN (SELECT MAX(id) FROM runs WHERE status IN ('running', 'waiting') GROUP BY session_id);
+    CREATE UNIQUE INDEX runs_one_active ON runs (session_id) WHERE status IN ('running', 'waiting');
+    CREATE INDEX runs_by_host ON runs (host_id) WHERE status IN ('running', 'waiting');
+    CREATE TABLE plugins (
+        key TEXT PRIMARY KEY,
+        tenant_id TEXT,
+        manifest TEXT NOT NULL,
+        wasm BLOB NOT NULL,
+        sha256 TEXT NOT NULL,
+        installed_at TEXT NOT NULL
+    );
+";
+
 /// What a run was asked to do: the message body, as stored with the run
 /// (a queued run starts from it; an idempotent repeat is compared with it).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
