@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
+use common::{processes_with, wait_for_process};
 use common::server::Server;
 use common::sse::Events;
 use serde_json::{Value, json};
@@ -187,27 +188,6 @@ async fn a_background_run_answers_202_and_is_polled_to_its_end() {
     assert_eq!((status, body["code"].as_str()), (404, Some("not_found")));
 }
 
-fn processes_with(marker: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(marker) && !cmdline.contains("cargo") {
-            found.push(cmdline);
-        }
-    }
-    found
-}
-
-async fn wait_for_process(marker: &str) {
-    for _ in 0..400 {
-        if !processes_with(marker).is_empty() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    panic!("no process `{marker}` started");
-}
 
 #[tokio::test]
 async fn cancel_stops_a_slow_command_leaves_no_process_and_is_idempotent() {

@@ -205,6 +205,19 @@ pub struct FileConfig {
     /// MCP servers used as tools.
     #[serde(default)]
     pub mcp: McpConfig,
+    /// Several hosts on one PostgreSQL database.
+    #[serde(default)]
+    pub hosts: HostsConfig,
+}
+
+/// `[hosts]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HostsConfig {
+    /// How long a run stays its host's without the host renewing its
+    /// lease (renewed every sixth of it); after that another host
+    /// interrupts it. Default 30.
+    pub lease_s: Option<u64>,
 }
 
 /// `[mcp]`.
@@ -388,6 +401,8 @@ pub struct Settings {
     pub tenant_origins: Vec<crate::runtime::policy::OriginPattern>,
     /// `[mcp]`, resolved.
     pub mcp: crate::mcp::McpSettings,
+    /// `[hosts] lease_s`: a run's lease on a shared database.
+    pub lease: Duration,
     pub work_roots: Vec<PathBuf>,
     pub max_steps: u32,
     pub event_retention: Duration,
@@ -584,6 +599,7 @@ impl Settings {
             admin_token,
             tenant_root,
             tenant_origins: tenant_origins.clone(),
+            lease: Duration::from_secs(file.hosts.lease_s.unwrap_or(30).max(3)),
             mcp: crate::mcp::McpSettings {
                 origins: origins(&file.mcp.allowed_origins, |origin, reason| ConfigError::McpOrigin { origin, reason })?,
                 tenant_origins,

@@ -11,6 +11,7 @@
 pub mod agent;
 pub mod api;
 pub mod authoring;
+pub mod cluster;
 pub mod config;
 pub mod mcp;
 pub mod permissions;

@@ -54,7 +54,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         }
     });
     let secrets = SecretBox::load(settings.secret_key.as_ref().map(|k| k.expose()), &settings.secret_key_file)?;
-    let (store, sealed) = Store::open_location(&settings.db, settings.wal_limit_bytes).await?.with_secrets(secrets).await?;
+    let (mut store, sealed) = Store::open_location(&settings.db, settings.wal_limit_bytes).await?.with_secrets(secrets).await?;
     if sealed > 0 {
         tracing::info!(keys = sealed, "sealed provider keys stored in plain text by an older version");
     }
@@ -112,10 +112,16 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let local = listener.local_addr()?;
     // No command may call this server's API: its port is closed to them.
     runtime.protect_ports(&[local.port()]);
+    // Named by the port it listens on, so that two hosts on one machine differ.
+    if store.is_shared() {
+        let lease = crate::cluster::host_lease(local.port(), settings.lease);
+        tracing::info!(host = %lease.id, lease_s = settings.lease.as_secs(), "on a shared database: this host's runs are leased to it");
+        store = store.with_host(lease);
+    }
     // Runs left running by a crash (or a stop that could not wait) are
     // interrupted and their histories repaired before anything is served.
     let interrupted = store
-        .interrupt_unfinished_runs(RESTART_REASON, |run| {
+        .interrupt_unfinished_runs(RESTART_REASON, true, |run| {
             let (name, data) =
                 RunEvent::Error { run_id: run.to_string(), error: RESTART_REASON.into(), code: "interrupted".into() }.wire();
             (name.to_string(), data)
@@ -140,6 +146,9 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     let state = AppState::new(store, runtime, settings.clone(), cancel_rx, stopping_rx);
     let runs = state.runs.clone();
     crate::api::start_queued_runs(&state).await?;
+    if let crate::store::Location::Postgres(url) = &settings.db {
+        crate::cluster::start(state.clone(), url.clone());
+    }
     tokio::spawn(retention_loop(state.clone()));
     let state_for_flush = state.clone();
     let app = api::router(state);

@@ -110,3 +110,28 @@ pub fn build_component(crate_dir: &str) -> Vec<u8> {
     built.insert(crate_dir.to_string(), bytes.clone());
     bytes
 }
+
+/// Command lines of the running processes that contain `marker` (a test's
+/// own command, found by a number nothing else uses).
+pub fn processes_with(marker: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(marker) && !cmdline.contains("cargo") {
+            found.push(cmdline);
+        }
+    }
+    found
+}
+
+/// Waits (up to 10 s) until a process with `marker` runs.
+pub async fn wait_for_process(marker: &str) {
+    for _ in 0..400 {
+        if !processes_with(marker).is_empty() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    panic!("no process `{marker}` started");
+}

@@ -28,6 +28,11 @@ impl Approvals {
         }
     }
 
+    /// Whether a run of this host waits for request `id`.
+    pub fn is_waiting(&self, id: &str) -> bool {
+        self.lock().contains_key(id)
+    }
+
     pub fn forget(&self, id: &str) {
         self.lock().remove(id);
     }

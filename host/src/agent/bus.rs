@@ -94,6 +94,57 @@ impl Bus {
         Ok(feed)
     }
 
+    /// The session's feed, its seq made current from the store first: on a
+    /// database several hosts share, another host may have run the
+    /// session since this host last did.
+    pub async fn fresh_feed(&self, session: &str) -> Result<Arc<Feed>, StoreError> {
+        let feed = self.feed(session).await?;
+        let last = self.inner.store.last_seq(session).await?;
+        let mut state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
+        if last >= state.next {
+            state.next = last + 1;
+            state.stored = state.stored.max(last);
+        }
+        drop(state);
+        Ok(feed)
+    }
+
+    /// Sessions this host has a feed for (whose followers another host's
+    /// events would reach through [`Bus::ingest`]), and the seq each
+    /// expects next.
+    pub async fn followed(&self) -> Vec<(String, u64)> {
+        let feeds = self.inner.feeds.lock().await;
+        feeds
+            .iter()
+            .filter(|(_, feed)| feed.live.receiver_count() > 0)
+            .map(|(session, feed)| (session.clone(), feed.state.lock().unwrap_or_else(|p| p.into_inner()).next))
+            .collect()
+    }
+
+    /// Brings in the events another host stored for the session since this
+    /// host's feed last saw one, and sends them to this host's followers,
+    /// as if published here. Only for a session no run of this host is
+    /// publishing to. Nothing happens without a feed (no one follows).
+    pub async fn ingest(&self, session: &str) -> Result<(), StoreError> {
+        let Some(feed) = self.inner.feeds.lock().await.get(session).cloned() else { return Ok(()) };
+        let after = feed.state.lock().unwrap_or_else(|p| p.into_inner()).next - 1;
+        let stored = self.inner.store.events(session, after, None, None).await?;
+        let mut state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
+        // Two ingests may read the same rows: each event goes out once.
+        for event in stored {
+            if event.seq < state.next {
+                continue;
+            }
+            let event = Arc::new(event);
+            state.next = event.seq + 1;
+            state.stored = event.seq;
+            state.ring.push_back(event.clone());
+            let _ = feed.live.send(event);
+        }
+        trim(&mut state);
+        Ok(())
+    }
+
     /// Gives the event the session's next seq, sends it to live followers
     /// and queues it for storage. Returns the event as sent.
     pub fn publish(&self, feed: &Arc<Feed>, run_id: &str, name: &str, data: String) -> Event {

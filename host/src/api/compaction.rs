@@ -100,9 +100,16 @@ pub(super) async fn compact(State(state): State<AppState>, Path(id): Path<String
     // The session is held as a run would hold it, so no run starts while
     // its history is summarised.
     let claim_id = format!("compact-{}", new_id());
+    let busy = || ApiError::Conflict(format!("session `{id}` is running a message; compact it when the run ends"));
     let Ok(claim) = state.runs.try_claim(&id, &claim_id) else {
-        return Err(ApiError::Conflict(format!("session `{id}` is running a message; compact it when the run ends")));
+        return Err(busy());
     };
+    // Another host may be running it. (A run that starts there during the
+    // compaction is not held off: compaction is not run for a busy session.)
+    if state.store.active_run(&id).await.ok().flatten().is_some() {
+        state.runs.finish(&id, &claim_id);
+        return Err(busy());
+    }
     let result = compact_claimed(&state, &id, input, claim.cancel).await;
     if let Some(next) = state.runs.finish(&id, &claim_id) {
         super::messages::launch(state.clone(), id.clone(), super::messages::Start { claim: next, request: None });

@@ -96,7 +96,9 @@ impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
         match err {
             StoreError::NotFound { .. } => ApiError::NotFound(err.to_string()),
-            StoreError::Answered { .. } | StoreError::KeyTaken { .. } | StoreError::NameTaken { .. } => ApiError::Conflict(err.to_string()),
+            StoreError::Answered { .. } | StoreError::KeyTaken { .. } | StoreError::NameTaken { .. } | StoreError::SessionBusy { .. } => {
+                ApiError::Conflict(err.to_string())
+            }
             StoreError::Quota { quota, limit, used } => ApiError::Quota(crate::tenancy::QuotaExceeded::from_store(quota, limit, used)),
             other if other.is_unavailable() => ApiError::DatabaseUnavailable(other),
             other => ApiError::Store(other),

@@ -293,6 +293,9 @@ async fn submit(
         return Err(busy(active));
     }
     let mut record = RunRecord::queued(new_id(), session_id.to_string(), input.agent_id.clone(), now());
+    if state.store.is_shared() {
+        return submit_shared(state, record, request, key, key_since, limit, input.multitask, busy).await;
+    }
     // An idle session: the run is claimed, stored as running and started,
     // with one write before the model is asked.
     if let Ok(claim) = state.runs.try_claim(session_id, &record.id) {
@@ -323,6 +326,64 @@ async fn submit(
             state.store.delete_run(&run.id).await?;
             return Err(busy(active));
         }
+    }
+    Ok(run)
+}
+
+/// [`submit`] on a database several hosts share: the database, not this
+/// host's memory, says whether the session is busy (its unique index of
+/// active runs), and queued runs wait in the database, for whichever host
+/// frees the session to start them.
+#[allow(clippy::too_many_arguments)]
+async fn submit_shared(
+    state: &AppState,
+    mut record: RunRecord,
+    request: RunRequest,
+    key: Option<String>,
+    key_since: chrono::DateTime<chrono::Utc>,
+    limit: crate::store::RunLimit,
+    multitask: Busy,
+    busy: impl Fn(String) -> ApiError,
+) -> ApiResult<RunRecord> {
+    let session_id = record.session_id.clone();
+    if let Ok(claim) = state.runs.try_claim(&session_id, &record.id) {
+        record.status = RunStatus::Running;
+        record.started_at = Some(record.created_at);
+        match state.store.insert_run(record.clone(), request.clone(), key.clone(), key_since, limit.clone()).await {
+            Ok(run) => {
+                launch(state.clone(), session_id, Start { claim, request: Some(request) });
+                return Ok(run);
+            }
+            Err(err) => {
+                state.runs.finish(&session_id, &claim.run_id);
+                if !matches!(err, StoreError::SessionBusy { .. }) {
+                    return lost_key_race(state, &session_id, key, &request, err).await;
+                }
+            }
+        }
+    }
+    // Busy, here or on another host.
+    let active = state.store.active_run(&session_id).await?.map(|(run, _)| run).or_else(|| state.runs.active(&session_id));
+    if multitask == Busy::Reject {
+        // The active run may have ended since: refuse all the same, naming it.
+        return Err(busy(active.unwrap_or_default()));
+    }
+    record.status = RunStatus::Queued;
+    record.started_at = None;
+    let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since, limit).await {
+        Ok(run) => run,
+        Err(err) => return lost_key_race(state, &session_id, key, &request, err).await,
+    };
+    if multitask == Busy::Interrupt {
+        state.store.queue_first(&run.id).await?;
+        if let Some(active) = &active {
+            super::runs::cancel_now(state, &session_id, active);
+        }
+    }
+    tracing::info!(session = %session_id, run = %run.id, mode = ?multitask, "run queued");
+    // The active run may have ended before this one was stored.
+    if let Some(claim) = crate::cluster::claim_next(state, &session_id).await {
+        launch(state.clone(), session_id, Start { claim, request: None });
     }
     Ok(run)
 }
@@ -409,7 +470,10 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     // Boxed: held inline, the two would widen every state of this future,
     // the long one that follows the stream included.
     let (feed, prepared) = tokio::join!(
-        Box::pin(state.bus.feed(session_id)),
+        Box::pin(async {
+            // Another host may have run the session since this one did.
+            if state.store.is_shared() { state.bus.fresh_feed(session_id).await } else { state.bus.feed(session_id).await }
+        }),
         Box::pin(tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()))
     );
     let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };
@@ -470,7 +534,10 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
         "run ended"
     );
     state.store.end_run(&run_id, status, now(), result).await?;
-    let next = state.runs.finish(session_id, &run_id);
+    let mut next = state.runs.finish(session_id, &run_id);
+    if next.is_none() && state.store.is_shared() {
+        next = crate::cluster::claim_next(state, session_id).await;
+    }
     emitter.send(&event);
     Ok(next)
 }

@@ -246,8 +246,27 @@ pub(super) async fn metrics() -> impl axum::response::IntoResponse {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], crate::telemetry::render())
 }
 
+/// Runs a run claimed for this host (by `crate::cluster`).
+pub fn launch_claimed(state: &AppState, session: &str, claim: crate::agent::Claim) {
+    messages::launch(state.clone(), session.to_string(), messages::Start { claim, request: None });
+}
+
+/// Announces the end of a queued run cancelled before it started.
+pub async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), crate::store::StoreError> {
+    runs::announce_cancelled(state, session, run).await
+}
+
+/// Installed plugins changed on another host.
+pub async fn plugins_changed(state: &AppState) {
+    let _ = state;
+}
+
 /// Starts the runs a stop left queued, in the order they were submitted.
+/// On a shared database the hosts' upkeep starts them instead, each once.
 pub async fn start_queued_runs(state: &AppState) -> Result<(), crate::store::StoreError> {
+    if state.store.is_shared() {
+        return Ok(());
+    }
     for run in state.store.queued_runs().await? {
         if let Ok(Some(claim)) = state.runs.claim_or(&run.session_id, &run.id, crate::agent::Busy::Enqueue) {
             messages::launch(state.clone(), run.session_id.clone(), messages::Start { claim, request: None });

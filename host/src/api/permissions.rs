@@ -76,5 +76,7 @@ pub(super) async fn reply(
     let answered = state.store.answer_permission(&id, &request_id, Answer { status, reply: Some(input.reply), message }).await?;
     tracing::info!(session = %id, request = %request_id, reply = input.reply.as_str(), "permission request answered");
     state.approvals.deliver(answered.clone());
+    // The run may wait on another host.
+    crate::cluster::tell(&state, format!("answer {id} {request_id}")).await;
     Ok(Json(answered))
 }

@@ -104,6 +104,16 @@ pub(super) async fn show(State(state): State<AppState>, Path((id, run_id)): Path
 /// await point (its tools are killed); a queued run is ended at once.
 pub(super) fn cancel_now(state: &AppState, session: &str, run: &str) -> Cancelled {
     let found = state.runs.cancel(session, run);
+    // Not running here: on a shared database another host may run it.
+    if found == Cancelled::NotRunning && state.store.is_shared() {
+        let (state, session, run) = (state.clone(), session.to_string(), run.to_string());
+        tokio::spawn(async move {
+            if let Err(err) = crate::cluster::cancel_elsewhere(&state, &session, &run).await {
+                tracing::error!(%run, %err, "cannot pass a cancel on to the host running the run");
+            }
+        });
+        return found;
+    }
     if found == Cancelled::Queued {
         let (state, session, run) = (state.clone(), session.to_string(), run.to_string());
         tokio::spawn(async move {
@@ -120,6 +130,11 @@ pub(super) fn cancel_now(state: &AppState, session: &str, run: &str) -> Cancelle
 async fn end_queued(state: &AppState, session: &str, run: &str) -> Result<(), StoreError> {
     let result = RunResult { stop_reason: Some(StopReason::Cancelled), steps: Some(0), ..Default::default() };
     state.store.end_run(run, RunStatus::Cancelled, now(), result).await?;
+    announce_cancelled(state, session, run).await
+}
+
+/// The `done` of a queued run cancelled before it started, for its followers.
+pub(super) async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), StoreError> {
     let feed = state.bus.feed(session).await?;
     let (name, data) =
         RunEvent::Done { run_id: run.to_string(), usage: Default::default(), steps: 0, stop_reason: StopReason::Cancelled }.wire();
@@ -240,9 +255,14 @@ pub(super) async fn run_stream(
             return Ok(Box::pin(async_stream(Err(gone), None, |_| true)));
         }
         state.bus.flush().await;
-        let stored = state.store.events(&session, after, None, Some(run)).await?;
-        let events: Vec<_> = stored.iter().map(|e| Ok(sse(e))).collect();
-        return Ok(Box::pin(futures::stream::iter(events)));
+        let stored = state.store.events(&session, after, None, Some(run.clone())).await?;
+        // On a shared database the host that ran it may not have stored
+        // its last events yet: then the subscription brings them.
+        let complete = !state.store.is_shared() || stored.last().is_some_and(|e| e.name == "done" || e.name == "error");
+        if complete {
+            let events: Vec<_> = stored.iter().map(|e| Ok(sse(e))).collect();
+            return Ok(Box::pin(futures::stream::iter(events)));
+        }
     }
     Ok(Box::pin(async_stream(subscription, None, move |event| {
         let last = event.name == "done" || event.name == "error";

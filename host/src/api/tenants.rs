@@ -302,6 +302,7 @@ pub(super) async fn update(
     tenant.updated_at = now().max(tenant.updated_at);
     let tenant = state.store.update_tenant(tenant).await?;
     tenancy.forget_tenant(&id, false);
+    crate::cluster::tell(&state, format!("tenant {id}")).await;
     Ok(Json(TenantView::new(tenant, tenancy.defaults(), None)))
 }
 
@@ -329,6 +330,7 @@ pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(i
     }
     state.store.delete_tenant(&id).await?;
     tenancy.forget_tenant(&id, true);
+    crate::cluster::tell(&state, format!("tenant {id} deleted")).await;
     state.runtime.remove_tenant(&id);
     for dir in [tenancy.dir(&id), crate::tenancy::plugins_root(&state.settings.installed_dir).join(&id)] {
         let shown = dir.display().to_string();
@@ -363,6 +365,7 @@ pub(super) async fn revoke_key(
     let tenancy = admin(&state, &caller)?;
     state.store.delete_tenant_key(&id, &key_id).await?;
     tenancy.forget_key(&key_id);
+    crate::cluster::tell(&state, format!("key {key_id}")).await;
     tracing::info!(tenant = %id, key = %key_id, "tenant key revoked");
     Ok(status("deleted"))
 }

@@ -20,6 +20,7 @@ use rusqlite_migration::{M, Migrations};
 
 mod audit;
 mod context;
+mod hosts;
 mod mcp;
 mod permissions;
 mod pg;
@@ -30,6 +31,7 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
+pub use hosts::{CONTROL_CHANNEL, CancelRequest, EVENTS_CHANNEL, HostLease};
 pub use mcp::{McpServerRecord, McpTool, McpTransport};
 pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
@@ -75,6 +77,10 @@ pub enum StoreError {
     PgSchema { found: i64, known: usize },
     #[error("stored time `{0}` is not RFC 3339")]
     Time(String),
+    /// Another run of the session is active (on any host): the database's
+    /// unique index of active runs refused a second one.
+    #[error("session `{session}` is already running a message")]
+    SessionBusy { session: String },
 }
 
 impl StoreError {
@@ -278,6 +284,9 @@ pub struct Store {
     agents: Arc<AgentCache>,
     /// Seals provider keys before they are written, opens them when read.
     secrets: Arc<secrets::SecretBox>,
+    /// This host and its lease, on a database several hosts share
+    /// (PostgreSQL): the runs it starts are stored as its own.
+    host: Option<Arc<HostLease>>,
 }
 
 /// The backend behind a [`Store`].
@@ -383,7 +392,7 @@ impl Store {
     }
 
     fn with_db(db: Db) -> Store {
-        Store { db, agents: Default::default(), secrets: Arc::new(secrets::SecretBox::ephemeral()) }
+        Store { db, agents: Default::default(), secrets: Arc::new(secrets::SecretBox::ephemeral()), host: None }
     }
 
     /// Seals provider keys with `secrets` (the server key) from now on, and
@@ -551,7 +560,9 @@ impl Store {
 
     /// Every agent, by id.
     pub async fn agents(&self) -> Result<Arc<Vec<Agent>>, StoreError> {
-        if let Some(list) = self.agents.get() {
+        // Another host may change the table: with PostgreSQL every read
+        // goes to it.
+        if let Some(list) = self.agents.get().filter(|_| matches!(self.db, Db::Sqlite(_))) {
             return Ok(list);
         }
         let generation = self.agents.generation();
@@ -1632,8 +1643,8 @@ mod tests {
         };
         store.insert_permission_requests(vec![question]).await.unwrap();
         let interrupted =
-            store.interrupt_unfinished_runs("restarted", |run| ("error".into(), format!("{{\"run\":\"{run}\"}}"))).await.unwrap();
-        assert_eq!(interrupted, ["r2"]);
+            store.interrupt_unfinished_runs("restarted", true, |run| ("error".into(), format!("{{\"run\":\"{run}\"}}"))).await.unwrap();
+        assert_eq!(interrupted, [("r2".to_string(), "s".to_string())]);
         assert_eq!(store.run("s", "r2").await.unwrap().status, RunStatus::Interrupted);
         assert_eq!(store.permission_request("s", "p1").await.unwrap().status, PermissionStatus::Interrupted);
         let history = store.session("s").await.unwrap().history;
@@ -1641,7 +1652,7 @@ mod tests {
         let last = store.events("s", 4, None, None).await.unwrap();
         assert_eq!((last.len(), last[0].seq, last[0].name.as_str()), (1, 5, "error"));
         assert_eq!(store.last_seq("s").await.unwrap(), 5);
-        assert!(store.interrupt_unfinished_runs("again", |_| (String::new(), String::new())).await.unwrap().is_empty());
+        assert!(store.interrupt_unfinished_runs("again", true, |_| (String::new(), String::new())).await.unwrap().is_empty());
     }
 
     async fn permission_requests_and_grants(store: Store) {

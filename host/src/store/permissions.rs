@@ -384,8 +384,14 @@ pub(super) fn interrupt_pending(c: &Connection, at: &str) -> rusqlite::Result<us
     c.execute("UPDATE permission_requests SET status = 'interrupted', answered_at = ?1 WHERE status = 'pending'", [at])
 }
 
-pub(super) async fn pg_interrupt_pending(tx: &deadpool_postgres::Transaction<'_>, at: &str) -> Result<u64, StoreError> {
-    Ok(tx.execute("UPDATE permission_requests SET status = 'interrupted', answered_at = $1 WHERE status = 'pending'", &[&at]).await?)
+/// On PostgreSQL, of the runs `runs` only: other hosts' runs still wait for theirs.
+pub(super) async fn pg_interrupt_pending(tx: &deadpool_postgres::Transaction<'_>, at: &str, runs: &[&String]) -> Result<u64, StoreError> {
+    Ok(tx
+        .execute(
+            "UPDATE permission_requests SET status = 'interrupted', answered_at = $1 WHERE status = 'pending' AND run_id = ANY($2)",
+            &[&at, &runs],
+        )
+        .await?)
 }
 
 /// Removes a session's requests and grants (with the session).

@@ -168,6 +168,12 @@ pub(super) fn unique_violation(err: &tokio_postgres::Error) -> bool {
     err.code() == Some(&SqlState::UNIQUE_VIOLATION)
 }
 
+/// A unique violation of the index or constraint `name` (its name, as
+/// PostgreSQL reports it, not the message's text).
+pub(super) fn violates(err: &tokio_postgres::Error, name: &str) -> bool {
+    unique_violation(err) && err.as_db_error().and_then(|e| e.constraint()) == Some(name)
+}
+
 /// Takes a lock for the rest of the transaction on `what` (a quota's
 /// subject, a name): the check and the write after it cannot interleave
 /// with another transaction's.

@@ -207,6 +207,11 @@ impl RunStatus {
         .find(|s| s.as_str() == text)
     }
 
+    /// Running or waiting for a permission reply: the session's one active run.
+    pub fn is_active(self) -> bool {
+        matches!(self, RunStatus::Running | RunStatus::Waiting)
+    }
+
     /// Whether the run has ended for good.
     pub fn is_final(self) -> bool {
         matches!(self, RunStatus::Completed | RunStatus::Failed | RunStatus::Cancelled | RunStatus::Interrupted)

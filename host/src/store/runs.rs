@@ -295,10 +295,16 @@ impl Store {
                     )
                     .await?;
                 }
+                // A run stored as running is this host's, leased to it.
+                let (host, lease) = self.lease();
+                let host = host.filter(|_| run.status.is_active());
                 let inserted = tx
                     .execute(
-                        "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at)
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+                        &format!(
+                            "INSERT INTO runs (id, session_id, agent_id, status, request, idempotency_key, created_at, started_at, host_id, lease_until)
+                             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, CASE WHEN $9::TEXT IS NULL THEN NULL ELSE {} + $10 END)",
+                            super::hosts::PG_NOW_MS
+                        ),
                         &[
                             &run.id,
                             &run.session_id,
@@ -308,10 +314,15 @@ impl Store {
                             &key,
                             &ts(&run.created_at),
                             &run.started_at.as_ref().map(ts),
+                            &host,
+                            &lease,
                         ],
                     )
                     .await;
                 match inserted {
+                    // The unique index of active runs: the session is busy,
+                    // on this host or another.
+                    Err(e) if pg::violates(&e, "runs_one_active") => Err(StoreError::SessionBusy { session: run.session_id.clone() }),
                     // The unique index on (session_id, idempotency_key): a
                     // concurrent submit took the key first.
                     Err(e) if pg::unique_violation(&e) && key.is_some() => Err(StoreError::KeyTaken { key: key.unwrap_or_default() }),
@@ -461,7 +472,17 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
-                pg.execute("UPDATE runs SET status = 'running', started_at = $2 WHERE id = $1", &[&id, &at]).await?;
+                let (host, lease) = self.lease();
+                pg.execute(
+                    &format!(
+                        "UPDATE runs SET status = 'running', started_at = $2, host_id = $3,
+                                lease_until = CASE WHEN $3::TEXT IS NULL THEN NULL ELSE {} + $4 END
+                         WHERE id = $1",
+                        super::hosts::PG_NOW_MS
+                    ),
+                    &[&id, &at, &host, &lease],
+                )
+                .await?;
                 Ok(())
             }
         }
@@ -523,6 +544,13 @@ impl Store {
                 for (session, e) in &events {
                     tx.execute(&stmt, &[session, &(e.seq as i64), &e.run_id, &e.name, &e.data]).await?;
                 }
+                // Hosts whose clients follow these sessions read them now
+                // (delivered at commit, so they find the rows): `HOST SESSION`.
+                let host = self.lease().0.unwrap_or_else(|| "-".into());
+                let mut notes: Vec<String> = events.iter().map(|(session, _)| format!("{host} {session}")).collect();
+                notes.dedup();
+                tx.execute("SELECT pg_notify($1, note) FROM unnest($2::TEXT[]) AS note", &[&super::hosts::EVENTS_CHANNEL, &notes])
+                    .await?;
                 tx.commit().await?;
                 Ok(())
             }
@@ -601,11 +629,16 @@ impl Store {
     /// becomes `interrupted`, its session's history gets an error result
     /// for each unanswered tool use, and its events end with the `error`
     /// event `event(run_id)` gives. Returns the runs interrupted.
+    ///
+    /// On a database several hosts share, only the runs whose host is
+    /// gone: their lease ran out, or (`at_start`) they are this host's own
+    /// from before it restarted. Returns (run, session) pairs.
     pub async fn interrupt_unfinished_runs(
         &self,
         reason: &'static str,
+        at_start: bool,
         event: impl Fn(&str) -> (String, String) + Send + 'static,
-    ) -> Result<Vec<String>, StoreError> {
+    ) -> Result<Vec<(String, String)>, StoreError> {
         let result = RunResult {
             error: Some(super::RunFailure { error: reason.to_string(), code: "interrupted".into() }),
             ..Default::default()
@@ -638,7 +671,7 @@ impl Store {
                         let seq = max_seq(c, session)? + 1;
                         c.execute(EVENT_INSERT_SQLITE, params![session, seq as i64, run, name, data])?;
                     }
-                    Ok(runs.into_iter().map(|(run, _)| run).collect())
+                    Ok(runs)
                 })
                 .await
             }
@@ -647,14 +680,29 @@ impl Store {
                 let tx = c.transaction().await?;
                 // FOR UPDATE: a second host starting at the same moment
                 // waits, then finds these runs interrupted already.
+                // SKIP LOCKED: two hosts reaping at once split the runs
+                // instead of waiting on each other.
+                let host = self.lease().0.filter(|_| at_start);
                 let runs: Vec<(String, String)> = tx
-                    .query("SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting') ORDER BY id FOR UPDATE", &[])
+                    .query(
+                        &format!(
+                            "SELECT id, session_id FROM runs WHERE status IN ('running', 'waiting')
+                               AND (lease_until IS NULL OR lease_until < {} OR host_id = $1)
+                             ORDER BY id FOR UPDATE SKIP LOCKED",
+                            super::hosts::PG_NOW_MS
+                        ),
+                        &[&host],
+                    )
                     .await?
                     .iter()
                     .map(|r| (r.get(0), r.get(1)))
                     .collect();
+                if runs.is_empty() {
+                    return Ok(runs);
+                }
                 let at = ts(&super::now());
-                super::permissions::pg_interrupt_pending(&tx, &at).await?;
+                let ids: Vec<&String> = runs.iter().map(|(run, _)| run).collect();
+                super::permissions::pg_interrupt_pending(&tx, &at, &ids).await?;
                 for (run, session) in &runs {
                     tx.execute("UPDATE runs SET status = 'interrupted', ended_at = $2, result = $3 WHERE id = $1", &[run, &at, &result])
                         .await?;
@@ -665,9 +713,11 @@ impl Store {
                     let (name, data) = event(run);
                     let seq = pg_max_seq(&tx, session).await? + 1;
                     tx.execute(EVENT_INSERT_PG, &[session, &(seq as i64), run, &name, &data]).await?;
+                    // From no host: every host's followers read it.
+                    tx.execute("SELECT pg_notify($1, $2)", &[&super::hosts::EVENTS_CHANNEL, &format!("- {session}")]).await?;
                 }
                 tx.commit().await?;
-                Ok(runs.into_iter().map(|(run, _)| run).collect())
+                Ok(runs)
             }
         }
     }
