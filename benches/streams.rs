@@ -13,6 +13,11 @@
 //!     cargo bench --bench streams               # both
 //!     cargo bench --bench streams -- ttft       # only figure 6
 //!     cargo bench --bench streams -- sessions   # only figure 4
+//!
+//! `BENCH_DATABASE_URL=postgres://…` runs `BENCH_HOSTS` hosts (default 2)
+//! on that database instead of one on SQLite: sessions are made on one
+//! host and streamed from the next, as a load balancer without sticky
+//! sessions would send them; RSS is summed over the hosts.
 
 #[allow(dead_code)]
 #[path = "../tests/common/fake.rs"]
@@ -31,7 +36,8 @@ use futures::StreamExt;
 use serde_json::json;
 
 struct Setup {
-    hangar: launch::Hangar,
+    /// One on SQLite, or `BENCH_HOSTS` on `BENCH_DATABASE_URL`.
+    hangars: Vec<launch::Hangar>,
     fake: FakeServer,
     agent: String,
     client: reqwest::Client,
@@ -72,7 +78,10 @@ async fn setup() -> Setup {
     let cache = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
     warm(cache.path(), &client).await;
-    let hangar = launch::start(cache.path());
+    let db = std::env::var("BENCH_DATABASE_URL").ok();
+    let hosts = if db.is_some() { std::env::var("BENCH_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2) } else { 1 };
+    let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_on(cache.path(), db.as_deref())).collect();
+    let hangar = &hangars[0];
     let work = tempfile::tempdir().unwrap();
     let r = client
         .put(hangar.url("/provider/auth"))
@@ -91,14 +100,29 @@ async fn setup() -> Setup {
         .json()
         .await
         .unwrap();
-    Setup { hangar, fake, agent: agent["id"].as_str().unwrap().into(), client, work, _cache: cache }
+    Setup { hangars, fake, agent: agent["id"].as_str().unwrap().into(), client, work, _cache: cache }
 }
 
 impl Setup {
+    /// The host a stream of session number `i` goes to.
+    fn host(&self, i: usize) -> &launch::Hangar {
+        &self.hangars[i % self.hangars.len()]
+    }
+
+    /// (VmRSS, VmHWM) in KiB, summed over the hosts.
+    fn rss_kib(&self) -> (u64, u64) {
+        self.hangars.iter().map(|h| h.rss_kib()).fold((0, 0), |(a, b), (c, d)| (a + c, b + d))
+    }
+
     async fn session(&self) -> String {
+        self.session_on(0).await
+    }
+
+    /// A session made on the host after session `i`'s.
+    async fn session_on(&self, i: usize) -> String {
         let s: serde_json::Value = self
             .client
-            .post(self.hangar.url("/sessions"))
+            .post(self.host(i + 1).url("/sessions"))
             .json(&json!({"work_dir": self.work.path()}))
             .send()
             .await
@@ -110,8 +134,12 @@ impl Setup {
     }
 
     fn stream(&self, session: &str, text: &str) -> reqwest::RequestBuilder {
+        self.stream_on(0, session, text)
+    }
+
+    fn stream_on(&self, i: usize, session: &str, text: &str) -> reqwest::RequestBuilder {
         self.client
-            .post(self.hangar.url(&format!("/sessions/{session}/message/stream")))
+            .post(self.host(i).url(&format!("/sessions/{session}/message/stream")))
             .json(&json!({"agent_id": self.agent, "message": text}))
     }
 }
@@ -187,10 +215,10 @@ async fn ttft(s: &Setup) {
 async fn sessions(s: &Setup) {
     let n: usize = std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let mut ids = Vec::with_capacity(n);
-    for _ in 0..n {
-        ids.push(s.session().await);
+    for i in 0..n {
+        ids.push(s.session_on(i).await);
     }
-    let (rss_before, _) = s.hangar.rss_kib();
+    let (rss_before, _) = s.rss_kib();
     let parts: Vec<String> = (0..20).map(|i| format!("part {i} ")).collect();
     for _ in 0..n {
         let mut chunks = vec![anthropic::start(10)];
@@ -206,14 +234,14 @@ async fn sessions(s: &Setup) {
         s.fake.push(Reply::sse(chunks));
     }
     // Sample RSS while the streams run.
-    let pid = s.hangar.child.id();
+    let pids: Vec<u32> = s.hangars.iter().map(|h| h.child.id()).collect();
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let sampler = {
         let stop = stop.clone();
         std::thread::spawn(move || {
             let mut peak = 0;
             while !stop.load(Ordering::Relaxed) {
-                peak = peak.max(launch::rss_kib(pid).0);
+                peak = peak.max(pids.iter().map(|&pid| launch::rss_kib(pid).0).sum());
                 std::thread::sleep(Duration::from_millis(20));
             }
             peak
@@ -222,8 +250,8 @@ async fn sessions(s: &Setup) {
     let open = Arc::new(AtomicUsize::new(0));
     let max_open = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
-    let runs = ids.iter().map(|id| {
-        let req = s.stream(id, "stream please");
+    let runs = ids.iter().enumerate().map(|(i, id)| {
+        let req = s.stream_on(i, id, "stream please");
         let (open, max_open) = (open.clone(), max_open.clone());
         async move {
             let resp = match req.send().await {
@@ -250,10 +278,10 @@ async fn sessions(s: &Setup) {
     let elapsed = started.elapsed();
     stop.store(true, Ordering::Relaxed);
     let sampled_peak = sampler.join().unwrap();
-    let (_, hwm) = s.hangar.rss_kib();
+    let (_, hwm) = s.rss_kib();
     let results = results.expect("1,000 sessions did not finish within 180 s");
     let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    println!("\n## sessions ({})\n", stats::machine());
+    println!("\n## sessions ({}; {} host(s){})\n", stats::machine(), s.hangars.len(), if s.hangars.len() > 1 { ", RSS summed" } else { "" });
     println!("| sessions | errors | max open at once | wall s | RSS before MB | peak RSS (VmHWM) MB | peak sampled VmRSS MB |");
     println!("|---|---|---|---|---|---|---|");
     println!(

@@ -232,3 +232,94 @@ async fn a_queue_spans_hosts_and_interrupt_reaches_the_other_host() {
     assert_eq!(run_status(&b, &session, &interrupter).await["response"], "interrupter");
     never.notify_one();
 }
+
+/// A permission asked on A is answered through B; a tenant key revoked on
+/// A is refused by B, which had just let it in; a quota is counted across hosts.
+#[tokio::test]
+async fn replies_revoked_keys_and_quotas_reach_the_other_host() {
+    const ADMIN: &str = "admin-token-for-two-hosts";
+    let Some(db) = ScratchDb::create().await else { return };
+    let write = json!({"command": "echo approved > out.txt"}).to_string();
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::tool_answer("toolu_p", "bash", &[&write], 5, 2)),
+        Reply::sse(anthropic::text_answer(&["written"], 3, 1)),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hangar.toml");
+    std::fs::write(&config, format!("[hosts]\nlease_s = {LEASE_S}\n[tenants]\nallowed_origins = [{:?}]\n", fake.url)).unwrap();
+    let root = dir.path().join("tenants");
+    std::fs::create_dir(&root).unwrap();
+    let start = || {
+        Server::start_with_env(
+            &["--db", &db.url, "--config", config.to_str().unwrap(), "--admin-token", ADMIN, "--work-root", root.to_str().unwrap()],
+            &[("HANGAR_SECRET_KEY", SECRET)],
+        )
+    };
+    let (a, b) = (start(), start());
+    let with = |server: &Server, key: &str, method: reqwest::Method, path: &str| {
+        server.client.request(method, server.url(path)).bearer_auth(key.to_string())
+    };
+    use reqwest::Method;
+
+    let (status, tenant) =
+        a.send(with(&a, ADMIN, Method::POST, "/tenants").json(&json!({"name": "acme", "quotas": {"max_sessions": 1}}))).await;
+    assert_eq!(status, 201, "{tenant}");
+    let (id, key) = (tenant["id"].as_str().unwrap().to_string(), tenant["key"].as_str().unwrap().to_string());
+    let (status, _) = b
+        .send(with(&b, &key, Method::PUT, "/provider/auth").json(&json!({"providers": {"anthropic":
+            {"type": "api_key", "key": KEY, "base_url": fake.url}}})))
+        .await;
+    assert_eq!(status, 200);
+    let (status, agent) = a
+        .send(with(&a, &key, Method::POST, "/agents").json(&json!({"name": "asker", "tools": ["bash"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64},
+            "permissions": [{"tool": "bash", "pattern": "*", "action": "ask"}]})))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (status, session) = a.send(with(&a, &key, Method::POST, "/sessions").json(&json!({}))).await;
+    assert_eq!(status, 201, "{session}");
+    let (status, over) = b.send(with(&b, &key, Method::POST, "/sessions").json(&json!({}))).await;
+    assert_eq!((status, over["quota"].as_str()), (429, Some("max_sessions")), "one session across both hosts: {over}");
+    let session = session["id"].as_str().unwrap().to_string();
+
+    // Asked on A, answered on B.
+    let resp = with(&a, &key, Method::POST, &format!("/sessions/{session}/message/stream"))
+        .json(&json!({"agent_id": agent["id"], "message": "write it"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let mut events = Events::new(resp);
+    let asked = loop {
+        let event = events.next().await.expect("a permission_request event");
+        if event.name == "permission_request" {
+            break event.json();
+        }
+    };
+    let request = asked["request_id"].as_str().unwrap();
+    let (status, answered) = b
+        .send(with(&b, &key, Method::POST, &format!("/sessions/{session}/permissions/{request}")).json(&json!({"reply": "once"})))
+        .await;
+    assert_eq!((status, answered["status"].as_str()), (200, Some("approved")), "{answered}");
+    let rest = events.all().await;
+    assert_eq!(rest.last().map(|e| e.name.as_str()), Some("done"), "{rest:?}");
+    let (_, stored) = b.send(with(&b, &key, Method::GET, &format!("/sessions/{session}"))).await;
+    let work_dir = stored["work_dir"].as_str().unwrap();
+    assert_eq!(std::fs::read_to_string(std::path::Path::new(work_dir).join("out.txt")).unwrap(), "approved\n");
+
+    // B knows the key (it has just used it); revoked on A, B refuses it.
+    let (_, view) = a.send(with(&a, ADMIN, Method::GET, &format!("/tenants/{id}"))).await;
+    let key_id = view["keys"][0]["id"].as_str().unwrap().to_string();
+    let (status, _) = a.send(with(&a, ADMIN, Method::DELETE, &format!("/tenants/{id}/keys/{key_id}"))).await;
+    assert_eq!(status, 200);
+    let mut refused = 0;
+    for _ in 0..50 {
+        refused = b.send(with(&b, &key, Method::GET, "/agents")).await.0;
+        if refused == 401 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(refused, 401, "a key revoked on A still opens B");
+}

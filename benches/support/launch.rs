@@ -24,10 +24,22 @@ pub fn binary() -> String {
 /// `serve --port 0` with a fresh database and `cache_dir`; waits for the
 /// "listening on" line. Logs go to a drain thread at `RUST_LOG` (default warn).
 pub fn start(cache_dir: &Path) -> Hangar {
+    start_on(cache_dir, None)
+}
+
+/// The server key of hosts sharing a database (each must open the
+/// provider keys the others sealed).
+const SHARED_SECRET: &str = "0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c";
+
+/// [`start`] on the PostgreSQL database `db` when given (several hosts
+/// may share it), else on a fresh SQLite file.
+pub fn start_on(cache_dir: &Path, db: Option<&str>) -> Hangar {
     let dir = tempfile::tempdir().unwrap();
+    let db = db.map_or_else(|| dir.path().join("hangar.db").into_os_string(), Into::into);
     let mut child = Command::new(binary())
         .args(["serve", "--port", "0", "--db"])
-        .arg(dir.path().join("hangar.db"))
+        .arg(db)
+        .env("HANGAR_SECRET_KEY", SHARED_SECRET)
         .arg("--cache-dir")
         .arg(cache_dir)
         .arg("--plugins")

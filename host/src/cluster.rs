@@ -249,10 +249,8 @@ pub async fn claim_next(state: &AppState, session: &str) -> Option<Claim> {
             return None;
         }
     };
-    match state.runs.claim_or(session, &run, Busy::Enqueue) {
-        Ok(claim) => claim,
-        Err(_) => None,
-    }
+    // Behind a compaction of this host, it waits here for it.
+    state.runs.claim_or(session, &run, Busy::Enqueue).ok().flatten()
 }
 
 /// Cancels a run that is not running on this host: the database asks its
