@@ -187,6 +187,8 @@ async fn a_queue_spans_hosts_and_interrupt_reaches_the_other_host() {
         Reply::sse(anthropic::text_answer(&["third"], 1, 1)),
         gated_text(2, 1, never.clone()),
         Reply::sse(anthropic::text_answer(&["interrupter"], 1, 1)),
+        gated_text(2, 1, never.clone()),
+        Reply::sse(anthropic::text_answer(&["after the abort"], 1, 1)),
     ])
     .await;
     let config = tempfile::tempdir().unwrap();
@@ -230,7 +232,22 @@ async fn a_queue_spans_hosts_and_interrupt_reaches_the_other_host() {
     assert_eq!(events.last().unwrap().name, "done", "{events:?}");
     assert_eq!(run_status(&b, &session, &stuck).await["status"], "cancelled");
     assert_eq!(run_status(&b, &session, &interrupter).await["response"], "interrupter");
-    never.notify_one();
+
+    // Abort sent to B stops the run active on A, not the one queued behind it.
+    let stuck = send(&a, json!({})).await;
+    let queued = send(&a, json!({"multitask": "enqueue"})).await;
+    for _ in 0..100 {
+        if fake.requests().len() >= 6 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, aborted) = b.post(&format!("/sessions/{session}/abort"), json!({})).await;
+    assert_eq!((status, aborted["id"].as_str(), aborted["status"].as_str()), (200, Some(stuck.as_str()), Some("cancelled")), "{aborted}");
+    let events = wait_end(&b, &queued).await;
+    assert_eq!(events.last().unwrap().name, "done", "{events:?}");
+    assert_eq!(run_status(&b, &session, &queued).await["response"], "after the abort");
+    never.notify_waiters();
 }
 
 /// A permission asked on A is answered through B; a tenant key revoked on

@@ -91,6 +91,8 @@ async fn listen_once(state: &AppState, url: &str) -> Result<(), tokio_postgres::
         .batch_execute(&format!("LISTEN {}; LISTEN {}", crate::store::EVENTS_CHANNEL, crate::store::CONTROL_CHANNEL))
         .await?;
     tracing::info!("listening for other hosts' events and controls");
+    // What changed while no one listened is read again.
+    state.store.forget_agents();
     while let Some(note) = notes.recv().await {
         let state = state.clone();
         // Each on its own task: a slow read does not hold up the others.
@@ -150,8 +152,11 @@ async fn control(state: &AppState, payload: &str) -> Result<(), StoreError> {
             if let Some(tenancy) = &state.tenancy {
                 tenancy.forget_tenant(tenant, deleted == Some("deleted"));
             }
+            // A deleted tenant's agents went with it.
+            state.store.forget_agents();
         }
         (Some("plugins"), None, None) => crate::api::plugins_changed(state).await,
+        (Some(crate::store::AGENTS_CHANGED), None, None) => state.store.forget_agents(),
         _ => tracing::debug!(payload, "unknown control notification"),
     }
     Ok(())

@@ -80,25 +80,31 @@ impl Bus {
 
     /// The session's feed, created on first use from the store's last seq.
     pub async fn feed(&self, session: &str) -> Result<Arc<Feed>, StoreError> {
-        let mut feeds = self.inner.feeds.lock().await;
-        if let Some(feed) = feeds.get(session) {
+        if let Some(feed) = self.inner.feeds.lock().await.get(session) {
             return Ok(feed.clone());
         }
+        // Read without the map's lock, so that one session's read does not
+        // hold up every other session's feed; the first feed made wins.
         let last = self.inner.store.last_seq(session).await?;
-        let feed = Arc::new(Feed {
-            session: session.to_string(),
-            state: Mutex::new(FeedState { next: last + 1, ring: VecDeque::new(), stored: last }),
-            live: broadcast::channel(LIVE_BUFFER).0,
+        let mut feeds = self.inner.feeds.lock().await;
+        let feed = feeds.entry(session.to_string()).or_insert_with(|| {
+            Arc::new(Feed {
+                session: session.to_string(),
+                state: Mutex::new(FeedState { next: last + 1, ring: VecDeque::new(), stored: last }),
+                live: broadcast::channel(LIVE_BUFFER).0,
+            })
         });
-        feeds.insert(session.to_string(), feed.clone());
-        Ok(feed)
+        Ok(feed.clone())
     }
 
-    /// The session's feed, its seq made current from the store first: on a
-    /// database several hosts share, another host may have run the
-    /// session since this host last did.
+    /// The session's feed to publish to. On a database several hosts
+    /// share, its seq is made current from the store first: another host
+    /// may have run the session since this host last did.
     pub async fn fresh_feed(&self, session: &str) -> Result<Arc<Feed>, StoreError> {
         let feed = self.feed(session).await?;
+        if !self.inner.store.is_shared() {
+            return Ok(feed);
+        }
         let last = self.inner.store.last_seq(session).await?;
         let mut state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
         if last >= state.next {

@@ -233,7 +233,7 @@ impl Hangar {
     /// `tool_result`, under a run id of their own (`mcp_…`, no stored run),
     /// so that they replay with the session's other events.
     async fn record(&self, scope: &Scope, run_id: &str, event: RunEvent) {
-        match self.state.bus.feed(&scope.session).await {
+        match self.state.bus.fresh_feed(&scope.session).await {
             Ok(feed) => {
                 let (name, data) = event.wire();
                 self.state.bus.publish(&feed, run_id, name, data);

@@ -470,10 +470,7 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     // Boxed: held inline, the two would widen every state of this future,
     // the long one that follows the stream included.
     let (feed, prepared) = tokio::join!(
-        Box::pin(async {
-            // Another host may have run the session since this one did.
-            if state.store.is_shared() { state.bus.fresh_feed(session_id).await } else { state.bus.feed(session_id).await }
-        }),
+        Box::pin(state.bus.fresh_feed(session_id)),
         Box::pin(tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()))
     );
     let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };

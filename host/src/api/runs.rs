@@ -135,7 +135,7 @@ async fn end_queued(state: &AppState, session: &str, run: &str) -> Result<(), St
 
 /// The `done` of a queued run cancelled before it started, for its followers.
 pub(super) async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), StoreError> {
-    let feed = state.bus.feed(session).await?;
+    let feed = state.bus.fresh_feed(session).await?;
     let (name, data) =
         RunEvent::Done { run_id: run.to_string(), usage: Default::default(), steps: 0, stop_reason: StopReason::Cancelled }.wire();
     state.bus.publish(&feed, run, name, data);
@@ -190,7 +190,12 @@ pub(super) async fn cancel(State(state): State<AppState>, Path((id, run_id)): Pa
         (status = 404, body = super::ErrorBody), (status = 409, body = super::ErrorBody, description = "the session has no run")))]
 pub(super) async fn abort(State(state): State<AppState>, Path(id): Path<String>) -> ApiResult<Json<RunRecord>> {
     session_exists(&state, &id).await?;
-    let run = match state.runs.active(&id) {
+    // On a shared database the active run may be another host's.
+    let active = match state.runs.active(&id) {
+        Some(run) => Some(run),
+        None => state.store.active_run(&id).await?.map(|(run, _)| run),
+    };
+    let run = match active {
         Some(run) => run,
         None => state
             .store

@@ -19,6 +19,8 @@ pub(super) const PG_NOW_MS: &str = "(extract(epoch from clock_timestamp()) * 100
 
 /// The channel every host listens on; see `crate::cluster` for the payloads.
 pub const CONTROL_CHANNEL: &str = "hangar_control";
+/// The control payload that says an agent was made, changed or deleted.
+pub const AGENTS_CHANGED: &str = "agents";
 /// The channel that names a session whose events were stored.
 pub const EVENTS_CHANNEL: &str = "hangar_events";
 
@@ -200,5 +202,70 @@ impl Store {
         let Db::Postgres(pg) = &self.db else { return Ok(()) };
         pg.execute("SELECT pg_notify($1, $2)", &[&CONTROL_CHANNEL, &payload]).await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{DEFAULT_TENANT, RunLimit, RunRecord, RunRequest, Session, now, scratch};
+
+    fn request() -> RunRequest {
+        RunRequest { agent_id: "a".into(), message: "hi".into(), body: serde_json::json!({"message": "hi"}) }
+    }
+
+    async fn insert(store: &Store, id: &str, status: RunStatus) -> Result<RunRecord, StoreError> {
+        let mut run = RunRecord::queued(id.into(), "s".into(), "a".into(), now());
+        run.status = status;
+        let limit = RunLimit { tenant: DEFAULT_TENANT.into(), max_concurrent_runs: None };
+        store.insert_run(run, request(), None, now(), limit).await
+    }
+
+    /// Two hosts on one database: the unique index lets one run be active
+    /// per session; a queued run starts on the host that claims it, an
+    /// `interrupt` one first; a cancel is written for the host running the
+    /// run; a run whose lease ran out is interrupted by the other host,
+    /// which then starts the session's next queued run.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn leases_claims_and_cancels_between_two_hosts() {
+        let Some(db) = scratch::ScratchDb::create().await else { return };
+        let a = Store::open_postgres(&db.url).await.unwrap().with_host(HostLease { id: "a:1".into(), lease_ms: 300 });
+        let b = Store::open_postgres(&db.url).await.unwrap().with_host(HostLease { id: "b:1".into(), lease_ms: 60_000 });
+        let t = now();
+        a.insert_session(Session { id: "s".into(), work_dir: None, history: Vec::new(), created_at: t, updated_at: t, tenant_id: DEFAULT_TENANT.into() })
+            .await
+            .unwrap();
+
+        insert(&a, "r1", RunStatus::Running).await.unwrap();
+        assert!(matches!(insert(&b, "r2", RunStatus::Running).await, Err(StoreError::SessionBusy { .. })));
+        assert_eq!(b.active_run("s").await.unwrap(), Some(("r1".into(), Some("a:1".into()))));
+        insert(&b, "r2", RunStatus::Queued).await.unwrap();
+        insert(&b, "r3", RunStatus::Queued).await.unwrap();
+        b.queue_first("r3").await.unwrap();
+        assert_eq!(b.claim_next("s").await.unwrap(), None, "r1 is active");
+        assert!(b.stranded_sessions().await.unwrap().is_empty());
+
+        // A cancel sent to B is read by A; a queued run is cancelled outright.
+        assert_eq!(b.request_cancel("s", "r1").await.unwrap(), CancelRequest::Active { host: Some("a:1".into()) });
+        assert_eq!(a.cancels_requested().await.unwrap(), [("s".to_string(), "r1".to_string())]);
+        assert!(b.cancels_requested().await.unwrap().is_empty());
+        insert(&b, "r4", RunStatus::Queued).await.unwrap();
+        assert_eq!(b.request_cancel("s", "r4").await.unwrap(), CancelRequest::Queued);
+        assert_eq!(b.run("s", "r4").await.unwrap().status, RunStatus::Cancelled);
+
+        // A renews its lease, then stops renewing: B takes the run over.
+        assert_eq!(a.renew_leases().await.unwrap(), 1);
+        assert!(b.interrupt_unfinished_runs("gone", false, |_| ("error".into(), "{}".into())).await.unwrap().is_empty());
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        let reaped = b.interrupt_unfinished_runs("gone", false, |_| ("error".into(), "{}".into())).await.unwrap();
+        assert_eq!(reaped, [("r1".to_string(), "s".to_string())]);
+        assert_eq!(b.run("s", "r1").await.unwrap().status, RunStatus::Interrupted);
+        assert_eq!(b.stranded_sessions().await.unwrap(), ["s"]);
+        // Both hosts try at once: one starts the `interrupt` run, r3.
+        let (x, y) = tokio::join!(a.claim_next("s"), b.claim_next("s"));
+        let claimed: Vec<String> = [x.unwrap(), y.unwrap()].into_iter().flatten().collect();
+        assert_eq!(claimed, ["r3"]);
+        assert_eq!(b.run("s", "r3").await.unwrap().status, RunStatus::Running);
+        assert_eq!(b.run("s", "r2").await.unwrap().status, RunStatus::Queued);
     }
 }

@@ -31,7 +31,7 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
-pub use hosts::{CONTROL_CHANNEL, CancelRequest, EVENTS_CHANNEL, HostLease};
+pub use hosts::{AGENTS_CHANGED, CONTROL_CHANNEL, CancelRequest, EVENTS_CHANNEL, HostLease};
 pub use mcp::{McpServerRecord, McpTool, McpTransport};
 pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
@@ -462,6 +462,37 @@ impl Store {
     // ----- agents -----
 
     pub async fn insert_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        let agent = self.insert_agent_row(agent).await?;
+        self.agents_changed().await;
+        Ok(agent)
+    }
+
+    pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+        let agent = self.update_agent_row(agent).await?;
+        self.agents_changed().await;
+        Ok(agent)
+    }
+
+    pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
+        let _changed = self.agents.changing();
+        self.delete_row("agents", "agent", id).await?;
+        self.agents_changed().await;
+        Ok(())
+    }
+
+    /// Other hosts drop their copy of the agents (this one already has).
+    async fn agents_changed(&self) {
+        if let Err(err) = self.notify(hosts::AGENTS_CHANGED).await {
+            tracing::warn!(%err, "cannot tell the other hosts that the agents changed");
+        }
+    }
+
+    /// Drops this host's copy of the agents: another host changed them.
+    pub fn forget_agents(&self) {
+        self.agents.invalidate();
+    }
+
+    async fn insert_agent_row(&self, agent: Agent) -> Result<Agent, StoreError> {
         let _changed = self.agents.changing();
         let json = AgentJson::of(&agent)?;
         match &self.db {
@@ -510,7 +541,7 @@ impl Store {
         }
     }
 
-    pub async fn update_agent(&self, agent: Agent) -> Result<Agent, StoreError> {
+    async fn update_agent_row(&self, agent: Agent) -> Result<Agent, StoreError> {
         let _changed = self.agents.changing();
         let json = AgentJson::of(&agent)?;
         let updated = match &self.db {
@@ -550,19 +581,24 @@ impl Store {
     }
 
     pub async fn agent(&self, id: &str) -> Result<Agent, StoreError> {
-        self.agents()
-            .await?
-            .iter()
-            .find(|a| a.id == id)
-            .cloned()
-            .ok_or_else(|| StoreError::NotFound { kind: "agent", id: id.to_string() })
+        let find = |list: &[Agent]| list.iter().find(|a| a.id == id).cloned();
+        if let Some(agent) = find(&self.agents().await?) {
+            return Ok(agent);
+        }
+        // Made on another host a moment ago, before its notice came here.
+        if self.is_shared() {
+            self.agents.invalidate();
+            if let Some(agent) = find(&self.agents().await?) {
+                return Ok(agent);
+            }
+        }
+        Err(StoreError::NotFound { kind: "agent", id: id.to_string() })
     }
 
-    /// Every agent, by id.
+    /// Every agent, by id. On a shared database another host's change
+    /// empties this host's copy when its notice comes (in milliseconds).
     pub async fn agents(&self) -> Result<Arc<Vec<Agent>>, StoreError> {
-        // Another host may change the table: with PostgreSQL every read
-        // goes to it.
-        if let Some(list) = self.agents.get().filter(|_| matches!(self.db, Db::Sqlite(_))) {
+        if let Some(list) = self.agents.get() {
             return Ok(list);
         }
         let generation = self.agents.generation();
@@ -582,11 +618,6 @@ impl Store {
         let list = Arc::new(rows.into_iter().map(RawAgent::finish).collect::<Result<Vec<_>, _>>()?);
         self.agents.fill(generation, list.clone());
         Ok(list)
-    }
-
-    pub async fn delete_agent(&self, id: &str) -> Result<(), StoreError> {
-        let _changed = self.agents.changing();
-        self.delete_row("agents", "agent", id).await
     }
 
     /// Deletes row `id` of `table`, or says it does not exist.
@@ -641,21 +672,23 @@ impl Store {
                 .await
             }
             Db::Postgres(pg) => {
+                const INSERT: &str =
+                    "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES ($1, $2, $3, $4, $5, $6)";
+                let row = [&session.id as &(dyn tokio_postgres::types::ToSql + Sync), &session.work_dir, &history, &ts(&session.created_at), &ts(&session.updated_at), &session.tenant_id];
+                // Without a quota to count first, the insert alone: one round trip.
+                let Some(limit) = max_sessions else {
+                    pg.execute(INSERT, &row).await?;
+                    return Ok(session);
+                };
                 let mut c = pg.client().await?;
                 let tx = c.transaction().await?;
-                if let Some(limit) = max_sessions {
-                    // Concurrent creates of one tenant (on any host) count one after another.
-                    pg::lock(&tx, &format!("sessions:{}", session.tenant_id)).await?;
-                    let used = tenants::pg_session_count(&tx, &session.tenant_id).await?;
-                    if used >= limit {
-                        return Err(StoreError::Quota { quota: "max_sessions", limit, used });
-                    }
+                // Concurrent creates of one tenant (on any host) count one after another.
+                pg::lock(&tx, &format!("sessions:{}", session.tenant_id)).await?;
+                let used = tenants::pg_session_count(&tx, &session.tenant_id).await?;
+                if used >= limit {
+                    return Err(StoreError::Quota { quota: "max_sessions", limit, used });
                 }
-                tx.execute(
-                    "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES ($1, $2, $3, $4, $5, $6)",
-                    &[&session.id, &session.work_dir, &history, &ts(&session.created_at), &ts(&session.updated_at), &session.tenant_id],
-                )
-                .await?;
+                tx.execute(INSERT, &row).await?;
                 tx.commit().await?;
                 Ok(session)
             }

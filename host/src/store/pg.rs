@@ -107,22 +107,32 @@ impl Pg {
     }
 
     // One statement on a pooled connection, in a transaction of its own.
+    // Each connection keeps its statements prepared: a statement is one
+    // round trip, not a prepare and then an execute.
 
     pub(super) async fn query(&self, statement: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
-        Ok(self.client().await?.query(statement, params).await?)
+        let c = self.client().await?;
+        let statement = c.prepare_cached(statement).await?;
+        Ok(c.query(&statement, params).await?)
     }
 
     pub(super) async fn query_opt(&self, statement: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Option<Row>, StoreError> {
-        Ok(self.client().await?.query_opt(statement, params).await?)
+        let c = self.client().await?;
+        let statement = c.prepare_cached(statement).await?;
+        Ok(c.query_opt(&statement, params).await?)
     }
 
     pub(super) async fn query_one(&self, statement: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Row, StoreError> {
-        Ok(self.client().await?.query_one(statement, params).await?)
+        let c = self.client().await?;
+        let statement = c.prepare_cached(statement).await?;
+        Ok(c.query_one(&statement, params).await?)
     }
 
     /// The rows changed.
     pub(super) async fn execute(&self, statement: &str, params: &[&(dyn ToSql + Sync)]) -> Result<usize, StoreError> {
-        Ok(self.client().await?.execute(statement, params).await? as usize)
+        let c = self.client().await?;
+        let statement = c.prepare_cached(statement).await?;
+        Ok(c.execute(&statement, params).await? as usize)
     }
 
     /// Applies the steps of [`migrations`] past the stored version, each in
