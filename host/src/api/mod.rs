@@ -28,6 +28,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use error::{ApiError, ApiResult, ErrorBody};
+pub use plugins::{load_stored, sync_plugins};
 
 use crate::config::Settings;
 use crate::runtime::{Runtime, WorkDirRules};
