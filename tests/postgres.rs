@@ -209,3 +209,75 @@ fn a_database_that_cannot_be_reached_stops_the_start_with_the_reason_and_no_pass
     assert!(err.contains("Connection refused"), "{err}");
     assert!(!err.contains("pw-s3cret"), "{err}");
 }
+
+const PLUGIN_MANIFEST: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+
+async fn upload_plugin(server: &Server, bearer: &str, manifest: &str) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new().text("manifest", manifest.to_string()).part(
+        "wasm",
+        reqwest::multipart::Part::bytes(common::build_component("tests/fixtures/misbehave")).file_name("plugin.wasm"),
+    );
+    server.send(server.client.post(server.url("/plugins")).bearer_auth(bearer).multipart(form)).await
+}
+
+/// Tool names `bearer` sees in `GET /tools` of `server`, and the version of
+/// `misbehave` in its `GET /plugins`.
+async fn misbehave_on(server: &Server, bearer: &str) -> (bool, Option<String>) {
+    let (status, tools) = server.send(server.client.get(server.url("/tools")).bearer_auth(bearer)).await;
+    assert_eq!(status, 200, "{tools}");
+    let listed = tools.as_array().unwrap().iter().any(|t| t["name"] == "misbehave");
+    let (status, plugins) = server.send(server.client.get(server.url("/plugins")).bearer_auth(bearer)).await;
+    assert_eq!(status, 200, "{plugins}");
+    let version = plugins.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").map(|p| {
+        assert_eq!(p["source"], "api", "{p}");
+        p["version"].as_str().unwrap().to_string()
+    });
+    (listed, version)
+}
+
+/// Two hosts on one database: a plugin installed, upgraded or removed
+/// through host A is so on host B, a tenant's own plugin included, and
+/// deleting the tenant removes it. B is (re)started after each change
+/// through A: a running host learns of changes through a LISTEN task that
+/// calls `sync_plugins`, which is not part of this test; what is tested is
+/// that the database holds the plugins and a host loads them from it.
+#[tokio::test]
+async fn a_plugin_installed_through_one_host_is_loaded_by_another() {
+    const ADMIN: &str = "admin-token-for-plugin-tests";
+    let Some(db) = ScratchDb::create().await else { return };
+    let root = tempfile::tempdir().unwrap();
+    let args = ["--db", &db.url, "--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap()];
+    let a = Server::start(&args);
+    let (status, plugin) = upload_plugin(&a, ADMIN, PLUGIN_MANIFEST).await;
+    assert_eq!(status, 201, "{plugin}");
+    assert!(!a.dir.path().join("data/hangar/hangar.plugins").exists(), "kept in the database, not in A's files");
+
+    let b = Server::start(&args);
+    assert_eq!(misbehave_on(&b, ADMIN).await, (true, Some("0.1.0".into())), "B loaded it from the database");
+    let upgraded = PLUGIN_MANIFEST.replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    let (status, plugin) = upload_plugin(&a, ADMIN, &upgraded).await;
+    assert_eq!(status, 200, "an upgrade: {plugin}");
+    let b = b.restart();
+    assert_eq!(misbehave_on(&b, ADMIN).await, (true, Some("0.2.0".into())));
+    let (status, body) = a.send(a.client.delete(a.url("/plugins/misbehave")).bearer_auth(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    let b = b.restart();
+    assert_eq!(misbehave_on(&b, ADMIN).await, (false, None), "removed through A, gone from B");
+
+    // A tenant's own plugin, installed through A, seen by that tenant on B.
+    let (status, tenant) = a.send(a.client.post(a.url("/tenants")).bearer_auth(ADMIN).json(&json!({"name": "acme"}))).await;
+    assert_eq!(status, 201, "{tenant}");
+    let (id, key) = (tenant["id"].as_str().unwrap(), tenant["key"].as_str().unwrap());
+    let (status, plugin) = upload_plugin(&a, key, PLUGIN_MANIFEST).await;
+    assert_eq!((status, plugin["scope"].as_str()), (201, Some("tenant")), "{plugin}");
+    let b = b.restart();
+    assert_eq!(misbehave_on(&b, key).await, (true, Some("0.1.0".into())), "the tenant's plugin, on B");
+    assert_eq!(misbehave_on(&b, ADMIN).await, (false, None), "a tenant's plugin is its own on B too");
+    let (status, body) = a.send(a.client.delete(a.url(&format!("/tenants/{id}"))).bearer_auth(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows: i64 = client.query_one("SELECT COUNT(*) FROM plugins", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "the tenant's plugin went with it");
+    assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
+}
