@@ -20,6 +20,7 @@ use rusqlite_migration::{M, Migrations};
 
 mod audit;
 mod context;
+mod copy;
 mod mcp;
 mod permissions;
 mod pg;
@@ -31,6 +32,7 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
+pub use copy::{CopyReport, TableCopy};
 pub use mcp::{McpServerRecord, McpTool, McpTransport};
 pub use plugins::{CONTROL_CHANNEL, PLUGINS_CHANGED, PluginHead, StoredPlugin};
 pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
@@ -77,6 +79,21 @@ pub enum StoreError {
     PgSchema { found: i64, known: usize },
     #[error("stored time `{0}` is not RFC 3339")]
     Time(String),
+    /// `hangar migrate` copies from a SQLite database into a PostgreSQL one.
+    #[error("a copy goes from a SQLite database into a PostgreSQL one")]
+    CopyDirection,
+    /// The copy's target already holds data: a second `hangar migrate`, or the wrong database.
+    #[error(
+        "the PostgreSQL database already holds data (in {}); `hangar migrate` copies only into a new (or empty) database, and copied nothing",
+        tables.join(", ")
+    )]
+    TargetNotEmpty { tables: Vec<String> },
+    /// A table's rows could not be copied.
+    #[error("copying table `{table}`: {reason}")]
+    CopyTable { table: String, reason: String },
+    /// A table counted other rows once copied than the source holds.
+    #[error("table `{table}` has {postgres} rows in PostgreSQL after the copy, but should have {sqlite}; nothing was copied")]
+    CountMismatch { table: String, sqlite: u64, postgres: u64 },
 }
 
 impl StoreError {
