@@ -212,21 +212,26 @@ fn a_database_that_cannot_be_reached_stops_the_start_with_the_reason_and_no_pass
 
 const PLUGIN_MANIFEST: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
 
+/// `req` with `bearer` as its token ("": none, a server without tokens).
+fn with_bearer(req: reqwest::RequestBuilder, bearer: &str) -> reqwest::RequestBuilder {
+    if bearer.is_empty() { req } else { req.bearer_auth(bearer) }
+}
+
 async fn upload_plugin(server: &Server, bearer: &str, manifest: &str) -> (u16, Value) {
     let form = reqwest::multipart::Form::new().text("manifest", manifest.to_string()).part(
         "wasm",
         reqwest::multipart::Part::bytes(common::build_component("tests/fixtures/misbehave")).file_name("plugin.wasm"),
     );
-    server.send(server.client.post(server.url("/plugins")).bearer_auth(bearer).multipart(form)).await
+    server.send(with_bearer(server.client.post(server.url("/plugins")), bearer).multipart(form)).await
 }
 
 /// Tool names `bearer` sees in `GET /tools` of `server`, and the version of
 /// `misbehave` in its `GET /plugins`.
 async fn misbehave_on(server: &Server, bearer: &str) -> (bool, Option<String>) {
-    let (status, tools) = server.send(server.client.get(server.url("/tools")).bearer_auth(bearer)).await;
+    let (status, tools) = server.send(with_bearer(server.client.get(server.url("/tools")), bearer)).await;
     assert_eq!(status, 200, "{tools}");
     let listed = tools.as_array().unwrap().iter().any(|t| t["name"] == "misbehave");
-    let (status, plugins) = server.send(server.client.get(server.url("/plugins")).bearer_auth(bearer)).await;
+    let (status, plugins) = server.send(with_bearer(server.client.get(server.url("/plugins")), bearer)).await;
     assert_eq!(status, 200, "{plugins}");
     let version = plugins.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").map(|p| {
         assert_eq!(p["source"], "api", "{p}");
@@ -280,4 +285,102 @@ async fn a_plugin_installed_through_one_host_is_loaded_by_another() {
     let rows: i64 = client.query_one("SELECT COUNT(*) FROM plugins", &[]).await.unwrap().get(0);
     assert_eq!(rows, 0, "the tenant's plugin went with it");
     assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
+}
+
+/// `hangar migrate`, run as an operator would.
+fn migrate(from: &std::path::Path, to: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["migrate", "--from"])
+        .arg(from)
+        .args(["--to", to])
+        .output()
+        .unwrap()
+}
+
+/// A SQLite server's data moved into PostgreSQL with `hangar migrate`: a
+/// host on PostgreSQL (with the same server key) has its agent, session
+/// history, runs and events, the plugin installed through its API, and a
+/// stored provider key that still works. A second migrate is refused.
+#[tokio::test]
+async fn hangar_migrate_moves_a_sqlite_server_into_postgresql() {
+    const SERVER_KEY: &str = "4f1c0de5a1b2c3d4e5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d";
+    let Some(db) = ScratchDb::create().await else { return };
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::text_answer(&["Hello ", "from SQLite."], 11, 4)),
+        Reply::sse(anthropic::text_answer(&["and from PostgreSQL"], 3, 2)),
+    ])
+    .await;
+    let mut sqlite = Server::start_with_env(&[], &[("HANGAR_SECRET_KEY", SERVER_KEY)]);
+    let work = tempfile::tempdir().unwrap();
+    let (status, body) = keyless(
+        sqlite.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}})).await,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, agent) = sqlite
+        .post("/agents", json!({"name": "moved", "instructions": "Be terse.", "tools": ["misbehave"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 422, "misbehave is not installed yet: {agent}");
+    let (status, plugin) = upload_plugin(&sqlite, "", PLUGIN_MANIFEST).await;
+    assert_eq!(status, 201, "{plugin}");
+    let (status, agent) = sqlite
+        .post("/agents", json!({"name": "moved", "instructions": "Be terse.", "tools": ["misbehave"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let agent = agent["id"].as_str().unwrap().to_string();
+    let (status, session) = sqlite.post("/sessions", json!({"work_dir": work.path()})).await;
+    assert_eq!(status, 201, "{session}");
+    let session = session["id"].as_str().unwrap().to_string();
+    let path = |tail: &str| format!("/sessions/{session}{tail}");
+    let (status, answer) = keyless(sqlite.post(&path("/message"), json!({"agent_id": agent, "message": "hi"})).await);
+    assert_eq!((status, answer["response"].as_str()), (200, Some("Hello from SQLite.")), "{answer}");
+    let run = answer["run_id"].as_str().unwrap().to_string();
+    let events_of = |server: &Server| {
+        let url = server.url(&path(&format!("/runs/{run}/events")));
+        let client = server.client.clone();
+        async move { Events::new(client.get(url).send().await.unwrap()).all().await }
+    };
+    let events = events_of(&sqlite).await;
+    assert!(events.len() >= 3, "{events:?}");
+    assert!(sqlite.terminate().success());
+
+    let out = migrate(&sqlite.db_path(), &db.url);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Each table's line: `  NAME  COUNT row(s)[ (N from DIR)]`.
+    let rows = |table: &str| {
+        let line = stdout.lines().find(|l| l.split_whitespace().next() == Some(table)).unwrap_or_else(|| panic!("{table}:\n{stdout}"));
+        (line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap(), line.to_string())
+    };
+    for table in ["agents", "provider_auth", "runs", "sessions", "tenants"] {
+        assert_eq!(rows(table).0, 1, "{table}:\n{stdout}");
+    }
+    assert_eq!(rows("events").0, events.len(), "{stdout}");
+    let (plugins, line) = rows("plugins");
+    assert!(plugins == 1 && line.contains(&format!("(1 from {})", sqlite.dir.path().join("hangar.plugins").display())), "{stdout}");
+    assert!(stdout.contains("server key the SQLite server used"), "the output says the key must go along:\n{stdout}");
+    assert!(!stdout.contains(KEY) && !stderr.contains(KEY));
+
+    let pg = Server::start_with_env(&["--db", &db.url], &[("HANGAR_SECRET_KEY", SERVER_KEY)]);
+    let (_, agents) = pg.get("/agents").await;
+    assert_eq!((agents.as_array().unwrap().len(), agents[0]["id"].as_str()), (1, Some(agent.as_str())), "{agents}");
+    let (status, kept) = pg.get(&path("")).await;
+    assert_eq!((status, kept["history"].as_array().map(Vec::len)), (200, Some(2)), "{kept}");
+    let (status, shown) = pg.get(&path(&format!("/runs/{run}"))).await;
+    assert_eq!((status, shown["status"].as_str(), shown["response"].as_str()), (200, Some("completed"), Some("Hello from SQLite.")), "{shown}");
+    let replayed = events_of(&pg).await;
+    assert_eq!(replayed, events, "the run's events, from PostgreSQL");
+    assert_eq!(misbehave_on(&pg, "").await, (true, Some("0.1.0".into())), "the plugin installed through the SQLite server's API");
+    let (status, answer) = keyless(pg.post(&path("/message"), json!({"agent_id": agent, "message": "again"})).await);
+    assert_eq!((status, answer["response"].as_str()), (200, Some("and from PostgreSQL")), "{answer}");
+    assert_eq!(fake.requests()[1].header("x-api-key"), Some(KEY), "the sealed key opened with the same server key");
+
+    // A second run (a mistake) is refused and changes nothing.
+    let again = migrate(&sqlite.db_path(), &db.url);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{stderr}");
+    assert!(stderr.contains("already holds data"), "{stderr}");
+    let (_, kept) = pg.get(&path("")).await;
+    assert_eq!(kept["history"].as_array().map(Vec::len), Some(4), "{kept}");
 }

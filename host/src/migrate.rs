@@ -77,9 +77,10 @@ pub fn run(args: MigrateArgs) -> Result<(), MigrateError> {
             0 => String::new(),
             n => format!(" ({n} from {})", installed_dir.display()),
         };
-        let _ = writeln!(out, "  {:<width$}  {:>8} rows{from_files}", table.name, table.postgres);
+        let rows = if table.postgres == 1 { "row" } else { "rows" };
+        let _ = writeln!(out, "  {:<width$}  {:>8} {rows}{from_files}", table.name, table.postgres);
     }
-    let _ = writeln!(out, "every table counts as many rows in PostgreSQL as in SQLite.\n{SECRET_KEY_NOTE}");
+    let _ = writeln!(out, "each table counts the rows it has in SQLite (plugins: and those read from files).\n{SECRET_KEY_NOTE}");
     Ok(())
 }
 
