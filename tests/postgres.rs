@@ -384,3 +384,42 @@ async fn hangar_migrate_moves_a_sqlite_server_into_postgresql() {
     let (_, kept) = pg.get(&path("")).await;
     assert_eq!(kept["history"].as_array().map(Vec::len), Some(4), "{kept}");
 }
+
+/// What a host's sync does with the rows of `plugins`, on a runtime that
+/// is running (as the LISTEN task will call it): a new row is loaded, a
+/// changed one replaces the loaded version, a row gone unloads it, a row
+/// that cannot load is skipped, and a sync with nothing new changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_loads_replaces_and_unloads_what_the_table_says() {
+    use hangar::store::{Store, StoredPlugin};
+    let Some(db) = ScratchDb::create().await else { return };
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let settings = hangar::config::Settings::resolve(hangar::config::ServeArgs {
+        db: Some(db.url.clone()),
+        config: Some(config.path().into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let store = Store::open_postgres(&db.url).await.unwrap();
+    let runtime = common::runtime();
+    let wasm: Arc<[u8]> = Arc::from(common::build_component("tests/fixtures/misbehave"));
+    let version = |runtime: &hangar::runtime::Runtime| runtime.get("misbehave").map(|p| p.manifest.version.clone());
+
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 0);
+    store.put_plugin(StoredPlugin::new("misbehave".into(), None, PLUGIN_MANIFEST.into(), wasm.clone())).await.unwrap();
+    store.put_plugin(StoredPlugin::new("broken".into(), None, "kind = \"tool\"\nname = \"broken\"".into(), wasm.clone())).await.unwrap();
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1, "the broken row is skipped");
+    assert_eq!(version(&runtime).as_deref(), Some("0.1.0"));
+    assert!(runtime.tool_spec("misbehave").await.is_ok(), "it loads");
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 0, "nothing changed");
+
+    let upgraded = PLUGIN_MANIFEST.replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    store.put_plugin(StoredPlugin::new("misbehave".into(), None, upgraded, wasm.clone())).await.unwrap();
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1);
+    assert_eq!(version(&runtime).as_deref(), Some("0.2.0"), "the manifest changed, the component did not");
+
+    assert!(store.delete_plugin("misbehave").await.unwrap());
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1);
+    assert_eq!(version(&runtime), None, "its row is gone");
+    assert!(runtime.get("read").is_some(), "built-ins are not the table's");
+}
