@@ -37,6 +37,7 @@ pub struct MigrateArgs {
     pub installed_dir: Option<PathBuf>,
 }
 
+/// Why `hangar migrate` copied nothing.
 #[derive(Debug, thiserror::Error)]
 pub enum MigrateError {
     #[error("there is no SQLite database at {0}")]

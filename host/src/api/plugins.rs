@@ -1,5 +1,6 @@
 //! Plugin management: list, install (multipart upload), remove, rescan the
-//! plugins directory, and the specs of every tool.
+//! plugins directory, and the specs of every tool. With PostgreSQL, plugins
+//! installed through the API are rows that every host loads ([`sync_plugins`]).
 
 use std::io::Read;
 use std::path::Path as FsPath;

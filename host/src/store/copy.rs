@@ -31,12 +31,14 @@ const SEEDED: [(&str, &str); 1] = [("tenants", "id = 'default'")];
 /// What a copy did, table by table.
 #[derive(Debug, Clone, Default)]
 pub struct CopyReport {
+    /// In the order they were copied (a table after those it references).
     pub tables: Vec<TableCopy>,
 }
 
 /// One table's rows, counted in both databases once copied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TableCopy {
+    /// The table's name, the same in both databases.
     pub name: String,
     /// Rows in the SQLite table.
     pub sqlite: u64,

@@ -29,9 +29,11 @@ pub struct StoredPlugin {
     pub tenant_id: Option<String>,
     /// `NAME.plugin.toml` as it was uploaded.
     pub manifest: String,
+    /// The component.
     pub wasm: Arc<[u8]>,
     /// Of `wasm`, in hex: what tells a host that its loaded copy is current.
     pub sha256: String,
+    /// When it was installed (or last upgraded).
     pub installed_at: DateTime<Utc>,
 }
 
@@ -47,9 +49,13 @@ impl StoredPlugin {
 /// a host has loaded is current (its component is read only when it is not).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PluginHead {
+    /// As [`StoredPlugin::key`].
     pub key: String,
+    /// As [`StoredPlugin::tenant_id`].
     pub tenant_id: Option<String>,
+    /// As [`StoredPlugin::manifest`].
     pub manifest: String,
+    /// As [`StoredPlugin::sha256`].
     pub sha256: String,
 }
 
