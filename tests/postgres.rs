@@ -383,6 +383,13 @@ async fn hangar_migrate_moves_a_sqlite_server_into_postgresql() {
     assert!(stderr.contains("already holds data"), "{stderr}");
     let (_, kept) = pg.get(&path("")).await;
     assert_eq!(kept["history"].as_array().map(Vec::len), Some(4), "{kept}");
+    // A mistyped source is not made into an empty database, and the target must be PostgreSQL.
+    let missing = sqlite.dir.path().join("no-such.db");
+    let out = migrate(&missing, &db.url);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("there is no SQLite database"), "{out:?}");
+    assert!(!missing.exists());
+    let out = migrate(&sqlite.db_path(), sqlite.dir.path().join("copy.db").to_str().unwrap());
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--to must name a PostgreSQL database"), "{out:?}");
 }
 
 /// What a host's sync does with the rows of `plugins`, on a runtime that
