@@ -23,8 +23,8 @@ if [ -z "${BENCH_DATABASE_SERVER:-}" ]; then
     -o "-c listen_addresses=127.0.0.1 -p $pg_port -k $pg_dir -c max_connections=200" >/dev/null
   BENCH_DATABASE_SERVER="postgres://postgres@127.0.0.1:$pg_port"
 fi
-n=0
-fresh_db() { n=$((n + 1)); local name="hangar_bench_$$_$n"; psql -q "$BENCH_DATABASE_SERVER/postgres" -c "CREATE DATABASE $name" >/dev/null; echo "$BENCH_DATABASE_SERVER/$name"; }
+# Called in $(…), a subshell: a counter would not survive it, so each name is random.
+fresh_db() { local name="hangar_bench_$(date +%s)_$RANDOM$RANDOM"; psql -q "$BENCH_DATABASE_SERVER/postgres" -c "CREATE DATABASE $name" >/dev/null; echo "$BENCH_DATABASE_SERVER/$name"; }
 
 echo "## 1 host, SQLite"; bench/http_load.sh
 echo; echo "## 1 host, PostgreSQL"; DATABASE_URL=$(fresh_db) HOSTS=1 bench/http_load.sh

@@ -209,3 +209,261 @@ fn a_database_that_cannot_be_reached_stops_the_start_with_the_reason_and_no_pass
     assert!(err.contains("Connection refused"), "{err}");
     assert!(!err.contains("pw-s3cret"), "{err}");
 }
+
+const PLUGIN_MANIFEST: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
+
+/// `req` with `bearer` as its token ("": none, a server without tokens).
+fn with_bearer(req: reqwest::RequestBuilder, bearer: &str) -> reqwest::RequestBuilder {
+    if bearer.is_empty() { req } else { req.bearer_auth(bearer) }
+}
+
+async fn upload_plugin(server: &Server, bearer: &str, manifest: &str) -> (u16, Value) {
+    let form = reqwest::multipart::Form::new().text("manifest", manifest.to_string()).part(
+        "wasm",
+        reqwest::multipart::Part::bytes(common::build_component("tests/fixtures/misbehave")).file_name("plugin.wasm"),
+    );
+    server.send(with_bearer(server.client.post(server.url("/plugins")), bearer).multipart(form)).await
+}
+
+/// Tool names `bearer` sees in `GET /tools` of `server`, and the version of
+/// `misbehave` in its `GET /plugins`.
+async fn misbehave_on(server: &Server, bearer: &str) -> (bool, Option<String>) {
+    let (status, tools) = server.send(with_bearer(server.client.get(server.url("/tools")), bearer)).await;
+    assert_eq!(status, 200, "{tools}");
+    let listed = tools.as_array().unwrap().iter().any(|t| t["name"] == "misbehave");
+    let (status, plugins) = server.send(with_bearer(server.client.get(server.url("/plugins")), bearer)).await;
+    assert_eq!(status, 200, "{plugins}");
+    let version = plugins.as_array().unwrap().iter().find(|p| p["id"] == "misbehave").map(|p| {
+        assert_eq!(p["source"], "api", "{p}");
+        p["version"].as_str().unwrap().to_string()
+    });
+    (listed, version)
+}
+
+/// Two hosts on one database: a plugin installed, upgraded or removed
+/// through host A is so on host B while B runs (A's notice makes B load
+/// the table again), and an agent on B calls it; a tenant's own plugin
+/// too, and deleting the tenant removes it. A host started later loads
+/// them from the database.
+
+/// Waits (up to 30 s) until `server` shows `misbehave` as `want` to `bearer`.
+async fn misbehave_becomes(server: &Server, bearer: &str, want: (bool, Option<String>)) {
+    let mut seen = misbehave_on(server, bearer).await;
+    for _ in 0..300 {
+        if seen == want {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        seen = misbehave_on(server, bearer).await;
+    }
+    assert_eq!(seen, want, "B never caught up with A's change");
+}
+#[tokio::test]
+async fn a_plugin_installed_through_one_host_is_loaded_by_another() {
+    const ADMIN: &str = "admin-token-for-plugin-tests";
+    let Some(db) = ScratchDb::create().await else { return };
+    let root = tempfile::tempdir().unwrap();
+    let input = json!({"mode": "ok"}).to_string();
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::tool_answer("toolu_m", "misbehave", &[&input], 5, 2)),
+        Reply::sse(anthropic::text_answer(&["called"], 3, 1)),
+    ])
+    .await;
+    let config = root.path().join("hangar.toml");
+    std::fs::write(&config, format!("[tenants]\nallowed_origins = [{:?}]\n", fake.url)).unwrap();
+    let args = ["--db", &db.url, "--admin-token", ADMIN, "--work-root", root.path().to_str().unwrap(), "--config", config.to_str().unwrap()];
+    let shared_key = [("HANGAR_SECRET_KEY", "5e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f")];
+    let a = Server::start_with_env(&args, &shared_key);
+    let (status, plugin) = upload_plugin(&a, ADMIN, PLUGIN_MANIFEST).await;
+    assert_eq!(status, 201, "{plugin}");
+    assert!(!a.dir.path().join("data/hangar/hangar.plugins").exists(), "kept in the database, not in A's files");
+
+    let b = Server::start_with_env(&args, &shared_key);
+    assert_eq!(misbehave_on(&b, ADMIN).await, (true, Some("0.1.0".into())), "B loaded it from the database at its start");
+    let upgraded = PLUGIN_MANIFEST.replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    let (status, plugin) = upload_plugin(&a, ADMIN, &upgraded).await;
+    assert_eq!(status, 200, "an upgrade: {plugin}");
+    misbehave_becomes(&b, ADMIN, (true, Some("0.2.0".into()))).await;
+    let (status, body) = a.send(a.client.delete(a.url("/plugins/misbehave")).bearer_auth(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    misbehave_becomes(&b, ADMIN, (false, None)).await;
+
+    // A tenant's own plugin, installed through A while B runs, called on B.
+    let (status, tenant) = a.send(a.client.post(a.url("/tenants")).bearer_auth(ADMIN).json(&json!({"name": "acme"}))).await;
+    assert_eq!(status, 201, "{tenant}");
+    let (id, key) = (tenant["id"].as_str().unwrap(), tenant["key"].as_str().unwrap());
+    let (status, plugin) = upload_plugin(&a, key, PLUGIN_MANIFEST).await;
+    assert_eq!((status, plugin["scope"].as_str()), (201, Some("tenant")), "{plugin}");
+    misbehave_becomes(&b, key, (true, Some("0.1.0".into()))).await;
+    assert_eq!(misbehave_on(&b, ADMIN).await, (false, None), "a tenant's plugin is its own on B too");
+    let as_tenant = |server: &Server, method: reqwest::Method, path: &str| server.client.request(method, server.url(path)).bearer_auth(key);
+    let (status, _) = b
+        .send(as_tenant(&b, reqwest::Method::PUT, "/provider/auth").json(&json!({"providers": {"anthropic":
+            {"type": "api_key", "key": KEY, "base_url": fake.url}}})))
+        .await;
+    assert_eq!(status, 200);
+    let (status, agent) = b
+        .send(as_tenant(&b, reqwest::Method::POST, "/agents").json(&json!({"name": "m", "tools": ["misbehave"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}})))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let (_, session) = b.send(as_tenant(&b, reqwest::Method::POST, "/sessions").json(&json!({}))).await;
+    let (status, answer) = b
+        .send(as_tenant(&b, reqwest::Method::POST, &format!("/sessions/{}/message", session["id"].as_str().unwrap()))
+            .json(&json!({"agent_id": agent["id"], "message": "call it"})))
+        .await;
+    assert_eq!((status, answer["response"].as_str()), (200, Some("called")), "{answer}");
+    assert_eq!(answer["tool_calls"][0]["output"], "fine", "B ran the plugin installed through A: {answer}");
+    let (status, body) = a.send(a.client.delete(a.url(&format!("/tenants/{id}"))).bearer_auth(ADMIN)).await;
+    assert_eq!(status, 200, "{body}");
+    let (client, connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let rows: i64 = client.query_one("SELECT COUNT(*) FROM plugins", &[]).await.unwrap().get(0);
+    assert_eq!(rows, 0, "the tenant's plugin went with it");
+    assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
+    assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
+}
+
+/// `hangar migrate`, run as an operator would.
+fn migrate(from: &std::path::Path, to: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_hangar"))
+        .args(["migrate", "--from"])
+        .arg(from)
+        .args(["--to", to])
+        .output()
+        .unwrap()
+}
+
+/// A SQLite server's data moved into PostgreSQL with `hangar migrate`: a
+/// host on PostgreSQL (with the same server key) has its agent, session
+/// history, runs and events, the plugin installed through its API, and a
+/// stored provider key that still works. A second migrate is refused.
+#[tokio::test]
+async fn hangar_migrate_moves_a_sqlite_server_into_postgresql() {
+    const SERVER_KEY: &str = "4f1c0de5a1b2c3d4e5f60718293a4b5c6d7e8f9012a3b4c5d6e7f8091a2b3c4d";
+    let Some(db) = ScratchDb::create().await else { return };
+    let fake = FakeServer::start(vec![
+        Reply::sse(anthropic::text_answer(&["Hello ", "from SQLite."], 11, 4)),
+        Reply::sse(anthropic::text_answer(&["and from PostgreSQL"], 3, 2)),
+    ])
+    .await;
+    let mut sqlite = Server::start_with_env(&[], &[("HANGAR_SECRET_KEY", SERVER_KEY)]);
+    let work = tempfile::tempdir().unwrap();
+    let (status, body) = keyless(
+        sqlite.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}})).await,
+    );
+    assert_eq!(status, 200, "{body}");
+    let (status, agent) = sqlite
+        .post("/agents", json!({"name": "moved", "instructions": "Be terse.", "tools": ["misbehave"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 422, "misbehave is not installed yet: {agent}");
+    let (status, plugin) = upload_plugin(&sqlite, "", PLUGIN_MANIFEST).await;
+    assert_eq!(status, 201, "{plugin}");
+    let (status, agent) = sqlite
+        .post("/agents", json!({"name": "moved", "instructions": "Be terse.", "tools": ["misbehave"],
+            "provider": {"id": "anthropic", "model": "claude-test", "max_tokens": 64}}))
+        .await;
+    assert_eq!(status, 201, "{agent}");
+    let agent = agent["id"].as_str().unwrap().to_string();
+    let (status, session) = sqlite.post("/sessions", json!({"work_dir": work.path()})).await;
+    assert_eq!(status, 201, "{session}");
+    let session = session["id"].as_str().unwrap().to_string();
+    let path = |tail: &str| format!("/sessions/{session}{tail}");
+    let (status, answer) = keyless(sqlite.post(&path("/message"), json!({"agent_id": agent, "message": "hi"})).await);
+    assert_eq!((status, answer["response"].as_str()), (200, Some("Hello from SQLite.")), "{answer}");
+    let run = answer["run_id"].as_str().unwrap().to_string();
+    let events_of = |server: &Server| {
+        let url = server.url(&path(&format!("/runs/{run}/events")));
+        let client = server.client.clone();
+        async move { Events::new(client.get(url).send().await.unwrap()).all().await }
+    };
+    let events = events_of(&sqlite).await;
+    assert!(events.len() >= 3, "{events:?}");
+    assert!(sqlite.terminate().success());
+
+    let out = migrate(&sqlite.db_path(), &db.url);
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    // Each table's line: `  NAME  COUNT row(s)[ (N from DIR)]`.
+    let rows = |table: &str| {
+        let line = stdout.lines().find(|l| l.split_whitespace().next() == Some(table)).unwrap_or_else(|| panic!("{table}:\n{stdout}"));
+        (line.split_whitespace().nth(1).unwrap().parse::<usize>().unwrap(), line.to_string())
+    };
+    for table in ["agents", "provider_auth", "runs", "sessions", "tenants"] {
+        assert_eq!(rows(table).0, 1, "{table}:\n{stdout}");
+    }
+    assert_eq!(rows("events").0, events.len(), "{stdout}");
+    let (plugins, line) = rows("plugins");
+    assert!(plugins == 1 && line.contains(&format!("(1 from {})", sqlite.dir.path().join("hangar.plugins").display())), "{stdout}");
+    assert!(stdout.contains("server key the SQLite server used"), "the output says the key must go along:\n{stdout}");
+    assert!(!stdout.contains(KEY) && !stderr.contains(KEY));
+
+    let pg = Server::start_with_env(&["--db", &db.url], &[("HANGAR_SECRET_KEY", SERVER_KEY)]);
+    let (_, agents) = pg.get("/agents").await;
+    assert_eq!((agents.as_array().unwrap().len(), agents[0]["id"].as_str()), (1, Some(agent.as_str())), "{agents}");
+    let (status, kept) = pg.get(&path("")).await;
+    assert_eq!((status, kept["history"].as_array().map(Vec::len)), (200, Some(2)), "{kept}");
+    let (status, shown) = pg.get(&path(&format!("/runs/{run}"))).await;
+    assert_eq!((status, shown["status"].as_str(), shown["response"].as_str()), (200, Some("completed"), Some("Hello from SQLite.")), "{shown}");
+    let replayed = events_of(&pg).await;
+    assert_eq!(replayed, events, "the run's events, from PostgreSQL");
+    assert_eq!(misbehave_on(&pg, "").await, (true, Some("0.1.0".into())), "the plugin installed through the SQLite server's API");
+    let (status, answer) = keyless(pg.post(&path("/message"), json!({"agent_id": agent, "message": "again"})).await);
+    assert_eq!((status, answer["response"].as_str()), (200, Some("and from PostgreSQL")), "{answer}");
+    assert_eq!(fake.requests()[1].header("x-api-key"), Some(KEY), "the sealed key opened with the same server key");
+
+    // A second run (a mistake) is refused and changes nothing.
+    let again = migrate(&sqlite.db_path(), &db.url);
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success(), "{stderr}");
+    assert!(stderr.contains("already holds data"), "{stderr}");
+    let (_, kept) = pg.get(&path("")).await;
+    assert_eq!(kept["history"].as_array().map(Vec::len), Some(4), "{kept}");
+    // A mistyped source is not made into an empty database, and the target must be PostgreSQL.
+    let missing = sqlite.dir.path().join("no-such.db");
+    let out = migrate(&missing, &db.url);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("there is no SQLite database"), "{out:?}");
+    assert!(!missing.exists());
+    let out = migrate(&sqlite.db_path(), sqlite.dir.path().join("copy.db").to_str().unwrap());
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--to must name a PostgreSQL database"), "{out:?}");
+}
+
+/// What a host's sync does with the rows of `plugins`, on a runtime that
+/// is running (as the LISTEN task will call it): a new row is loaded, a
+/// changed one replaces the loaded version, a row gone unloads it, a row
+/// that cannot load is skipped, and a sync with nothing new changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_loads_replaces_and_unloads_what_the_table_says() {
+    use hangar::store::{Store, StoredPlugin};
+    let Some(db) = ScratchDb::create().await else { return };
+    let config = tempfile::NamedTempFile::new().unwrap();
+    let settings = hangar::config::Settings::resolve(hangar::config::ServeArgs {
+        db: Some(db.url.clone()),
+        config: Some(config.path().into()),
+        ..Default::default()
+    })
+    .unwrap();
+    let store = Store::open_postgres(&db.url).await.unwrap();
+    let runtime = common::runtime();
+    let wasm: Arc<[u8]> = Arc::from(common::build_component("tests/fixtures/misbehave"));
+    let version = |runtime: &hangar::runtime::Runtime| runtime.get("misbehave").map(|p| p.manifest.version.clone());
+
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 0);
+    store.put_plugin(StoredPlugin::new("misbehave".into(), None, PLUGIN_MANIFEST.into(), wasm.clone())).await.unwrap();
+    store.put_plugin(StoredPlugin::new("broken".into(), None, "kind = \"tool\"\nname = \"broken\"".into(), wasm.clone())).await.unwrap();
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1, "the broken row is skipped");
+    assert_eq!(version(&runtime).as_deref(), Some("0.1.0"));
+    assert!(runtime.tool_spec("misbehave").await.is_ok(), "it loads");
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 0, "nothing changed");
+
+    let upgraded = PLUGIN_MANIFEST.replace("version = \"0.1.0\"", "version = \"0.2.0\"");
+    store.put_plugin(StoredPlugin::new("misbehave".into(), None, upgraded, wasm.clone())).await.unwrap();
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1);
+    assert_eq!(version(&runtime).as_deref(), Some("0.2.0"), "the manifest changed, the component did not");
+
+    assert!(store.delete_plugin("misbehave").await.unwrap());
+    assert_eq!(hangar::api::load_stored(&store, &runtime, &settings).await.unwrap(), 1);
+    assert_eq!(version(&runtime), None, "its row is gone");
+    assert!(runtime.get("read").is_some(), "built-ins are not the table's");
+}

@@ -155,7 +155,7 @@ async fn control(state: &AppState, payload: &str) -> Result<(), StoreError> {
             // A deleted tenant's agents went with it.
             state.store.forget_agents();
         }
-        (Some("plugins"), None, None) => crate::api::plugins_changed(state).await,
+        (Some(crate::store::PLUGINS_CHANGED), None, None) => crate::api::plugins_changed(state).await,
         (Some(crate::store::AGENTS_CHANGED), None, None) => state.store.forget_agents(),
         _ => tracing::debug!(payload, "unknown control notification"),
     }

@@ -40,6 +40,13 @@ pub enum Command {
     /// `hangar plugin install FILE|DIR --server URL`.
     #[command(subcommand)]
     Plugin(crate::authoring::PluginCommand),
+    /// Copy a SQLite database (and the plugins installed through its API)
+    /// into a new PostgreSQL database, to serve it from several hosts.
+    ///
+    /// Stop the server first. Every table is copied in one transaction and
+    /// its rows counted on both sides; a database that already holds data
+    /// is refused, so running it twice copies nothing the second time.
+    Migrate(crate::migrate::MigrateArgs),
     /// The server's own compile worker: a component on stdin, compiled on
     /// stdout (see runtime/compile.rs). Not for people.
     #[command(hide = true)]
@@ -377,8 +384,8 @@ pub struct Settings {
     pub plugins_dir: PathBuf,
     /// Plugins installed through the API: beside a SQLite database
     /// (`hangar.db` → `hangar.plugins/`), as they are part of its state;
-    /// with PostgreSQL, `$XDG_DATA_HOME/hangar/hangar.plugins` (a host's
-    /// own until plugins live in the database, issue 16).
+    /// with PostgreSQL they are rows of the database, and this directory
+    /// (`$XDG_DATA_HOME/hangar/hangar.plugins`) is not read.
     pub installed_dir: PathBuf,
     pub cache_dir: PathBuf,
     /// How plugins are compiled (`[limits] compile_*`) and the compile
@@ -453,6 +460,12 @@ pub enum ConfigError {
     TenantOrigin { origin: String, reason: String },
     #[error("[mcp] allowed_origins: `{origin}`: {reason}")]
     McpOrigin { origin: String, reason: String },
+}
+
+/// Where a SQLite server keeps the plugins installed through its API:
+/// beside its database (`hangar.db` → `hangar.plugins/`).
+pub fn installed_dir_of(db: &Path) -> PathBuf {
+    db.with_extension("plugins")
 }
 
 fn xdg(var: &'static str, fallback: &str) -> Result<PathBuf, ConfigError> {
@@ -559,7 +572,7 @@ impl Settings {
             None => crate::store::Location::Sqlite(data()?.join("hangar.db")),
         };
         let installed_dir = match &db {
-            crate::store::Location::Sqlite(path) => path.with_extension("plugins"),
+            crate::store::Location::Sqlite(path) => installed_dir_of(path),
             crate::store::Location::Postgres(_) => data()?.join("hangar.plugins"),
         };
         let timeout_s = file.permissions.timeout_s.unwrap_or(DEFAULT_PERMISSION_TIMEOUT.as_secs());

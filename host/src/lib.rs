@@ -6,6 +6,7 @@
 //! - [`runtime`]: the wasmtime engine, plugin registry and capabilities;
 //! - [`store`]: persistence on SQLite or PostgreSQL;
 //! - [`authoring`]: `hangar plugin new|build|install` for plugin authors.
+//! - [`migrate`]: `hangar migrate`, a SQLite database copied into PostgreSQL.
 //! - [`telemetry`]: metrics (`GET /metrics`) and log lines.
 
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod authoring;
 pub mod cluster;
 pub mod config;
 pub mod mcp;
+pub mod migrate;
 pub mod permissions;
 pub mod runtime;
 pub mod server;

@@ -7,13 +7,23 @@ fn main() -> std::process::ExitCode {
     // An author's commands log as plain text; the server as it is told.
     let format = match &cli.command {
         Command::Serve(args) => args.log_format,
-        Command::Plugin(_) | Command::CompileWorker => Default::default(),
+        Command::Plugin(_) | Command::Migrate(_) | Command::CompileWorker => Default::default(),
     };
     hangar::telemetry::init_logs(format);
     let result = match cli.command {
         // An author's command: its error is for the terminal, not the log.
         Command::Plugin(command) => {
             return match hangar::authoring::run(command) {
+                Ok(()) => std::process::ExitCode::SUCCESS,
+                Err(err) => {
+                    eprintln!("hangar: {err}");
+                    std::process::ExitCode::FAILURE
+                }
+            };
+        }
+        // An operator's command at a terminal, as the author's are.
+        Command::Migrate(args) => {
+            return match hangar::migrate::run(args) {
                 Ok(()) => std::process::ExitCode::SUCCESS,
                 Err(err) => {
                     eprintln!("hangar: {err}");

@@ -69,14 +69,17 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     // Registration is instant; compilation runs in the background, so
     // `/health` answers at once and requests that need a plugin wait for it.
     runtime.add_builtins()?;
-    for (dir, source) in [(&settings.plugins_dir, Source::Directory), (&settings.installed_dir, Source::Api)] {
-        if dir.is_dir() {
+    // With PostgreSQL, plugins installed through the API are rows every host loads.
+    let installed_dir = (!store.keeps_plugins()).then_some(&settings.installed_dir);
+    for (dir, source) in [(Some(&settings.plugins_dir), Source::Directory), (installed_dir, Source::Api)] {
+        if let Some(dir) = dir.filter(|dir| dir.is_dir()) {
             runtime.add_directory(dir, source)?;
         }
     }
+    api::load_stored(&store, &runtime, &settings).await?;
     // Each tenant's own plugins, with the grants their cap allows.
     let cap = settings.tenants.plugin_cap();
-    if let Ok(tenants) = std::fs::read_dir(crate::tenancy::plugins_root(&settings.installed_dir)) {
+    if let Some(Ok(tenants)) = installed_dir.map(|dir| std::fs::read_dir(crate::tenancy::plugins_root(dir))) {
         for entry in tenants.flatten() {
             let (Some(id), true) = (entry.file_name().to_str().map(str::to_owned), entry.path().is_dir()) else { continue };
             runtime.add_directory_as(crate::runtime::Installer::Tenant { id: &id, cap: &cap }, &entry.path(), Source::Api)?;

@@ -28,6 +28,7 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 pub use error::{ApiError, ApiResult, ErrorBody};
+pub use plugins::{load_stored, sync_plugins};
 
 use crate::config::Settings;
 use crate::runtime::{Runtime, WorkDirRules};
@@ -258,7 +259,10 @@ pub async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> R
 
 /// Installed plugins changed on another host.
 pub async fn plugins_changed(state: &AppState) {
-    let _ = state;
+    match plugins::sync_plugins(state).await {
+        Ok(changed) => tracing::info!(changed, "plugins installed through another host are loaded"),
+        Err(err) => tracing::error!(%err, "cannot load the plugins another host installed"),
+    }
 }
 
 /// Starts the runs a stop left queued, in the order they were submitted.

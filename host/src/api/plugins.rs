@@ -1,5 +1,6 @@
 //! Plugin management: list, install (multipart upload), remove, rescan the
-//! plugins directory, and the specs of every tool.
+//! plugins directory, and the specs of every tool. With PostgreSQL, plugins
+//! installed through the API are rows that every host loads ([`sync_plugins`]).
 
 use std::io::Read;
 use std::path::Path as FsPath;
@@ -17,7 +18,9 @@ use utoipa::ToSchema;
 
 use super::page::{self, Page, PageQuery};
 use super::{ApiError, ApiResult, AppState, QueryParams, Status, status};
-use crate::runtime::{Capabilities, FsAccess, Installer, Kind, LoadState, Manifest, Plugin, Runtime, Source, policy};
+use crate::config::Settings;
+use crate::runtime::{Capabilities, FsAccess, Installer, Kind, LoadState, Manifest, Plugin, Runtime, RuntimeError, Source, policy};
+use crate::store::{Store, StoreError, StoredPlugin};
 use crate::tenancy::Caller;
 
 /// Largest plugin upload: a Python component alone is tens of MB.
@@ -336,16 +339,28 @@ async fn receive_and_install(
         Caller::Operator => state.runtime.get(&id).is_some(),
         Caller::Tenant(tenant) => state.runtime.resolve(tenant, &id).is_some(),
     };
+    // Until the plugin is stored: a sync now would find it in the runtime
+    // and not in the database, and take it for one removed through another host.
+    let _installing = SYNCING.read().await;
     let plugin = state.runtime.install_as(installer, manifest, wasm.clone(), Source::Api).await?;
-    // Stored beside the database, so it is back after a restart (and, the
-    // compiled form being cached, without compiling again).
-    let dir = store_dir(&state, &caller);
-    let saved = tokio::task::spawn_blocking(move || save(&dir, &id, &manifest_text, &wasm))
-        .await
-        .map_err(|e| ApiError::Internal(e.to_string()))?;
-    if let Err(err) = saved {
-        state.runtime.remove(&plugin.key());
-        return Err(ApiError::Internal(format!("cannot store plugin `{}`: {err}", plugin.id())));
+    if state.store.keeps_plugins() {
+        // In the database, where every host loads it from.
+        let stored = StoredPlugin::new(plugin.key(), plugin.owner.clone(), manifest_text, wasm);
+        if let Err(err) = state.store.put_plugin(stored).await {
+            state.runtime.remove(&plugin.key());
+            return Err(err.into());
+        }
+    } else {
+        // Stored beside the database, so it is back after a restart (and, the
+        // compiled form being cached, without compiling again).
+        let dir = store_dir(&state, &caller);
+        let saved = tokio::task::spawn_blocking(move || save(&dir, &id, &manifest_text, &wasm))
+            .await
+            .map_err(|e| ApiError::Internal(e.to_string()))?;
+        if let Err(err) = saved {
+            state.runtime.remove(&plugin.key());
+            return Err(ApiError::Internal(format!("cannot store plugin `{}`: {err}", plugin.id())));
+        }
     }
     tracing::info!(plugin = %plugin.id(), tenant = plugin.owner.as_deref(), upgrade = existed, "plugin installed through the API");
     let warnings = install_warnings(&plugin);
@@ -469,6 +484,13 @@ pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(i
     if !users.is_empty() {
         return Err(ApiError::Conflict(format!("`{id}` is still used by agents: {}", users.join(", "))));
     }
+    let _removing = SYNCING.read().await;
+    if state.store.keeps_plugins() {
+        // Its row first: had that failed, the plugin would still be everywhere.
+        state.store.delete_plugin(&plugin.key()).await?;
+        state.runtime.remove(&plugin.key());
+        return Ok(status("deleted"));
+    }
     state.runtime.remove(&plugin.key());
     let dir = store_dir(&state, &caller);
     tokio::task::spawn_blocking(move || {
@@ -483,6 +505,87 @@ pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(i
     .await
     .map_err(|e| ApiError::Internal(e.to_string()))?;
     Ok(status("deleted"))
+}
+
+/// Held shared by an install or a removal through the API, and alone by
+/// [`sync_plugins`]: a sync never sees a plugin between the runtime and the
+/// database. (Process-wide: one server runs in a process.)
+static SYNCING: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// Makes this host's plugins installed through the API those of the
+/// database, when it keeps them (PostgreSQL): loads a row that is not
+/// loaded or whose component or manifest differ, and unloads a plugin whose
+/// row is gone. Called on start, and when another host announces a change
+/// ([`crate::store::PLUGINS_CHANGED`]). Returns how many plugins it loaded
+/// or unloaded; a row that cannot be loaded is logged and skipped (as a
+/// broken file in the plugins directory is).
+pub async fn sync_plugins(state: &AppState) -> Result<usize, StoreError> {
+    load_stored(&state.store, &state.runtime, &state.settings).await
+}
+
+/// [`sync_plugins`] before there is an [`AppState`] (the server's start).
+pub async fn load_stored(store: &Store, runtime: &Runtime, settings: &Settings) -> Result<usize, StoreError> {
+    if !store.keeps_plugins() {
+        return Ok(0);
+    }
+    let _alone = SYNCING.write().await;
+    let heads = store.plugin_heads().await?;
+    let cap = settings.tenants.plugin_cap();
+    let mut changed = 0;
+    for head in &heads {
+        let loaded = runtime.get(&head.key);
+        if let Some(plugin) = &loaded
+            && plugin.source == Source::Api
+            && plugin.sha256() == head.sha256
+            && Manifest::parse(&head.manifest, None).is_ok_and(|m| m == plugin.manifest)
+        {
+            continue;
+        }
+        // Gone since the heads were read: the removal's own notice follows.
+        let Some(stored) = store.plugin(&head.key).await? else { continue };
+        match load_one(runtime, &cap, stored, loaded.is_some()).await {
+            Ok(plugin) => {
+                tracing::info!(plugin = %plugin.id(), tenant = plugin.owner.as_deref(), "plugin loaded from the database");
+                changed += 1;
+            }
+            Err(err) => tracing::error!(plugin = %head.key, %err, "cannot load a plugin stored in the database"),
+        }
+    }
+    for plugin in runtime.all_plugins() {
+        if plugin.source == Source::Api && !heads.iter().any(|h| h.key == plugin.key()) {
+            runtime.remove(&plugin.key());
+            tracing::info!(plugin = %plugin.id(), tenant = plugin.owner.as_deref(), "plugin removed: it is no longer in the database");
+            changed += 1;
+        }
+    }
+    Ok(changed)
+}
+
+/// Registers a stored plugin, as its installer did. A new one compiles in
+/// the background (a start does not wait for it); one that replaces a
+/// loaded version is compiled first, so a broken upgrade leaves the old.
+async fn load_one(
+    runtime: &Runtime,
+    cap: &policy::PluginPolicy,
+    stored: StoredPlugin,
+    replacing: bool,
+) -> Result<Arc<Plugin>, RuntimeError> {
+    let manifest = Manifest::parse(&stored.manifest, None)?;
+    if crate::runtime::registry_key(stored.tenant_id.as_deref(), &manifest.name) != stored.key {
+        return Err(RuntimeError::Manifest {
+            plugin: stored.key,
+            reason: format!("the row's key does not match its manifest's name `{}` and tenant", manifest.name),
+        });
+    }
+    let installer = match &stored.tenant_id {
+        None => Installer::Server,
+        Some(id) => Installer::Tenant { id, cap },
+    };
+    if replacing {
+        runtime.install_as(installer, manifest, stored.wasm, Source::Api).await
+    } else {
+        runtime.add_as(installer, manifest, stored.wasm, Source::Api)
+    }
 }
 
 #[derive(Debug, Default, Serialize, ToSchema)]

@@ -63,7 +63,7 @@ pub struct Capabilities {
 
 /// Provider-only settings: where the host finds a key and a base URL when
 /// none is stored.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ProviderSection {
     /// Environment variable holding the API key (`ANTHROPIC_API_KEY`).
@@ -92,7 +92,7 @@ pub enum PatternKind {
 }
 
 /// Tool-only settings: what permission rules match a call against.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ToolSection {
     /// The input field rule patterns match (`command`, `path`); without
@@ -104,7 +104,7 @@ pub struct ToolSection {
     pub pattern_default: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Manifest {
     pub kind: Kind,

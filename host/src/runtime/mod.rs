@@ -103,6 +103,8 @@ pub struct Plugin {
     pub owner: Option<String>,
     pub grants: Grants,
     wasm: Arc<[u8]>,
+    /// SHA-256 of `wasm` in hex, computed when first asked for.
+    sha256: OnceLock<String>,
     loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
     /// Its log rate, over all its calls at once.
     log_gate: Arc<log::LogGate>,
@@ -123,9 +125,15 @@ impl Plugin {
     pub fn key(&self) -> String {
         registry_key(self.owner.as_deref(), &self.manifest.name)
     }
+
+    /// The SHA-256 of its component, in hex (as the store keeps it).
+    pub fn sha256(&self) -> &str {
+        self.sha256.get_or_init(|| hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&*self.wasm)))
+    }
 }
 
-fn registry_key(owner: Option<&str>, name: &str) -> String {
+/// The registry key of plugin `name` installed by `owner` (see [`Plugin::key`]).
+pub fn registry_key(owner: Option<&str>, name: &str) -> String {
     match owner {
         None => name.to_string(),
         Some(tenant) => format!("{tenant}/{name}"),
@@ -435,7 +443,7 @@ impl Runtime {
                 (self.inner.policy.grant_capped(&manifest, cap)?, Some(id.to_string()))
             }
         };
-        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, loaded: tokio::sync::OnceCell::new(), log_gate: Default::default() }))
+        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, sha256: OnceLock::new(), loaded: tokio::sync::OnceCell::new(), log_gate: Default::default() }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
@@ -515,6 +523,11 @@ impl Runtime {
     /// The server-wide plugins, ordered by id.
     pub fn plugins(&self) -> Vec<Arc<Plugin>> {
         self.inner.plugins.read().unwrap().values().filter(|p| p.owner.is_none()).cloned().collect()
+    }
+
+    /// Every plugin, server-wide and tenants' own, by registry key.
+    pub fn all_plugins(&self) -> Vec<Arc<Plugin>> {
+        self.inner.plugins.read().unwrap().values().cloned().collect()
     }
 
     /// What `tenant` sees: the server-wide plugins and its own, by name.

@@ -20,10 +20,12 @@ use rusqlite_migration::{M, Migrations};
 
 mod audit;
 mod context;
+mod copy;
 mod hosts;
 mod mcp;
 mod permissions;
 mod pg;
+mod plugins;
 mod records;
 mod runs;
 pub mod scratch;
@@ -31,8 +33,10 @@ pub mod secrets;
 mod tenants;
 pub use audit::AuditEntry;
 pub use context::{Compaction, SessionContext};
+pub use copy::{CopyReport, TableCopy};
 pub use hosts::{AGENTS_CHANGED, CONTROL_CHANNEL, CancelRequest, EVENTS_CHANNEL, HostLease};
 pub use mcp::{McpServerRecord, McpTool, McpTransport};
+pub use plugins::{PLUGINS_CHANGED, PluginHead, StoredPlugin};
 pub use tenants::{DEFAULT_TENANT, Quotas, whole_u64, SERVER_KEYS, Tenant, TenantKey, Tokens, UsageCounts};
 pub use permissions::{Answer, PermissionRequest, PermissionStatus, Reply};
 pub use records::*;
@@ -81,6 +85,21 @@ pub enum StoreError {
     /// unique index of active runs refused a second one.
     #[error("session `{session}` is already running a message")]
     SessionBusy { session: String },
+    /// `hangar migrate` copies from a SQLite database into a PostgreSQL one.
+    #[error("a copy goes from a SQLite database into a PostgreSQL one")]
+    CopyDirection,
+    /// The copy's target already holds data: a second `hangar migrate`, or the wrong database.
+    #[error(
+        "the PostgreSQL database already holds data (in {}); `hangar migrate` copies only into a new (or empty) database, and copied nothing",
+        tables.join(", ")
+    )]
+    TargetNotEmpty { tables: Vec<String> },
+    /// A table's rows could not be copied.
+    #[error("copying table `{table}`: {reason}")]
+    CopyTable { table: String, reason: String },
+    /// A table counted other rows once copied than the source holds.
+    #[error("table `{table}` has {postgres} rows in PostgreSQL after the copy, but should have {sqlite}; nothing was copied")]
+    CountMismatch { table: String, sqlite: u64, postgres: u64 },
 }
 
 impl StoreError {
@@ -1449,6 +1468,44 @@ mod tests {
     on_both!(permission_requests_and_grants);
     on_both!(tenants_and_their_keys);
     on_both!(contexts_audit_and_mcp_servers);
+    on_both!(plugins_installed_through_the_api);
+
+    /// A change to `plugins` is announced to every host on
+    /// [`CONTROL_CHANNEL`] once it has committed, a tenant's removal included.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn postgres_announces_plugin_changes() {
+        let Some(db) = scratch::ScratchDb::create().await else { return };
+        let store = Store::open_postgres(&db.url).await.unwrap();
+        let (client, mut connection) = tokio_postgres::connect(&db.url, tokio_postgres::NoTls).await.unwrap();
+        let (notices, mut heard) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(message) = futures::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                    let _ = notices.send((n.channel().to_string(), n.payload().to_string()));
+                }
+            }
+        });
+        client.batch_execute(&format!("LISTEN {CONTROL_CHANNEL}")).await.unwrap();
+        let wait = async |heard: &mut tokio::sync::mpsc::UnboundedReceiver<(String, String)>| {
+            tokio::time::timeout(std::time::Duration::from_secs(5), heard.recv()).await.expect("a notice").unwrap()
+        };
+        let changed = (CONTROL_CHANNEL.to_string(), PLUGINS_CHANGED.to_string());
+
+        store.put_plugin(StoredPlugin::new("p".into(), None, "m".into(), Arc::from(&b"wasm"[..]))).await.unwrap();
+        assert_eq!(wait(&mut heard).await, changed);
+        assert!(store.delete_plugin("p").await.unwrap());
+        assert_eq!(wait(&mut heard).await, changed);
+        assert!(!store.delete_plugin("p").await.unwrap(), "nothing to delete");
+        store.insert_tenant(tenant("t1", "one"), "k".into(), "hash".into(), "hk_".into(), (70_000, 70_010)).await.unwrap();
+        store.put_plugin(StoredPlugin::new("t1/p".into(), Some("t1".into()), "m".into(), Arc::from(&b"wasm"[..]))).await.unwrap();
+        assert_eq!(wait(&mut heard).await, changed);
+        store.delete_tenant("t1").await.unwrap();
+        assert_eq!(wait(&mut heard).await, changed);
+        assert!(store.plugin_heads().await.unwrap().is_empty());
+        // A round trip on the listening connection: any notice sent would be in by now.
+        client.batch_execute("SELECT 1").await.unwrap();
+        assert!(heard.try_recv().is_err(), "a delete of nothing is not announced");
+    }
 
     /// Hosts starting together on one new database migrate it once; a
     /// database a newer Hangar migrated is refused, not written to.
@@ -1492,6 +1549,11 @@ mod tests {
             updated_at: t,
             tenant_id: DEFAULT_TENANT.into(),
         }
+    }
+
+    fn tenant(id: &str, name: &str) -> Tenant {
+        let t = now();
+        Tenant { id: id.into(), name: name.into(), quotas: Quotas::default(), uid: None, created_at: t, updated_at: t }
     }
 
     fn request() -> RunRequest {
@@ -1851,5 +1913,37 @@ mod tests {
         assert_eq!(store.mcp_servers("").await.unwrap().len(), 1);
         store.delete_mcp_server("t", "own").await.unwrap();
         assert!(matches!(store.delete_mcp_server("t", "own").await, Err(StoreError::NotFound { .. })));
+    }
+
+    async fn plugins_installed_through_the_api(store: Store) {
+        assert!(store.plugin_heads().await.unwrap().is_empty());
+        let wasm: Arc<[u8]> = Arc::from(&b"\0asm component bytes"[..]);
+        let plugin = StoredPlugin::new("echo".into(), None, "name = \"echo\"".into(), wasm.clone());
+        assert_eq!(plugin.sha256.len(), 64);
+        store.put_plugin(plugin.clone()).await.unwrap();
+        store.put_plugin(StoredPlugin::new("t1/echo".into(), Some("t1".into()), "tenant's".into(), wasm.clone())).await.unwrap();
+        let read = store.plugin("echo").await.unwrap().expect("stored");
+        assert_eq!((&read.key, &read.tenant_id, &read.manifest, &*read.wasm), (&plugin.key, &None, &plugin.manifest, &*wasm));
+        assert_eq!((read.sha256.as_str(), read.installed_at), (plugin.sha256.as_str(), plugin.installed_at));
+
+        // An upgrade replaces the row.
+        let upgraded = StoredPlugin::new("echo".into(), None, "version 2".into(), Arc::from(&b"other bytes"[..]));
+        store.put_plugin(upgraded.clone()).await.unwrap();
+        let heads = store.plugin_heads().await.unwrap();
+        assert_eq!(
+            heads,
+            [
+                PluginHead { key: "echo".into(), tenant_id: None, manifest: "version 2".into(), sha256: upgraded.sha256.clone() },
+                PluginHead { key: "t1/echo".into(), tenant_id: Some("t1".into()), manifest: "tenant's".into(), sha256: plugin.sha256.clone() },
+            ]
+        );
+        assert!(store.delete_plugin("echo").await.unwrap());
+        assert!(!store.delete_plugin("echo").await.unwrap());
+        assert!(store.plugin("echo").await.unwrap().is_none());
+
+        // A tenant's go with it.
+        store.insert_tenant(tenant("t1", "one"), "k".into(), "hash".into(), "hk_".into(), (70_000, 70_010)).await.unwrap();
+        store.delete_tenant("t1").await.unwrap();
+        assert!(store.plugin_heads().await.unwrap().is_empty());
     }
 }

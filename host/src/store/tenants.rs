@@ -455,7 +455,8 @@ impl Store {
 
     /// Deletes a tenant and everything it owns, in one transaction: its
     /// keys, agents, sessions with their runs, events and permission
-    /// requests, provider keys and usage. Returns the ids of its sessions.
+    /// requests, provider keys, usage and the plugins it installed (other
+    /// PostgreSQL hosts are told of those). Returns the ids of its sessions.
     pub async fn delete_tenant(&self, id: &str) -> Result<Vec<String>, StoreError> {
         let _changed = self.agents.changing();
         let id = id.to_string();
@@ -471,7 +472,7 @@ impl Store {
                     for session in &sessions {
                         super::delete_session_rows(c, session)?;
                     }
-                    for table in owned {
+                    for table in owned.iter().chain(&["plugins"]) {
                         c.execute(&format!("DELETE FROM {table} WHERE tenant_id = ?1"), [&id])?;
                     }
                     c.execute("DELETE FROM meta WHERE key = ?1", [auth_key])?;
@@ -492,6 +493,9 @@ impl Store {
                 }
                 for table in owned {
                     tx.execute(&format!("DELETE FROM {table} WHERE tenant_id = $1"), &[&id]).await?;
+                }
+                if tx.execute("DELETE FROM plugins WHERE tenant_id = $1", &[&id]).await? > 0 {
+                    super::plugins::pg_notify_changed(&tx).await?;
                 }
                 tx.execute("DELETE FROM meta WHERE key = $1", &[&auth_key]).await?;
                 if tx.execute("DELETE FROM tenants WHERE id = $1", &[&id]).await? == 0 {
