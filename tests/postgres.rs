@@ -240,12 +240,6 @@ async fn misbehave_on(server: &Server, bearer: &str) -> (bool, Option<String>) {
     (listed, version)
 }
 
-/// Two hosts on one database: a plugin installed, upgraded or removed
-/// through host A is so on host B while B runs (A's notice makes B load
-/// the table again), and an agent on B calls it; a tenant's own plugin
-/// too, and deleting the tenant removes it. A host started later loads
-/// them from the database.
-
 /// Waits (up to 30 s) until `server` shows `misbehave` as `want` to `bearer`.
 async fn misbehave_becomes(server: &Server, bearer: &str, want: (bool, Option<String>)) {
     let mut seen = misbehave_on(server, bearer).await;
@@ -258,6 +252,11 @@ async fn misbehave_becomes(server: &Server, bearer: &str, want: (bool, Option<St
     }
     assert_eq!(seen, want, "B never caught up with A's change");
 }
+/// Two hosts on one database: a plugin installed, upgraded or removed
+/// through host A is so on host B while B runs (A's notice makes B load
+/// the table again), and an agent on B calls it; a tenant's own plugin
+/// too, and deleting the tenant removes it. A host started later loads
+/// them from the database.
 #[tokio::test]
 async fn a_plugin_installed_through_one_host_is_loaded_by_another() {
     const ADMIN: &str = "admin-token-for-plugin-tests";

@@ -144,12 +144,6 @@ fn event_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredEvent> {
 
 const EVENT_INSERT_SQLITE: &str = "INSERT INTO events (session_id, seq, run_id, name, data) VALUES (?1, ?2, ?3, ?4, ?5)";
 const EVENT_INSERT_PG: &str = "INSERT INTO events (session_id, seq, run_id, name, data) VALUES ($1, $2, $3, $4, $5)";
-/// [`EVENT_INSERT_PG`] for a batch: a seq another host used at the same
-/// moment (possible only for events outside a run, such as an MCP call's,
-/// beside a run of the session on another host) loses that one event, not
-/// the batch.
-const EVENT_INSERT_PG_BATCH: &str =
-    "INSERT INTO events (session_id, seq, run_id, name, data) VALUES ($1, $2, $3, $4, $5) ON CONFLICT (session_id, seq) DO NOTHING";
 
 /// [`max_seq`] on PostgreSQL.
 async fn pg_max_seq(c: &impl deadpool_postgres::GenericClient, session: &str) -> Result<u64, StoreError> {
@@ -546,11 +540,9 @@ impl Store {
             Db::Postgres(pg) => {
                 let mut c = pg.client().await?;
                 let tx = c.transaction().await?;
-                let stmt = tx.prepare_cached(EVENT_INSERT_PG_BATCH).await?;
+                let stmt = tx.prepare_cached(EVENT_INSERT_PG).await?;
                 for (session, e) in &events {
-                    if tx.execute(&stmt, &[session, &(e.seq as i64), &e.run_id, &e.name, &e.data]).await? == 0 {
-                        tracing::error!(session = %session, seq = e.seq, name = %e.name, "an event's seq was taken by another host; the event is not stored");
-                    }
+                    tx.execute(&stmt, &[session, &(e.seq as i64), &e.run_id, &e.name, &e.data]).await?;
                 }
                 // Hosts whose clients follow these sessions read them now
                 // (delivered at commit, so they find the rows): `HOST SESSION`.
