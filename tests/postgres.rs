@@ -252,6 +252,7 @@ async fn misbehave_becomes(server: &Server, bearer: &str, want: (bool, Option<St
     }
     assert_eq!(seen, want, "B never caught up with A's change");
 }
+
 /// Two hosts on one database: a plugin installed, upgraded or removed
 /// through host A is so on host B while B runs (A's notice makes B load
 /// the table again), and an agent on B calls it; a tenant's own plugin
