@@ -180,6 +180,8 @@ async fn upkeep(state: AppState) {
     let Some(lease) = state.store.host().map(|h| Duration::from_millis(h.lease_ms as u64)) else { return };
     let renew_every = (lease / 6).max(POLL);
     let mut renewed = tokio::time::Instant::now();
+    // The last renewal that reached the database.
+    let mut held = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut ticks: u32 = 0;
@@ -190,8 +192,17 @@ async fn upkeep(state: AppState) {
         }
         if renewed.elapsed() >= renew_every {
             renewed = tokio::time::Instant::now();
-            if let Err(err) = state.store.renew_leases().await {
-                tracing::error!(%err, "cannot renew this host's leases; its runs may be taken as dead");
+            match state.store.renew_leases().await {
+                Ok(_) => held = tokio::time::Instant::now(),
+                Err(err) => tracing::error!(%err, "cannot renew this host's leases; its runs may be taken as dead"),
+            }
+            // Another host may have taken the runs over by now: this host
+            // stops them rather than write over what that host recorded.
+            if held.elapsed() >= lease {
+                for (session, run) in state.runs.active_runs() {
+                    tracing::error!(%run, "this host's lease on the run ran out; stopping it");
+                    state.runs.cancel(&session, &run);
+                }
             }
         }
         // The first look (at start) takes in queues a stop left behind.

@@ -149,6 +149,11 @@ impl Runs {
         self.lock().get(session).is_some_and(|e| e.active.is_some() || !e.queue.is_empty())
     }
 
+    /// The active runs: (session, run).
+    pub fn active_runs(&self) -> Vec<(String, String)> {
+        self.lock().iter().filter_map(|(session, e)| e.active.as_ref().map(|a| (session.clone(), a.run_id.clone()))).collect()
+    }
+
     /// Runs active now, over all sessions.
     pub fn count(&self) -> usize {
         self.lock().values().filter(|e| e.active.is_some()).count()

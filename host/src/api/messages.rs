@@ -355,7 +355,10 @@ async fn submit_shared(
                 return Ok(run);
             }
             Err(err) => {
-                state.runs.finish(&session_id, &claim.run_id);
+                // Hand the session on, as a run that ended would.
+                if let Some(next) = state.runs.finish(&session_id, &claim.run_id) {
+                    launch(state.clone(), session_id.clone(), Start { claim: next, request: None });
+                }
                 if !matches!(err, StoreError::SessionBusy { .. }) {
                     return lost_key_race(state, &session_id, key, &request, err).await;
                 }
@@ -532,7 +535,8 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     );
     state.store.end_run(&run_id, status, now(), result).await?;
     let mut next = state.runs.finish(session_id, &run_id);
-    if next.is_none() && state.store.is_shared() {
+    // A host that is stopping leaves the queue to the others.
+    if next.is_none() && state.store.is_shared() && !*state.stopping.borrow() {
         next = crate::cluster::claim_next(state, session_id).await;
     }
     emitter.send(&event);

@@ -488,20 +488,21 @@ impl Store {
         }
     }
 
-    /// Records how a run ended.
+    /// Records how a run ended; a run already marked `interrupted` (its
+    /// host's lease ran out and another host took it over) stays so.
     pub async fn end_run(&self, id: &str, status: RunStatus, at: DateTime<Utc>, result: RunResult) -> Result<(), StoreError> {
         let (id, at, result) = (id.to_string(), ts(&at), serde_json::to_string(&result)?);
         match &self.db {
             Db::Sqlite(db) => {
                 db.write(move |c| {
-                    c.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3, result = ?4 WHERE id = ?1")?
+                    c.prepare_cached("UPDATE runs SET status = ?2, ended_at = ?3, result = ?4 WHERE id = ?1 AND status <> 'interrupted'")?
                         .execute(params![id, status.as_str(), at, result])?;
                     Ok(())
                 })
                 .await
             }
             Db::Postgres(pg) => {
-                pg.execute("UPDATE runs SET status = $2, ended_at = $3, result = $4 WHERE id = $1", &[&id, &status.as_str(), &at, &result])
+                pg.execute("UPDATE runs SET status = $2, ended_at = $3, result = $4 WHERE id = $1 AND status <> 'interrupted'", &[&id, &status.as_str(), &at, &result])
                     .await?;
                 Ok(())
             }
