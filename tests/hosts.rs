@@ -41,9 +41,14 @@ fn bash(command: &str) -> Reply {
     Reply::sse(anthropic::tool_answer("toolu_h", "bash", &[&input], 5, 2))
 }
 
-/// A host on `db`, with the shared server key and the short lease.
-fn host(db: &ScratchDb, config: &std::path::Path) -> Server {
-    Server::start_with_env(&["--db", &db.url, "--config", config.to_str().unwrap()], &[("HANGAR_SECRET_KEY", SECRET)])
+/// Two hosts on `db`, with the shared server key and the short lease (and
+/// the directory of their config file, to keep while they run).
+fn two_hosts(db: &ScratchDb) -> (Server, Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("hangar.toml");
+    std::fs::write(&config, format!("[hosts]\nlease_s = {LEASE_S}\n")).unwrap();
+    let host = || Server::start_with_env(&["--db", &db.url, "--config", config.to_str().unwrap()], &[("HANGAR_SECRET_KEY", SECRET)]);
+    (host(), host(), dir)
 }
 
 async fn run_status(server: &Server, session: &str, run: &str) -> Value {
@@ -79,11 +84,7 @@ async fn two_hosts_share_agents_runs_events_cancels_and_a_dead_hosts_runs() {
         Reply::sse(anthropic::text_answer(&["B took over"], 3, 2)),
     ])
     .await;
-    let config = tempfile::tempdir().unwrap();
-    let config = config.path().join("hangar.toml");
-    std::fs::write(&config, format!("[hosts]\nlease_s = {LEASE_S}\n")).unwrap();
-    let a = host(&db, &config);
-    let b = host(&db, &config);
+    let (a, b, _config) = two_hosts(&db);
     let work = tempfile::tempdir().unwrap();
 
     // Made on A, used on B.
@@ -191,11 +192,7 @@ async fn a_queue_spans_hosts_and_interrupt_reaches_the_other_host() {
         Reply::sse(anthropic::text_answer(&["after the abort"], 1, 1)),
     ])
     .await;
-    let config = tempfile::tempdir().unwrap();
-    let config = config.path().join("hangar.toml");
-    std::fs::write(&config, format!("[hosts]\nlease_s = {LEASE_S}\n")).unwrap();
-    let a = host(&db, &config);
-    let b = host(&db, &config);
+    let (a, b, _config) = two_hosts(&db);
     let work = tempfile::tempdir().unwrap();
     a.put("/provider/auth", json!({"providers": {"anthropic": {"type": "api_key", "key": KEY, "base_url": fake.url}}})).await;
     let (_, agent) = a

@@ -24,7 +24,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::agent::{Busy, Claim, RunEvent};
+use crate::agent::{Busy, Claim};
 use crate::api::AppState;
 use crate::store::{CancelRequest, HostLease, StoreError};
 
@@ -219,11 +219,7 @@ async fn poll(state: &AppState, stranded: bool) -> Result<(), StoreError> {
     }
     let reaped = state
         .store
-        .interrupt_unfinished_runs(LEASE_REASON, false, |run| {
-            let (name, data) =
-                RunEvent::Error { run_id: run.to_string(), error: LEASE_REASON.into(), code: "interrupted".into() }.wire();
-            (name.to_string(), data)
-        })
+        .interrupt_unfinished_runs(LEASE_REASON, false, crate::agent::interrupted_event(LEASE_REASON))
         .await?;
     if !reaped.is_empty() {
         tracing::warn!(runs = ?reaped, "runs of a host that stopped answering are marked `interrupted`");

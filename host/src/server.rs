@@ -14,7 +14,6 @@ use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::agent::RunEvent;
 use crate::api::{self, ApiError, AppState};
 use crate::config::Settings;
 use crate::runtime::{Runtime, RuntimeConfig, Source};
@@ -123,13 +122,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     }
     // Runs left running by a crash (or a stop that could not wait) are
     // interrupted and their histories repaired before anything is served.
-    let interrupted = store
-        .interrupt_unfinished_runs(RESTART_REASON, true, |run| {
-            let (name, data) =
-                RunEvent::Error { run_id: run.to_string(), error: RESTART_REASON.into(), code: "interrupted".into() }.wire();
-            (name.to_string(), data)
-        })
-        .await?;
+    let interrupted = store.interrupt_unfinished_runs(RESTART_REASON, true, crate::agent::interrupted_event(RESTART_REASON)).await?;
     if !interrupted.is_empty() {
         tracing::warn!(runs = ?interrupted, "runs interrupted by the last stop are marked `interrupted`");
     }

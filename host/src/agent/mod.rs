@@ -39,6 +39,15 @@ const MAX_RETRIES: u32 = 3;
 const BACKOFF_BASE: Duration = Duration::from_millis(500);
 const MAX_RETRY_WAIT: Duration = Duration::from_secs(60);
 
+/// The `error` event (name, data) that ends a run interrupted for `reason`
+/// (a restart, or its host's lease running out), as the store writes it.
+pub fn interrupted_event(reason: &'static str) -> impl Fn(&str) -> (String, String) + Send + 'static {
+    move |run| {
+        let (name, data) = RunEvent::Error { run_id: run.to_string(), error: reason.into(), code: "interrupted".into() }.wire();
+        (name.to_string(), data)
+    }
+}
+
 /// What happens during a run, in order: the SSE events of the session,
 /// each stored and sent with its `seq` as the SSE `id`.
 #[derive(Debug, Clone, Serialize, ToSchema)]
