@@ -214,7 +214,8 @@ async fn a_queue_spans_hosts_and_interrupt_reaches_the_other_host() {
     }
     let (r1, r2, r3) = (run_status(&a, &session, &first).await, run_status(&a, &session, &second).await, run_status(&a, &session, &third).await);
     assert_eq!([&r1["response"], &r2["response"], &r3["response"]], ["part0 part1 ", "second", "third"]);
-    assert!(r1["ended_at"].as_str() <= r2["started_at"].as_str() && r2["ended_at"].as_str() <= r3["started_at"].as_str(), "one after another");
+    let time = common::time_of;
+    assert!(time(&r1, "ended_at") <= time(&r2, "started_at") && time(&r2, "ended_at") <= time(&r3, "started_at"), "one after another");
 
     // A run on A that would never end, interrupted by a message sent to B.
     let stuck = send(&a, json!({})).await;

@@ -243,7 +243,7 @@ async fn a_busy_session_rejects_queues_or_interrupts() {
     gate.notify_one();
     let (one, two) = (s.ended(&first).await, s.ended(&second).await);
     assert_eq!((one["status"].as_str(), two["status"].as_str()), (Some("completed"), Some("completed")));
-    assert!(two["started_at"].as_str().unwrap() >= one["ended_at"].as_str().unwrap(), "in order: {one} {two}");
+    assert!(common::time_of(&two, "started_at") >= common::time_of(&one, "ended_at"), "in order: {one} {two}");
     assert_eq!(two["response"], "second");
 
     let third = s.background(json!({})).await;

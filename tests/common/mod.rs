@@ -135,3 +135,10 @@ pub async fn wait_for_process(marker: &str) {
     }
     panic!("no process `{marker}` started");
 }
+
+/// A time field of an API answer. Compare times as times: the text drops a
+/// zero fraction (`…:41Z`), so `…:41.001Z` sorts before it as a string.
+pub fn time_of(value: &serde_json::Value, field: &str) -> chrono::DateTime<chrono::FixedOffset> {
+    let text = value[field].as_str().unwrap_or_else(|| panic!("no `{field}` in {value}"));
+    chrono::DateTime::parse_from_rfc3339(text).unwrap_or_else(|e| panic!("`{field}` = {text:?}: {e}"))
+}
