@@ -6,11 +6,10 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use clap::Args;
 
-use crate::runtime::{Manifest, registry_key};
+use crate::runtime::{Runtime, registry_key};
 use crate::store::{Location, Store, StoreError, StoredPlugin};
 
 /// Said in the output and in `hangar migrate --help`.
@@ -115,23 +114,22 @@ fn sorted_entries(dir: &Path) -> Result<Vec<PathBuf>, MigrateError> {
 }
 
 fn plugins_in(dir: &Path, tenant: Option<&str>) -> Result<Vec<StoredPlugin>, MigrateError> {
-    let mut found = Vec::new();
-    for path in sorted_entries(dir)? {
-        let Some(name) = path.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_suffix(".plugin.toml")) else { continue };
-        let read = || -> Result<StoredPlugin, String> {
-            let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-            let manifest = Manifest::parse(&text, Some(name)).map_err(|e| e.to_string())?;
-            if manifest.name != name {
-                return Err(format!("{} names `{}`", path.display(), manifest.name));
-            }
-            let wasm_path = dir.join(format!("{name}.wasm"));
-            let wasm = std::fs::read(&wasm_path).map_err(|e| format!("{}: {e}", wasm_path.display()))?;
-            Ok(StoredPlugin::new(registry_key(tenant, name), tenant.map(str::to_string), text, Arc::from(wasm)))
-        };
-        match read() {
-            Ok(plugin) => found.push(plugin),
-            Err(reason) => eprintln!("hangar: skipping plugin `{name}` (the server skips it too): {reason}"),
+    let found = match Runtime::scan_directory(dir) {
+        Ok(found) => found,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(MigrateError::Plugins { path: dir.into(), source }),
+    };
+    let mut plugins = Vec::new();
+    for found in found {
+        match found {
+            Ok(found) => plugins.push(StoredPlugin::new(
+                registry_key(tenant, &found.manifest.name),
+                tenant.map(str::to_string),
+                found.text,
+                found.wasm,
+            )),
+            Err(err) => eprintln!("hangar: skipping a plugin in {} (the server skips it too): {err}", dir.display()),
         }
     }
-    Ok(found)
+    Ok(plugins)
 }

@@ -69,7 +69,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
     // `/health` answers at once and requests that need a plugin wait for it.
     runtime.add_builtins()?;
     // With PostgreSQL, plugins installed through the API are rows every host loads.
-    let installed_dir = (!store.keeps_plugins()).then_some(&settings.installed_dir);
+    let installed_dir = (!store.is_shared()).then_some(&settings.installed_dir);
     for (dir, source) in [(Some(&settings.plugins_dir), Source::Directory), (installed_dir, Source::Api)] {
         if let Some(dir) = dir.filter(|dir| dir.is_dir()) {
             runtime.add_directory(dir, source)?;

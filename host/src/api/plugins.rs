@@ -343,7 +343,7 @@ async fn receive_and_install(
     // and not in the database, and take it for one removed through another host.
     let _installing = SYNCING.read().await;
     let plugin = state.runtime.install_as(installer, manifest, wasm.clone(), Source::Api).await?;
-    if state.store.keeps_plugins() {
+    if state.store.is_shared() {
         // In the database, where every host loads it from.
         let stored = StoredPlugin::new(plugin.key(), plugin.owner.clone(), manifest_text, wasm);
         if let Err(err) = state.store.put_plugin(stored).await {
@@ -485,7 +485,7 @@ pub(super) async fn remove(State(state): State<AppState>, caller: Caller, Path(i
         return Err(ApiError::Conflict(format!("`{id}` is still used by agents: {}", users.join(", "))));
     }
     let _removing = SYNCING.read().await;
-    if state.store.keeps_plugins() {
+    if state.store.is_shared() {
         // Its row first: had that failed, the plugin would still be everywhere.
         state.store.delete_plugin(&plugin.key()).await?;
         state.runtime.remove(&plugin.key());
@@ -525,7 +525,7 @@ pub async fn sync_plugins(state: &AppState) -> Result<usize, StoreError> {
 
 /// [`sync_plugins`] before there is an [`AppState`] (the server's start).
 pub async fn load_stored(store: &Store, runtime: &Runtime, settings: &Settings) -> Result<usize, StoreError> {
-    if !store.keeps_plugins() {
+    if !store.is_shared() {
         return Ok(0);
     }
     let _alone = SYNCING.write().await;
@@ -617,7 +617,7 @@ pub(super) async fn reload(State(state): State<AppState>) -> ApiResult<Json<Relo
     let mut report = ReloadReport::default();
     let mut seen = Vec::new();
     for entry in found {
-        let (manifest, wasm) = match entry {
+        let crate::runtime::Found { manifest, wasm, .. } = match entry {
             Ok(entry) => entry,
             Err(err) => {
                 report.errors.push(ReloadError { plugin: plugin_of(&err), error: err.to_string() });

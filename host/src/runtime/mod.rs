@@ -263,6 +263,14 @@ pub struct ProviderAccess {
     pub tenant: bool,
 }
 
+/// A plugin found in a directory: `NAME.plugin.toml` (parsed, and its text
+/// as written, for whoever stores it again) and `NAME.wasm`.
+pub struct Found {
+    pub manifest: Manifest,
+    pub text: String,
+    pub wasm: Arc<[u8]>,
+}
+
 impl Runtime {
     pub fn new(config: RuntimeConfig) -> Result<Runtime, RuntimeError> {
         let engine = engine::build_engine(config.pool)
@@ -331,7 +339,7 @@ impl Runtime {
     }
 
     /// Reads every `NAME.plugin.toml` with its `NAME.wasm` in `dir`.
-    pub fn scan_directory(dir: &Path) -> std::io::Result<Vec<Result<(Manifest, Arc<[u8]>), RuntimeError>>> {
+    pub fn scan_directory(dir: &Path) -> std::io::Result<Vec<Result<Found, RuntimeError>>> {
         let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)?.filter_map(|e| e.ok()).map(|e| e.path()).collect();
         entries.sort();
         let mut found = Vec::new();
@@ -355,7 +363,7 @@ impl Runtime {
                     plugin: name.into(),
                     reason: format!("{}: {e}", wasm_path.display()),
                 })?;
-                Ok((manifest, Arc::from(wasm)))
+                Ok(Found { manifest, text, wasm: Arc::from(wasm) })
             })());
         }
         Ok(found)
@@ -371,7 +379,7 @@ impl Runtime {
     pub fn add_directory_as(&self, installer: Installer<'_>, dir: &Path, source: Source) -> std::io::Result<Vec<Result<String, RuntimeError>>> {
         let mut results = Vec::new();
         for found in Self::scan_directory(dir)? {
-            let result = found.and_then(|(manifest, wasm)| self.add_as(installer, manifest, wasm, source).map(|p| p.id().to_string()));
+            let result = found.and_then(|found| self.add_as(installer, found.manifest, found.wasm, source).map(|p| p.id().to_string()));
             if let Err(err) = &result {
                 tracing::error!(%err, "skipping a plugin in {}", dir.display());
             }

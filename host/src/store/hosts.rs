@@ -58,7 +58,8 @@ impl Store {
         self.host.as_deref()
     }
 
-    /// Whether several hosts may share this database (PostgreSQL).
+    /// Whether several hosts may share this database (PostgreSQL). Then
+    /// plugins installed through the API live in it too, not in files.
     pub fn is_shared(&self) -> bool {
         matches!(self.db, Db::Postgres(_))
     }

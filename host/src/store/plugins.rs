@@ -82,12 +82,6 @@ pub(super) async fn pg_put(tx: &deadpool_postgres::Transaction<'_>, plugin: &Sto
 }
 
 impl Store {
-    /// Whether plugins installed through the API live in the database
-    /// (PostgreSQL, shared by every host) rather than in files beside it.
-    pub fn keeps_plugins(&self) -> bool {
-        matches!(self.db, Db::Postgres(_))
-    }
-
     /// Stores `plugin`, replacing a row of its key (an upgrade); other
     /// hosts are notified on commit.
     pub async fn put_plugin(&self, plugin: StoredPlugin) -> Result<(), StoreError> {
