@@ -29,6 +29,7 @@ use utoipa::ToSchema;
 
 pub use error::{ApiError, ApiResult, ErrorBody};
 pub use plugins::{load_stored, sync_plugins};
+pub(crate) use runs::announce_cancelled;
 
 use crate::config::Settings;
 use crate::runtime::{Runtime, WorkDirRules};
@@ -250,11 +251,6 @@ pub(super) async fn metrics() -> impl axum::response::IntoResponse {
 /// Runs a run claimed for this host (by `crate::cluster`).
 pub fn launch_claimed(state: &AppState, session: &str, claim: crate::agent::Claim) {
     messages::launch(state.clone(), session.to_string(), messages::Start { claim, request: None });
-}
-
-/// Announces the end of a queued run cancelled before it started.
-pub async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), crate::store::StoreError> {
-    runs::announce_cancelled(state, session, run).await
 }
 
 /// Installed plugins changed on another host.

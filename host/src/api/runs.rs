@@ -134,7 +134,7 @@ async fn end_queued(state: &AppState, session: &str, run: &str) -> Result<(), St
 }
 
 /// The `done` of a queued run cancelled before it started, for its followers.
-pub(super) async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), StoreError> {
+pub(crate) async fn announce_cancelled(state: &AppState, session: &str, run: &str) -> Result<(), StoreError> {
     let feed = state.bus.fresh_feed(session).await?;
     let (name, data) =
         RunEvent::Done { run_id: run.to_string(), usage: Default::default(), steps: 0, stop_reason: StopReason::Cancelled }.wire();
