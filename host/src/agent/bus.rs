@@ -86,6 +86,12 @@ impl Bus {
         // Read without the map's lock, so that one session's read does not
         // hold up every other session's feed; the first feed made wins.
         let last = self.inner.store.last_seq(session).await?;
+        Ok(self.feed_or_new(session, last).await)
+    }
+
+    /// The session's feed, made from `last` (the store's last seq) when
+    /// there is none yet.
+    async fn feed_or_new(&self, session: &str, last: u64) -> Arc<Feed> {
         let mut feeds = self.inner.feeds.lock().await;
         let feed = feeds.entry(session.to_string()).or_insert_with(|| {
             Arc::new(Feed {
@@ -94,7 +100,17 @@ impl Bus {
                 live: broadcast::channel(LIVE_BUFFER).0,
             })
         });
-        Ok(feed.clone())
+        feed.clone()
+    }
+
+    /// [`Bus::fresh_feed`] with the store's last seq already read (by the
+    /// run's own first read, so that its feed costs no read of its own).
+    pub async fn fresh_feed_from(&self, session: &str, last: u64) -> Arc<Feed> {
+        let feed = self.feed_or_new(session, last).await;
+        if self.inner.store.is_shared() {
+            catch_up(&feed, last);
+        }
+        feed
     }
 
     /// The session's feed to publish to. On a database several hosts
@@ -106,12 +122,7 @@ impl Bus {
             return Ok(feed);
         }
         let last = self.inner.store.last_seq(session).await?;
-        let mut state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
-        if last >= state.next {
-            state.next = last + 1;
-            state.stored = state.stored.max(last);
-        }
-        drop(state);
+        catch_up(&feed, last);
         Ok(feed)
     }
 
@@ -209,6 +220,16 @@ impl Bus {
             let state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
             feed.live.receiver_count() > 0 || state.stored + 1 < state.next || Arc::strong_count(feed) > 1
         });
+    }
+}
+
+/// Moves the feed's next seq past `last`, the store's: another host may
+/// have run the session since this host last did.
+fn catch_up(feed: &Feed, last: u64) {
+    let mut state = feed.state.lock().unwrap_or_else(|p| p.into_inner());
+    if last >= state.next {
+        state.next = last + 1;
+        state.stored = state.stored.max(last);
     }
 }
 

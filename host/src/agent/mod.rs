@@ -323,6 +323,9 @@ impl Run {
         result
     }
 
+    /// The model call (`step`) is the state held while a stream waits, by
+    /// every open stream at once; the other awaits are boxed so that their
+    /// larger futures do not widen that state.
     async fn drive(&mut self, events: &Emitter) -> Result<RunOutcome, RunError> {
         history::push_user_text(&mut self.session.history, &self.message);
         // Stored while the model is asked rather than before: the write
@@ -335,7 +338,7 @@ impl Run {
         });
         self.saving = Some(saving);
 
-        let specs = self.tool_specs().await?;
+        let specs = Box::pin(self.tool_specs()).await?;
         let mut usage = Usage::default();
         let mut tool_calls = Vec::new();
         let mut steps = 0;
@@ -351,7 +354,7 @@ impl Run {
             // A context-length error gets one compaction and one retry.
             let mut retried = false;
             let end = loop {
-                if !self.fit(&specs, events, &mut usage).await? {
+                if !Box::pin(self.fit(&specs, events, &mut usage)).await? {
                     break StepEnd::Cancelled;
                 }
                 match self.step(&specs, events, &mut text, &mut uses, &mut usage).await {
@@ -367,7 +370,7 @@ impl Run {
                             None => before * 3 / 4,
                         };
                         tracing::info!(session = %self.session.id, estimate = before, "the request was over the context window; compacting");
-                        match self.compact(&specs, events, &mut usage, Trigger::ContextLengthError, before, Target::Below(target)).await? {
+                        match Box::pin(self.compact(&specs, events, &mut usage, Trigger::ContextLengthError, before, Target::Below(target))).await? {
                             Compacted::Done { .. } => {}
                             Compacted::Cancelled => break StepEnd::Cancelled,
                             Compacted::Unchanged => return Err(err),
@@ -378,7 +381,7 @@ impl Run {
             };
             // Counted per step, so a run that crosses the day's quota ends
             // once this step is done (its calls answered, its history whole).
-            let over = self.count_tokens(before, usage).await?;
+            let over = Box::pin(self.count_tokens(before, usage)).await?;
             let calls: Vec<(String, String, serde_json::Value, Option<String>)> = uses
                 .into_iter()
                 .map(|u| {
@@ -413,7 +416,7 @@ impl Run {
                     if !results.is_empty() {
                         self.session.history.push(HistoryMessage { role: HistoryRole::User, content: results });
                     }
-                    self.persist().await?;
+                    Box::pin(self.persist()).await?;
                 }
                 return Ok(self.outcome(text, tool_calls, usage, steps, StopReason::Cancelled));
             }
@@ -422,7 +425,7 @@ impl Run {
                 if !blocks.is_empty() {
                     self.session.history.push(HistoryMessage { role: HistoryRole::Assistant, content: blocks });
                 }
-                self.persist().await?;
+                Box::pin(self.persist()).await?;
                 if let Some(err) = over {
                     return Err(err);
                 }
@@ -435,8 +438,8 @@ impl Run {
             // Stored before any tool runs: a call may wait long for a
             // person, and a crash meanwhile must leave the calls on record
             // (the restart answers each as interrupted).
-            self.persist().await?;
-            let (results, cancelled) = self.run_tools(&calls, events).await;
+            Box::pin(self.persist()).await?;
+            let (results, cancelled) = Box::pin(self.run_tools(&calls, events)).await;
             let mut result_blocks = Vec::new();
             for ((id, name, input, _), result) in calls.iter().zip(results) {
                 let (content, is_error) = match result {
@@ -456,7 +459,7 @@ impl Run {
                 result_blocks.push(Block::ToolResult { tool_use_id: id.clone(), content, is_error });
             }
             self.session.history.push(HistoryMessage { role: HistoryRole::User, content: result_blocks });
-            self.persist().await?;
+            Box::pin(self.persist()).await?;
             if cancelled {
                 return Ok(self.outcome(response, tool_calls, usage, steps, StopReason::Cancelled));
             }

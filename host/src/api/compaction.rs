@@ -112,7 +112,7 @@ pub(super) async fn compact(State(state): State<AppState>, Path(id): Path<String
     }
     let result = compact_claimed(&state, &id, input, claim.cancel).await;
     if let Some(next) = state.runs.finish(&id, &claim_id) {
-        super::messages::launch(state.clone(), id.clone(), super::messages::Start { claim: next, request: None });
+        super::messages::launch(state.clone(), id.clone(), super::messages::Start::queued(next));
     }
     Ok(Json(result?))
 }

@@ -173,17 +173,27 @@ pub(super) async fn owned_agent(state: &AppState, id: &str, owner: &str) -> ApiR
 /// The run, ready to go: the session read under its claim (the history is
 /// the run's from here on), the provider's access, the working directory
 /// opened and checked.
-async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> ApiResult<Run> {
-    // Two reads before the first token, side by side.
-    let (session, context) = tokio::join!(state.store.session(session_id), state.store.session_context(session_id));
-    let (session, context) = (session?, context?);
+async fn prepare(state: &AppState, session_id: &str, request: &RunRequest, tenant: Option<&str>) -> ApiResult<(Run, u64)> {
+    // The reads before the first token, side by side: the session, its
+    // context and, when the tenant is known already, the provider's key.
+    let early_access = async {
+        let tenant = tenant?;
+        let agent = owned_agent(state, &request.agent_id, tenant).await.ok()?;
+        let (plugin, _) = super::providers::provider(state, &agent.provider.id).await.ok()?;
+        Some((tenant, super::providers::access(state, &plugin, tenant).await))
+    };
+    let (read, early_access) = tokio::join!(state.store.run_start(session_id), early_access);
+    let (session, context, last_seq) = read?;
     let agent = owned_agent(state, &request.agent_id, &session.tenant_id).await?;
     let rules = crate::permissions::compile(&agent.permissions, crate::permissions::Origin::Agent)
         .map_err(|e| ApiError::Invalid(format!("agent `{}`: {e}", agent.id)))?;
     let (plugin, _) = super::providers::provider(state, &agent.provider.id)
         .await
         .map_err(|_| ApiError::Invalid(format!("agent `{}` uses unknown provider `{}`", agent.id, agent.provider.id)))?;
-    let access = super::providers::access(state, &plugin, &session.tenant_id).await?;
+    let access = match early_access {
+        Some((tenant, access)) if tenant == session.tenant_id => access?,
+        _ => super::providers::access(state, &plugin, &session.tenant_id).await?,
+    };
     let budget = crate::agent::Budget::new(agent.provider.context_window, Some(super::providers::window_lookup(state, &agent)));
     // What `check` refused at submit may have changed while the run was queued.
     if !agent.tools.is_empty() && session.work_dir.is_none() {
@@ -191,7 +201,7 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
     }
     let work_dir = open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?;
     let quota = run_quota(state, &session.tenant_id).await?;
-    Ok(Run {
+    let run = Run {
         quota,
         runtime: state.runtime.clone(),
         store: state.store.clone(),
@@ -209,7 +219,8 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest) -> Ap
         budget,
         mcp: state.mcp.clone(),
         saving: None,
-    })
+    };
+    Ok((run, last_seq))
 }
 
 /// The session's working directory, opened for a run or a call (and
@@ -296,30 +307,37 @@ async fn submit(
     if state.store.is_shared() {
         return submit_shared(state, record, request, key, key_since, limit, input.multitask, busy).await;
     }
-    // An idle session: the run is claimed, stored as running and started,
-    // with one write before the model is asked.
+    // An idle session: the run is claimed and started while it is stored
+    // as running. Its reads overlap the write; it asks the model only
+    // once the write is done, and ends without a trace if the write fails
+    // (the session then goes to the next queued run, as after any run).
     if let Ok(claim) = state.runs.try_claim(session_id, &record.id) {
         record.status = RunStatus::Running;
         record.started_at = Some(record.created_at);
-        let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since, limit.clone()).await {
-            Ok(run) => run,
-            Err(err) => {
-                // Hand the session on, as a run that ended would.
-                if let Some(next) = state.runs.finish(session_id, &claim.run_id) {
-                    launch(state.clone(), session_id.to_string(), Start { claim: next, request: None });
-                }
-                return lost_key_race(state, session_id, key, &request, err).await;
-            }
+        let (stored, written) = tokio::sync::oneshot::channel();
+        let tenant = Some(limit.tenant.clone());
+        launch(state.clone(), session_id.to_string(), Start { claim, request: Some(request.clone()), written: Some(written), tenant });
+        // On a task of its own: a client gone during the write leaves
+        // the run to the server, stored and told so, as after the write.
+        let (store, req, k) = (state.store.clone(), request.clone(), key.clone());
+        let run = tokio::spawn(async move {
+            let run = store.insert_run(record, req, k, key_since, limit).await;
+            let _ = stored.send(run.is_ok());
+            run
+        })
+        .await
+        .map_err(|e| StoreError::Task(format!("the write of the run was lost: {e}")))?;
+        return match run {
+            Ok(run) => Ok(run),
+            Err(err) => lost_key_race(state, session_id, key, &request, err).await,
         };
-        launch(state.clone(), session_id.to_string(), Start { claim, request: Some(request) });
-        return Ok(run);
     }
     let run = match state.store.insert_run(record, request.clone(), key.clone(), key_since, limit).await {
         Ok(run) => run,
         Err(err) => return lost_key_race(state, session_id, key, &request, err).await,
     };
     match state.runs.claim_or(session_id, &run.id, input.multitask) {
-        Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), Start { claim, request: None }),
+        Ok(Some(claim)) => launch(state.clone(), session_id.to_string(), Start::queued(claim)),
         Ok(None) => tracing::info!(session = %session_id, run = %run.id, mode = ?input.multitask, "run queued"),
         Err(active) => {
             // Lost a race with another submit: this run never existed.
@@ -351,13 +369,13 @@ async fn submit_shared(
         record.started_at = Some(record.created_at);
         match state.store.insert_run(record.clone(), request.clone(), key.clone(), key_since, limit.clone()).await {
             Ok(run) => {
-                launch(state.clone(), session_id, Start { claim, request: Some(request) });
+                launch(state.clone(), session_id, Start { claim, request: Some(request), written: None, tenant: None });
                 return Ok(run);
             }
             Err(err) => {
                 // Hand the session on, as a run that ended would.
                 if let Some(next) = state.runs.finish(&session_id, &claim.run_id) {
-                    launch(state.clone(), session_id.clone(), Start { claim: next, request: None });
+                    launch(state.clone(), session_id.clone(), Start::queued(next));
                 }
                 if !matches!(err, StoreError::SessionBusy { .. }) {
                     return lost_key_race(state, &session_id, key, &request, err).await;
@@ -386,7 +404,7 @@ async fn submit_shared(
     tracing::info!(session = %session_id, run = %run.id, mode = ?multitask, "run queued");
     // The active run may have ended before this one was stored.
     if let Some(claim) = crate::cluster::claim_next(state, &session_id).await {
-        launch(state.clone(), session_id, Start { claim, request: None });
+        launch(state.clone(), session_id, Start::queued(claim));
     }
     Ok(run)
 }
@@ -430,6 +448,20 @@ async fn lost_key_race(
 pub(crate) struct Start {
     pub claim: Claim,
     pub request: Option<RunRequest>,
+    /// Whether the run's row was written, when it is being written while
+    /// the run starts: the run reads what it needs meanwhile, and asks the
+    /// model (or writes anything) only after a `true`.
+    pub written: Option<tokio::sync::oneshot::Receiver<bool>>,
+    /// The session's tenant, when the submit has read it already: the
+    /// provider's key is then read beside the session.
+    pub tenant: Option<String>,
+}
+
+impl Start {
+    /// A run that waited in the queue: its request is read from the store.
+    pub(crate) fn queued(claim: Claim) -> Start {
+        Start { claim, request: None, written: None, tenant: None }
+    }
 }
 
 pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
@@ -444,7 +476,7 @@ pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
                     state.runs.finish(&session_id, &run_id)
                 }
             };
-            next = handed.map(|claim| Start { claim, request: None });
+            next = handed.map(Start::queued);
         }
     });
 }
@@ -453,7 +485,7 @@ pub(crate) fn launch(state: AppState, session_id: String, start: Start) {
 /// end is stored before `done` or `error` announces it, and the session is
 /// free (or handed to the next queued run, returned) before that too: a
 /// client that sends its next message on `done` never finds it busy.
-async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: Start) -> Result<Option<Claim>, StoreError> {
+async fn run_one(state: &AppState, session_id: &str, Start { claim, request, written, tenant }: Start) -> Result<Option<Claim>, StoreError> {
     let run_id = claim.run_id;
     let request = match request {
         Some(request) => request,
@@ -468,14 +500,20 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request }: S
     // Every line a run logs names its tenant, known once `prepare` has
     // read the session (no read of its own before the first token).
     let span = tracing::info_span!("run", tenant = tracing::field::Empty, run = %run_id);
-    // The feed's read of the session's last seq runs beside prepare's
-    // reads: both stand before the first token.
-    // Boxed: held inline, the two would widen every state of this future,
-    // the long one that follows the stream included.
-    let (feed, prepared) = tokio::join!(
-        Box::pin(state.bus.fresh_feed(session_id)),
-        Box::pin(tracing::Instrument::instrument(prepare(state, session_id, &request), span.clone()))
-    );
+    // Boxed: held inline, it would widen every state of this future, the
+    // long one that follows the stream included.
+    let prepared = Box::pin(tracing::Instrument::instrument(prepare(state, session_id, &request, tenant.as_deref()), span.clone())).await;
+    // The feed's last seq comes with prepare's read; without it, read alone.
+    let (feed, prepared) = match prepared {
+        Ok((run, last)) => (Ok(state.bus.fresh_feed_from(session_id, last).await), Ok(run)),
+        Err(err) => (Box::pin(state.bus.fresh_feed(session_id)).await, Err(err)),
+    };
+    if let Some(written) = written
+        && !written.await.unwrap_or(false)
+    {
+        // Never stored: nothing of it was sent or written.
+        return Ok(state.runs.finish(session_id, &run_id));
+    }
     let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };
     let (outcome, tenant) = tracing::Instrument::instrument(
         async {

@@ -250,7 +250,7 @@ pub(super) async fn metrics() -> impl axum::response::IntoResponse {
 
 /// Runs a run claimed for this host (by `crate::cluster`).
 pub fn launch_claimed(state: &AppState, session: &str, claim: crate::agent::Claim) {
-    messages::launch(state.clone(), session.to_string(), messages::Start { claim, request: None });
+    messages::launch(state.clone(), session.to_string(), messages::Start::queued(claim));
 }
 
 /// Installed plugins changed on another host.
@@ -269,7 +269,7 @@ pub async fn start_queued_runs(state: &AppState) -> Result<(), crate::store::Sto
     }
     for run in state.store.queued_runs().await? {
         if let Ok(Some(claim)) = state.runs.claim_or(&run.session_id, &run.id, crate::agent::Busy::Enqueue) {
-            messages::launch(state.clone(), run.session_id.clone(), messages::Start { claim, request: None });
+            messages::launch(state.clone(), run.session_id.clone(), messages::Start::queued(claim));
         }
     }
     Ok(())

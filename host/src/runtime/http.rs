@@ -5,6 +5,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio_util::task::AbortOnDropHandle;
 use wasmtime::component::Resource;
 
 use super::bindings::wit_http::{Credential, Host, HostBody, HttpError, Request, Response};
@@ -215,11 +216,20 @@ impl Host for PluginState {
             (Credential::Bearer, Some(key)) => builder = builder.bearer_auth(key.expose()),
         }
         let wait = req.timeout_ms.map(|ms| Duration::from_millis(ms.into())).unwrap_or(MAX_HEADER_WAIT);
-        let sent = tokio::time::timeout(wait.min(MAX_HEADER_WAIT), builder.body(req.body).send()).await;
-        let response = match sent {
-            Err(_) => return Ok(Err(HttpError::Timeout)),
-            Ok(Err(err)) => return Ok(Err(HttpError::Connection(crate::error_chain(&err)))),
-            Ok(Ok(response)) => response,
+        // Sent from a task of its own, not polled on the guest's fiber:
+        // connecting polls deep futures, and every stack page they touch
+        // stays resident for as long as the instance keeps its fiber, which
+        // a provider's stream does until its answer ends. Dropped with the
+        // call (a cancelled run), the task is aborted.
+        let sending = AbortOnDropHandle::new(tokio::spawn(tokio::time::timeout(
+            wait.min(MAX_HEADER_WAIT),
+            builder.body(req.body).send(),
+        )));
+        let response = match sending.await {
+            Err(err) => return Ok(Err(HttpError::Connection(format!("the request was lost: {err}")))),
+            Ok(Err(_)) => return Ok(Err(HttpError::Timeout)),
+            Ok(Ok(Err(err))) => return Ok(Err(HttpError::Connection(crate::error_chain(&err)))),
+            Ok(Ok(Ok(response))) => response,
         };
         // The scrubber sees plain bytes only: a compressed answer to a
         // request that carried the key could hide the key from it.
