@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// Part of every cache key (the engine hash covers it too; this keeps
 /// entries of different wasmtime releases apart at a glance).
@@ -40,16 +40,9 @@ impl Default for PoolSize {
     }
 }
 
-/// Everything about the engine that shapes compiled code. The server's
-/// engine and the compile worker's (`hangar compile-worker`) both start
-/// from it, so what the worker compiles the server can deserialize.
-fn code_config() -> Config {
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    config.epoch_interruption(true);
-    config.memory_init_cow(true);
-    config
-}
+// `code_config()`: shared with build.rs, which precompiles the built-in
+// plugins with exactly these settings.
+include!("code_config.rs");
 
 /// The engine of the compile worker: the server's settings without the
 /// instance pool, which does not change compiled code (wasmtime documents
@@ -578,7 +571,7 @@ mod tests {
     use super::*;
 
     fn engine() -> Engine {
-        let mut config = Config::new();
+        let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         Engine::new(&config).unwrap()
     }
