@@ -76,6 +76,28 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
     Engine::new(&config)
 }
 
+/// A built-in plugin's precompiled code (`build.rs`) as a component of
+/// `engine`; `None` when wasmtime refuses it, because this CPU lacks a
+/// feature the build machine's had or the engine's settings differ. The
+/// caller then compiles the component; the first refusal is logged.
+pub fn precompiled(engine: &Engine, plugin: &str, artifact: &[u8]) -> Option<Component> {
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    // SAFETY: `deserialize` checks the artifact's header (wasmtime version,
+    // target, CPU features, engine settings) against this engine, then maps
+    // its machine code as executable. The bytes are part of this binary,
+    // as trusted as its own code: build.rs compiled them from the embedded
+    // component with the server's code settings (`code_config`).
+    match unsafe { Component::deserialize(engine, artifact) } {
+        Ok(component) => Some(component),
+        Err(err) => {
+            if !REFUSED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%plugin, "compiling the built-in plugins: their precompiled code does not suit this machine: {err:#}");
+            }
+            None
+        }
+    }
+}
+
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
 pub struct EpochTicker {
     stop: Arc<AtomicBool>,
