@@ -1,9 +1,20 @@
-//! Builds the built-in plugins for wasm32-wasip2 and embeds them.
+//! Builds the built-in plugins for wasm32-wasip2 and embeds them, each with
+//! its code precompiled for the server's engine.
 //!
 //! The plugins live in their own workspace (`plugins/`) and are built into
 //! their own target directory, so this nested cargo never waits on the
 //! outer build's lock. Each kind is built in its own cargo invocation: the
 //! SDK's `tool` and `provider` features must not be unified.
+//!
+//! Each component is then compiled with wasmtime here, with the engine
+//! settings the server uses (`code_config()`, the same file the server
+//! includes), and the artifact embedded next to it: a first start needs no
+//! Cranelift for the built-ins. The artifact is for this machine's CPU; a
+//! server on a CPU without its features compiles the component instead
+//! (wasmtime refuses the artifact). wasmtime is a build-dependency with the
+//! same version and features as the server's, and the workspace resolves
+//! features with resolver 1 and builds every dependency with one profile
+//! (Cargo.toml), so cargo builds wasmtime once for both.
 
 use std::env;
 use std::fmt::Write as _;
@@ -13,6 +24,8 @@ use std::process::Command;
 
 const KINDS: [(&str, &str); 2] = [("tools", "tool"), ("providers", "provider")];
 
+include!("src/runtime/code_config.rs");
+
 fn main() {
     let host_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
     let root = host_dir.parent().unwrap().to_path_buf();
@@ -20,6 +33,7 @@ fn main() {
     for dir in ["plugins", "sdk", "wit", "host/templates", "rust-toolchain.toml"] {
         println!("cargo:rerun-if-changed={}", root.join(dir).display());
     }
+    println!("cargo:rerun-if-changed={}", host_dir.join("src/runtime/code_config.rs").display());
     embed_authoring_files(&root);
     println!("cargo:rerun-if-env-changed=CARGO_TARGET_DIR");
 
@@ -30,6 +44,8 @@ fn main() {
         .join("plugins");
 
     ensure_wasm_target();
+    let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
+    let precompiler = Precompiler::new();
     let mut entries = String::from("&[\n");
     for (dir, kind) in KINDS {
         let members = members(&plugins.join(dir));
@@ -43,9 +59,13 @@ fn main() {
                 .join(format!("{}.wasm", package.replace('-', "_")));
             let manifest = plugins.join(dir).join(name).join(format!("{name}.plugin.toml"));
             assert!(manifest.exists(), "missing manifest {}", manifest.display());
+            let precompiled = match precompiler.compile(&wasm, &out_dir.join(format!("{name}.cwasm"))) {
+                Some(path) => format!("Some(include_bytes!({:?}))", path.display().to_string()),
+                None => "None".to_string(),
+            };
             writeln!(
                 entries,
-                "    Builtin {{ name: {name:?}, kind: {kind:?}, manifest: include_str!({:?}), wasm: include_bytes!({:?}) }},",
+                "    Builtin {{ name: {name:?}, kind: {kind:?}, manifest: include_str!({:?}), wasm: include_bytes!({:?}), precompiled: {precompiled} }},",
                 manifest.display().to_string(),
                 wasm.display().to_string(),
             )
@@ -53,8 +73,37 @@ fn main() {
         }
     }
     entries.push(']');
-    let out = PathBuf::from(env::var("OUT_DIR").unwrap()).join("builtin_plugins.rs");
-    fs::write(out, entries).unwrap();
+    fs::write(out_dir.join("builtin_plugins.rs"), entries).unwrap();
+}
+
+/// Compiles components with the server's engine settings, for this
+/// machine; or, when cross-compiling, not at all (the server then compiles
+/// the built-ins when it starts).
+struct Precompiler {
+    engine: Option<wasmtime::Engine>,
+}
+
+impl Precompiler {
+    fn new() -> Precompiler {
+        let (host, target) = (env::var("HOST").unwrap(), env::var("TARGET").unwrap());
+        if host != target {
+            println!("cargo:warning=not precompiling the built-in plugins for {target} on {host}: the server will compile them when it starts");
+            return Precompiler { engine: None };
+        }
+        let engine = wasmtime::Engine::new(&code_config()).expect("a wasmtime engine with the server's settings");
+        Precompiler { engine: Some(engine) }
+    }
+
+    /// Compiles the component at `wasm` into `out`; `Some(out)` when done.
+    fn compile(&self, wasm: &Path, out: &Path) -> Option<PathBuf> {
+        let engine = self.engine.as_ref()?;
+        let bytes = fs::read(wasm).unwrap_or_else(|e| panic!("read {}: {e}", wasm.display()));
+        let artifact = engine
+            .precompile_component(&bytes)
+            .unwrap_or_else(|e| panic!("precompiling {}: {e:#}", wasm.display()));
+        fs::write(out, &artifact).unwrap();
+        Some(out.to_path_buf())
+    }
 }
 
 /// What `hangar plugin new` writes, carried in the binary so a new project

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
+use wasmtime::{Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// Part of every cache key (the engine hash covers it too; this keeps
 /// entries of different wasmtime releases apart at a glance).
@@ -40,16 +40,9 @@ impl Default for PoolSize {
     }
 }
 
-/// Everything about the engine that shapes compiled code. The server's
-/// engine and the compile worker's (`hangar compile-worker`) both start
-/// from it, so what the worker compiles the server can deserialize.
-fn code_config() -> Config {
-    let mut config = Config::new();
-    config.wasm_component_model(true);
-    config.epoch_interruption(true);
-    config.memory_init_cow(true);
-    config
-}
+// `code_config()`: shared with build.rs, which precompiles the built-in
+// plugins with exactly these settings.
+include!("code_config.rs");
 
 /// The engine of the compile worker: the server's settings without the
 /// instance pool, which does not change compiled code (wasmtime documents
@@ -81,6 +74,28 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
         .max_unused_warm_slots(100);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config)
+}
+
+/// A built-in plugin's precompiled code (`build.rs`) as a component of
+/// `engine`; `None` when wasmtime refuses it, because this CPU lacks a
+/// feature the build machine's had or the engine's settings differ. The
+/// caller then compiles the component; the first refusal is logged.
+pub fn precompiled(engine: &Engine, plugin: &str, artifact: &[u8]) -> Option<Component> {
+    static REFUSED: AtomicBool = AtomicBool::new(false);
+    // SAFETY: `deserialize` checks the artifact's header (wasmtime version,
+    // target, CPU features, engine settings) against this engine, then maps
+    // its machine code as executable. The bytes are part of this binary,
+    // as trusted as its own code: build.rs compiled them from the embedded
+    // component with the server's code settings (`code_config`).
+    match unsafe { Component::deserialize(engine, artifact) } {
+        Ok(component) => Some(component),
+        Err(err) => {
+            if !REFUSED.swap(true, Ordering::Relaxed) {
+                tracing::warn!(%plugin, "compiling the built-in plugins: their precompiled code does not suit this machine: {err:#}");
+            }
+            None
+        }
+    }
 }
 
 /// Advances the engine's epoch every [`EPOCH_TICK`] until dropped.
@@ -578,7 +593,7 @@ mod tests {
     use super::*;
 
     fn engine() -> Engine {
-        let mut config = Config::new();
+        let mut config = wasmtime::Config::new();
         config.wasm_component_model(true);
         Engine::new(&config).unwrap()
     }

@@ -82,6 +82,9 @@ pub struct Builtin {
     pub kind: &'static str,
     pub manifest: &'static str,
     pub wasm: &'static [u8],
+    /// Its compiled code for the server's engine on the build machine's CPU
+    /// (`build.rs`); `None` in a cross-compiled binary.
+    pub precompiled: Option<&'static [u8]>,
 }
 
 /// The plugins compiled into this binary.
@@ -103,6 +106,9 @@ pub struct Plugin {
     pub owner: Option<String>,
     pub grants: Grants,
     wasm: Arc<[u8]>,
+    /// Its compiled code, built into the binary with it (a built-in's,
+    /// registered by [`Runtime::add_builtins`]).
+    precompiled: Option<&'static [u8]>,
     /// SHA-256 of `wasm` in hex, computed when first asked for.
     sha256: OnceLock<String>,
     loaded: tokio::sync::OnceCell<Result<Arc<Loaded>, RuntimeError>>,
@@ -333,9 +339,16 @@ impl Runtime {
     pub fn add_builtins(&self) -> Result<(), RuntimeError> {
         for builtin in BUILTINS {
             let manifest = Manifest::parse(builtin.manifest, Some(builtin.name))?;
-            self.add(manifest, Arc::from(builtin.wasm), Source::Builtin)?;
+            self.add_builtin(manifest, builtin.wasm, builtin.precompiled)?;
         }
         Ok(())
+    }
+
+    /// Registers a built-in plugin with its precompiled code, which is
+    /// used instead of compiling when this machine and engine accept it.
+    fn add_builtin(&self, manifest: Manifest, wasm: &'static [u8], precompiled: Option<&'static [u8]>) -> Result<Arc<Plugin>, RuntimeError> {
+        let plugin = self.prepare(Installer::Server, manifest, Arc::from(wasm), Source::Builtin, precompiled)?;
+        Ok(self.start(plugin))
     }
 
     /// Reads every `NAME.plugin.toml` with its `NAME.wasm` in `dir`.
@@ -397,7 +410,12 @@ impl Runtime {
 
     /// [`Runtime::add`] for `installer`.
     pub fn add_as(&self, installer: Installer<'_>, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
-        let plugin = self.prepare(installer, manifest, wasm, source)?;
+        let plugin = self.prepare(installer, manifest, wasm, source, None)?;
+        Ok(self.start(plugin))
+    }
+
+    /// Registers `plugin` and starts loading it in the background.
+    fn start(&self, plugin: Arc<Plugin>) -> Arc<Plugin> {
         self.inner.plugins.write().unwrap().insert(plugin.key(), plugin.clone());
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             let runtime = self.clone();
@@ -408,7 +426,7 @@ impl Runtime {
                 }
             });
         }
-        Ok(plugin)
+        plugin
     }
 
     /// Compiles, links and describes a plugin, and registers it only if
@@ -426,7 +444,7 @@ impl Runtime {
         wasm: Arc<[u8]>,
         source: Source,
     ) -> Result<Arc<Plugin>, RuntimeError> {
-        let plugin = self.prepare(installer, manifest, wasm, source)?;
+        let plugin = self.prepare(installer, manifest, wasm, source, None)?;
         self.loaded(&plugin).await?;
         self.check_clash(installer, &plugin.manifest, source)?;
         self.inner.plugins.write().unwrap().insert(plugin.key(), plugin.clone());
@@ -436,7 +454,14 @@ impl Runtime {
     /// A plugin not yet registered: its name checked for clashes and its
     /// grants decided (a manifest asking for more than the policy allows is
     /// refused here).
-    fn prepare(&self, installer: Installer<'_>, manifest: Manifest, wasm: Arc<[u8]>, source: Source) -> Result<Arc<Plugin>, RuntimeError> {
+    fn prepare(
+        &self,
+        installer: Installer<'_>,
+        manifest: Manifest,
+        wasm: Arc<[u8]>,
+        source: Source,
+        precompiled: Option<&'static [u8]>,
+    ) -> Result<Arc<Plugin>, RuntimeError> {
         self.check_clash(installer, &manifest, source)?;
         let (grants, owner) = match installer {
             Installer::Server => (self.inner.policy.grant(&manifest, source == Source::Builtin)?, None),
@@ -451,7 +476,17 @@ impl Runtime {
                 (self.inner.policy.grant_capped(&manifest, cap)?, Some(id.to_string()))
             }
         };
-        Ok(Arc::new(Plugin { manifest, source, owner, grants, wasm, sha256: OnceLock::new(), loaded: tokio::sync::OnceCell::new(), log_gate: Default::default() }))
+        Ok(Arc::new(Plugin {
+            manifest,
+            source,
+            owner,
+            grants,
+            wasm,
+            precompiled,
+            sha256: OnceLock::new(),
+            loaded: tokio::sync::OnceCell::new(),
+            log_gate: Default::default(),
+        }))
     }
 
     /// Refuses a plugin whose name is taken by a *different* plugin: a
@@ -645,6 +680,17 @@ impl Runtime {
         let id = plugin.id().to_string();
         let joined = |e: tokio::task::JoinError| RuntimeError::Load { plugin: id.clone(), reason: e.to_string() };
         let invalid = |e: wasmtime::Error| RuntimeError::Load { plugin: id.clone(), reason: format!("not a valid component: {e:#}") };
+        if let Some(artifact) = plugin.precompiled {
+            let runtime = self.clone();
+            let id = id.clone();
+            let precompiled = tokio::task::spawn_blocking(move || engine::precompiled(&runtime.inner.engine, &id, artifact))
+                .await
+                .map_err(joined)?;
+            // Not written to the compile cache: the binary holds it.
+            if let Some(component) = precompiled {
+                return Ok((component, None));
+            }
+        }
         let (runtime, wasm) = (self.clone(), plugin.wasm.clone());
         let hit = tokio::task::spawn_blocking(move || runtime.inner.cache.lookup(&runtime.inner.engine, &wasm)).await.map_err(joined)?;
         if let Some(component) = hit {
@@ -1084,6 +1130,77 @@ impl Completion {
             Err(_) => Err(RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline }),
             Ok(Err(err)) => Err(self.runtime.call_error(&self.plugin, &self.store, err)),
             Ok(Ok(result)) => Ok(result),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn builtin(name: &str) -> &'static Builtin {
+        BUILTINS.iter().find(|b| b.name == name).unwrap()
+    }
+
+    fn runtime_on(cache: &Path) -> Runtime {
+        let pool = PoolSize { instances: 16, ..Default::default() };
+        Runtime::new(RuntimeConfig { cache_dir: Some(cache.into()), pool, ..Default::default() }).unwrap()
+    }
+
+    #[test]
+    fn every_embedded_artifact_deserializes_in_the_servers_engine() {
+        let engine = engine::build_engine(PoolSize { instances: 4, ..Default::default() }).unwrap();
+        assert!(!BUILTINS.is_empty());
+        for builtin in BUILTINS {
+            let artifact = builtin.precompiled.unwrap_or_else(|| panic!("{}: no precompiled code", builtin.name));
+            // SAFETY: compiled by build.rs and built into this binary.
+            unsafe { wasmtime::component::Component::deserialize(&engine, artifact) }
+                .unwrap_or_else(|e| panic!("{}: {e:#}", builtin.name));
+        }
+    }
+
+    #[tokio::test]
+    async fn the_built_ins_load_from_their_precompiled_code_and_leave_the_cache_empty() {
+        let tmp = tempfile::tempdir().unwrap();
+        let cache = tmp.path().join("cache");
+        let runtime = runtime_on(&cache);
+        runtime.add_builtins().unwrap();
+        let plugins: Vec<Arc<Plugin>> = runtime.inner.plugins.read().unwrap().values().cloned().collect();
+        assert_eq!(plugins.len(), BUILTINS.len());
+        for plugin in &plugins {
+            // Loading checks that the code is the plugin's: its spec() or
+            // info() must name it.
+            runtime.loaded(plugin).await.unwrap_or_else(|e| panic!("{}: {e}", plugin.id()));
+        }
+        // Nothing was compiled, so nothing was written.
+        let written: Vec<_> = std::fs::read_dir(&cache).unwrap().collect();
+        assert!(written.is_empty(), "{written:?}");
+    }
+
+    #[tokio::test]
+    async fn precompiled_code_the_engine_refuses_is_compiled_instead() {
+        let read = builtin("read");
+        let good = read.precompiled.unwrap();
+        // Code from an engine with other settings (no epoch interruption:
+        // a plugin could then never be stopped).
+        let mut config = engine::code_config();
+        config.epoch_interruption(false);
+        let other_engine = wasmtime::Engine::new(&config).unwrap().precompile_component(read.wasm).unwrap();
+        // The right code under a damaged header.
+        let mut damaged = good.to_vec();
+        damaged[..16].fill(0);
+        for (what, artifact) in [("another engine's code", other_engine), ("a damaged header", damaged)] {
+            let artifact: &'static [u8] = artifact.leak();
+            let tmp = tempfile::tempdir().unwrap();
+            let cache = tmp.path().join("cache");
+            let runtime = runtime_on(&cache);
+            let manifest = Manifest::parse(read.manifest, Some(read.name)).unwrap();
+            runtime.add_builtin(manifest, read.wasm, Some(artifact)).unwrap();
+            let spec = runtime.tool_spec("read").await.unwrap_or_else(|e| panic!("{what}: {e}"));
+            assert_eq!(spec.name, "read", "{what}");
+            // Compiled here: the compile cache now holds it (an entry and
+            // its digest).
+            assert_eq!(std::fs::read_dir(&cache).unwrap().count(), 2, "{what}");
         }
     }
 }
