@@ -17,7 +17,7 @@
 //! | `hangar_tokens_total` | counter | `provider`, `kind` (`input`, `output`) |
 //! | `hangar_active_runs` | gauge | |
 //! | `hangar_active_streams` | gauge | |
-//! | `hangar_compile_cache_total` | counter | `result` (`hit`, `miss`) |
+//! | `hangar_compile_cache_total` | counter | `result` (`hit`, `miss`, `built_in`) |
 //! | `hangar_wal_bytes` | gauge | |
 
 use std::sync::OnceLock;
@@ -65,7 +65,7 @@ fn describe() {
     describe_counter!("hangar_tokens_total", "Tokens reported by providers, by provider and kind (input, output)");
     describe_gauge!("hangar_active_runs", "Runs executing now");
     describe_gauge!("hangar_active_streams", "SSE responses open now");
-    describe_counter!("hangar_compile_cache_total", "Plugin compiles served by the compile cache (hit) or compiled (miss)");
+    describe_counter!("hangar_compile_cache_total", "Plugin code served by the compile cache (hit), compiled (miss) or precompiled into the binary (built_in)");
     describe_gauge!("hangar_wal_bytes", "Size of the SQLite write-ahead log after its last checkpoint");
 }
 
@@ -119,6 +119,11 @@ pub fn tokens(provider: &str, input: u64, output: u64) {
 
 pub fn compile_cache(hit: bool) {
     counter!("hangar_compile_cache_total", "result" => if hit { "hit" } else { "miss" }).increment(1);
+}
+
+/// A built-in plugin's code taken from the binary (no cache, no compile).
+pub fn precompiled_code() {
+    counter!("hangar_compile_cache_total", "result" => "built_in").increment(1);
 }
 
 pub fn wal_size(bytes: u64) {

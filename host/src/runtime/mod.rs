@@ -688,6 +688,7 @@ impl Runtime {
                 .map_err(joined)?;
             // Not written to the compile cache: the binary holds it.
             if let Some(component) = precompiled {
+                crate::telemetry::precompiled_code();
                 engine::release_pages(artifact);
                 return Ok((component, None));
             }
