@@ -117,13 +117,11 @@ impl Bus {
     /// share, its seq is made current from the store first: another host
     /// may have run the session since this host last did.
     pub async fn fresh_feed(&self, session: &str) -> Result<Arc<Feed>, StoreError> {
-        let feed = self.feed(session).await?;
         if !self.inner.store.is_shared() {
-            return Ok(feed);
+            return self.feed(session).await;
         }
         let last = self.inner.store.last_seq(session).await?;
-        catch_up(&feed, last);
-        Ok(feed)
+        Ok(self.fresh_feed_from(session, last).await)
     }
 
     /// Sessions this host has a feed for (whose followers another host's

@@ -75,24 +75,28 @@ pub struct SessionContext {
     pub compacted_at: Option<DateTime<Utc>>,
 }
 
+/// The stored context of `session`, undecoded.
+pub(super) fn sqlite_context(c: &rusqlite::Connection, session: &str) -> rusqlite::Result<Option<String>> {
+    c.prepare_cached("SELECT context FROM session_contexts WHERE session_id = ?1")?.query_row([session], |r| r.get(0)).optional()
+}
+
+pub(super) fn decode_context(text: Option<String>) -> Result<Option<SessionContext>, StoreError> {
+    Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+}
+
 impl Store {
     /// The session's compacted view; `None` while it was never compacted.
     pub async fn session_context(&self, session: &str) -> Result<Option<SessionContext>, StoreError> {
         let session = session.to_string();
         let text: Option<String> = match &self.db {
             Db::Sqlite(db) => {
-                db.read(move |c| {
-                    Ok(c.prepare_cached("SELECT context FROM session_contexts WHERE session_id = ?1")?
-                        .query_row([&session], |r| r.get(0))
-                        .optional()?)
-                })
-                .await?
+                db.read(move |c| Ok(sqlite_context(c, &session)?)).await?
             }
             Db::Postgres(pg) => pg.query_opt("SELECT context FROM session_contexts WHERE session_id = $1", &[&session])
                 .await?
                 .map(|r| r.get(0)),
         };
-        Ok(text.map(|t| serde_json::from_str(&t)).transpose()?)
+        decode_context(text)
     }
 
     pub async fn put_session_context(&self, session: &str, context: SessionContext) -> Result<(), StoreError> {

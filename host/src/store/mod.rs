@@ -742,8 +742,7 @@ impl Store {
         let found = match &self.db {
             Db::Sqlite(db) => {
                 let id = id.clone();
-                db.read(move |c| Ok(c.prepare_cached(&format!("{SESSION_SELECT} WHERE id = ?1"))?.query_row([&id], session_row).optional()?))
-                    .await?
+                db.read(move |c| Ok(sqlite_session(c, &id)?)).await?
             }
             Db::Postgres(pg) => {
                 let row = pg.query_opt(&format!("{SESSION_SELECT} WHERE id = $1"), &[&id]).await?;
@@ -1207,6 +1206,11 @@ impl RawSession {
         session.history = serde_json::from_str(&history)?;
         Ok(session)
     }
+}
+
+/// The session row `id`, undecoded.
+fn sqlite_session(c: &Connection, id: &str) -> rusqlite::Result<Option<RawSession>> {
+    c.prepare_cached(&format!("{SESSION_SELECT} WHERE id = ?1"))?.query_row([id], session_row).optional()
 }
 
 fn session_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<RawSession> {

@@ -558,7 +558,6 @@ impl Store {
         }
     }
 
-    /// The last seq the session has used (stored or pruned); 0 for none.
     /// What a run reads before it asks the model: the session, its
     /// context and its last event's seq, in one read (on SQLite one trip
     /// to a reader; on PostgreSQL three queries side by side).
@@ -567,20 +566,10 @@ impl Store {
             Db::Sqlite(db) => {
                 let id = session.to_string();
                 let (found, context, last) = db
-                    .read(move |c| {
-                        let found = c
-                            .prepare_cached(&format!("{} WHERE id = ?1", super::SESSION_SELECT))?
-                            .query_row([&id], super::session_row)
-                            .optional()?;
-                        let context: Option<String> = c
-                            .prepare_cached("SELECT context FROM session_contexts WHERE session_id = ?1")?
-                            .query_row([&id], |r| r.get(0))
-                            .optional()?;
-                        Ok((found, context, max_seq(c, &id)?))
-                    })
+                    .read(move |c| Ok((super::sqlite_session(c, &id)?, super::context::sqlite_context(c, &id)?, max_seq(c, &id)?)))
                     .await?;
                 let session = found.ok_or(StoreError::NotFound { kind: "session", id: session.to_string() })?.finish()?;
-                Ok((session, context.map(|t| serde_json::from_str(&t)).transpose()?, last))
+                Ok((session, super::context::decode_context(context)?, last))
             }
             Db::Postgres(_) => {
                 let (found, context, last) = tokio::join!(self.session(session), self.session_context(session), self.last_seq(session));
@@ -589,6 +578,7 @@ impl Store {
         }
     }
 
+    /// The last seq the session has used (stored or pruned); 0 for none.
     pub async fn last_seq(&self, session: &str) -> Result<u64, StoreError> {
         let session = session.to_string();
         match &self.db {
