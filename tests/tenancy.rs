@@ -529,6 +529,45 @@ async fn concurrent_runs_never_pass_the_limit() {
     assert_eq!(usage["active_runs"], 3, "{usage}\n{runs}");
 }
 
+/// A run whose row the quota refuses is started while the row is written
+/// (its reads overlap the write): it must end without asking the model and
+/// free its session.
+#[tokio::test]
+async fn a_run_the_quota_refuses_never_asks_the_model_and_frees_its_session() {
+    let host = host("").await;
+    let a = tenant(&host, "alpha", json!({"max_concurrent_runs": 1}), json!([{"tool": "bash", "pattern": "*", "action": "ask"}])).await;
+    let as_a = host.tenant(&a.key);
+    // The first run waits for a permission answer, so it stays active.
+    a.fake.push(calls("tu_1", "bash", json!({"command": "true"})));
+    let (status, body) =
+        as_a.post(&format!("/sessions/{}/message", a.session), json!({"agent_id": a.agent, "message": "first", "background": true})).await;
+    assert_eq!(status, 202, "{body}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while a.fake.requests().is_empty() {
+        assert!(std::time::Instant::now() < deadline, "the first run never asked the model");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, other) = as_a.post("/sessions", json!({})).await;
+    assert_eq!(status, 201, "{other}");
+    let second = format!("/sessions/{}/message", other["id"].as_str().unwrap());
+    let (status, body) = as_a.post(&second, json!({"agent_id": a.agent, "message": "second", "background": true})).await;
+    assert_eq!((status, body["quota"].as_str()), (429, Some("max_concurrent_runs")), "{body}");
+    // Its claim is let go (a busy session would answer 409 before the
+    // quota is looked at): the refused run has ended.
+    loop {
+        let (status, body) = as_a.post(&second, json!({"agent_id": a.agent, "message": "again", "background": true})).await;
+        if status == 429 {
+            break;
+        }
+        assert_eq!(status, 409, "{body}");
+        assert!(std::time::Instant::now() < deadline, "the refused run still holds its session");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(a.fake.requests().len(), 1, "only the first run asked the model");
+    let (_, runs) = as_a.get(&format!("/sessions/{}/runs", other["id"].as_str().unwrap())).await;
+    assert_eq!(runs.as_array().unwrap().len(), 0, "{runs}");
+}
+
 const MISBEHAVE: &str = include_str!("fixtures/misbehave/misbehave.plugin.toml");
 
 async fn upload(host: &Host, key: &str, manifest: &str) -> (u16, Value) {
