@@ -60,7 +60,7 @@ fn main() {
             let manifest = plugins.join(dir).join(name).join(format!("{name}.plugin.toml"));
             assert!(manifest.exists(), "missing manifest {}", manifest.display());
             let precompiled = match precompiler.compile(&wasm, &out_dir.join(format!("{name}.cwasm"))) {
-                Some(path) => format!("Some(include_bytes!({:?}))", path.display().to_string()),
+                Some(path) => format!("Some(&PageAligned(*include_bytes!({:?})).0)", path.display().to_string()),
                 None => "None".to_string(),
             };
             writeln!(

@@ -54,6 +54,7 @@ pub fn compile_engine() -> wasmtime::Result<Engine> {
 
 pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
     let mut config = code_config();
+    config.with_custom_code_memory(Some(Arc::new(InPlaceCode)));
 
     let mut pooling = PoolingAllocationConfig::default();
     pooling
@@ -77,18 +78,42 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
 }
 
 /// A built-in plugin's precompiled code (`build.rs`) as a component of
-/// `engine`; `None` when wasmtime refuses it, because this CPU lacks a
+/// `engine` (one from [`build_engine`]); `None` when wasmtime refuses it, because this CPU lacks a
 /// feature the build machine's had or the engine's settings differ. The
 /// caller then compiles the component; the first refusal is logged.
-pub fn precompiled(engine: &Engine, plugin: &str, artifact: &[u8]) -> Option<Component> {
+///
+/// The code runs where it lies in the binary ([`InPlaceCode`]) instead of
+/// from a copy: only the pages a plugin executes become resident, and they
+/// are clean pages of the executable file, which the kernel can drop and
+/// read again, where a copy would keep the whole artifact (13 MB for the
+/// built-ins) in anonymous memory for the server's life.
+pub fn precompiled(engine: &Engine, plugin: &str, artifact: &'static [u8]) -> Option<Component> {
     static REFUSED: AtomicBool = AtomicBool::new(false);
-    // SAFETY: `deserialize` checks the artifact's header (wasmtime version,
-    // target, CPU features, engine settings) against this engine, then maps
-    // its machine code as executable. The bytes are part of this binary,
-    // as trusted as its own code: build.rs compiled them from the embedded
-    // component with the server's code settings (`code_config`).
-    match unsafe { Component::deserialize(engine, artifact) } {
-        Ok(component) => Some(component),
+    // build.rs aligns the artifacts; one that is not (a test's) is copied.
+    let in_place = (artifact.as_ptr() as usize).is_multiple_of(page_size());
+    // SAFETY: `deserialize` and `deserialize_raw` check the artifact's
+    // header (wasmtime version, target, CPU features, engine settings)
+    // against this engine before they make its machine code executable.
+    // The bytes are part of this binary, as trusted as its own code:
+    // build.rs compiled them from the embedded component with the server's
+    // code settings (`code_config`). `deserialize_raw` further needs the
+    // memory to outlive the component and never change: it is `'static`
+    // read-only data of the executable.
+    let loaded = unsafe {
+        if in_place {
+            Component::deserialize_raw(engine, std::ptr::NonNull::from(artifact))
+        } else {
+            Component::deserialize(engine, artifact)
+        }
+    };
+    match loaded {
+        Ok(component) => {
+            // The pages read while loading (headers, type information, the
+            // data copied into the memory image) are not needed again; the
+            // code faults back in from the file as it runs.
+            release_pages(artifact);
+            Some(component)
+        }
         Err(err) => {
             if !REFUSED.swap(true, Ordering::Relaxed) {
                 tracing::warn!(%plugin, "compiling the built-in plugins: their precompiled code does not suit this machine: {err:#}");
@@ -98,21 +123,64 @@ pub fn precompiled(engine: &Engine, plugin: &str, artifact: &[u8]) -> Option<Com
     }
 }
 
-/// Gives back the resident pages of `bytes`, a part of this binary's
-/// read-only data that has been copied out: `deserialize` copies the code
-/// into memory of its own, and the pages it read would otherwise count in
-/// the server's RSS for its whole life (13 MB for the built-ins).
-pub fn release_pages(bytes: &'static [u8]) {
+fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize
+}
+
+/// Gives back the resident pages of `bytes`, a part of this binary's
+/// read-only data: they count in the server's RSS until the kernel needs
+/// the memory, though nothing reads them again soon.
+fn release_pages(bytes: &'static [u8]) {
+    let page = page_size();
     let start = (bytes.as_ptr() as usize).div_ceil(page) * page;
     let end = (bytes.as_ptr() as usize + bytes.len()) / page * page;
     if end > start {
-        // SAFETY: whole pages inside `bytes`, a read-only private mapping
-        // of the executable: MADV_DONTNEED only drops this process's page
-        // table entries, and a later read faults the same bytes back in
-        // from the file. Nothing is written, so nothing can be lost.
+        // SAFETY: whole pages inside `bytes`, a private mapping of the
+        // executable that is never written (code made executable in place
+        // is read-only too): MADV_DONTNEED only drops this process's page
+        // table entries, and a later access faults the same bytes back in
+        // from the file. Nothing can be lost.
         unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_DONTNEED) };
+    }
+}
+
+/// Makes compiled code executable with `mprotect`, as wasmtime does by
+/// itself, but also for code it did not copy: the built-ins' artifacts,
+/// loaded with `deserialize_raw` from the binary's read-only data.
+struct InPlaceCode;
+
+impl InPlaceCode {
+    fn protect(ptr: *const u8, len: usize, prot: libc::c_int) -> wasmtime::Result<()> {
+        // SAFETY: wasmtime passes the page-aligned text section of a code
+        // image it owns or was given for the component's life; changing
+        // its protection touches no other mapping.
+        if unsafe { libc::mprotect(ptr as *mut libc::c_void, len, prot) } != 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(())
+    }
+}
+
+impl wasmtime::CustomCodeMemory for InPlaceCode {
+    fn required_alignment(&self) -> usize {
+        page_size()
+    }
+
+    fn publish_executable(&self, ptr: *const u8, len: usize) -> wasmtime::Result<()> {
+        Self::protect(ptr, len, libc::PROT_READ | libc::PROT_EXEC)
+    }
+
+    fn unpublish_executable(&self, ptr: *const u8, len: usize) -> wasmtime::Result<()> {
+        // Code wasmtime copied into a mapping of its own goes back to
+        // writable, as wasmtime expects before it unmaps it; the binary's
+        // data goes back to read-only, as it was.
+        let embedded = crate::runtime::BUILTINS
+            .iter()
+            .filter_map(|builtin| builtin.precompiled)
+            .any(|artifact| artifact.as_ptr_range().contains(&ptr));
+        let prot = if embedded { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
+        Self::protect(ptr, len, prot)
     }
 }
 
