@@ -999,6 +999,11 @@ impl Store {
     }
 }
 
+/// Statements each connection keeps prepared. rusqlite keeps 16 by
+/// default, fewer than the store's distinct statements (about 60), so a busy
+/// writer evicted and re-parsed them in turn.
+const STATEMENT_CACHE: usize = 128;
+
 impl Sqlite {
     fn open(path: &Path, wal_limit: u64) -> Result<Sqlite, StoreError> {
         if let Some(dir) = path.parent() {
@@ -1016,6 +1021,7 @@ impl Sqlite {
                 .map_err(|source| StoreError::Open { path: path.into(), source })?;
         }
         let mut conn = Connection::open(path)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         // What a write replaces is overwritten where that costs no extra
@@ -1051,6 +1057,7 @@ impl Sqlite {
     /// A further connection to the database `open` migrated.
     fn open_connection(path: &Path) -> Result<Connection, StoreError> {
         let conn = Connection::open(path)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         Ok(conn)
     }
@@ -1096,10 +1103,10 @@ impl Sqlite {
         let (done, result) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move |tx| {
             let result = match tx {
-                Ok(tx) => tx.savepoint().map_err(StoreError::from).and_then(|savepoint| {
+                Ok(tx) => Savepoint::begin(tx).and_then(|savepoint| {
                     // Dropping the savepoint on error rolls back this write alone.
-                    let value = f(&savepoint)?;
-                    savepoint.commit()?;
+                    let value = f(savepoint.conn)?;
+                    savepoint.release()?;
                     Ok(value)
                 }),
                 Err(begin) => Err(StoreError::Commit(begin.to_string())),
@@ -1346,6 +1353,43 @@ fn checkpoint_loop(conn: Connection, wal: Wal, wakes: std::sync::mpsc::Receiver<
 /// The writer thread: takes the first waiting write, then every write that
 /// queued behind it (up to `GROUP_MAX`), and commits them together, so a
 /// burst of writes pays for one commit instead of one each.
+/// One write's savepoint inside the writer's transaction: released when
+/// the write succeeds, rolled back when it fails or panics. rusqlite's own
+/// savepoints parse their SQL each time; these statements are prepared once
+/// per connection, which the single writer runs for every write.
+struct Savepoint<'c> {
+    conn: &'c Connection,
+    released: bool,
+}
+
+impl<'c> Savepoint<'c> {
+    fn begin(conn: &'c Connection) -> Result<Savepoint<'c>, StoreError> {
+        conn.prepare_cached("SAVEPOINT hangar_write")?.execute([])?;
+        Ok(Savepoint { conn, released: false })
+    }
+
+    fn release(mut self) -> Result<(), StoreError> {
+        self.conn.prepare_cached("RELEASE hangar_write")?.execute([])?;
+        self.released = true;
+        Ok(())
+    }
+}
+
+impl Drop for Savepoint<'_> {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        // ROLLBACK TO keeps the savepoint open; RELEASE then ends it, so
+        // the next write starts from the transaction itself.
+        for sql in ["ROLLBACK TO hangar_write", "RELEASE hangar_write"] {
+            if let Err(err) = self.conn.prepare_cached(sql).and_then(|mut statement| statement.execute([])) {
+                tracing::error!(%err, "cannot roll back a failed write");
+            }
+        }
+    }
+}
+
 fn write_loop(
     mut conn: Connection,
     jobs: std::sync::mpsc::Receiver<Job>,
@@ -1439,6 +1483,46 @@ mod tests {
         let ids: Vec<String> = reopened.sessions().await.unwrap().into_iter().map(|s| s.id).collect();
         assert_eq!(ids.len(), 150);
         assert!(ids.iter().all(|id| id.starts_with("s-")));
+    }
+
+    /// A write that fails or panics after it has written rolls back what
+    /// it wrote, and only that: the writes queued with it commit, and the
+    /// writer goes on with the next group.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_fails_or_panics_after_writing_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("hangar.db")).unwrap();
+        let Db::Sqlite(db) = &store.db else { unreachable!() };
+        let insert = |conn: &Connection, id: &str| {
+            let t = ts(&now());
+            conn.execute(
+                "INSERT INTO sessions (id, work_dir, history, created_at, updated_at, tenant_id) VALUES (?1, NULL, '[]', ?2, ?2, ?3)",
+                rusqlite::params![id, t, DEFAULT_TENANT],
+            )
+        };
+        let writes = (0..60).map(|i| {
+            let db = db.clone();
+            tokio::spawn(async move {
+                db.write(move |conn| {
+                    insert(conn, &format!("s-{i:02}"))?;
+                    match i % 3 {
+                        0 => Ok(()),
+                        1 => Err(StoreError::Task("refused after writing".into())),
+                        _ => panic!("a write that panics after writing"),
+                    }
+                })
+                .await
+            })
+        });
+        let results = futures::future::join_all(writes).await;
+        for (i, result) in results.into_iter().enumerate() {
+            assert_eq!(result.unwrap().is_ok(), i % 3 == 0, "write {i}");
+        }
+        let ids: Vec<String> = store.sessions().await.unwrap().into_iter().map(|s| s.id).collect();
+        let expected: Vec<String> = (0..60).filter(|i| i % 3 == 0).map(|i| format!("s-{i:02}")).collect();
+        assert_eq!(ids.iter().collect::<HashSet<_>>(), expected.iter().collect::<HashSet<_>>());
+        // The writer carries on.
+        store.insert_session(session("after")).await.unwrap();
     }
 
     // ----- the same checks on both backends -----
