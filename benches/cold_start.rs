@@ -38,7 +38,7 @@ fn round(cache: &std::path::Path) -> Round {
     let port = free_port();
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let started = Instant::now();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hangar"))
+    let mut child = Command::new(std::env::var("BENCH_HANGAR").unwrap_or_else(|_| env!("CARGO_BIN_EXE_hangar").to_string()))
         .args(["serve", "--port", &port.to_string(), "--db"])
         .arg(dir.path().join("hangar.db"))
         .arg("--cache-dir")
