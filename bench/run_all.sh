@@ -9,6 +9,8 @@ OUT=${OUT:-bench/results-$(date -u +%Y%m%dT%H%M%SZ).md}
   cargo bench --bench read_call -- --percentiles-only
   cargo bench --bench grep_tree
   bench/http_load.sh
+  bench/tenancy_load.sh
   cargo bench --bench streams
+  cargo bench --bench features
   cargo bench --bench cold_start
 } 2>&1 | tee "$OUT"

@@ -8,11 +8,19 @@
 //!    Sequential, interleaved, `BENCH_ITERS` each (default 300).
 //! 4. `BENCH_SESSIONS` (default 1,000) concurrent streaming sessions: each
 //!    answer is 20 text deltas 150 ms apart (~3 s), so all are open at once.
-//!    Counts errors, and reads the hangar process's peak RSS (VmHWM).
+//!    Counts errors, and reads the hangar process's peak RSS (VmHWM). Each
+//!    event goes out with its seq as `id:` and to the store's writer: the
+//!    events written per second are the ids the clients read over the time
+//!    until the last is stored (an ended run's events route waits for the
+//!    writer before it reads the store; its replay is checked against the
+//!    stream).
+//! 4b. The same streams without the pauses (`burst`): how many events a
+//!    second the store takes when the model is not the limit.
 //!
-//!     cargo bench --bench streams               # both
+//!     cargo bench --bench streams               # all three
 //!     cargo bench --bench streams -- ttft       # only figure 6
 //!     cargo bench --bench streams -- sessions   # only figure 4
+//!     cargo bench --bench streams -- burst      # only figure 4b
 //!
 //! `BENCH_DATABASE_URL=postgres://…` runs `BENCH_HOSTS` hosts (default 2)
 //! on that database instead of one on SQLite: sessions are made on one
@@ -47,37 +55,13 @@ struct Setup {
     _cache: tempfile::TempDir,
 }
 
-/// Runs hangar once on `cache` until every plugin is compiled, so that the
-/// measured server starts from a warm cache as it always has: compiling in
-/// the measured process would leave Cranelift's memory in it and change
-/// the RSS figures.
-async fn warm(cache: &std::path::Path, client: &reqwest::Client) {
-    let hangar = launch::start(cache);
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        if let Ok(resp) = client.get(hangar.url("/plugins")).send().await
-            && resp.status() == 200
-        {
-            let body = resp.text().await.unwrap_or_default();
-            if body.contains("\"state\"") && !body.contains("\"compiling\"") {
-                assert!(!body.contains("\"failed\""), "a plugin failed to compile: {body}");
-                break;
-            }
-        }
-        assert!(Instant::now() < deadline, "plugins never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    // Stopping waits for the process (blocking).
-    tokio::task::block_in_place(|| drop(hangar));
-}
-
 async fn setup() -> Setup {
     let fake = FakeServer::start(Vec::new()).await;
     // A private compile cache for this run (a shared, predictable path
     // under /tmp is one anyone on the machine could fill first).
     let cache = tempfile::tempdir().unwrap();
     let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
-    warm(cache.path(), &client).await;
+    launch::warm(cache.path(), &client).await;
     let db = std::env::var("BENCH_DATABASE_URL").ok();
     let hosts = if db.is_some() { std::env::var("BENCH_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2) } else { 1 };
     let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_on(cache.path(), db.as_deref())).collect();
@@ -212,7 +196,13 @@ async fn ttft(s: &Setup) {
     );
 }
 
-async fn sessions(s: &Setup) {
+/// The ids (seqs) of the SSE events in `seen`.
+fn event_ids(seen: &str) -> impl Iterator<Item = u64> + '_ {
+    seen.lines().filter_map(|l| l.strip_prefix("id:")).filter_map(|v| v.trim().parse().ok())
+}
+
+/// Figure 4 (`pause` between deltas) or 4b (none).
+async fn sessions(s: &Setup, name: &str, pause: Duration) {
     let n: usize = std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
@@ -227,7 +217,9 @@ async fn sessions(s: &Setup) {
         let mut block = block.into_iter();
         chunks.push(block.next().unwrap());
         for c in block {
-            chunks.push(Chunk::Sleep(Duration::from_millis(150)));
+            if !pause.is_zero() {
+                chunks.push(Chunk::Sleep(pause));
+            }
             chunks.push(c);
         }
         chunks.extend(anthropic::stop("end_turn", 20));
@@ -261,6 +253,7 @@ async fn sessions(s: &Setup) {
             if resp.status() != 200 {
                 return Err(format!("status {}", resp.status()));
             }
+            let run = resp.headers().get("content-location").and_then(|v| v.to_str().ok()).unwrap_or_default().to_string();
             let now = open.fetch_add(1, Ordering::SeqCst) + 1;
             max_open.fetch_max(now, Ordering::SeqCst);
             let (ok, seen) = until(resp, "event: done").await;
@@ -271,7 +264,7 @@ async fn sessions(s: &Setup) {
             if seen.contains("event: error") || seen.matches("event: text").count() != 20 {
                 return Err(format!("bad stream: {} text events", seen.matches("event: text").count()));
             }
-            Ok(())
+            Ok((event_ids(&seen).count(), run))
         }
     });
     let results = tokio::time::timeout(Duration::from_secs(180), futures::future::join_all(runs)).await;
@@ -281,14 +274,34 @@ async fn sessions(s: &Setup) {
     let (_, hwm) = s.rss_kib();
     let results = results.expect("1,000 sessions did not finish within 180 s");
     let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
-    println!("\n## sessions ({}; {} host(s){})\n", stats::machine(), s.hangars.len(), if s.hangars.len() > 1 { ", RSS summed" } else { "" });
-    println!("| sessions | errors | max open at once | wall s | RSS before MB | peak RSS (VmHWM) MB | peak sampled VmRSS MB |");
-    println!("|---|---|---|---|---|---|---|");
+    let events: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|(count, _)| count).sum();
+    // Every host's writer has stored what it was given once an ended run's
+    // events route answers there: the last run each host ran, replayed
+    // whole, is what its stream carried.
+    for h in 0..s.hangars.len() {
+        let Some((i, Ok((count, run)))) = results.iter().enumerate().rev().find(|(i, r)| i % s.hangars.len() == h && r.is_ok()) else {
+            continue;
+        };
+        let resp = s.client.get(s.host(i).url(&format!("{run}/events"))).send().await.unwrap();
+        let (_, replayed) = until(resp, "event: done").await;
+        assert_eq!(event_ids(&replayed).count(), *count, "the store holds other events than the stream sent");
+    }
+    let stored = started.elapsed();
     println!(
-        "| {n} | {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+        "\n## {name} ({}; {} host(s){}; {} ms between deltas)\n",
+        stats::machine(),
+        s.hangars.len(),
+        if s.hangars.len() > 1 { ", RSS summed" } else { "" },
+        pause.as_millis()
+    );
+    println!("| sessions | errors | max open at once | wall s | events stored | written/s | RSS before MB | peak RSS (VmHWM) MB | peak sampled VmRSS MB |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    println!(
+        "| {n} | {} | {} | {:.1} | {events} | {:.0} | {:.1} | {:.1} | {:.1} |\n",
         errors.len(),
         max_open.load(Ordering::SeqCst),
         elapsed.as_secs_f64(),
+        events as f64 / stored.as_secs_f64(),
         rss_before as f64 / 1024.0,
         hwm as f64 / 1024.0,
         sampled_peak as f64 / 1024.0
@@ -308,7 +321,10 @@ fn main() {
             ttft(&s).await;
         }
         if want("sessions") {
-            sessions(&s).await;
+            sessions(&s, "sessions", Duration::from_millis(150)).await;
+        }
+        if want("burst") {
+            sessions(&s, "burst", Duration::ZERO).await;
         }
     });
 }

@@ -7,7 +7,7 @@ mod listen;
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 pub struct Hangar {
     pub child: Child,
@@ -73,6 +73,30 @@ impl Hangar {
     pub fn rss_kib(&self) -> (u64, u64) {
         rss_kib(self.child.id())
     }
+}
+
+/// Runs hangar once on `cache` until every plugin is compiled, so that the
+/// measured server starts from a warm cache as it always has: compiling in
+/// the measured process would leave Cranelift's memory in it and change
+/// the RSS figures.
+pub async fn warm(cache: &std::path::Path, client: &reqwest::Client) {
+    let hangar = start(cache);
+    let deadline = Instant::now() + Duration::from_secs(300);
+    loop {
+        if let Ok(resp) = client.get(hangar.url("/plugins")).send().await
+            && resp.status() == 200
+        {
+            let body = resp.text().await.unwrap_or_default();
+            if body.contains("\"state\"") && !body.contains("\"compiling\"") {
+                assert!(!body.contains("\"failed\""), "a plugin failed to compile: {body}");
+                break;
+            }
+        }
+        assert!(Instant::now() < deadline, "plugins never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Stopping waits for the process (blocking).
+    tokio::task::block_in_place(|| drop(hangar));
 }
 
 pub fn rss_kib(pid: u32) -> (u64, u64) {
