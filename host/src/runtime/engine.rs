@@ -72,7 +72,19 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
         .table_elements(100_000)
         .max_component_instance_size(4 << 20)
         .max_core_instance_size(4 << 20)
-        .max_unused_warm_slots(100);
+        .max_unused_warm_slots(100)
+        // A freed slot is reset by rewriting the pages the instance dirtied
+        // (found with the PAGEMAP_SCAN ioctl, Linux 6.7+) instead of
+        // `madvise` dropping them: the next instance in the slot then takes
+        // no page faults, and no `madvise` shoots down other threads' TLBs.
+        // A `read` call dirties under 16 pages; past 64 KiB the rest of a
+        // slot is dropped as before, so a warm slot holds at most 64 KiB.
+        // Without the scan, keeping pages resident means a `memset` of all
+        // of them, which cost more than the faults it saved (BENCHMARKS.md).
+        .pagemap_scan(wasmtime::Enabled::Auto)
+        .linear_memory_keep_resident(if PoolingAllocationConfig::is_pagemap_scan_available() { 64 << 10 } else { 0 })
+        // A tool's tables are a page each: zeroed in place, not `madvise`d.
+        .table_keep_resident(8 << 10);
     config.allocation_strategy(InstanceAllocationStrategy::Pooling(pooling));
     Engine::new(&config)
 }

@@ -11,6 +11,8 @@ const MAX_LINE_CHARS: usize = 2000;
 const MAX_BYTES: usize = 50 * 1024;
 /// WASI reads cost a host round trip each: read in large chunks.
 const CHUNK: usize = 256 * 1024;
+/// How much of the start of a file is looked at for a NUL byte.
+const BINARY_PROBE: usize = 8192;
 
 struct Read_;
 
@@ -51,7 +53,12 @@ impl Tool for Read_ {
         // Never a FIFO or a device: opening one could block the call.
         hangar_sdk::fs::ensure_regular(&meta).map_err(|e| Error::msg(format!("cannot read `{shown}`: {e}")))?;
         let file = fs::File::open(&path).map_err(|e| Error::msg(format!("cannot read `{shown}`: {}", hangar_sdk::fs::explain(&path, e))))?;
-        let mut reader = BufReader::with_capacity(CHUNK, file);
+        // A buffer the size of the file (within 8 KiB..CHUNK): a small file
+        // then fits the guest's initial heap, and the call never grows its
+        // linear memory (each growth costs the host an `mprotect` now and
+        // another when the pool slot is reused).
+        let capacity = usize::try_from(meta.len()).unwrap_or(CHUNK).saturating_add(1).clamp(BINARY_PROBE, CHUNK);
+        let mut reader = BufReader::with_capacity(capacity, file);
         if looks_binary(reader.fill_buf()?) {
             return Err(Error::msg(format!("`{shown}` is a binary file; read only shows text")));
         }
@@ -63,7 +70,7 @@ impl Tool for Read_ {
 
 /// A NUL byte in the first block is the usual sign of a binary file.
 fn looks_binary(head: &[u8]) -> bool {
-    head[..head.len().min(8192)].contains(&0)
+    head[..head.len().min(BINARY_PROBE)].contains(&0)
 }
 
 fn number_lines(mut reader: impl BufRead, offset: usize, limit: usize, shown: &str) -> Result<String, Error> {
