@@ -101,8 +101,9 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
 /// built-ins) in anonymous memory for the server's life.
 pub fn precompiled(engine: &Engine, plugin: &str, artifact: &'static [u8]) -> Option<Component> {
     static REFUSED: AtomicBool = AtomicBool::new(false);
-    // build.rs aligns the artifacts; one that is not (a test's) is copied.
-    let in_place = (artifact.as_ptr() as usize).is_multiple_of(page_size());
+    // build.rs aligns the artifacts; one that is not (a test's) is copied,
+    // and so is one whose code runs in place already (see `InPlaceCode`).
+    let in_place = (artifact.as_ptr() as usize).is_multiple_of(page_size()) && InPlaceCode::claim(artifact);
     // SAFETY: `deserialize` and `deserialize_raw` check the artifact's
     // header (wasmtime version, target, CPU features, engine settings)
     // against this engine before they make its machine code executable.
@@ -118,6 +119,9 @@ pub fn precompiled(engine: &Engine, plugin: &str, artifact: &'static [u8]) -> Op
             Component::deserialize(engine, artifact)
         }
     };
+    if in_place && loaded.is_err() {
+        InPlaceCode::release(artifact.as_ptr());
+    }
     match loaded {
         Ok(component) => {
             // The pages read while loading (headers, type information, the
@@ -160,9 +164,42 @@ fn release_pages(bytes: &'static [u8]) {
 /// Makes compiled code executable with `mprotect`, as wasmtime does by
 /// itself, but also for code it did not copy: the built-ins' artifacts,
 /// loaded with `deserialize_raw` from the binary's read-only data.
+///
+/// wasmtime registers code process-wide by its address, so one artifact's
+/// code can be loaded in place once at a time (a server loads each
+/// built-in once; tests run several engines): a load claims the artifact,
+/// and its code's unpublishing, after wasmtime unregistered it, frees it.
 struct InPlaceCode;
 
+/// The artifacts (by address) whose code runs in place now.
+static IN_PLACE: std::sync::Mutex<Vec<usize>> = std::sync::Mutex::new(Vec::new());
+
 impl InPlaceCode {
+    fn claim(artifact: &'static [u8]) -> bool {
+        let mut claimed = IN_PLACE.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let start = artifact.as_ptr() as usize;
+        if claimed.contains(&start) {
+            return false;
+        }
+        claimed.push(start);
+        true
+    }
+
+    /// Frees the claim on the embedded artifact that holds `ptr`; `false`
+    /// when `ptr` is in none of them (code wasmtime compiled or copied).
+    fn release(ptr: *const u8) -> bool {
+        let Some(artifact) = crate::runtime::BUILTINS
+            .iter()
+            .filter_map(|builtin| builtin.precompiled)
+            .find(|artifact| artifact.as_ptr_range().contains(&ptr))
+        else {
+            return false;
+        };
+        let start = artifact.as_ptr() as usize;
+        IN_PLACE.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).retain(|claimed| *claimed != start);
+        true
+    }
+
     fn protect(ptr: *const u8, len: usize, prot: libc::c_int) -> wasmtime::Result<()> {
         // SAFETY: wasmtime passes the page-aligned text section of a code
         // image it owns or was given for the component's life; changing
@@ -184,15 +221,14 @@ impl wasmtime::CustomCodeMemory for InPlaceCode {
     }
 
     fn unpublish_executable(&self, ptr: *const u8, len: usize) -> wasmtime::Result<()> {
-        // Code wasmtime copied into a mapping of its own goes back to
-        // writable, as wasmtime expects before it unmaps it; the binary's
-        // data goes back to read-only, as it was.
-        let embedded = crate::runtime::BUILTINS
-            .iter()
-            .filter_map(|builtin| builtin.precompiled)
-            .any(|artifact| artifact.as_ptr_range().contains(&ptr));
-        let prot = if embedded { libc::PROT_READ } else { libc::PROT_READ | libc::PROT_WRITE };
-        Self::protect(ptr, len, prot)
+        // The binary's artifacts stay executable (their pages are never
+        // writable), and the next load may run them in place again. Code
+        // wasmtime copied into a mapping of its own goes back to writable,
+        // as wasmtime expects before it unmaps it.
+        if Self::release(ptr) {
+            return Ok(());
+        }
+        Self::protect(ptr, len, libc::PROT_READ | libc::PROT_WRITE)
     }
 }
 

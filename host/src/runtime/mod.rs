@@ -1188,6 +1188,25 @@ mod tests {
         assert!(written.is_empty(), "{written:?}");
     }
 
+    /// wasmtime registers code process-wide by address: a second engine
+    /// loading a built-in whose code already runs in place gets a copy, and
+    /// the code is free to run in place again once its first user is gone.
+    #[tokio::test]
+    async fn engines_of_one_process_load_the_same_built_in_side_by_side() {
+        let tmp = tempfile::tempdir().unwrap();
+        let runtimes: Vec<Runtime> = (0..3).map(|i| runtime_on(&tmp.path().join(format!("cache{i}")))).collect();
+        for runtime in &runtimes[..2] {
+            runtime.add_builtins().unwrap();
+            assert_eq!(runtime.tool_spec("read").await.unwrap().name, "read");
+        }
+        let mut runtimes = runtimes.into_iter();
+        drop(runtimes.next());
+        for runtime in runtimes {
+            runtime.add_builtins().unwrap();
+            assert_eq!(runtime.tool_spec("read").await.unwrap().name, "read");
+        }
+    }
+
     #[tokio::test]
     async fn precompiled_code_the_engine_refuses_is_compiled_instead() {
         let read = builtin("read");
