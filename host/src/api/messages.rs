@@ -495,7 +495,7 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
             request
         }
     };
-    let _active = crate::telemetry::Active::runs();
+    let active = crate::telemetry::Active::runs();
     let started = std::time::Instant::now();
     // Every line a run logs names its tenant, known once `prepare` has
     // read the session (no read of its own before the first token).
@@ -577,6 +577,9 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
     if next.is_none() && state.store.is_shared() && !*state.stopping.borrow() {
         next = crate::cluster::claim_next(state, session_id).await;
     }
+    // No longer active once `done` or `error` says so: a client that reads
+    // the metrics on that event sees the run gone from `hangar_active_runs`.
+    drop(active);
     emitter.send(&event);
     Ok(next)
 }
