@@ -52,6 +52,19 @@ async fn a_flood_of_output_hits_the_output_cap() {
     assert!(matches!(err, RuntimeError::Output { ref plugin, limit, .. } if plugin == "misbehave" && limit == 64 << 10), "{err}");
 }
 
+/// Every call gets memory no other call has written: the pool resets a
+/// freed slot (rewriting the pages an instance dirtied, or dropping them)
+/// before the next instance, likely of the same plugin, takes it.
+#[tokio::test]
+async fn a_call_never_sees_what_an_earlier_call_left_in_memory() {
+    let runtime = runtime_with(PluginPolicy::default()).await;
+    for round in 0..20 {
+        let out = call(&runtime, "leftover").await.unwrap();
+        assert!(!out.is_error, "round {round}: {}", out.text);
+        assert_eq!(out.text, "static=\"\" heap_before=false heap_marked=true", "round {round}");
+    }
+}
+
 #[tokio::test]
 async fn a_panic_is_a_crash_of_that_call_only() {
     let runtime = runtime_with(PluginPolicy::default()).await;
