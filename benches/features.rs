@@ -60,13 +60,7 @@ async fn setup() -> Setup {
     let work = tempfile::tempdir().unwrap();
     let text: String = (0..16).map(|i| format!("{:<63}\n", format!("line {i:02} of the file that the benchmark reads"))).collect();
     std::fs::write(work.path().join(FILE), text).unwrap();
-    let r = client
-        .put(hangar.url("/provider/auth"))
-        .json(&json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-bench", "base_url": fake.url}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    launch::use_fake_anthropic(&client, &hangar, &fake.url).await;
     Setup { hangar, fake, client, work, _cache: cache }
 }
 

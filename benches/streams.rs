@@ -67,13 +67,7 @@ async fn setup() -> Setup {
     let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_on(cache.path(), db.as_deref())).collect();
     let hangar = &hangars[0];
     let work = tempfile::tempdir().unwrap();
-    let r = client
-        .put(hangar.url("/provider/auth"))
-        .json(&json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-bench", "base_url": fake.url}}}))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    launch::use_fake_anthropic(&client, hangar, &fake.url).await;
     let agent: serde_json::Value = client
         .post(hangar.url("/agents"))
         .json(&json!({"name": "bench", "instructions": "You are terse.", "tools": [],

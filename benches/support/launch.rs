@@ -75,6 +75,18 @@ impl Hangar {
     }
 }
 
+/// Stores an Anthropic key on `hangar` whose requests go to the fake
+/// provider at `fake_url`.
+pub async fn use_fake_anthropic(client: &reqwest::Client, hangar: &Hangar, fake_url: &str) {
+    let r = client
+        .put(hangar.url("/provider/auth"))
+        .json(&serde_json::json!({"providers": {"anthropic": {"type": "api_key", "key": "sk-ant-bench", "base_url": fake_url}}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+}
+
 /// Runs hangar once on `cache` until every plugin is compiled, so that the
 /// measured server starts from a warm cache as it always has: compiling in
 /// the measured process would leave Cranelift's memory in it and change

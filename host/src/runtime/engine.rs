@@ -90,9 +90,10 @@ pub fn build_engine(pool: PoolSize) -> wasmtime::Result<Engine> {
 }
 
 /// A built-in plugin's precompiled code (`build.rs`) as a component of
-/// `engine` (one from [`build_engine`]); `None` when wasmtime refuses it, because this CPU lacks a
-/// feature the build machine's had or the engine's settings differ. The
-/// caller then compiles the component; the first refusal is logged.
+/// `engine` (one from [`build_engine`]); `None` when wasmtime refuses it,
+/// because this CPU lacks a feature the build machine's had or the
+/// engine's settings differ. The caller then compiles the component; the
+/// first refusal is logged.
 ///
 /// The code runs where it lies in the binary ([`InPlaceCode`]) instead of
 /// from a copy: only the pages a plugin executes become resident, and they

@@ -1165,7 +1165,7 @@ mod tests {
         for builtin in BUILTINS {
             let artifact = builtin.precompiled.unwrap_or_else(|| panic!("{}: no precompiled code", builtin.name));
             // Aligned by build.rs, so its code runs in place, not from a copy.
-            assert_eq!(artifact.as_ptr() as usize % 65536, 0, "{}", builtin.name);
+            assert_eq!(artifact.as_ptr() as usize % std::mem::align_of::<PageAligned<[u8; 0]>>(), 0, "{}", builtin.name);
             assert!(engine::precompiled(&engine, builtin.name, artifact).is_some(), "{}", builtin.name);
         }
     }

@@ -1350,9 +1350,6 @@ fn checkpoint_loop(conn: Connection, wal: Wal, wakes: std::sync::mpsc::Receiver<
     }
 }
 
-/// The writer thread: takes the first waiting write, then every write that
-/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
-/// burst of writes pays for one commit instead of one each.
 /// One write's savepoint inside the writer's transaction: released when
 /// the write succeeds, rolled back when it fails or panics. rusqlite's own
 /// savepoints parse their SQL each time; these statements are prepared once
@@ -1390,6 +1387,9 @@ impl Drop for Savepoint<'_> {
     }
 }
 
+/// The writer thread: takes the first waiting write, then every write that
+/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
+/// burst of writes pays for one commit instead of one each.
 fn write_loop(
     mut conn: Connection,
     jobs: std::sync::mpsc::Receiver<Job>,
