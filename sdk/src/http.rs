@@ -22,13 +22,13 @@ impl Request {
         }
     }
 
-    /// A `POST` of a JSON body to `url`.
+    /// A `POST` of a JSON body to `url` (written by [`crate::json::to_string`]).
     pub fn post_json(url: impl Into<String>, body: &serde_json::Value) -> Self {
         Request {
             method: "POST".into(),
             url: url.into(),
             headers: vec![("content-type".into(), "application/json".into())],
-            body: body.to_string().into_bytes(),
+            body: crate::json::to_string(body).into_bytes(),
             credential: Credential::None,
             timeout_ms: None,
         }

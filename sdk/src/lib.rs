@@ -73,6 +73,7 @@ mod error;
 #[cfg(feature = "tool")]
 pub mod fs;
 pub mod http;
+pub mod json;
 pub mod log;
 #[cfg(feature = "tool")]
 pub mod process;

@@ -63,11 +63,36 @@ impl ProviderError {
     /// header value in seconds (an HTTP date is ignored).
     pub fn with_retry_after(mut self, header: Option<&str>) -> Self {
         self.retry_after_ms = header
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|s| s.is_finite() && *s >= 0.0)
-            .map(|s| (s * 1000.0) as u64);
+            .and_then(|v| decimal_ms(v, 1000));
         self
     }
+}
+
+/// A non-negative decimal count of units of `unit_ms` milliseconds
+/// (`"7"`, `"1.5"`, `"250.0"`) as whole milliseconds; `None` when it is not
+/// one. Parsed by hand rather than with `str::parse::<f64>`, whose tables
+/// (about 12 KB) would sit in every live provider instance's memory for a
+/// header read only on errors. Waits too long for a `u64` saturate.
+fn decimal_ms(text: &str, unit_ms: u64) -> Option<u64> {
+    let text = text.trim();
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    if (whole.is_empty() && fraction.is_empty()) || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let mut ms: u64 = 0;
+    for d in whole.bytes() {
+        ms = ms.saturating_mul(10).saturating_add(u64::from(d - b'0'));
+    }
+    ms = ms.saturating_mul(unit_ms);
+    // Four digits resolve a tenth of a millisecond when the unit is a
+    // second; later ones cannot change the whole milliseconds.
+    let (mut part, mut scale) = (0u64, 1u64);
+    for d in fraction.bytes().take(4) {
+        part = part * 10 + u64::from(d - b'0');
+        scale *= 10;
+    }
+    Some(ms.saturating_add(part * unit_ms / scale))
 }
 
 impl ProviderError {
@@ -90,9 +115,7 @@ impl ProviderError {
         let status = response.status;
         let retry_after_ms = response
             .header("retry-after-ms")
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .filter(|ms| ms.is_finite() && *ms >= 0.0)
-            .map(|ms| ms as u64);
+            .and_then(|v| decimal_ms(v, 1));
         let retry_after = response.header("retry-after").map(str::to_owned);
         let body = response.bytes().unwrap_or_default();
         let message = vendor_message(&body).unwrap_or_else(|| format!("HTTP {status} with no error message"));
@@ -245,5 +268,36 @@ pub mod chat {
     /// rather than `0.699999988079071`.
     pub fn temperature(t: f32) -> Value {
         json!((f64::from(t) * 1e6).round() / 1e6)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal_ms;
+
+    #[test]
+    fn retry_waits_parse_as_whole_milliseconds() {
+        let cases = [
+            ("7", 1000, Some(7000)),
+            (" 2 ", 1000, Some(2000)),
+            ("1.5", 1000, Some(1500)),
+            ("0.25", 1000, Some(250)),
+            (".5", 1000, Some(500)),
+            ("3.", 1000, Some(3000)),
+            ("1.99999", 1000, Some(1999)),
+            ("250", 1, Some(250)),
+            ("250.9", 1, Some(250)),
+            ("99999999999999999999999", 1000, Some(u64::MAX)),
+            ("", 1000, None),
+            (".", 1000, None),
+            ("-1", 1000, None),
+            ("1e3", 1000, None),
+            ("inf", 1000, None),
+            ("Wed, 21 Oct 2026 07:28:00 GMT", 1000, None),
+            ("1.2.3", 1000, None),
+        ];
+        for (text, unit, want) in cases {
+            assert_eq!(decimal_ms(text, unit), want, "{text:?} in units of {unit} ms");
+        }
     }
 }

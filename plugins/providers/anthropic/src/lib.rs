@@ -317,7 +317,7 @@ impl MessageStream {
                         // input; some compatible servers send it whole here.
                         let whole = block["input"].as_object().filter(|o| !o.is_empty());
                         if let Some(input) = whole {
-                            let partial_json = Value::Object(input.clone()).to_string();
+                            let partial_json = hangar_sdk::json::to_string(input);
                             self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json }));
                         }
                         Block::Tool { id, sent_input: whole.is_some() }

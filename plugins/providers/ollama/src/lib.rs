@@ -247,7 +247,7 @@ impl ChatStream {
                 Value::Null => "{}".to_string(),
                 // Some models' arguments arrive as JSON text.
                 Value::String(text) if serde_json::from_str::<Value>(text).is_ok_and(|v| v.is_object()) => text.clone(),
-                other => other.to_string(),
+                other => hangar_sdk::json::to_string(other),
             };
             self.queue.push_back(Event::ToolUseStart(ToolUseStart { id: id.clone(), name: name.into() }));
             self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: arguments }));
