@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Figure 3: GET /agents and POST /sessions at 64 connections, with wrk.
+# Figure 3: GET /health, GET /agents and POST /sessions at 64 connections, with wrk.
 #
 #   bench/http_load.sh            # DURATION=10s CONNECTIONS=64 THREADS=2 by default
 #   DATABASE_URL=postgres://… HOSTS=2 bench/http_load.sh
@@ -70,6 +70,8 @@ echo
 echo "database: $([ -n "${DATABASE_URL:-}" ] && echo PostgreSQL || echo SQLite), $HOSTS host(s)"
 echo "| request | hosts | connections | req/s | p50 (per host) | p99 (per host) | errors |"
 echo "|---|---|---|---|---|---|---|"
+# The HTTP stack alone, for the ratio GET /agents is held to (issue 21, item 5a).
+run "GET /health" /health
 run "GET /agents" /agents
 WORK_DIR=$TMP/work run "POST /sessions" /sessions -s bench/post_sessions.lua
 echo
