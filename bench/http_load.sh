@@ -11,41 +11,20 @@
 # Loopback only. The server and wrk share the machine: note its load.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-BIN=${HANGAR_BIN:-target/release/hangar}
-DURATION=${DURATION:-10s}
-CONNECTIONS=${CONNECTIONS:-64}
-THREADS=${THREADS:-2}
-AGENTS=${AGENTS:-20}
-[ -x "$BIN" ] || { echo "build first: cargo bench --no-run  (missing $BIN)" >&2; exit 1; }
-command -v wrk >/dev/null || { echo "install wrk (apt-get install -y wrk)" >&2; exit 1; }
-
-TMP=$(mktemp -d /tmp/hangar-http-load.XXXXXX)
+source bench/common.sh
+bench_tmp hangar-http-load
 HOSTS=${HOSTS:-1}
 DB=${DATABASE_URL:-$TMP/hangar.db}
 mkdir -p "$TMP/work"
-PIDS=()
 BASES=()
-trap 'kill "${PIDS[@]}" 2>/dev/null; wait "${PIDS[@]}" 2>/dev/null; rm -rf "$TMP"' EXIT
 for h in $(seq 1 "$HOSTS"); do
-  PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-  XDG_CONFIG_HOME=$TMP/config XDG_DATA_HOME=$TMP/data$h RUST_LOG=${RUST_LOG:-info} \
-    HANGAR_SECRET_KEY=0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5c6d7e8f9a0b1c \
-    "$BIN" serve --port "$PORT" --db "$DB" --cache-dir /tmp/hangar-bench-compile-cache \
-    --plugins "$TMP/plugins" 2>"$TMP/server$h.log" &
-  PIDS+=($!)
-  BASES+=("http://127.0.0.1:$PORT")
+  start_server "host$h" "$DB"
+  BASES+=("$STARTED")
 done
 BASE=${BASES[0]}
-for base in "${BASES[@]}"; do
-  for _ in $(seq 1 600); do curl -fs "$base/health" >/dev/null && break; sleep 0.05; done
-  # Wait until the built-in plugins are compiled, so the load does not race compilation.
-  for _ in $(seq 1 1200); do curl -fs "$base/plugins" | grep -q '"compiling"' || break; sleep 0.1; done
-done
-for i in $(seq 1 "$AGENTS"); do
-  curl -fs -X POST "$BASE/agents" -H 'content-type: application/json' \
-    -d "{\"name\": \"agent-$i\", \"instructions\": \"You help with task $i.\", \"tools\": [\"read\", \"grep\"], \"provider\": {\"id\": \"anthropic\", \"model\": \"claude-test\"}}" >/dev/null
-done
-echo "machine: $(nproc) cpus, $(lscpu | sed -n 's/^Model name: *//p'); loadavg $(cut -d' ' -f1-3 /proc/loadavg)"
+for base in "${BASES[@]}"; do wait_ready "$base"; done
+make_agents "$BASE"
+machine_line
 echo "GET /agents returns $(curl -fs "$BASE/agents" | python3 -c 'import json,sys; print(len(json.load(sys.stdin)))') agents"
 
 run() { # name, path, wrk args...: one wrk per host at once; req/s summed, the worst p50/p99
