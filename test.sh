@@ -122,4 +122,8 @@ fi
 
 # Every test; none may skip for a missing tool.
 export CI="${CI:-true}"
+# The SDK's own unit tests, natively, once per world (its two features
+# exclude each other); the plugins built from it run under the tests below.
+cargo test --manifest-path sdk/Cargo.toml --features tool
+cargo test --manifest-path sdk/Cargo.toml --features provider
 cargo test --workspace "$@"

@@ -534,6 +534,27 @@ async fn anthropic_429_is_retryable_with_retry_after() {
     assert!(err.message.contains("per-minute rate limit"), "{}", err.message);
 }
 
+/// The SDK writes JSON and reads retry waits without float tables of its
+/// own (they would sit in every live instance's memory): the request still
+/// says `0.7` for an `f32` 0.7, and fractional waits still count.
+#[tokio::test]
+async fn temperatures_go_out_short_and_fractional_waits_count() {
+    for (provider, temperature) in [("anthropic", 0.7f32), ("openai", 0.7), ("ollama", 1.25)] {
+        let fake = Fake::start(|_| Reply::json(500, json!({"error": {"message": "down"}}))).await;
+        let mut req = hello();
+        req.temperature = Some(temperature);
+        complete_err(provider, &access(&fake), req).await;
+        let body = String::from_utf8(fake.requests()[0].body.clone()).unwrap();
+        assert!(body.contains(&format!(":{temperature:?}")) && !body.contains("99999"), "{provider}: {body}");
+    }
+    let cases = [("retry-after", "1.5", 1500), ("retry-after", "0.25", 250), ("retry-after-ms", "250.9", 250)];
+    for (header, value, ms) in cases {
+        let fake = Fake::start(move |_| Reply::json(429, json!({"error": {"message": "slow down"}})).header(header, value)).await;
+        let (_, err) = complete_err("openai", &access(&fake), hello()).await;
+        assert_eq!(err.retry_after_ms, Some(ms), "{header}: {value}");
+    }
+}
+
 #[tokio::test]
 async fn anthropic_401_500_and_529_are_classified() {
     let cases = [

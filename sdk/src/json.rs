@@ -29,11 +29,10 @@ pub fn to_string<T: Serialize + ?Sized>(value: &T) -> String {
     String::from_utf8(out).unwrap_or_default()
 }
 
-/// serde_json's compact formatter (every method it does not override keeps
-/// the default, which is the compact form) with floats written by `Debug`, which is
-/// shortest round-trip and always valid JSON for the finite values the
-/// serializer hands here (NaN and infinities are written as `null` before
-/// a formatter sees them): `0.7`, `1.0`, `1e-7`, `1e21`.
+/// serde_json's compact form (the trait's default methods) with floats
+/// written by `Debug`, which is shortest round-trip and always valid JSON
+/// for the finite values the serializer hands a formatter (it writes NaN
+/// and infinities as `null` itself): `0.7`, `1.0`, `1e-7`, `1e21`.
 struct Floats;
 
 impl Formatter for Floats {
