@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
 use common::server::Server;
 use common::sse::Events;
-use common::{processes_with, wait_for_process};
+use common::{no_process_left, wait_for_process};
 use hangar::store::scratch::ScratchDb;
 use serde_json::{Value, json};
 use tokio::sync::Notify;
@@ -140,13 +140,7 @@ async fn two_hosts_share_agents_runs_events_cancels_and_a_dead_hosts_runs() {
     let (status, cancelled) = b.post(&path(&format!("/runs/{run}/cancel")), json!({})).await;
     assert_eq!(status, 200, "{cancelled}");
     assert_eq!(cancelled["status"], "cancelled", "{cancelled}");
-    for _ in 0..100 {
-        if processes_with("sleep 42441").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(processes_with("sleep 42441").is_empty(), "the command on A is gone");
+    assert!(no_process_left("sleep 42441").await, "the command on A is gone");
 
     // A dies (kill -9) in the middle of a command: B interrupts its run
     // once the lease runs out, repairs the history, and takes the next message.

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::fake::{Chunk, FakeServer, Reply, anthropic};
-use common::{processes_with, wait_for_process};
+use common::{no_process_left, wait_for_process};
 use common::server::Server;
 use common::sse::Events;
 use serde_json::{Value, json};
@@ -204,7 +204,7 @@ async fn cancel_stops_a_slow_command_leaves_no_process_and_is_idempotent() {
     assert_eq!(status, 200, "{run}");
     assert_eq!(run["status"], "cancelled", "{run}");
     assert_eq!(run["stop_reason"], "cancelled");
-    assert!(processes_with("sleep 42431").is_empty(), "the command's processes are gone");
+    assert!(no_process_left("sleep 42431").await, "the command's processes are gone");
     let (_, again) = s.server.post(&s.path(&format!("/runs/{run_id}/cancel")), json!({})).await;
     assert_eq!(again, run, "cancelling an ended run answers it unchanged");
     let (status, aborted) = s.server.post(&s.path("/abort"), json!({})).await;
@@ -348,13 +348,7 @@ async fn kill_9_during_a_tool_call_or_a_stream_leaves_an_interrupted_run_a_valid
     let ended = s.run(&run).await;
     assert_eq!(ended["status"], "interrupted", "{ended}");
     assert_eq!(ended["error"]["code"], "interrupted");
-    for _ in 0..100 {
-        if processes_with("sleep 42432").is_empty() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(processes_with("sleep 42432").is_empty(), "the command died with the server");
+    assert!(no_process_left("sleep 42432").await, "the command died with the server");
     let events = Events::new(s.get_events(&format!("/runs/{run}/events"), None).await).all().await;
     let last = events.last().unwrap();
     assert_eq!(last.name, "error");

@@ -125,6 +125,19 @@ pub fn processes_with(marker: &str) -> Vec<String> {
     found
 }
 
+/// Whether every process with `marker` is gone within 5 s. A killed
+/// process leaves `/proc` only once the kernel has run its exit, which on
+/// a loaded machine can come a few milliseconds after the API answered.
+pub async fn no_process_left(marker: &str) -> bool {
+    for _ in 0..100 {
+        if processes_with(marker).is_empty() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    processes_with(marker).is_empty()
+}
+
 /// Waits (up to 10 s) until a process with `marker` runs.
 pub async fn wait_for_process(marker: &str) {
     for _ in 0..400 {
