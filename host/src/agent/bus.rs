@@ -192,19 +192,22 @@ impl Bus {
             let oldest = state.ring.front().map_or(state.next, |e| e.seq);
             (recent, feed.live.subscribe(), oldest)
         };
+        let mut backlog: VecDeque<Event> = VecDeque::new();
+        if after + 1 < oldest_in_memory {
+            let stored = self.inner.store.events(session, after, Some(oldest_in_memory), run.map(str::to_string)).await?;
+            backlog.extend(stored.into_iter().map(Arc::new));
+        }
         // Retention removes the events of ended runs only: a run's own
         // events are there while it runs (an ended run's are checked by
-        // the caller against its end).
+        // the caller against its end). Checked after the read: a prune
+        // deletes events and records it in one write, so a read it emptied
+        // is always followed by a mark that says so; checked before, a
+        // prune in between left a cursor with nothing and no resync.
         if run.is_none() {
             let pruned = self.inner.store.events_pruned(session).await?;
             if after < pruned {
                 return Err(SubscribeError::ResyncRequired { pruned });
             }
-        }
-        let mut backlog: VecDeque<Event> = VecDeque::new();
-        if after + 1 < oldest_in_memory {
-            let stored = self.inner.store.events(session, after, Some(oldest_in_memory), run.map(str::to_string)).await?;
-            backlog.extend(stored.into_iter().map(Arc::new));
         }
         backlog.extend(recent.into_iter().filter(|e| run.is_none_or(|r| e.run_id == r)));
         Ok(Subscription { bus: self.clone(), session: session.to_string(), run: run.map(str::to_string), last: after, backlog, live })
