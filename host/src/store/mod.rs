@@ -386,7 +386,7 @@ impl Store {
     }
 
     /// Opens the database; its write-ahead log is checkpointed and cut back
-    /// whenever it passes `wal_limit` bytes (see [`checkpoint_loop`]).
+    /// whenever it passes `wal_limit` bytes (see [`Checkpoints`]).
     pub fn open_with(path: &Path, wal_limit: u64) -> Result<Store, StoreError> {
         Ok(Self::with_db(Db::Sqlite(Sqlite::open(path, wal_limit)?)))
     }
@@ -1030,27 +1030,18 @@ impl Sqlite {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         migrations().to_latest(&mut conn)?;
-        // Checkpoints (copying the WAL back into the database, with an
-        // fsync) run on a thread of their own, so writes never wait for one.
+        // The writer checkpoints the WAL itself, between its transactions
+        // (see `write_loop`), instead of SQLite doing it inside a commit.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         // A WAL that a checkpoint has reset is cut back to this size by the
         // next write, instead of keeping the largest size it ever reached.
         conn.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
-        let checkpointer = Self::open_connection(path)?;
-        checkpointer.pragma_update(None, "journal_size_limit", wal_limit as i64)?;
         let wal = Wal { path: wal_path(path), limit: wal_limit };
         let (writer, jobs) = std::sync::mpsc::channel();
-        let (wake, wakes) = std::sync::mpsc::sync_channel(1);
-        let written = Arc::new(AtomicU64::new(0));
-        let written_too = written.clone();
-        let spawn = |name: &str, f: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name.into())
-                .spawn(f)
-                .map_err(|source| StoreError::Open { path: path.into(), source })
-        };
-        spawn("hangar-db-writer", Box::new(move || write_loop(conn, jobs, wake, written)))?;
-        spawn("hangar-db-checkpoint", Box::new(move || checkpoint_loop(checkpointer, wal, wakes, written_too)))?;
+        std::thread::Builder::new()
+            .name("hangar-db-writer".into())
+            .spawn(move || write_loop(conn, jobs, wal))
+            .map_err(|source| StoreError::Open { path: path.into(), source })?;
         Ok(Sqlite { writer, readers: Default::default(), reading: Arc::new(tokio::sync::Semaphore::new(READERS)), path: path.into() })
     }
 
@@ -1270,9 +1261,12 @@ fn auth_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<AuthRecord> {
     })
 }
 
-/// Writes after which the checkpoint thread copies the WAL back into the
-/// database (about SQLite's own automatic checkpoint of 1,000 pages).
+/// Writes after which the writer copies the WAL back into the database
+/// (about SQLite's own automatic checkpoint of 1,000 pages).
 const CHECKPOINT_WRITES: u64 = 1000;
+
+/// Quiet time after which the writer cuts the WAL to nothing.
+const IDLE_CHECKPOINT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Default bound on the write-ahead log (`--wal-limit-mb`).
 pub const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
@@ -1297,56 +1291,59 @@ pub fn wal_path(db: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Keeps the WAL bounded, on a thread of its own:
+/// Checkpoints run on the writer thread, between two of its transactions:
 ///
-/// - every `CHECKPOINT_WRITES` writes, a PASSIVE checkpoint, which never
-///   blocks the writer or a reader (what it cannot copy now, it copies next
-///   time);
-/// - when the WAL has grown past its limit anyway (PASSIVE checkpoints
-///   never catch up with a writer that never pauses, and the file only
-///   grows), a TRUNCATE checkpoint: it waits for the writer's current
-///   transaction and for readers of older snapshots, copies everything and
-///   cuts the file to nothing, so writes pause for the length of one
-///   checkpoint;
-/// - after a second without writes, a TRUNCATE checkpoint too: an idle
+/// - every `CHECKPOINT_WRITES` writes, a PASSIVE one. No write runs while
+///   it copies, so it copies the whole WAL (unless a reader still needs an
+///   older snapshot) and the next transaction starts the WAL over from its
+///   beginning: under a steady load the file stays a few hundred pages long.
+///   A checkpoint on a thread of its own never caught up with a writer that
+///   never paused, the WAL only grew, and the TRUNCATE that then had to cut
+///   it stopped every write for tens of milliseconds;
+/// - when the WAL has passed its limit anyway (readers kept the PASSIVE
+///   ones from finishing, or one write was that large), a TRUNCATE one,
+///   which waits for those readers;
+/// - after `IDLE_CHECKPOINT` without writes, a TRUNCATE one: an idle
 ///   server keeps no WAL at all.
-///
-/// Ends with the writer thread.
-fn checkpoint_loop(conn: Connection, wal: Wal, wakes: std::sync::mpsc::Receiver<()>, written: Arc<AtomicU64>) {
-    use std::sync::mpsc::RecvTimeoutError;
-    let checkpoint = |mode: &str| conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0));
-    let mut done = 0;
-    loop {
-        let idle = match wakes.recv_timeout(std::time::Duration::from_secs(1)) {
-            Ok(()) => false,
-            Err(RecvTimeoutError::Timeout) => true,
-            Err(RecvTimeoutError::Disconnected) => {
-                let _ = checkpoint("TRUNCATE");
-                return;
-            }
-        };
-        let now = written.load(Ordering::Relaxed);
-        let size = wal.size();
-        let mode = if size > wal.limit || (idle && size > 0) {
-            "TRUNCATE"
-        } else if now - done >= CHECKPOINT_WRITES {
-            "PASSIVE"
-        } else {
-            continue;
-        };
-        match checkpoint(mode) {
-            // 1: a reader or writer kept it from finishing; next time.
+struct Checkpoints {
+    wal: Wal,
+    /// Writes committed since the last checkpoint that finished.
+    since: u64,
+}
+
+impl Checkpoints {
+    /// After a commit of `writes` writes.
+    fn committed(&mut self, conn: &Connection, writes: u64) {
+        self.since += writes;
+        let over = self.wal.size() > self.wal.limit;
+        if over {
+            self.run(conn, "TRUNCATE");
+        } else if self.since >= CHECKPOINT_WRITES {
+            self.run(conn, "PASSIVE");
+        }
+    }
+
+    /// No write for `IDLE_CHECKPOINT`, or the writer is stopping.
+    fn idle(&mut self, conn: &Connection) {
+        if self.wal.size() > 0 {
+            self.run(conn, "TRUNCATE");
+        }
+    }
+
+    fn run(&mut self, conn: &Connection, mode: &str) {
+        // `busy` is 1 when a reader kept it from copying everything.
+        match conn.query_row(&format!("PRAGMA wal_checkpoint({mode})"), [], |r| r.get::<_, i64>(0)) {
             Ok(busy) => {
                 if busy == 0 || mode == "PASSIVE" {
-                    done = now;
+                    self.since = 0;
                 }
                 if busy != 0 && mode == "TRUNCATE" {
-                    tracing::debug!(wal_bytes = size, "WAL checkpoint (TRUNCATE) was blocked; trying again");
+                    tracing::debug!(wal_bytes = self.wal.size(), "WAL checkpoint (TRUNCATE) was blocked; trying again");
                 }
             }
             Err(err) => tracing::warn!(%err, mode, "WAL checkpoint failed; trying again later"),
         }
-        crate::telemetry::wal_size(wal.size());
+        crate::telemetry::wal_size(self.wal.size());
     }
 }
 
@@ -1389,14 +1386,23 @@ impl Drop for Savepoint<'_> {
 
 /// The writer thread: takes the first waiting write, then every write that
 /// queued behind it (up to `GROUP_MAX`), and commits them together, so a
-/// burst of writes pays for one commit instead of one each.
-fn write_loop(
-    mut conn: Connection,
-    jobs: std::sync::mpsc::Receiver<Job>,
-    wake: std::sync::mpsc::SyncSender<()>,
-    written: Arc<AtomicU64>,
-) {
-    while let Ok(first) = jobs.recv() {
+/// burst of writes pays for one commit instead of one each; checkpoints the
+/// WAL between groups (see [`Checkpoints`]).
+fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, wal: Wal) {
+    use std::sync::mpsc::RecvTimeoutError;
+    let mut checkpoints = Checkpoints { wal, since: 0 };
+    loop {
+        let first = match jobs.recv_timeout(IDLE_CHECKPOINT) {
+            Ok(job) => job,
+            Err(RecvTimeoutError::Timeout) => {
+                checkpoints.idle(&conn);
+                continue;
+            }
+            Err(RecvTimeoutError::Disconnected) => {
+                checkpoints.idle(&conn);
+                return;
+            }
+        };
         let mut group = vec![first];
         while group.len() < GROUP_MAX {
             match jobs.try_recv() {
@@ -1433,9 +1439,7 @@ fn write_loop(
         for finish in finishes {
             finish(commit.as_deref());
         }
-        written.fetch_add(writes, Ordering::Relaxed);
-        // Wakes the checkpoint thread; a wake-up already pending will do.
-        let _ = wake.try_send(());
+        checkpoints.committed(&conn, writes);
     }
 }
 
