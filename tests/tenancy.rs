@@ -969,14 +969,18 @@ async fn every_change_is_in_the_audit_trail_without_secrets() {
     let (status, all) = host.admin().get("/audit").await;
     assert_eq!(status, 200, "{all}");
     let entries = all.as_array().unwrap();
-    let has = |actor: &str, method: &str, route: &str| {
-        entries.iter().any(|e| e["actor"] == actor && e["method"] == method && e["route"] == route && e["address"] == "127.0.0.1")
+    // Each with the status its answer had (most are written with the
+    // change, before the answer, and corrected when the answer differs).
+    let has = |actor: &str, method: &str, route: &str, status: u16| {
+        entries.iter().any(|e| {
+            e["actor"] == actor && e["method"] == method && e["route"] == route && e["address"] == "127.0.0.1" && e["status"] == status
+        })
     };
-    assert!(has("admin", "POST", "/tenants"), "{all}");
-    assert!(has("admin", "PATCH", "/tenants/{id}"), "{all}");
-    assert!(has("tenant", "PUT", "/provider/auth"), "{all}");
-    assert!(has("tenant", "POST", "/agents"), "{all}");
-    assert!(has("tenant", "DELETE", "/sessions/{id}"), "{all}");
+    assert!(has("admin", "POST", "/tenants", 201), "{all}");
+    assert!(has("admin", "PATCH", "/tenants/{id}", 200), "{all}");
+    assert!(has("tenant", "PUT", "/provider/auth", 200), "{all}");
+    assert!(has("tenant", "POST", "/agents", 201), "{all}");
+    assert!(has("tenant", "DELETE", "/sessions/{id}", 200), "{all}");
     assert!(!entries.iter().any(|e| e["status"] == 404), "{all}");
     let text = all.to_string();
     for secret in [&a.key, &b.key, &a.provider_key, &b.provider_key] {

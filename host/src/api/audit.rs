@@ -14,7 +14,7 @@ use axum::Router;
 
 use super::page::{self, Page, PageQuery};
 use super::{ApiResult, AppState, QueryParams, new_id};
-use crate::store::{AuditEntry, now};
+use crate::store::{AuditEntry, Recorded, auditing, now};
 use crate::tenancy::Caller;
 
 pub fn routes() -> Router<AppState> {
@@ -29,17 +29,13 @@ fn audited(method: &Method, route: &str) -> bool {
         && !route.ends_with("/message/stream")
 }
 
-/// Records each successful change once it is answered.
+/// Records each change answered with a success: in the transaction of the
+/// change's first write when it has one (see [`auditing`]), else once it is
+/// answered.
 pub(super) async fn record(State(state): State<AppState>, caller: Caller, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
-    let path = req.uri().path().to_string();
-    let address = req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_canonical().to_string());
-    let response = next.run(req).await;
-    let Some(route) = route.filter(|r| audited(&method, r)) else { return response };
-    if !response.status().is_success() {
-        return response;
-    }
+    let Some(route) = route.filter(|r| audited(&method, r)) else { return next.run(req).await };
     let (actor, tenant_id) = match (&caller, &state.tenancy) {
         (Caller::Tenant(id), _) => ("tenant", Some(id.clone())),
         (Caller::Operator, Some(_)) => ("admin", None),
@@ -50,13 +46,28 @@ pub(super) async fn record(State(state): State<AppState>, caller: Caller, req: R
         at: now(),
         actor: actor.into(),
         tenant_id,
+        // What the change will most likely be answered with; corrected below
+        // when it is not.
+        status: if method == Method::POST { 201 } else { 200 },
         method: method.to_string(),
         route,
-        path,
-        status: response.status().as_u16(),
-        address,
+        path: req.uri().path().to_string(),
+        address: req.extensions().get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip().to_canonical().to_string()),
     };
-    if let Err(err) = state.store.insert_audit(entry).await {
+    let (response, recorded) = auditing(entry, next.run(req)).await;
+    let status = response.status();
+    let recording = match recorded {
+        Some(Recorded::Written { id, .. }) if !status.is_success() => state.store.amend_audit(id, None).await,
+        Some(Recorded::Written { id, status: expected }) if expected != status.as_u16() => {
+            state.store.amend_audit(id, Some(status.as_u16())).await
+        }
+        Some(Recorded::Pending(mut entry)) if status.is_success() => {
+            entry.status = status.as_u16();
+            state.store.insert_audit(entry).await
+        }
+        _ => Ok(()),
+    };
+    if let Err(err) = recording {
         tracing::error!(%err, "cannot record a change in the audit trail");
     }
     response

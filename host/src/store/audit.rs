@@ -1,8 +1,11 @@
 //! The audit trail: who changed what, when, and from where. Entries hold
 //! the route and the ids in its path, never a body, so never a secret.
 
+use std::cell::RefCell;
+use std::future::Future;
+
 use chrono::{DateTime, Utc};
-use rusqlite::params;
+use rusqlite::{Connection, params};
 use serde::Serialize;
 use utoipa::ToSchema;
 
@@ -50,33 +53,94 @@ const INSERT: &str =
     "INSERT INTO audit (id, at, tenant_id, actor, method, route, path, status, address) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
 const PAGE: &str = "SELECT id, at, tenant_id, actor, method, route, path, status, address FROM audit";
 
+/// Also run inside the writer thread, in a write's own savepoint (see [`auditing`]).
+pub(super) fn insert_row(c: &Connection, entry: &AuditEntry) -> Result<(), StoreError> {
+    c.prepare_cached(&pg::sqlite(INSERT))?.execute(params![
+        entry.id,
+        ts(&entry.at),
+        entry.tenant_id,
+        entry.actor,
+        entry.method,
+        entry.route,
+        entry.path,
+        entry.status,
+        entry.address
+    ])?;
+    Ok(())
+}
+
+tokio::task_local! {
+    /// The audit entry of the request this task answers, until a write takes it.
+    static PENDING: RefCell<Pending>;
+}
+
+#[derive(Default)]
+struct Pending {
+    entry: Option<AuditEntry>,
+    written: bool,
+}
+
+/// What became of a request's audit entry (see [`auditing`]).
+pub enum Recorded {
+    /// Committed with the request's first write, in its transaction, with
+    /// the status the entry was given beforehand.
+    Written { id: String, status: u16 },
+    /// No write of the request's took it (the request wrote nothing, its
+    /// writes failed, or the database is PostgreSQL): the caller records it.
+    Pending(AuditEntry),
+}
+
+/// Runs `handler` (the answering of one request) so that its first
+/// successful write to SQLite also inserts `entry`, in the same
+/// transaction: a change is never committed without its entry, and the
+/// request pays for one trip to the writer thread instead of two. The
+/// answer's status is not known yet when that write commits, so `entry`
+/// carries the expected one, for the caller to correct when they differ.
+pub async fn auditing<F: Future>(entry: AuditEntry, handler: F) -> (F::Output, Option<Recorded>) {
+    let (id, status) = (entry.id.clone(), entry.status);
+    let pending = RefCell::new(Pending { entry: Some(entry), written: false });
+    PENDING
+        .scope(pending, async move {
+            let output = handler.await;
+            let pending = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+            let recorded = match pending {
+                Pending { written: true, .. } => Some(Recorded::Written { id, status }),
+                Pending { entry, .. } => entry.map(Recorded::Pending),
+            };
+            (output, recorded)
+        })
+        .await
+}
+
+/// The current request's entry, for the write about to go to the writer
+/// thread (`None` outside [`auditing`], or once a write has it).
+pub(super) fn take_pending() -> Option<AuditEntry> {
+    PENDING.try_with(|p| p.borrow_mut().entry.take()).ok().flatten()
+}
+
+/// After that write: committed, or the entry goes back for a later write
+/// (or the caller) to record.
+pub(super) fn settle_pending(entry: AuditEntry, committed: bool) {
+    let _ = PENDING.try_with(|p| {
+        let mut p = p.borrow_mut();
+        if committed {
+            p.written = true;
+        } else {
+            p.entry = Some(entry);
+        }
+    });
+}
+
 impl Store {
     pub async fn insert_audit(&self, entry: AuditEntry) -> Result<(), StoreError> {
-        let at = ts(&entry.at);
         match &self.db {
-            Db::Sqlite(db) => {
-                db.write(move |c| {
-                    c.prepare_cached(&pg::sqlite(INSERT))?.execute(params![
-                        entry.id,
-                        at,
-                        entry.tenant_id,
-                        entry.actor,
-                        entry.method,
-                        entry.route,
-                        entry.path,
-                        entry.status,
-                        entry.address
-                    ])?;
-                    Ok(())
-                })
-                .await
-            }
+            Db::Sqlite(db) => db.write(move |c| insert_row(c, &entry)).await,
             Db::Postgres(pg) => {
                 pg.execute(
                     INSERT,
                     &[
                         &entry.id,
-                        &at,
+                        &ts(&entry.at),
                         &entry.tenant_id,
                         &entry.actor,
                         &entry.method,
@@ -89,6 +153,28 @@ impl Store {
                 .await?;
                 Ok(())
             }
+        }
+    }
+
+    /// Corrects an entry that [`auditing`] wrote before the answer was
+    /// known: its status, or (`None`: the request was refused after all) the
+    /// entry itself, since the trail lists changes.
+    pub async fn amend_audit(&self, id: String, status: Option<u16>) -> Result<(), StoreError> {
+        const UPDATE: &str = "UPDATE audit SET status = $1 WHERE id = $2";
+        const DELETE: &str = "DELETE FROM audit WHERE id = $1";
+        match (&self.db, status) {
+            (Db::Sqlite(db), status) => {
+                db.write(move |c| {
+                    match status {
+                        Some(status) => c.prepare_cached(&pg::sqlite(UPDATE))?.execute(params![status, id])?,
+                        None => c.prepare_cached(&pg::sqlite(DELETE))?.execute(params![id])?,
+                    };
+                    Ok(())
+                })
+                .await
+            }
+            (Db::Postgres(pg), Some(status)) => pg.execute(UPDATE, &[&(status as i64), &id]).await.map(drop),
+            (Db::Postgres(pg), None) => pg.execute(DELETE, &[&id]).await.map(drop),
         }
     }
 

@@ -31,7 +31,7 @@ mod runs;
 pub mod scratch;
 pub mod secrets;
 mod tenants;
-pub use audit::AuditEntry;
+pub use audit::{AuditEntry, Recorded, auditing};
 pub use context::{Compaction, SessionContext};
 pub use copy::{CopyReport, TableCopy};
 pub use hosts::{AGENTS_CHANGED, CONTROL_CHANNEL, CancelRequest, EVENTS_CHANNEL, HostLease};
@@ -1092,11 +1092,18 @@ impl Sqlite {
         f: impl FnOnce(&Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let (done, result) = tokio::sync::oneshot::channel();
+        // The request's audit entry, if it is still to be written, goes in
+        // with this write (see `audit::auditing`).
+        let audit = audit::take_pending();
+        let entry = audit.clone();
         let job: Job = Box::new(move |tx| {
             let result = match tx {
                 Ok(tx) => Savepoint::begin(tx).and_then(|savepoint| {
                     // Dropping the savepoint on error rolls back this write alone.
                     let value = f(savepoint.conn)?;
+                    if let Some(entry) = &entry {
+                        audit::insert_row(savepoint.conn, entry)?;
+                    }
                     savepoint.release()?;
                     Ok(value)
                 }),
@@ -1110,8 +1117,14 @@ impl Sqlite {
                 let _ = done.send(result);
             })
         });
-        self.writer.send(job).map_err(|_| StoreError::Task("the database writer has stopped".into()))?;
-        result.await.map_err(|_| StoreError::Task("the write panicked in the database writer".into()))?
+        let result = match self.writer.send(job) {
+            Ok(()) => result.await.map_err(|_| StoreError::Task("the write panicked in the database writer".into())).and_then(|r| r),
+            Err(_) => Err(StoreError::Task("the database writer has stopped".into())),
+        };
+        if let Some(audit) = audit {
+            audit::settle_pending(audit, result.is_ok());
+        }
+        result
     }
 }
 
@@ -1987,6 +2000,43 @@ mod tests {
         assert_eq!(ids(store.audit_page(None, Some("e1".into()), 1).await.unwrap()), ["e2"]);
         assert_eq!(store.audit_page(None, None, 1).await.unwrap()[0].status, 201);
         assert_eq!(store.prune_audit(now() - chrono::Duration::days(1)).await.unwrap(), 1);
+
+        // SQLite: a change and its entry commit in one transaction, with the
+        // request's first write that succeeds. PostgreSQL: the entry comes
+        // back to the caller, to insert.
+        let sqlite = matches!(store.db, Db::Sqlite(_));
+        let settle = |recorded: Option<Recorded>, id: &'static str| {
+            let store = store.clone();
+            async move {
+                match recorded {
+                    Some(Recorded::Written { id: written, status }) => {
+                        assert!(sqlite);
+                        assert_eq!((written.as_str(), status), (id, 201));
+                    }
+                    Some(Recorded::Pending(entry)) => {
+                        assert!(!sqlite);
+                        store.insert_audit(entry).await.unwrap();
+                    }
+                    None => panic!("the entry of {id} is lost"),
+                }
+            }
+        };
+        let (made, recorded) = auditing(entry("e4", Some("t"), now()), store.insert_session(session("s4"))).await;
+        made.unwrap();
+        settle(recorded, "e4").await;
+        let (made, recorded) = auditing(entry("e5", Some("t"), now()), async {
+            assert!(store.insert_session(session("s4")).await.is_err(), "taken: rolled back with its entry");
+            store.insert_session(session("s5")).await
+        })
+        .await;
+        made.unwrap();
+        settle(recorded, "e5").await;
+        let (_, recorded) = auditing(entry("e6", Some("t"), now()), async {}).await;
+        assert!(matches!(recorded, Some(Recorded::Pending(e)) if e.id == "e6"), "nothing written, nothing recorded");
+        store.amend_audit("e4".into(), Some(200)).await.unwrap();
+        store.amend_audit("e5".into(), None).await.unwrap();
+        let page = store.audit_page(Some("t".into()), Some("e3".into()), 10).await.unwrap();
+        assert_eq!(page.iter().map(|e| (e.id.as_str(), e.status)).collect::<Vec<_>>(), [("e4", 200)]);
 
         let server = |tenant: &str, name: &str| McpServerRecord {
             tenant_id: tenant.into(),
