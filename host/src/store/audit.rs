@@ -27,6 +27,30 @@ pub(super) const MIGRATION: &str = "
     CREATE INDEX audit_by_time ON audit (at);
 ";
 
+/// Every change inserts an entry, in the change's own transaction (see
+/// [`auditing`]): four b-trees (the rows, the primary key, the two indexes)
+/// made that insert cost the writer thread twice the session it recorded.
+/// Keyed by the id alone (`WITHOUT ROWID`: the rows are the primary key's
+/// b-tree), and pruned by id (a ULID, in time order) instead of through an
+/// index on `at`, it keeps two.
+pub(super) const SLIM_MIGRATION: &str = "
+    CREATE TABLE audit_by_id (
+        id TEXT PRIMARY KEY,
+        at TEXT NOT NULL,
+        tenant_id TEXT,
+        actor TEXT NOT NULL,
+        method TEXT NOT NULL,
+        route TEXT NOT NULL,
+        path TEXT NOT NULL,
+        status INTEGER NOT NULL,
+        address TEXT
+    ) WITHOUT ROWID;
+    INSERT INTO audit_by_id SELECT id, at, tenant_id, actor, method, route, path, status, address FROM audit;
+    DROP TABLE audit;
+    ALTER TABLE audit_by_id RENAME TO audit;
+    CREATE INDEX audit_by_tenant ON audit (tenant_id, id);
+";
+
 /// One change made through the API.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AuditEntry {
@@ -231,10 +255,14 @@ impl Store {
 
     /// Removes entries older than `before`; how many.
     pub async fn prune_audit(&self, before: DateTime<Utc>) -> Result<usize, StoreError> {
+        // Ids are ULIDs made when the entry was: every id made before
+        // `before` sorts below this one, so the primary key finds them.
+        let below = ulid::Ulid::from_parts(before.timestamp_millis().max(0) as u64, 0).to_string();
         let before = ts(&before);
+        const DELETE: &str = "DELETE FROM audit WHERE id < $1 AND at < $2";
         match &self.db {
-            Db::Sqlite(db) => db.write(move |c| Ok(c.prepare_cached("DELETE FROM audit WHERE at < ?1")?.execute([before])?)).await,
-            Db::Postgres(pg) => Ok(pg.execute("DELETE FROM audit WHERE at < $1", &[&before]).await?),
+            Db::Sqlite(db) => db.write(move |c| Ok(c.prepare_cached(&pg::sqlite(DELETE))?.execute([below, before])?)).await,
+            Db::Postgres(pg) => Ok(pg.execute(DELETE, &[&below, &before]).await?),
         }
     }
 }

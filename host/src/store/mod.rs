@@ -168,7 +168,7 @@ impl std::fmt::Display for Location {
 
 /// The SQLite schema's steps; `pg::migrations` gives the same steps in
 /// PostgreSQL's dialect.
-const MIGRATIONS: [&str; 10] = [
+const MIGRATIONS: [&str; 11] = [
         "CREATE TABLE agents (
             id TEXT PRIMARY KEY,
             name TEXT NOT NULL,
@@ -213,6 +213,8 @@ const MIGRATIONS: [&str; 10] = [
     // Several hosts on one database (issue: scale-out): who runs each run
     // and until when, one active run per session, plugins kept in the database.
     runs::HOSTS_MIGRATION,
+    // The audit trail with two b-trees instead of four (issue: performance).
+    audit::SLIM_MIGRATION,
 ];
 
 fn migrations() -> Migrations<'static> {
@@ -1614,6 +1616,33 @@ mod tests {
         assert!(heard.try_recv().is_err(), "a delete of nothing is not announced");
     }
 
+    /// A database of the version before keeps its audit entries, in the
+    /// slimmer table.
+    #[test]
+    fn the_audit_trail_moves_to_its_slim_table_with_its_entries() {
+        let mut conn = Connection::open_in_memory().unwrap();
+        migrations().to_version(&mut conn, MIGRATIONS.len() - 1).unwrap();
+        conn.execute(
+            "INSERT INTO audit (id, at, tenant_id, actor, method, route, path, status, address)
+             VALUES ('01JA', '2026-12-01T00:00:00.000Z', 't', 'tenant', 'POST', '/agents', '/agents', 201, '127.0.0.1')",
+            [],
+        )
+        .unwrap();
+        migrations().to_latest(&mut conn).unwrap();
+        let kept: (String, String, u16) =
+            conn.query_row("SELECT id, tenant_id, status FROM audit", [], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).unwrap();
+        assert_eq!(kept, ("01JA".into(), "t".into(), 201));
+        let schema: Vec<String> = conn
+            .prepare("SELECT sql FROM sqlite_master WHERE tbl_name = 'audit' AND sql IS NOT NULL ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(schema.len(), 2, "the table and the tenant index: {schema:?}");
+        assert!(schema.iter().any(|sql| sql.contains("WITHOUT ROWID")), "{schema:?}");
+    }
+
     /// Hosts starting together on one new database migrate it once; a
     /// database a newer Hangar migrated is refused, not written to.
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -1994,14 +2023,19 @@ mod tests {
             status: 201,
             address: Some("127.0.0.1".into()),
         };
-        store.insert_audit(entry("e1", None, now() - chrono::Duration::days(2))).await.unwrap();
+        // Pruning finds old entries by their ids (ULIDs, which sort by time).
+        let two_days_ago = now() - chrono::Duration::days(2);
+        let e1 = ulid::Ulid::from_parts(two_days_ago.timestamp_millis() as u64, 7).to_string();
+        store.insert_audit(entry(&e1, None, two_days_ago)).await.unwrap();
         store.insert_audit(entry("e2", Some("t"), now())).await.unwrap();
         store.insert_audit(entry("e3", Some("t"), now())).await.unwrap();
         let ids = |page: Vec<AuditEntry>| page.into_iter().map(|e| e.id).collect::<Vec<_>>();
         assert_eq!(ids(store.audit_page(Some("t".into()), None, 10).await.unwrap()), ["e2", "e3"]);
-        assert_eq!(ids(store.audit_page(None, Some("e1".into()), 1).await.unwrap()), ["e2"]);
+        assert_eq!(ids(store.audit_page(None, Some(e1.clone()), 1).await.unwrap()), ["e2"]);
         assert_eq!(store.audit_page(None, None, 1).await.unwrap()[0].status, 201);
+        assert_eq!(store.prune_audit(now() - chrono::Duration::days(3)).await.unwrap(), 0);
         assert_eq!(store.prune_audit(now() - chrono::Duration::days(1)).await.unwrap(), 1);
+        assert_eq!(ids(store.audit_page(None, None, 1).await.unwrap()), ["e2"]);
 
         // SQLite: a change and its entry commit in one transaction, with the
         // request's first write that succeeds. PostgreSQL: the entry comes
