@@ -204,6 +204,14 @@ async fn an_asked_call_waits_and_runs_once_approved() {
     let (_, all) = s.server.get(&s.path("/permissions")).await;
     assert_eq!(all.as_array().unwrap().len(), 1);
     assert_eq!(all[0]["status"], "approved");
+    // The audit trail holds the one accepted reply, none of the refused ones,
+    // with the status it was answered with: its entry is written with the
+    // reply, before the answer, as 201 (a POST's usual status), and corrected.
+    let (_, audit) = s.server.get("/audit").await;
+    let replies: Vec<&Value> =
+        audit.as_array().unwrap().iter().filter(|e| e["route"] == "/sessions/{id}/permissions/{request_id}").collect();
+    assert_eq!(replies.len(), 1, "{audit}");
+    assert_eq!(replies[0]["status"], 200, "{audit}");
 }
 
 #[tokio::test]
