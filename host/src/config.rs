@@ -352,6 +352,9 @@ pub struct LimitsConfig {
     /// Memory all plugin calls running at once may hold together, over
     /// each plugin's own `memory_mb` [default: half the machine's memory].
     pub plugin_memory_total_mb: Option<u64>,
+    /// Most parts one call of a tool that can split its calls (`grep`) runs
+    /// as at once [default: the machine's cores]; 1 never splits a call.
+    pub tool_shards: Option<usize>,
     /// Bytes one call of a `read-write` plugin may write [default: 256].
     pub write_mb: Option<u64>,
     /// Files one call of a `read-write` plugin may create [default: 10,000].
@@ -428,6 +431,8 @@ pub struct Settings {
     pub wal_limit_bytes: u64,
     /// `[limits] plugin_memory_total_mb`; `None`: the runtime's default.
     pub plugin_memory_total_bytes: Option<usize>,
+    /// `[limits] tool_shards`; `None`: the runtime's default.
+    pub tool_shards: Option<usize>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -523,6 +528,10 @@ impl Settings {
         if file.limits.plugin_memory_total_mb == Some(0) {
             return Err(ConfigError::Zero { setting: "[limits] plugin_memory_total_mb" });
         }
+        if file.limits.tool_shards == Some(0) {
+            return Err(ConfigError::Zero { setting: "[limits] tool_shards" });
+        }
+        let tool_shards = file.limits.tool_shards;
         let tenant_origins = origins(&file.tenants.allowed_origins, |origin, reason| ConfigError::TenantOrigin { origin, reason })?;
         let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
         let compile = {
@@ -661,6 +670,7 @@ impl Settings {
             max_connections_per_client,
             wal_limit_bytes,
             plugin_memory_total_bytes,
+            tool_shards,
         })
     }
 }

@@ -62,6 +62,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         policy: settings.policy.clone(),
         tenant_hosts: settings.tenant_origins.iter().filter_map(|o| o.exact_host().map(str::to_string)).collect(),
         memory_total_bytes: settings.plugin_memory_total_bytes,
+        tool_shards: settings.tool_shards,
         compile: settings.compile.clone(),
         ..Default::default()
     })?;

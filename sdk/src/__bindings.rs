@@ -2,10 +2,12 @@
 //! use the traits and macros at the crate root instead.
 #![allow(missing_docs)]
 
+// Every SDK tool exports the `sharded-tool` world, a superset of `tool`: a
+// tool that does not split its calls says so with `max-shards` = 1.
 #[cfg(feature = "tool")]
 wit_bindgen::generate!({
     path: "../wit",
-    world: "hangar:plugin/tool",
+    world: "hangar:plugin/sharded-tool",
     pub_export_macro: true,
     export_macro_name: "__export_tool_world",
     default_bindings_module: "hangar_sdk::__bindings",

@@ -88,7 +88,7 @@ pub use error::Error;
 #[cfg(feature = "provider")]
 pub use provider::{EventStream, Provider};
 #[cfg(feature = "tool")]
-pub use tool::{Context, Tool, input_schema, tool_spec, tool_spec_for};
+pub use tool::{Context, Shard, Tool, input_schema, tool_spec, tool_spec_for};
 
 /// JSON Schema generation (the `schemars` crate), re-exported so that a
 /// tool derives its input schema with no dependency of its own: bring it in

@@ -25,6 +25,52 @@ pub trait Tool {
     /// Runs one call. `Ok` text goes to the model as the result; `Err` text
     /// goes to it as a failed result it can recover from.
     fn run(ctx: &Context, input: Self::Input) -> Result<String, Error>;
+
+    /// The most parts one call may be split into. The default, 1, runs
+    /// every call whole, in [`run`](Tool::run). A tool that sets more (a
+    /// search over many files, say) implements [`run_shard`](Tool::run_shard)
+    /// and [`merge`](Tool::merge): the host may then run a call as several
+    /// parts at once, each in an instance of its own with the same
+    /// working directory, and merge their texts in one more instance.
+    const MAX_SHARDS: u32 = 1;
+
+    /// Runs one part of a split call: the share of the work that
+    /// [`Shard::owns`] gives it. The text goes to [`merge`](Tool::merge),
+    /// not to the model; an `Err` answers the whole call.
+    fn run_shard(ctx: &Context, input: Self::Input, shard: Shard) -> Result<String, Error> {
+        let _ = shard;
+        Self::run(ctx, input)
+    }
+
+    /// Joins the parts' texts, given in index order, into the answer. It
+    /// runs without any filesystem, and must give the answer a whole call
+    /// would: the host picks the number of parts.
+    fn merge(ctx: &Context, input: Self::Input, parts: Vec<String>) -> Result<String, Error> {
+        let _ = (ctx, input);
+        Ok(parts.concat())
+    }
+}
+
+/// Which part of a split call an instance runs: part `index` (from 0) of
+/// `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shard {
+    /// This part, from 0.
+    pub index: u32,
+    /// How many parts the call has.
+    pub count: u32,
+}
+
+impl Shard {
+    /// The one part of a call that is not split.
+    pub const WHOLE: Shard = Shard { index: 0, count: 1 };
+
+    /// Whether the `n`th item (from 0) of a sequence that every part sees
+    /// in the same order is this part's to do: items are dealt out in
+    /// turn, so each part gets an even share of a long sequence.
+    pub fn owns(&self, n: usize) -> bool {
+        n % self.count.max(1) as usize == self.index as usize
+    }
 }
 
 /// Builds a [`ToolSpec`] whose input schema is derived from the tool's
@@ -157,26 +203,44 @@ impl Context {
     }
 }
 
-#[doc(hidden)]
-pub fn __invoke<T: Tool>(call: ToolCall) -> ToolOutput {
-    let input: T::Input = match serde_json::from_str(&call.input) {
-        Ok(input) => input,
-        Err(err) => {
-            return ToolOutput {
-                text: format!("invalid input for `{}`: {err}", T::spec().name),
-                is_error: true,
-            };
-        }
-    };
-    crate::fs::set_work_dir((!call.work_dir.is_empty()).then(|| PathBuf::from(&call.work_dir)));
-    crate::fs::set_work_dir((!call.work_dir.is_empty()).then(|| PathBuf::from(&call.work_dir)));
-    let ctx = Context {
-        call_id: call.id,
-        work_dir: (!call.work_dir.is_empty()).then(|| PathBuf::from(call.work_dir)),
-    };
-    match T::run(&ctx, input) {
+/// The context and the decoded input of a call, or the output that tells
+/// the model its input did not fit.
+fn start<T: Tool>(call: ToolCall) -> Result<(Context, T::Input), ToolOutput> {
+    let input: T::Input = serde_json::from_str(&call.input).map_err(|err| ToolOutput {
+        text: format!("invalid input for `{}`: {err}", T::spec().name),
+        is_error: true,
+    })?;
+    let work_dir = (!call.work_dir.is_empty()).then(|| PathBuf::from(call.work_dir));
+    crate::fs::set_work_dir(work_dir.clone());
+    Ok((Context { call_id: call.id, work_dir }, input))
+}
+
+fn output(result: Result<String, Error>) -> ToolOutput {
+    match result {
         Ok(text) => ToolOutput { text, is_error: false },
         Err(err) => ToolOutput { text: err.message().to_string(), is_error: true },
+    }
+}
+
+#[doc(hidden)]
+pub fn __invoke<T: Tool>(call: ToolCall) -> ToolOutput {
+    match start::<T>(call) {
+        Ok((ctx, input)) => output(T::run(&ctx, input)),
+        Err(refused) => refused,
+    }
+}
+
+#[doc(hidden)]
+pub fn __invoke_shard<T: Tool>(call: ToolCall, index: u32, count: u32) -> Result<String, ToolOutput> {
+    let (ctx, input) = start::<T>(call)?;
+    T::run_shard(&ctx, input, Shard { index, count }).map_err(|err| output(Err(err)))
+}
+
+#[doc(hidden)]
+pub fn __merge<T: Tool>(call: ToolCall, parts: Vec<String>) -> ToolOutput {
+    match start::<T>(call) {
+        Ok((ctx, input)) => output(T::merge(&ctx, input, parts)),
+        Err(refused) => refused,
     }
 }
 
@@ -196,6 +260,25 @@ macro_rules! export_tool {
             }
             fn invoke(call: $crate::types::ToolCall) -> $crate::types::ToolOutput {
                 $crate::tool::__invoke::<$tool>(call)
+            }
+        }
+
+        impl $crate::__bindings::exports::hangar::plugin::shard_api::Guest for __HangarToolExport {
+            fn max_shards() -> u32 {
+                <$tool as $crate::Tool>::MAX_SHARDS
+            }
+            fn invoke_shard(
+                call: $crate::types::ToolCall,
+                index: u32,
+                count: u32,
+            ) -> ::core::result::Result<::std::string::String, $crate::types::ToolOutput> {
+                $crate::tool::__invoke_shard::<$tool>(call, index, count)
+            }
+            fn merge(
+                call: $crate::types::ToolCall,
+                parts: ::std::vec::Vec<::std::string::String>,
+            ) -> $crate::types::ToolOutput {
+                $crate::tool::__merge::<$tool>(call, parts)
             }
         }
 

@@ -14,6 +14,24 @@ pub mod tool {
     });
 }
 
+/// A tool that can split a call into parts: the `tool` world and
+/// `shard-api`. Its imports are the tool world's, so the same linker serves
+/// both.
+pub mod sharded_tool {
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "hangar:plugin/sharded-tool",
+        imports: { default: async | trappable },
+        exports: { default: async },
+        with: {
+            "hangar:plugin/types": super::tool::hangar::plugin::types,
+            "hangar:plugin/log": super::tool::hangar::plugin::log,
+            "hangar:plugin/http": super::tool::hangar::plugin::http,
+            "hangar:plugin/process": super::tool::hangar::plugin::process,
+        },
+    });
+}
+
 pub mod provider {
     wasmtime::component::bindgen!({
         path: "../wit",

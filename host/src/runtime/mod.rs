@@ -43,6 +43,7 @@ pub(crate) use process::{Confined, Program, spawn_confined};
 pub use writes::WriteLimit;
 
 use bindings::provider::{Provider, ProviderPre};
+use bindings::sharded_tool::{ShardedTool, ShardedToolPre};
 use bindings::tool::{Tool, ToolPre};
 use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
@@ -100,8 +101,42 @@ pub static BUILTINS: &[Builtin] = include!(concat!(env!("OUT_DIR"), "/builtin_pl
 
 /// What a plugin is once compiled, linked and described.
 enum Loaded {
-    Tool { pre: ToolPre<PluginState>, spec: ToolSpec },
+    Tool { pre: ToolPre<PluginState>, spec: ToolSpec, shards: Option<Shards> },
     Provider { pre: ProviderPre<PluginState>, info: ProviderInfo },
+}
+
+/// How a tool that exports `shard-api` runs a call as parts.
+struct Shards {
+    pre: ShardedToolPre<PluginState>,
+    /// What its `max-shards` said (2 or more).
+    max: u32,
+}
+
+/// What a tool instance is made for: a whole call (`tool-api`), or a part
+/// of a split one (`shard-api`). One `with_tool` runs both.
+trait ToolWorld: Clone + Send + Sync + 'static {
+    type Instance: Send + Sync;
+    fn instantiate<'a>(
+        &'a self,
+        store: &'a mut Store<PluginState>,
+    ) -> impl Future<Output = wasmtime::Result<Self::Instance>> + Send + 'a;
+}
+
+impl ToolWorld for ToolPre<PluginState> {
+    type Instance = Tool;
+    fn instantiate<'a>(&'a self, store: &'a mut Store<PluginState>) -> impl Future<Output = wasmtime::Result<Tool>> + Send + 'a {
+        self.instantiate_async(store)
+    }
+}
+
+impl ToolWorld for ShardedToolPre<PluginState> {
+    type Instance = ShardedTool;
+    fn instantiate<'a>(
+        &'a self,
+        store: &'a mut Store<PluginState>,
+    ) -> impl Future<Output = wasmtime::Result<ShardedTool>> + Send + 'a {
+        self.instantiate_async(store)
+    }
 }
 
 /// A registered plugin. Compilation runs in the background; anything that
@@ -188,6 +223,8 @@ struct Inner {
     tool_pool: ToolPool,
     /// The memory all instances may hold at once.
     memory_budget: Arc<MemoryBudget>,
+    /// Most parts a split tool call runs as.
+    tool_shards: u32,
     _ticker: EpochTicker,
 }
 
@@ -245,6 +282,9 @@ pub struct RuntimeConfig {
     pub memory_total_bytes: Option<usize>,
     /// How components are compiled, and the compile cache's size.
     pub compile: CompileSettings,
+    /// Most parts one call of a tool that exports `shard-api` runs as at
+    /// once; `None`: the machine's cores.
+    pub tool_shards: Option<usize>,
 }
 
 /// The default server-wide memory budget of plugins: half the machine's
@@ -308,6 +348,10 @@ impl Runtime {
                 ports: OnceLock::new(),
                 tool_pool,
                 memory_budget: Arc::new(MemoryBudget::new(config.memory_total_bytes.unwrap_or_else(default_memory_total))),
+                tool_shards: config
+                    .tool_shards
+                    .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+                    .clamp(1, u32::MAX as usize) as u32,
                 _ticker: ticker,
             }),
         })
@@ -625,12 +669,31 @@ impl Runtime {
         };
         let loaded = match plugin.manifest.kind {
             Kind::Tool => {
+                // `shard-api` is optional: a component without it is a plain
+                // tool (every Python tool, every plugin built before it).
+                let sharded = ShardedToolPre::new(pre.clone()).ok();
                 let pre = ToolPre::new(pre).map_err(wrong_world)?;
-                let spec = self
-                    .with_tool(plugin.clone(), pre.clone(), None, |tool, store| {
-                        Box::pin(async move { tool.hangar_plugin_tool_api().call_spec(store).await })
-                    })
-                    .await?;
+                let (spec, shards) = match sharded {
+                    None => {
+                        let spec = self
+                            .with_tool(plugin.clone(), pre.clone(), None, None, |tool, store| {
+                                Box::pin(async move { tool.hangar_plugin_tool_api().call_spec(store).await })
+                            })
+                            .await?;
+                        (spec, None)
+                    }
+                    Some(sharded) => {
+                        let (spec, max) = self
+                            .with_tool(plugin.clone(), sharded.clone(), None, None, |tool, store| {
+                                Box::pin(async move {
+                                    let spec = tool.hangar_plugin_tool_api().call_spec(&mut *store).await?;
+                                    Ok((spec, tool.hangar_plugin_shard_api().call_max_shards(&mut *store).await?))
+                                })
+                            })
+                            .await?;
+                        (spec, (max >= 2).then_some(Shards { pre: sharded, max }))
+                    }
+                };
                 if spec.name != id {
                     return Err(RuntimeError::Load {
                         plugin: id.clone(),
@@ -644,7 +707,7 @@ impl Runtime {
                 {
                     return Err(RuntimeError::Load { plugin: id.clone(), reason: format!("spec()'s input_schema {reason}") });
                 }
-                Loaded::Tool { pre, spec }
+                Loaded::Tool { pre, spec, shards }
             }
             Kind::Provider => {
                 let pre = ProviderPre::new(pre).map_err(wrong_world)?;
@@ -934,13 +997,14 @@ impl Runtime {
     /// host calls (bash's child process) are still driven by `block_on`.
     /// Guest code still yields at every epoch tick, which is where a caller
     /// that went away (its receiver dropped) stops the call.
-    async fn with_tool<T: Send + 'static>(
+    async fn with_tool<W: ToolWorld, T: Send + 'static>(
         &self,
         plugin: Arc<Plugin>,
-        pre: ToolPre<PluginState>,
+        pre: W,
         work_dir: Option<Arc<WorkDir>>,
+        writes: Option<Arc<writes::WriteQuota>>,
         f: impl for<'a> FnOnce(
-            &'a Tool,
+            &'a W::Instance,
             &'a mut Store<PluginState>,
         ) -> std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>
         + Send
@@ -954,7 +1018,7 @@ impl Runtime {
         self.inner.tool_pool.handle().spawn_blocking(move || {
             handle.block_on(async {
                 tokio::select! {
-                    result = runtime.run_tool(&plugin, &pre, work_dir.as_ref(), f) => {
+                    result = runtime.run_tool(&plugin, &pre, work_dir.as_ref(), writes, f) => {
                         let _ = tx.send(result);
                     }
                     () = tx.closed() => {}
@@ -974,20 +1038,24 @@ impl Runtime {
         }
     }
 
-    async fn run_tool<T>(
+    async fn run_tool<W: ToolWorld, T>(
         &self,
         plugin: &Plugin,
-        pre: &ToolPre<PluginState>,
+        pre: &W,
         work_dir: Option<&Arc<WorkDir>>,
+        writes: Option<Arc<writes::WriteQuota>>,
         f: impl for<'a> FnOnce(
-            &'a Tool,
+            &'a W::Instance,
             &'a mut Store<PluginState>,
         ) -> std::pin::Pin<Box<dyn Future<Output = wasmtime::Result<T>> + Send + 'a>>,
     ) -> Result<T, RuntimeError> {
         let mut store = self.store(plugin, work_dir, None, true)?;
+        if let Some(writes) = writes {
+            store.data_mut().writes = writes;
+        }
         let deadline = plugin.grants.limits.deadline;
         let run = async {
-            let tool = pre.instantiate_async(&mut store).await?;
+            let tool = pre.instantiate(&mut store).await?;
             f(&tool, &mut store).await
         };
         // Covers guest code (which yields at every epoch tick) and time spent
@@ -1009,6 +1077,20 @@ impl Runtime {
         Ok((plugin, loaded))
     }
 
+    /// How many parts a call of this tool runs as: 1 unless it exports
+    /// `shard-api` and this runtime allows more than one (waits for it to
+    /// load).
+    pub async fn tool_parts(&self, id: &str) -> Result<u32, RuntimeError> {
+        match &*self.plugin_of_kind(id, Kind::Tool).await?.1 {
+            Loaded::Tool { shards, .. } => Ok(self.parts(shards.as_ref())),
+            Loaded::Provider { .. } => unreachable!("kind checked"),
+        }
+    }
+
+    fn parts(&self, shards: Option<&Shards>) -> u32 {
+        shards.map_or(1, |s| s.max.min(self.inner.tool_shards))
+    }
+
     /// The spec of a tool (waits for it to load).
     pub async fn tool_spec(&self, id: &str) -> Result<ToolSpec, RuntimeError> {
         match &*self.plugin_of_kind(id, Kind::Tool).await?.1 {
@@ -1028,20 +1110,24 @@ impl Runtime {
     /// Runs one tool call in a fresh instance.
     pub async fn call_tool(&self, id: &str, call: ToolInvocation) -> Result<ToolOutput, RuntimeError> {
         let (plugin, loaded) = self.plugin_of_kind(id, Kind::Tool).await?;
-        let Loaded::Tool { pre, .. } = &*loaded else { unreachable!("kind checked") };
+        let Loaded::Tool { pre, shards, .. } = &*loaded else { unreachable!("kind checked") };
         let wit_call = ToolCall {
             id: call.id,
             input: call.input,
             work_dir: call.work_dir.as_deref().and_then(|w| w.path().to_str()).unwrap_or_default().to_string(),
         };
-        let (mut output, write_limit) = self
-            .with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), move |tool, store| {
-                Box::pin(async move {
-                    let output = tool.hangar_plugin_tool_api().call_invoke(&mut *store, &wit_call).await?;
-                    Ok((output, store.data().writes.hit()))
+        let (mut output, write_limit) = match shards.as_ref().map(|s| (s, self.parts(Some(s)))) {
+            Some((shards, count)) if count >= 2 => self.call_sharded(&plugin, &shards.pre, wit_call, call.work_dir, count).await?,
+            _ => {
+                self.with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), None, move |tool, store| {
+                    Box::pin(async move {
+                        let output = tool.hangar_plugin_tool_api().call_invoke(&mut *store, &wit_call).await?;
+                        Ok((output, store.data().writes.hit()))
+                    })
                 })
-            })
-            .await?;
+                .await?
+            }
+        };
         // The guest saw `quota` errors and may have carried on; the result
         // says which limit refused its writes, whatever the guest made of them.
         if let Some(limit) = write_limit {
@@ -1053,6 +1139,52 @@ impl Runtime {
             return Err(RuntimeError::Output { plugin: plugin.id().into(), actual: output.text.len(), limit });
         }
         Ok(output)
+    }
+
+    /// Runs a call as `count` parts at once, each in an instance of its own
+    /// with the call's working directory, then merges their texts in one
+    /// more instance that has no filesystem. The first part to fail (by
+    /// index) answers the call.
+    async fn call_sharded(
+        &self,
+        plugin: &Arc<Plugin>,
+        pre: &ShardedToolPre<PluginState>,
+        call: ToolCall,
+        work_dir: Option<Arc<WorkDir>>,
+        count: u32,
+    ) -> Result<(ToolOutput, Option<WriteLimit>), RuntimeError> {
+        // The parts of a call share its write quota, as they share its
+        // working directory.
+        let limits = &plugin.grants.limits;
+        let writes = writes::WriteQuota::new(limits.write_bytes, limits.max_files);
+        let parts = futures::future::join_all((0..count).map(|index| {
+            let call = call.clone();
+            self.with_tool(plugin.clone(), pre.clone(), work_dir.clone(), Some(writes.clone()), move |tool, store| {
+                Box::pin(async move {
+                    tool.hangar_plugin_shard_api().call_invoke_shard(&mut *store, &call, index, count).await
+                })
+            })
+        }))
+        .await;
+        let limit = plugin.grants.limits.output_bytes;
+        let mut texts = Vec::with_capacity(parts.len());
+        for part in parts {
+            match part? {
+                Err(output) => return Ok((output, writes.hit())),
+                // What a part hands the merge is held here: it gets the
+                // bound of a tool's answer.
+                Ok(text) if text.len() > limit => {
+                    return Err(RuntimeError::Output { plugin: plugin.id().into(), actual: text.len(), limit });
+                }
+                Ok(text) => texts.push(text),
+            }
+        }
+        let output = self
+            .with_tool(plugin.clone(), pre.clone(), None, None, move |tool, store| {
+                Box::pin(async move { tool.hangar_plugin_shard_api().call_merge(&mut *store, &call, &texts).await })
+            })
+            .await?;
+        Ok((output, writes.hit()))
     }
 
     async fn provider_instance(
