@@ -3,6 +3,7 @@
 //! pattern, all in the same run (page cache warm for every side).
 //!
 //!     cargo bench --bench grep_tree                 # BENCH_ITERS rounds (default 5)
+//!     BENCH_TOOL_SHARDS=1 cargo bench --bench grep_tree   # the tool in one part
 //!
 //! The tree is generated under /tmp/hangar-bench-tree (`BENCH_TREE`) on
 //! first use.
@@ -67,7 +68,12 @@ fn main() {
     // under /tmp is one anyone on the machine could fill first).
     let cache = tempfile::tempdir().unwrap();
     let runtime = rt.block_on(async {
-        let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().into()), ..Default::default() }).unwrap();
+        // `BENCH_TOOL_SHARDS` pins the number of parts a call is split
+        // into (default: one per CPU, as the server does).
+        let tool_shards = std::env::var("BENCH_TOOL_SHARDS").ok().map(|v| v.parse().expect("BENCH_TOOL_SHARDS: a number"));
+        let runtime =
+            Runtime::new(RuntimeConfig { cache_dir: Some(cache.path().into()), tool_shards, ..Default::default() })
+                .unwrap();
         runtime.add_builtins().unwrap();
         runtime.tool_spec("grep").await.unwrap();
         runtime

@@ -7,7 +7,7 @@ use std::fs;
 use std::path::Path;
 use std::time::{Duration, SystemTime};
 
-use hangar::runtime::{Runtime, ToolOutput};
+use hangar::runtime::{Runtime, RuntimeConfig, ToolOutput};
 use serde_json::json;
 
 fn ok(out: &ToolOutput) -> &str {
@@ -191,6 +191,70 @@ async fn grep_reports_path_line_text_and_skips_binary_git_and_ignored() {
     let text = ok(&call(&rt, "grep", json!({"pattern": "^hit", "path": "src"}), w).await).to_string();
     assert_eq!(text.lines().filter(|l| l.starts_with("src/many.txt:")).count(), 100);
     assert!(text.contains("Showing the first 100 matches"), "{text}");
+}
+
+/// grep splits a call into parts (one walk each, files dealt out in turn)
+/// when the runtime allows: whatever the number of parts, the answer is the
+/// one a whole call gives, down to which matches are cut and which large
+/// files are counted.
+#[tokio::test]
+async fn grep_answers_the_same_whatever_the_number_of_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    // Each d* directory has 13 subdirectories: enough for 2 and 3 parts to
+    // deal them out whole, not for 5 (FANOUT_PER_PART in hangar_walk).
+    for d in 0..6 {
+        for f in 0..13 {
+            let sub = w.join(format!("d{d}/s{f:02}"));
+            fs::create_dir_all(sub.join("z")).unwrap();
+            // 4 hits in each file, over 100 in all.
+            let lines: String = (0..12).map(|i| if (i + d + f) % 3 == 0 { format!("hit {d}.{f}.{i}\n") } else { "plain\n".into() }).collect();
+            fs::write(sub.join(format!("f{f}.txt")), lines).unwrap();
+            // Deeper than the directories dealt out.
+            fs::write(sub.join("z/g.txt"), format!("hit {d}.{f} deep\n")).unwrap();
+        }
+    }
+    // Ignore files inside a dealt subtree and above a searched path.
+    fs::write(w.join("d3/s07/.gitignore"), "f7.txt\n").unwrap();
+    fs::write(w.join(".gitignore"), "secret.txt\n").unwrap();
+    fs::write(w.join("d1/s00/secret.txt"), "hit secret\n").unwrap();
+    // Over 16 MB: counted, not searched; one before the cut, one after it.
+    let big = "hit\n".repeat((16 << 20) / 4 + 1);
+    fs::write(w.join("d0/a-big.txt"), &big).unwrap();
+    fs::write(w.join("d5/z-big.txt"), &big).unwrap();
+    drop(big);
+
+    let mut answers = Vec::new();
+    for parts in [1, 2, 3, 5] {
+        let rt = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), tool_shards: Some(parts), ..Default::default() }).unwrap();
+        rt.add_builtins().unwrap();
+        assert_eq!(rt.tool_parts("grep").await.unwrap(), parts as u32);
+        assert_eq!(rt.tool_parts("read").await.unwrap(), 1, "a tool that does not split its calls");
+        let all = ok(&call(&rt, "grep", json!({"pattern": "^hit"}), w).await).to_string();
+        let some = ok(&call(&rt, "grep", json!({"pattern": "^hit 3\\.", "include": "f*.txt"}), w).await).to_string();
+        let none = ok(&call(&rt, "grep", json!({"pattern": "secret", "path": "d1"}), w).await).to_string();
+        let deep = ok(&call(&rt, "grep", json!({"pattern": "deep$"}), w).await).to_string();
+        let bad = err(&call(&rt, "grep", json!({"pattern": "(unclosed"}), w).await).to_string();
+        answers.push((parts, [all, some, none, deep, bad]));
+    }
+    let (_, whole) = &answers[0];
+    let [all, some, none, deep, bad] = whole;
+    let shown: Vec<&str> = all.lines().filter(|l| l.contains(": hit ")).collect();
+    assert_eq!(shown.len(), 100, "{all}");
+    assert_eq!(shown[0], "d0/s00/f0.txt:1: hit 0.0.0", "{all}");
+    assert_eq!(shown[4], "d0/s00/z/g.txt:1: hit 0.0 deep", "{all}");
+    assert!(all.contains("Showing the first 100 matches") && all.contains("(1 files over 16 MB were not searched.)"), "{all}");
+    // 13 files of 4 hits under d3, but for the ignored d3/s07/f7.txt.
+    assert!(some.lines().all(|l| l.starts_with("d3/") && !l.contains("f7.txt")) && some.lines().count() == 48, "{some}");
+    assert_eq!(none, "No matches for `secret` in `d1`.\n");
+    let deep_hits: Vec<&str> = deep.lines().filter(|l| l.ends_with(" deep")).collect();
+    assert_eq!(deep_hits.len(), 78, "{deep}");
+    assert!(deep_hits.windows(2).all(|w| w[0] < w[1]), "in walk order: {deep}");
+    assert!(deep.ends_with("\n(2 files over 16 MB were not searched.)\n"), "{deep}");
+    assert!(bad.contains("invalid regular expression"), "{bad}");
+    for (parts, answer) in &answers[1..] {
+        assert_eq!(answer, whole, "{parts} parts answered otherwise than a whole call");
+    }
 }
 
 /// grep searches each file as one buffer and finds lines around matches:
