@@ -292,6 +292,7 @@ async fn fifos_fail_fast_and_500_of_them_in_one_turn_leave_the_server_responsive
         ("write", json!({"filePath": "fifo", "content": "x"})),
         ("edit", json!({"filePath": "fifo", "oldString": "a", "newString": "b"})),
         ("grep", json!({"pattern": "plain"})),
+        ("grep", json!({"pattern": "plain", "path": "fifo"})),
     ];
     for (k, (tool, input)) in writes.iter().enumerate() {
         let input = input.to_string();
@@ -321,6 +322,8 @@ async fn fifos_fail_fast_and_500_of_them_in_one_turn_leave_the_server_responsive
     }
     let grep = &calls[READS as usize + 2];
     assert!(grep["output"].as_str().unwrap().contains("plain.txt"), "grep skips the FIFO and searches the rest: {grep}");
+    let grep = &calls[READS as usize + 3];
+    assert_eq!(grep["output"], "No matches for `plain` in `fifo`.\n", "grep given the FIFO itself: {grep}");
 }
 
 /// The database and its WAL, as bytes.

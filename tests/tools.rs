@@ -257,6 +257,84 @@ async fn grep_answers_the_same_whatever_the_number_of_parts() {
     }
 }
 
+/// The tools walk the tree on `wasi:filesystem` themselves; what they see
+/// must be what ripgrep's walker (the `ignore` crate, run natively with the
+/// settings the tools document) sees, ignore file by ignore file.
+#[tokio::test]
+async fn glob_and_grep_see_what_ripgreps_walker_sees() {
+    let dir = tempfile::tempdir().unwrap();
+    let w = dir.path();
+    let files = [
+        "a.log", "keep.log", "a-from-ignore.log", "build/x.txt", "sub/build/y.txt", "rootonly.txt",
+        "sub/rootonly.txt", "sub/important.log", "sub/t.tmp", "sub/deeper/t.tmp", "secret.txt",
+        "excluded.txt", "sub/excluded.txt", ".hidden.txt", "plain.txt", "docs/only-dir/file.md",
+        "nested/c.log", "nested/shown.txt", "nested/secret2.txt", "nested/inner/d.log", "nested/excluded.txt", "z/1.txt", "z/2.txt",
+    ];
+    for f in files {
+        let path = w.join(f);
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, "x\n").unwrap();
+    }
+    fs::write(w.join(".gitignore"), "*.log\n!keep.log\nbuild/\n/rootonly.txt\nonly-dir/\n").unwrap();
+    fs::write(w.join("sub/.gitignore"), "*.tmp\n!important.log\n").unwrap();
+    fs::write(w.join(".ignore"), "!a-from-ignore.log\nsecret*\n").unwrap();
+    fs::create_dir_all(w.join(".git/info")).unwrap();
+    fs::write(w.join(".git/HEAD"), "x\n").unwrap();
+    fs::write(w.join(".git/info/exclude"), "excluded.txt\n").unwrap();
+    // A repository inside: without `require_git` the outer rules reach in.
+    fs::create_dir_all(w.join("nested/.git")).unwrap();
+    fs::write(w.join("nested/.gitignore"), "inner/\n").unwrap();
+    std::os::unix::fs::symlink("keep.log", w.join("link.txt")).unwrap();
+    std::os::unix::fs::symlink("sub", w.join("dir-link")).unwrap();
+
+    // Relative paths of the entries the walker yields under `root`.
+    let reference = |root: &Path, regular_only: bool| -> Vec<String> {
+        let mut builder = ignore::WalkBuilder::new(root);
+        builder
+            .hidden(false)
+            .git_ignore(true)
+            .git_exclude(true)
+            .git_global(false)
+            .require_git(false)
+            .follow_links(false)
+            .filter_entry(|e| e.file_name() != ".git");
+        let mut seen: Vec<String> = builder
+            .build()
+            .map(Result::unwrap)
+            .filter(|e| e.depth() > 0)
+            .filter(|e| {
+                let kind = e.file_type().unwrap();
+                if regular_only { kind.is_file() } else { !kind.is_dir() }
+            })
+            .map(|e| e.path().strip_prefix(w).unwrap().to_str().unwrap().to_string())
+            .collect();
+        seen.sort();
+        seen
+    };
+    let sorted = |text: &str, grep: bool| -> Vec<String> {
+        let mut seen: Vec<String> =
+            text.lines().filter(|l| !l.is_empty()).map(|l| if grep { l.strip_suffix(":1: x").unwrap_or(l) } else { l }.to_string()).collect();
+        seen.sort();
+        seen
+    };
+    let whole = reference(w, false);
+    for must in ["keep.log", "a-from-ignore.log", "sub/important.log", "sub/rootonly.txt", "link.txt", ".gitignore"] {
+        assert!(whole.contains(&must.to_string()), "the reference walk should show {must}: {whole:?}");
+    }
+    for parts in [1, 3] {
+        let rt = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), tool_shards: Some(parts), ..Default::default() }).unwrap();
+        rt.add_builtins().unwrap();
+        for (sub, root) in [(".", w.to_path_buf()), ("sub", w.join("sub")), ("nested", w.join("nested"))] {
+            let glob = ok(&call(&rt, "glob", json!({"pattern": "**", "path": sub}), w).await).to_string();
+            assert_eq!(sorted(&glob, false), reference(&root, false), "glob in `{sub}`");
+            let grep = ok(&call(&rt, "grep", json!({"pattern": "^x$", "path": sub}), w).await).to_string();
+            // The ignore files hold no line `x`: grep lists every other file.
+            let files: Vec<String> = reference(&root, true).into_iter().filter(|p| !p.ends_with("ignore")).collect();
+            assert_eq!(sorted(&grep, true), files, "grep in `{sub}`, {parts} parts");
+        }
+    }
+}
+
 /// grep searches each file as one buffer and finds lines around matches:
 /// line numbers, CRLF, several matches on a line, matches across lines and
 /// bytes that are not UTF-8 must all come out as a line-by-line grep's.

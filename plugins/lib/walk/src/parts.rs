@@ -1,9 +1,11 @@
 //! A walk that several parts of one call share out between them, on the
 //! `wasi:filesystem` API itself.
 //!
-//! It sees the files [`walker`](crate::walker) sees, in the same order
-//! (every directory sorted by name, depth first), but costs far fewer host
-//! calls, which is what a walk in the sandbox spends its time on:
+//! It sees the files ripgrep's walker (the `ignore` crate's `Walk`) sees
+//! with the settings in the crate's doc, in the same order (every directory
+//! sorted by name, depth first; `tests/tools.rs` holds the two side by
+//! side), but costs far fewer host calls than that walker does through
+//! std, which is what a walk in the sandbox spends its time on:
 //!
 //! - a directory's listing already says which entries are regular files,
 //!   directories or something else, so nothing is stat'ed to learn it (the
@@ -22,6 +24,7 @@
 
 use std::ops::ControlFlow;
 use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, SystemTime};
 
 use hangar_sdk::Shard;
 use ignore::Match;
@@ -55,6 +58,13 @@ impl File<'_> {
     /// puts files in walk order, whichever part found them.
     pub fn key(&self) -> &str {
         self.key
+    }
+
+    /// When the entry was last modified (a symlink's own time, not its
+    /// target's), if the filesystem says.
+    pub fn modified(&self) -> Option<SystemTime> {
+        let time = self.dir.stat_at(PathFlags::empty(), self.name).ok()?.data_modification_timestamp?;
+        Some(SystemTime::UNIX_EPOCH + Duration::new(time.seconds, time.nanoseconds))
     }
 
     /// Reads the whole file into `buf` (its previous contents dropped),
@@ -94,17 +104,26 @@ pub fn compare_keys(a: &str, b: &str) -> std::cmp::Ordering {
 
 /// Walks the tree at `root` (a directory or a single file), calling
 /// `visit` with each regular file dealt to `shard`, in walk order, until it
-/// breaks. Fails only when `root` cannot be opened.
-pub fn walk(root: &Path, shard: Shard, mut visit: impl FnMut(&File) -> ControlFlow<()>) -> Result<(), ErrorCode> {
+/// breaks. Fails only when `root` cannot be reached.
+pub fn walk(root: &Path, shard: Shard, visit: impl FnMut(&File) -> ControlFlow<()>) -> Result<(), ErrorCode> {
+    walk_of(root, shard, false, visit)
+}
+
+/// Like [`walk`] in one part, but visits every entry that is not a
+/// directory: regular files, symlinks (not followed), FIFOs, sockets and
+/// devices. For listing names: never [read](File::read) what it visits.
+pub fn walk_names(root: &Path, visit: impl FnMut(&File) -> ControlFlow<()>) -> Result<(), ErrorCode> {
+    walk_of(root, Shard::WHOLE, true, visit)
+}
+
+fn walk_of(root: &Path, shard: Shard, names: bool, mut visit: impl FnMut(&File) -> ControlFlow<()>) -> Result<(), ErrorCode> {
     let (preopen, base, rel) = preopen_of(root).ok_or(ErrorCode::NotPermitted)?;
-    let handle = preopen.open_at(
-        PathFlags::SYMLINK_FOLLOW,
-        if rel.as_os_str().is_empty() { "." } else { rel.to_str().ok_or(ErrorCode::IllegalByteSequence)? },
-        OpenFlags::empty(),
-        DescriptorFlags::READ,
-    )?;
-    if handle.get_type()? != DescriptorType::Directory {
-        if shard.owns(0) {
+    let rel_str = if rel.as_os_str().is_empty() { "." } else { rel.to_str().ok_or(ErrorCode::IllegalByteSequence)? };
+    // Its type first: opening a FIFO to learn it is not a directory would
+    // wait for a writer.
+    let kind = preopen.stat_at(PathFlags::SYMLINK_FOLLOW, rel_str)?.type_;
+    if kind != DescriptorType::Directory {
+        if (kind == DescriptorType::RegularFile || names) && shard.owns(0) {
             let parent = match rel.parent() {
                 Some(p) if !p.as_os_str().is_empty() => preopen.open_at(
                     PathFlags::SYMLINK_FOLLOW,
@@ -119,6 +138,7 @@ pub fn walk(root: &Path, shard: Shard, mut visit: impl FnMut(&File) -> ControlFl
         }
         return Ok(());
     }
+    let handle = preopen.open_at(PathFlags::SYMLINK_FOLLOW, rel_str, OpenFlags::DIRECTORY, DescriptorFlags::READ)?;
     // Ignore files between the working directory and the root apply too,
     // as they do in a walk started from the working directory.
     let mut levels = Vec::new();
@@ -132,7 +152,7 @@ pub fn walk(root: &Path, shard: Shard, mut visit: impl FnMut(&File) -> ControlFl
         let next = here.open_at(PathFlags::SYMLINK_FOLLOW, name, OpenFlags::DIRECTORY, DescriptorFlags::READ)?;
         ancestors.push(next);
     }
-    let mut walk = Walk { shard, files: 0, dirs: 0, levels };
+    let mut walk = Walk { shard, names, files: 0, dirs: 0, levels };
     let _ = walk.dir(&handle, root, "", shard.count <= 1, &mut visit);
     Ok(())
 }
@@ -168,8 +188,6 @@ struct Level {
     gitignore: Option<Gitignore>,
     /// `.git/info/exclude` of a repository rooted here.
     exclude: Option<Gitignore>,
-    /// Whether a `.git` is here: git rules above it do not reach inside.
-    has_git: bool,
 }
 
 impl Level {
@@ -181,18 +199,15 @@ impl Level {
             ignore: has(".ignore").then(|| rules(dir, path, ".ignore")).flatten(),
             gitignore: has(".gitignore").then(|| rules(dir, path, ".gitignore")).flatten(),
             exclude: has_git.then(|| rules(dir, path, ".git/info/exclude")).flatten(),
-            has_git,
         }
     }
 
     /// A directory above the root, not listed: its ignore files are tried.
     fn probe(dir: &Descriptor, path: &Path) -> Level {
-        let has_git = dir.stat_at(PathFlags::empty(), ".git").is_ok();
         Level {
             ignore: rules(dir, path, ".ignore"),
             gitignore: rules(dir, path, ".gitignore"),
-            exclude: if has_git { rules(dir, path, ".git/info/exclude") } else { None },
-            has_git,
+            exclude: rules(dir, path, ".git/info/exclude"),
         }
     }
 }
@@ -219,6 +234,8 @@ fn rules(dir: &Descriptor, path: &Path, name: &str) -> Option<Gitignore> {
 
 struct Walk {
     shard: Shard,
+    /// Whether entries other than regular files and directories are visited.
+    names: bool,
     /// Files met so far in directories every part lists.
     files: usize,
     /// Subdirectories dealt out so far.
@@ -231,26 +248,17 @@ struct Walk {
 impl Walk {
     /// Whether the ignore rules in force skip `path`. Precedence follows
     /// the `ignore` crate: the nearest `.ignore` that has a say wins, then
-    /// the nearest `.gitignore`, then `.git/info/exclude`, the git ones only
-    /// up to the repository's root.
+    /// the nearest `.gitignore`, then `.git/info/exclude`. Without
+    /// `require_git` (a tree need not be a repository) the crate draws no
+    /// line at a nested repository's root either: rules above reach in.
     fn ignored(&self, path: &Path, is_dir: bool) -> bool {
         let (mut ignore, mut gitignore, mut exclude) = (Match::None, Match::None, Match::None);
-        let mut saw_git = false;
         for level in self.levels.iter().rev() {
-            if ignore.is_none() {
-                if let Some(rules) = &level.ignore {
-                    ignore = rules.matched(path, is_dir);
+            for (found, rules) in [(&mut ignore, &level.ignore), (&mut gitignore, &level.gitignore), (&mut exclude, &level.exclude)] {
+                if let (true, Some(rules)) = (found.is_none(), rules) {
+                    *found = rules.matched(path, is_dir);
                 }
             }
-            if !saw_git {
-                if let (true, Some(rules)) = (gitignore.is_none(), &level.gitignore) {
-                    gitignore = rules.matched(path, is_dir);
-                }
-                if let (true, Some(rules)) = (exclude.is_none(), &level.exclude) {
-                    exclude = rules.matched(path, is_dir);
-                }
-            }
-            saw_git |= level.has_git;
         }
         [ignore, gitignore, exclude].into_iter().find(|m| !m.is_none()).is_some_and(|m| m.is_ignore())
     }
@@ -291,41 +299,39 @@ impl Walk {
                 continue;
             }
             let child = path.join(name);
-            match kind {
-                DescriptorType::RegularFile => {
-                    if self.ignored(&child, false) {
-                        continue;
-                    }
-                    let mine = whole || self.shard.owns(self.files);
-                    if !whole {
-                        self.files += 1;
-                    }
-                    if mine {
-                        visit(&File { dir, name, path: &child, key: &join(name) })?;
-                    }
+            if *kind == DescriptorType::Directory {
+                if self.ignored(&child, true) {
+                    continue;
                 }
-                DescriptorType::Directory => {
-                    if self.ignored(&child, true) {
+                let mut whole = whole;
+                if deal {
+                    let mine = self.shard.owns(self.dirs);
+                    self.dirs += 1;
+                    if !mine {
                         continue;
                     }
-                    let mut whole = whole;
-                    if deal {
-                        let mine = self.shard.owns(self.dirs);
-                        self.dirs += 1;
-                        if !mine {
-                            continue;
-                        }
-                        whole = true;
-                    }
-                    let Ok(sub) = dir.open_at(PathFlags::empty(), name, OpenFlags::DIRECTORY, DescriptorFlags::READ)
-                    else {
-                        continue;
-                    };
-                    self.dir(&sub, &child, &join(name), whole, visit)?;
+                    whole = true;
                 }
-                // Symlinks are not followed; FIFOs, sockets and devices
-                // are not searched (a FIFO would block the read).
-                _ => {}
+                let Ok(sub) = dir.open_at(PathFlags::empty(), name, OpenFlags::DIRECTORY, DescriptorFlags::READ) else {
+                    continue;
+                };
+                self.dir(&sub, &child, &join(name), whole, visit)?;
+                continue;
+            }
+            // Symlinks are not followed; FIFOs, sockets and devices are
+            // listed at most, never searched (opening a FIFO would block).
+            if *kind != DescriptorType::RegularFile && !self.names {
+                continue;
+            }
+            if self.ignored(&child, false) {
+                continue;
+            }
+            let mine = whole || self.shard.owns(self.files);
+            if !whole {
+                self.files += 1;
+            }
+            if mine {
+                visit(&File { dir, name, path: &child, key: &join(name) })?;
             }
         }
         ControlFlow::Continue(())

@@ -1,9 +1,10 @@
 //! `glob`: files whose path matches a glob pattern, newest first.
 //!
-//! The walk is the `ignore` crate's (ripgrep's walker, run single-threaded
-//! here): it skips `.git` and whatever `.gitignore` / `.ignore` files
-//! exclude, and never follows symlinks. Matching is `globset`'s.
+//! The walk is grep's (`hangar_walk::parts`, in one part): it skips `.git`
+//! and whatever `.gitignore` / `.ignore` files exclude, and never follows
+//! symlinks. Matching is `globset`'s.
 
+use std::ops::ControlFlow;
 use std::time::SystemTime;
 
 use hangar_sdk::{Context, Error, JsonSchema, Tool, ToolSpec, export_tool, schemars, tool_spec_for};
@@ -47,22 +48,19 @@ impl Tool for Glob {
         let by_name = !pattern.contains('/');
 
         let mut found: Vec<(SystemTime, String)> = Vec::new();
-        for entry in hangar_walk::walker(&root).flatten() {
-            let Some(kind) = entry.file_type() else { continue };
-            if kind.is_dir() {
-                continue;
-            }
-            let Ok(rel) = entry.path().strip_prefix(&root) else { continue };
+        hangar_walk::parts::walk_names(&root, |entry| {
             let hit = if by_name {
                 entry.path().file_name().is_some_and(|n| matcher.is_match(n))
             } else {
-                matcher.is_match(rel)
+                matcher.is_match(entry.key())
             };
             if hit {
-                let mtime = entry.metadata().ok().and_then(|m| m.modified().ok()).unwrap_or(SystemTime::UNIX_EPOCH);
+                let mtime = entry.modified().unwrap_or(SystemTime::UNIX_EPOCH);
                 found.push((mtime, ctx.display(entry.path()).into_owned()));
             }
-        }
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| Error::msg(format!("cannot search `{shown_root}`: {e}")))?;
         if found.is_empty() {
             return Ok(format!("No files match `{}` in `{shown_root}`.", input.pattern));
         }
