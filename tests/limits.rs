@@ -149,6 +149,40 @@ async fn calls_together_stay_within_the_servers_memory_budget() {
     assert_eq!(runtime.memory_budget().1, 0);
 }
 
+#[tokio::test]
+async fn a_call_past_the_servers_instances_is_refused_as_busy_and_the_next_one_runs() {
+    // One instance for the whole server, held by a call that spins for 3 s.
+    let mut policy = Policy::default();
+    policy.plugins.insert("misbehave".into(), PluginPolicy { timeout_ms: Some(3000), ..Default::default() });
+    let pool = hangar::runtime::PoolSize { instances: 1, ..Default::default() };
+    let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, pool, ..Default::default() }).unwrap();
+    let wasm = common::build_component("tests/fixtures/misbehave");
+    runtime.install(Manifest::parse(MANIFEST, Some("misbehave")).unwrap(), Arc::from(wasm), Source::Api).await.unwrap();
+    let spinning = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { call(&runtime, "spin").await }
+    });
+    // Once the spinning call holds the slot (it starts in well under this),
+    // another call cannot start.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut refused = None;
+    for _ in 0..50 {
+        match call(&runtime, "ok").await {
+            Err(err) => {
+                refused = Some(err);
+                break;
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let err = refused.expect("a second call while the only instance is held is refused");
+    assert!(matches!(err, RuntimeError::Instances { ref plugin, limit: 1 } if plugin == "misbehave"), "{err}");
+    assert!(err.to_string().contains("all 1 plugin instances of the server are in use"), "{err}");
+    let spun = spinning.await.unwrap().unwrap_err();
+    assert!(matches!(spun, RuntimeError::Deadline { .. }), "{spun}");
+    assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine", "the freed slot serves the next call");
+}
+
 /// `misbehave` granted `read-write` with a call's writes capped at 1 MB and 10 files.
 async fn writer() -> Runtime {
     let mut policy = Policy::default();

@@ -355,6 +355,9 @@ pub struct LimitsConfig {
     /// Most parts one call of a tool that can split its calls (`grep`) runs
     /// as at once [default: the machine's cores]; 1 never splits a call.
     pub tool_shards: Option<usize>,
+    /// Plugin instances alive at once (a tool call, a part of one, or a
+    /// model stream holds one) [default: 2,000].
+    pub plugin_instances: Option<u32>,
     /// Bytes one call of a `read-write` plugin may write [default: 256].
     pub write_mb: Option<u64>,
     /// Files one call of a `read-write` plugin may create [default: 10,000].
@@ -433,6 +436,8 @@ pub struct Settings {
     pub plugin_memory_total_bytes: Option<usize>,
     /// `[limits] tool_shards`; `None`: the runtime's default.
     pub tool_shards: Option<usize>,
+    /// `[limits] plugin_instances`; `None`: the runtime's default.
+    pub plugin_instances: Option<u32>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -532,6 +537,10 @@ impl Settings {
             return Err(ConfigError::Zero { setting: "[limits] tool_shards" });
         }
         let tool_shards = file.limits.tool_shards;
+        if file.limits.plugin_instances == Some(0) {
+            return Err(ConfigError::Zero { setting: "[limits] plugin_instances" });
+        }
+        let plugin_instances = file.limits.plugin_instances;
         let tenant_origins = origins(&file.tenants.allowed_origins, |origin, reason| ConfigError::TenantOrigin { origin, reason })?;
         let plugin_memory_total_bytes = file.limits.plugin_memory_total_mb.map(|mb| (mb as usize).saturating_mul(1 << 20));
         let compile = {
@@ -671,6 +680,7 @@ impl Settings {
             wal_limit_bytes,
             plugin_memory_total_bytes,
             tool_shards,
+            plugin_instances,
         })
     }
 }

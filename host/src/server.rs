@@ -63,6 +63,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         tenant_hosts: settings.tenant_origins.iter().filter_map(|o| o.exact_host().map(str::to_string)).collect(),
         memory_total_bytes: settings.plugin_memory_total_bytes,
         tool_shards: settings.tool_shards,
+        pool: settings.plugin_instances.map_or_else(Default::default, |instances| crate::runtime::PoolSize { instances, ..Default::default() }),
         compile: settings.compile.clone(),
         ..Default::default()
     })?;

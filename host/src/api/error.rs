@@ -208,7 +208,7 @@ impl ApiError {
                     (StatusCode::UNPROCESSABLE_ENTITY, "plugin_refused")
                 }
                 // The server is busy, not the plugin at fault: try again.
-                RuntimeError::ServerMemory { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
+                RuntimeError::ServerMemory { .. } | RuntimeError::Instances { .. } => (StatusCode::SERVICE_UNAVAILABLE, "server_busy"),
                 _ => (StatusCode::BAD_GATEWAY, "plugin_failed"),
             },
             ApiError::Mcp(err) => match err {

@@ -43,6 +43,12 @@ pub enum RuntimeError {
     #[error("plugin `{plugin}` was refused memory: the server memory budget of {} MiB for all plugin calls is in use by other calls", .budget_bytes / (1024 * 1024))]
     ServerMemory { plugin: String, budget_bytes: usize },
 
+    /// Every slot of the instance pool (`[limits] plugin_instances`) is
+    /// held by calls and model streams running now: the same call may work
+    /// later.
+    #[error("plugin `{plugin}` cannot start: all {limit} plugin instances of the server are in use by other calls")]
+    Instances { plugin: String, limit: u32 },
+
     #[error("plugin `{plugin}` reached its limit of {limit}; writes past it failed")]
     Writes { plugin: String, limit: super::WriteLimit },
 

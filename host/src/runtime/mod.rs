@@ -225,6 +225,8 @@ struct Inner {
     memory_budget: Arc<MemoryBudget>,
     /// Most parts a split tool call runs as.
     tool_shards: u32,
+    /// The instance pool's size.
+    pool: PoolSize,
     _ticker: EpochTicker,
 }
 
@@ -352,6 +354,7 @@ impl Runtime {
                     .tool_shards
                     .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
                     .clamp(1, u32::MAX as usize) as u32,
+                pool: config.pool,
                 _ticker: ticker,
             }),
         })
@@ -978,6 +981,9 @@ impl Runtime {
                 return RuntimeError::ServerMemory { plugin: id, budget_bytes: self.inner.memory_budget.total() };
             }
             None => {}
+        }
+        if err.is::<wasmtime::PoolConcurrencyLimitError>() {
+            return RuntimeError::Instances { plugin: id, limit: self.inner.pool.instances };
         }
         // A guest that fails on a refused write fails because of the limit.
         if let Some(limit) = store.data().writes.hit() {
