@@ -199,7 +199,13 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest, tenan
     if !agent.tools.is_empty() && session.work_dir.is_none() {
         return Err(ApiError::Invalid(format!("agent `{}` has tools but session `{session_id}` has no work_dir", agent.id)));
     }
-    let work_dir = open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?;
+    // A run without tools never touches the directory: no descriptor held
+    // open for as long as the model streams (one a stream adds up, against
+    // the process's file limit, at thousands of streams).
+    let work_dir = match agent.tools.is_empty() {
+        true => None,
+        false => open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?,
+    };
     let quota = run_quota(state, &session.tenant_id).await?;
     let run = Run {
         quota,
