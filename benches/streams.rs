@@ -7,7 +7,8 @@
 //!    against the same first `text_delta` read straight from the fake.
 //!    Sequential, interleaved, `BENCH_ITERS` each (default 300).
 //! 4. `BENCH_SESSIONS` (default 1,000) concurrent streaming sessions: each
-//!    answer is 20 text deltas 150 ms apart (~3 s), so all are open at once.
+//!    answer is 20 text deltas 150 ms apart (~3 s; `BENCH_PAUSE_MS` to
+//!    change it), so all are open at once.
 //!    Counts errors, and reads the hangar process's peak RSS (VmHWM). Each
 //!    event goes out with its seq as `id:` and to the store's writer: the
 //!    events written per second are the ids the clients read over the time
@@ -50,6 +51,7 @@ struct Setup {
     agent: String,
     client: reqwest::Client,
     work: tempfile::TempDir,
+    _config: tempfile::NamedTempFile,
     /// This run's own compile cache; declared last, so removed after the
     /// server has stopped.
     _cache: tempfile::TempDir,
@@ -64,7 +66,14 @@ async fn setup() -> Setup {
     launch::warm(cache.path(), &client).await;
     let db = std::env::var("BENCH_DATABASE_URL").ok();
     let hosts = if db.is_some() { std::env::var("BENCH_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2) } else { 1 };
-    let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_on(cache.path(), db.as_deref())).collect();
+    // Every stream comes from this one loopback address, and each holds a
+    // provider instance while it runs: room for all of them, and the
+    // session requests beside.
+    let room = (sessions_wanted() + 64).max(1024);
+    let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
+    std::fs::write(config.path(), format!("[limits]\nplugin_instances = {}\n", room.max(2000))).unwrap();
+    let args = ["--max-connections-per-client".to_string(), room.to_string(), "--config".into(), config.path().display().to_string()];
+    let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_with(cache.path(), db.as_deref(), &args)).collect();
     let hangar = &hangars[0];
     let work = tempfile::tempdir().unwrap();
     launch::use_fake_anthropic(&client, hangar, &fake.url).await;
@@ -78,7 +87,7 @@ async fn setup() -> Setup {
         .json()
         .await
         .unwrap();
-    Setup { hangars, fake, agent: agent["id"].as_str().unwrap().into(), client, work, _cache: cache }
+    Setup { hangars, fake, agent: agent["id"].as_str().unwrap().into(), client, work, _config: config, _cache: cache }
 }
 
 impl Setup {
@@ -195,9 +204,14 @@ fn event_ids(seen: &str) -> impl Iterator<Item = u64> + '_ {
     seen.lines().filter_map(|l| l.strip_prefix("id:")).filter_map(|v| v.trim().parse().ok())
 }
 
+/// `BENCH_SESSIONS`: how many streams figure 4 holds open at once.
+fn sessions_wanted() -> usize {
+    std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+}
+
 /// Figure 4 (`pause` between deltas) or 4b (none).
 async fn sessions(s: &Setup, name: &str, pause: Duration) {
-    let n: usize = std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000);
+    let n = sessions_wanted();
     let mut ids = Vec::with_capacity(n);
     for i in 0..n {
         ids.push(s.session_on(i).await);
@@ -266,7 +280,7 @@ async fn sessions(s: &Setup, name: &str, pause: Duration) {
     stop.store(true, Ordering::Relaxed);
     let sampled_peak = sampler.join().unwrap();
     let (_, hwm) = s.rss_kib();
-    let results = results.expect("1,000 sessions did not finish within 180 s");
+    let results = results.unwrap_or_else(|_| panic!("{n} sessions did not finish within 180 s"));
     let errors: Vec<&String> = results.iter().filter_map(|r| r.as_ref().err()).collect();
     let events: usize = results.iter().filter_map(|r| r.as_ref().ok()).map(|(count, _)| count).sum();
     // Every host's writer has stored what it was given once an ended run's
@@ -315,7 +329,10 @@ fn main() {
             ttft(&s).await;
         }
         if want("sessions") {
-            sessions(&s, "sessions", Duration::from_millis(150)).await;
+            // Longer pauses (`BENCH_PAUSE_MS`) keep more streams open at
+            // once: 10,000 take longer to start than 20 × 150 ms.
+            let pause = std::env::var("BENCH_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
+            sessions(&s, "sessions", Duration::from_millis(pause)).await;
         }
         if want("burst") {
             sessions(&s, "burst", Duration::ZERO).await;

@@ -34,6 +34,11 @@ const SHARED_SECRET: &str = "0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f7a8b9c0d1e2f3a4b5
 /// [`start`] on the PostgreSQL database `db` when given (several hosts
 /// may share it), else on a fresh SQLite file.
 pub fn start_on(cache_dir: &Path, db: Option<&str>) -> Hangar {
+    start_with(cache_dir, db, &[])
+}
+
+/// [`start_on`] with more `serve` arguments.
+pub fn start_with(cache_dir: &Path, db: Option<&str>, args: &[String]) -> Hangar {
     let dir = tempfile::tempdir().unwrap();
     let db = db.map_or_else(|| dir.path().join("hangar.db").into_os_string(), Into::into);
     let mut child = Command::new(binary())
@@ -44,6 +49,7 @@ pub fn start_on(cache_dir: &Path, db: Option<&str>) -> Hangar {
         .arg(cache_dir)
         .arg("--plugins")
         .arg(dir.path().join("plugins"))
+        .args(args)
         .env("XDG_CONFIG_HOME", dir.path().join("config"))
         .env("XDG_DATA_HOME", dir.path().join("data"))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
