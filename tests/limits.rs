@@ -181,6 +181,20 @@ async fn a_call_past_the_servers_instances_is_refused_as_busy_and_the_next_one_r
     let spun = spinning.await.unwrap().unwrap_err();
     assert!(matches!(spun, RuntimeError::Deadline { .. }), "{spun}");
     assert_eq!(call(&runtime, "ok").await.unwrap().text, "fine", "the freed slot serves the next call");
+
+    // A plugin that loads while every slot is held waits for one: a load
+    // refused would leave it failed until the next start.
+    let spinning = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { call(&runtime, "spin").await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    runtime.add_builtins().unwrap();
+    for tool in ["read", "grep", "bash"] {
+        let spec = runtime.tool_spec(tool).await;
+        assert!(spec.is_ok(), "`{tool}` loads once the slot is free: {:?}", spec.err());
+    }
+    assert!(matches!(spinning.await.unwrap(), Err(RuntimeError::Deadline { .. })), "the spinning call kept its slot to the end");
 }
 
 /// `misbehave` granted `read-write` with a call's writes capped at 1 MB and 10 files.

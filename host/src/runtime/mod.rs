@@ -269,6 +269,10 @@ const TOOL_THREADS: usize = 128;
 /// caller stops waiting (the call's thread is then stuck in a system call).
 const DEADLINE_GRACE: Duration = Duration::from_secs(1);
 
+/// How often a plugin's load tries again for an instance while the pool
+/// is full.
+const INSTANCE_RETRY: Duration = Duration::from_millis(20);
+
 /// Settings of the runtime.
 #[derive(Debug, Clone, Default)]
 pub struct RuntimeConfig {
@@ -666,11 +670,38 @@ impl Runtime {
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
+        // Describing the plugin takes an instance like any call; while
+        // calls hold every slot of the pool it waits for one, since a
+        // failed load would leave the plugin failed until the next start.
+        let waited = std::time::Instant::now();
+        let loaded = loop {
+            match self.describe(&plugin, pre.clone()).await {
+                Err(RuntimeError::Instances { .. }) if waited.elapsed() < plugin.grants.limits.deadline => {
+                    tokio::time::sleep(INSTANCE_RETRY).await;
+                }
+                other => break other?,
+            }
+        };
+        // Cached only now: a component that compiles but does not load
+        // (a refused upload) leaves nothing on disk.
+        if let Some(artifact) = artifact {
+            let runtime = self.clone();
+            let wasm = plugin.wasm.clone();
+            let _ = tokio::task::spawn_blocking(move || runtime.inner.cache.store(&runtime.inner.engine, &wasm, &artifact)).await;
+        }
+        tracing::info!(plugin = %id, ms = started.elapsed().as_millis() as u64, "plugin loaded");
+        Ok(Arc::new(loaded))
+    }
+
+    /// Instantiates the plugin once to learn what it is: a tool's spec
+    /// (and whether it splits calls), a provider's info.
+    async fn describe(&self, plugin: &Arc<Plugin>, pre: wasmtime::component::InstancePre<PluginState>) -> Result<Loaded, RuntimeError> {
+        let id = plugin.id().to_string();
         let wrong_world = |e: wasmtime::Error| RuntimeError::Load {
             plugin: id.clone(),
             reason: format!("does not implement the `{}` world: {e:#}", plugin.manifest.kind.as_str()),
         };
-        let loaded = match plugin.manifest.kind {
+        Ok(match plugin.manifest.kind {
             Kind::Tool => {
                 // `shard-api` is optional: a component without it is a plain
                 // tool (every Python tool, every plugin built before it).
@@ -737,16 +768,7 @@ impl Runtime {
                 }
                 Loaded::Provider { pre, info }
             }
-        };
-        // Cached only now: a component that compiles but does not load
-        // (a refused upload) leaves nothing on disk.
-        if let Some(artifact) = artifact {
-            let runtime = self.clone();
-            let wasm = plugin.wasm.clone();
-            let _ = tokio::task::spawn_blocking(move || runtime.inner.cache.store(&runtime.inner.engine, &wasm, &artifact)).await;
-        }
-        tracing::info!(plugin = %id, ms = started.elapsed().as_millis() as u64, "plugin loaded");
-        Ok(Arc::new(loaded))
+        })
     }
 
     /// The plugin's compiled component, from the cache or compiled now,
