@@ -124,7 +124,7 @@ async fn replay(resp: reqwest::Response, started: Instant, last: u64) -> (Durati
 }
 
 async fn resume(s: &Setup) {
-    let events: usize = std::env::var("BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(10_000);
+    let events: usize = stats::setting("BENCH_EVENTS", 10_000);
     let n = stats::iters(50);
     let agent = s.agent(json!([])).await;
     let session = s.session().await;

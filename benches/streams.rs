@@ -65,7 +65,7 @@ async fn setup() -> Setup {
     let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
     launch::warm(cache.path(), &client).await;
     let db = std::env::var("BENCH_DATABASE_URL").ok();
-    let hosts = if db.is_some() { std::env::var("BENCH_HOSTS").ok().and_then(|v| v.parse().ok()).unwrap_or(2) } else { 1 };
+    let hosts = if db.is_some() { stats::setting("BENCH_HOSTS", 2) } else { 1 };
     // Every stream comes from this one loopback address, and each holds a
     // provider instance while it runs: room for all of them, and the
     // session requests beside.
@@ -206,7 +206,7 @@ fn event_ids(seen: &str) -> impl Iterator<Item = u64> + '_ {
 
 /// `BENCH_SESSIONS`: how many streams figure 4 holds open at once.
 fn sessions_wanted() -> usize {
-    std::env::var("BENCH_SESSIONS").ok().and_then(|v| v.parse().ok()).unwrap_or(1000)
+    stats::setting("BENCH_SESSIONS", 1000)
 }
 
 /// Figure 4 (`pause` between deltas) or 4b (none).
@@ -331,7 +331,7 @@ fn main() {
         if want("sessions") {
             // Longer pauses (`BENCH_PAUSE_MS`) keep more streams open at
             // once: 10,000 take longer to start than 20 × 150 ms.
-            let pause = std::env::var("BENCH_PAUSE_MS").ok().and_then(|v| v.parse().ok()).unwrap_or(150);
+            let pause = stats::setting("BENCH_PAUSE_MS", 150);
             sessions(&s, "sessions", Duration::from_millis(pause)).await;
         }
         if want("burst") {

@@ -28,9 +28,15 @@ pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// A bench setting from the environment variable `name`, or `default`
+/// when it is unset or does not parse.
+pub fn setting<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+}
+
 /// Iterations from the environment (`BENCH_ITERS`), or `default`.
 pub fn iters(default: usize) -> usize {
-    std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    setting("BENCH_ITERS", default)
 }
 
 /// The machine, printed at the top of every run.
