@@ -211,6 +211,33 @@ async fn the_stream_sends_events_in_order_as_they_happen() {
     assert_eq!(done["usage"], json!({"input_tokens": 30, "output_tokens": 9}));
 }
 
+/// A run holds its session's directory open only when its agent has tools
+/// to run there: a descriptor per stream otherwise adds up against the
+/// process's file limit at thousands of streams.
+#[tokio::test]
+async fn only_a_run_with_tools_holds_the_work_dir_open_while_it_streams() {
+    for (tools, held) in [(json!([]), false), (json!(["read"]), true)] {
+        let gate = Arc::new(Notify::new());
+        let mut answer = vec![anthropic::start(10)];
+        answer.extend(anthropic::text_block(0, &["Hel", "lo."]));
+        answer.push(Chunk::Wait(gate.clone()));
+        answer.extend(anthropic::stop("end_turn", 2));
+        let s = setup(vec![Reply::sse(answer)], &[], tools.clone()).await;
+        let mut events = Events::new(s.stream("hi").await);
+        assert_eq!(events.next().await.unwrap().0, "text");
+        // Mid-answer: which of the server's descriptors name the directory.
+        let dir = std::fs::canonicalize(s._work.path()).unwrap();
+        let open = std::fs::read_dir(format!("/proc/{}/fd", s.server.pid()))
+            .unwrap()
+            .filter_map(|fd| std::fs::read_link(fd.ok()?.path()).ok())
+            .filter(|target| *target == dir)
+            .count();
+        assert_eq!(open > 0, held, "tools {tools}: {open} descriptors on the work dir");
+        gate.notify_one();
+        assert_eq!(events.all().await.last().unwrap().0, "done");
+    }
+}
+
 #[tokio::test]
 async fn a_provider_failure_is_a_502_and_keeps_the_user_message() {
     let s = setup(vec![anthropic::error(401, "authentication_error", "invalid x-api-key")], &[], json!([])).await;

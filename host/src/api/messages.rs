@@ -202,9 +202,10 @@ async fn prepare(state: &AppState, session_id: &str, request: &RunRequest, tenan
     // A run without tools never touches the directory: no descriptor held
     // open for as long as the model streams (one a stream adds up, against
     // the process's file limit, at thousands of streams).
-    let work_dir = match agent.tools.is_empty() {
-        true => None,
-        false => open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?,
+    let work_dir = if agent.tools.is_empty() {
+        None
+    } else {
+        open_work_dir(state, &session.id, &session.tenant_id, session.work_dir.as_deref()).await?
     };
     let quota = run_quota(state, &session.tenant_id).await?;
     let run = Run {
