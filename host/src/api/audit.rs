@@ -32,11 +32,11 @@ fn audited(method: &Method, route: &str) -> bool {
 /// Records each change answered with a success: in the transaction of the
 /// change's first write when it has one (see [`auditing`]), else once it is
 /// answered.
-pub(super) async fn record(State(state): State<AppState>, caller: Caller, req: Request, next: Next) -> Response {
+pub(super) async fn record(state: &AppState, caller: &Caller, req: Request, next: Next) -> Response {
     let method = req.method().clone();
     let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned());
     let Some(route) = route.filter(|r| audited(&method, r)) else { return next.run(req).await };
-    let (actor, tenant_id) = match (&caller, &state.tenancy) {
+    let (actor, tenant_id) = match (caller, &state.tenancy) {
         (Caller::Tenant(id), _) => ("tenant", Some(id.clone())),
         (Caller::Operator, Some(_)) => ("admin", None),
         (Caller::Operator, None) => ("operator", None),

@@ -3,9 +3,7 @@
 //! rebinding is refused on a loopback bind, and an optional token guards
 //! every route but `/health`.
 
-use std::sync::Arc;
-
-use axum::extract::{Request, State};
+use axum::extract::Request;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use axum::http::uri::Authority;
@@ -70,7 +68,10 @@ impl Security {
     }
 }
 
-pub async fn guard(State(security): State<Arc<Security>>, mut req: Request, next: Next) -> Response {
+/// Refuses what the server must not answer (another host name on a loopback
+/// bind, an unlisted origin, a missing or wrong token, a tenant over its
+/// quota); else answers with `next`.
+pub async fn guard(security: &Security, mut req: Request, next: Next) -> Response {
     if security.loopback_only
         && let Err(refused) = check_loopback_target(&req)
     {

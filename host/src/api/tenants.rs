@@ -3,10 +3,8 @@
 
 use std::time::Duration;
 
-use axum::extract::rejection::RawPathParamsRejection;
-use axum::extract::{MatchedPath, Path, RawPathParams, Request, State};
+use axum::extract::{FromRequestParts, MatchedPath, Path, RawPathParams, Request, State};
 use axum::http::StatusCode;
-use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Json, Router};
@@ -31,16 +29,13 @@ pub fn routes() -> Router<AppState> {
 
 /// Keeps a tenant key to its own: on every route under `/sessions/{id}`
 /// and `/agents/{id}`, another tenant's id is answered exactly as a
-/// missing one (same status, code and message).
-pub(super) async fn owned(
-    State(state): State<AppState>,
-    caller: Caller,
-    params: Result<RawPathParams, RawPathParamsRejection>,
-    req: Request,
-    next: Next,
-) -> Response {
-    let Caller::Tenant(tenant) = &caller else { return next.run(req).await };
-    let route = req.extensions().get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
+/// missing one (same status, code and message). The request back when it
+/// may go on, else the answer.
+pub(super) async fn owned(state: &AppState, caller: &Caller, req: Request) -> Result<Request, Response> {
+    let Caller::Tenant(tenant) = caller else { return Ok(req) };
+    let (mut parts, body) = req.into_parts();
+    let route = parts.extensions.get::<MatchedPath>().map(|m| m.as_str().to_owned()).unwrap_or_default();
+    let params = RawPathParams::from_request_parts(&mut parts, state).await;
     let id = params.ok().and_then(|p| p.iter().find(|(name, _)| *name == "id").map(|(_, v)| v.to_owned()));
     if let Some(id) = id {
         let owner = if route.starts_with("/sessions/{id}") {
@@ -54,14 +49,14 @@ pub(super) async fn owned(
             None
         };
         match owner {
-            Some((_, Err(err))) => return ApiError::from(err).into_response(),
+            Some((_, Err(err))) => return Err(ApiError::from(err).into_response()),
             Some((kind, Ok(owner))) if owner.as_deref() != Some(tenant.as_str()) => {
-                return ApiError::from(StoreError::NotFound { kind, id }).into_response();
+                return Err(ApiError::from(StoreError::NotFound { kind, id }).into_response());
             }
             _ => {}
         }
     }
-    next.run(req).await
+    Ok(Request::from_parts(parts, body))
 }
 
 /// The tenancy of a multi-tenant server, for the admin token only.
