@@ -75,6 +75,8 @@ pub struct Shared {
     pub tenancy: Option<crate::tenancy::Tenancy>,
     /// MCP servers used as tools.
     pub mcp: crate::mcp::McpHub,
+    /// The store's agent list as JSON, for `GET /agents`.
+    pub rendered_agents: agents::Rendered,
 }
 
 impl AppState {
@@ -120,6 +122,7 @@ impl AppState {
             shutdown,
             stopping,
             uploads: Arc::new(tokio::sync::Semaphore::new(plugins::MAX_CONCURRENT_UPLOADS)),
+            rendered_agents: Default::default(),
         }))
     }
 }
