@@ -6,7 +6,7 @@
 //! grants, the storage quota; and it is recorded as the session's events.
 //!
 //! The route's guard (token or tenant key, Host and Origin) and the
-//! `owned` layer (another tenant's session is a 404) run before this
+//! ownership check (another tenant's session is a 404) run before this
 //! module sees the request, as on every route.
 
 use std::sync::Arc;
