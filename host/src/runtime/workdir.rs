@@ -235,21 +235,17 @@ impl WorkDirRules {
 
 /// The canonical path of the directory `path` names, when the path is one
 /// already: absolute, with no `.`, `..`, repeated or trailing `/`, and no
-/// symbolic link in any component (`openat2` with `RESOLVE_NO_SYMLINKS`
-/// proves the last, in one system call, without reading the directory, so a
-/// FIFO cannot block it). That is the path a client almost always sends,
-/// and `canonicalize`, which reads every component's link, was the largest
+/// symbolic link in any component ([`WorkDir::open`] proves the last, in
+/// one system call; `O_DIRECTORY` refuses a FIFO before opening it, so
+/// nothing blocks). That is the path a client almost always sends, and
+/// `canonicalize`, which reads every component's link, was the largest
 /// cost of creating a session. `None`: take the slow way.
 fn canonical_dir(path: &Path) -> Option<PathBuf> {
     let bytes = path.as_os_str().as_bytes();
     let clean = bytes.len() > 1
         && bytes[0] == b'/'
         && bytes[1..].split(|b| *b == b'/').all(|part| !part.is_empty() && part != b"." && part != b"..");
-    if !clean {
-        return None;
-    }
-    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    openat2(libc::AT_FDCWD, bytes, flags, libc::RESOLVE_NO_SYMLINKS).ok().map(|_| path.to_path_buf())
+    (clean && WorkDir::open(path).is_ok()).then(|| path.to_path_buf())
 }
 
 /// The canonical form of a path that may not exist yet: its deepest
