@@ -87,11 +87,11 @@ async fn a_panic_is_a_crash_of_that_call_only() {
 }
 
 #[tokio::test]
-async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_rest_carries_on() {
+async fn a_tools_own_open_of_a_fifo_is_refused_at_once_and_holds_no_thread() {
     let mut policy = Policy::default();
     policy.plugins.insert(
         "misbehave".into(),
-        PluginPolicy { filesystem: hangar::runtime::FsAccess::Read, timeout_ms: Some(500), ..Default::default() },
+        PluginPolicy { filesystem: hangar::runtime::FsAccess::Read, timeout_ms: Some(2000), ..Default::default() },
     );
     let runtime = Runtime::new(RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
     runtime.add_builtins().unwrap();
@@ -103,9 +103,11 @@ async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_r
     assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o644) }, 0);
     std::fs::write(work.path().join("f.txt"), "still here\n").unwrap();
     let dir = common::open_dir(work.path());
-    // More stuck calls than a blocking pool would want, all at once: each
-    // blocks its thread in the host's open(2) of the FIFO.
-    let stuck: Vec<_> = (0..40)
+    // More calls than a thread pool would want, all at once, each opening
+    // the FIFO with plain `std::fs` (no check of what it is first). With
+    // no writer ever coming, an open(2) that blocks would hold each call
+    // to its deadline; the host's open refuses the FIFO instead.
+    let calls: Vec<_> = (0..40)
         .map(|i| {
             let runtime = runtime.clone();
             let dir = dir.clone();
@@ -115,21 +117,19 @@ async fn a_call_stuck_in_the_hosts_open_of_a_fifo_ends_at_its_deadline_and_the_r
             })
         })
         .collect();
-    for call in stuck {
-        let err = call.await.unwrap().unwrap_err();
-        assert!(matches!(err, RuntimeError::Deadline { ref plugin, .. } if plugin == "misbehave"), "{err}");
+    for call in calls {
+        let out = call.await.unwrap().expect("refused inside the call, well before its deadline");
+        assert!(out.is_error, "{}", out.text);
+        assert!(out.text.to_lowercase().contains("not supported"), "the guest's error names the refusal: {}", out.text);
     }
-    // The runtime still runs other calls, and the server's own blocking
-    // threads were never used.
+    // Nothing ever opened the FIFO's other end: a writer finds no reader.
+    let writer = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(work.path().join("fifo"));
+    assert_eq!(writer.unwrap_err().raw_os_error(), Some(libc::ENXIO), "no call is left holding the FIFO open");
     let input = serde_json::json!({"filePath": "f.txt"}).to_string();
     let read = runtime.call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(dir.clone()) }).await.unwrap();
     assert!(read.text.contains("still here"), "{}", read.text);
     let store_like = tokio::time::timeout(Duration::from_secs(5), tokio::task::spawn_blocking(|| 7)).await;
     assert_eq!(store_like.unwrap().unwrap(), 7, "tokio's blocking pool is free");
-    // Unblock the stuck threads so the test leaves nothing behind.
-    for _ in 0..40 {
-        let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(work.path().join("fifo"));
-    }
 }
 
 #[tokio::test]

@@ -2,16 +2,14 @@
 //! refused with errors that say why.
 //!
 //! Opening a FIFO blocks until another process opens its other end, and a
-//! device may block on every read. A command run by `bash` (or a file that
-//! was there already) can put either in the working directory under any
-//! name, so a tool that opens whatever path the model gives could wait
-//! forever. These helpers look at what a path is before opening it and
-//! refuse anything but a regular file. Use them instead of `std::fs` for
-//! paths that come from the model.
-//!
-//! The host still bounds every call with a deadline, so a file swapped for a
-//! FIFO between the check and the open fails the call at its deadline
-//! instead of hanging it.
+//! device may block on every read. Such a file can stand in the working
+//! directory under any name, so the host opens nothing for a tool but
+//! regular files and directories: its open never waits, and anything else
+//! fails with `ENOTSUP` ("Not supported"), even a FIFO swapped in after a
+//! check. These helpers look at what a path is before opening it, so the
+//! refusal says what the path is ("not a regular file (a FIFO, ...)"), and
+//! refuse directories too. Use them instead of `std::fs` for paths that
+//! come from the model.
 //!
 //! # Errors that say what happened
 //!
@@ -142,6 +140,14 @@ pub fn explain(path: &Path, err: io::Error) -> io::Error {
             format!("path `{shown}` goes through `{}`, a symlink pointing outside the working directory", link.display())
         };
         return io::Error::new(err.kind(), text);
+    }
+    // The host refused to open a FIFO, socket or device.
+    if err.raw_os_error().and_then(errno_name) == Some("ENOTSUP") {
+        if let Ok(meta) = fs::metadata(path) {
+            if !meta.is_file() && !meta.is_dir() {
+                return not_regular(&meta);
+            }
+        }
     }
     named(err)
 }

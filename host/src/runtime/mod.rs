@@ -9,6 +9,7 @@ mod error;
 pub mod http;
 mod log;
 pub mod manifest;
+mod open;
 pub mod policy;
 pub mod cgroup;
 mod process;
@@ -886,13 +887,13 @@ impl Runtime {
     fn linker(&self, grants: &Grants) -> wasmtime::Result<Linker<PluginState>> {
         let mut linker = Linker::new(&self.inner.engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)?;
-        if grants.filesystem == FsAccess::ReadWrite {
-            // wasmtime-wasi's `wasi:filesystem/types`, replaced by the same
-            // functions behind the call's write quota.
-            linker.allow_shadowing(true);
-            wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<_, writes::CountedFsData>(&mut linker, writes::counted_fs)?;
-            linker.allow_shadowing(false);
-        }
+        // wasmtime-wasi's `wasi:filesystem/types`, replaced by the same
+        // functions behind the call's write quota and with an `open-at` that
+        // cannot block; for every plugin, so no grant ever brings back the
+        // open that can.
+        linker.allow_shadowing(true);
+        wasmtime_wasi::p2::bindings::filesystem::types::add_to_linker::<_, writes::CountedFsData>(&mut linker, writes::counted_fs)?;
+        linker.allow_shadowing(false);
         bindings::wit_log::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         bindings::types::add_to_linker::<_, HasSelf<PluginState>>(&mut linker, |s| s)?;
         if !grants.http.is_empty() {
@@ -980,6 +981,7 @@ impl Runtime {
             process,
             log_gate: plugin.log_gate.clone(),
             writes: writes::WriteQuota::new(grants.limits.write_bytes, grants.limits.max_files),
+            blocking_fs: blocking_thread,
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);

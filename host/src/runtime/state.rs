@@ -25,6 +25,9 @@ pub struct PluginState {
     pub log_gate: Arc<super::log::LogGate>,
     /// What this call may still write (counted for `read-write` plugins).
     pub writes: Arc<super::writes::WriteQuota>,
+    /// Whether its filesystem calls may block the thread they run on (as
+    /// its WASI context was built).
+    pub blocking_fs: bool,
 }
 
 impl WasiView for PluginState {

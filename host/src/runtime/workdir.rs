@@ -51,7 +51,7 @@ impl WorkDir {
             return Err(io::Error::new(io::ErrorKind::InvalidInput, "not an absolute path"));
         }
         let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
-        let fd = openat2(libc::AT_FDCWD, path.as_os_str().as_bytes(), flags, libc::RESOLVE_NO_SYMLINKS)?;
+        let fd = openat2(libc::AT_FDCWD, path.as_os_str().as_bytes(), flags, 0, libc::RESOLVE_NO_SYMLINKS)?;
         Ok(WorkDir { path: path.to_path_buf(), fd, user: None })
     }
 
@@ -106,7 +106,7 @@ impl WorkDir {
     /// Opens a path below this directory without leaving it
     /// (`RESOLVE_BENEATH`), as `O_PATH`: nothing is read, a FIFO does not block.
     fn open_beneath(&self, relative: &str) -> io::Result<OwnedFd> {
-        openat2(self.fd.as_raw_fd(), relative.as_bytes(), libc::O_PATH | libc::O_CLOEXEC, libc::RESOLVE_BENEATH)
+        openat2(self.fd.as_raw_fd(), relative.as_bytes(), libc::O_PATH | libc::O_CLOEXEC, 0, libc::RESOLVE_BENEATH)
     }
 
     /// A path that opens this very directory whatever its name leads to
@@ -122,13 +122,14 @@ impl AsFd for WorkDir {
     }
 }
 
-/// `openat2(2)` of `path` relative to `dir` with the given open flags and
-/// resolve restrictions.
-fn openat2(dir: i32, path: &[u8], flags: i32, resolve: u64) -> io::Result<OwnedFd> {
-    let c_path = CString::new(path).map_err(io::Error::other)?;
+/// `openat2(2)` of `path` relative to `dir` with the given open flags, mode
+/// (of a file it creates) and resolve restrictions.
+pub(super) fn openat2(dir: i32, path: &[u8], flags: i32, mode: u32, resolve: u64) -> io::Result<OwnedFd> {
+    let c_path = CString::new(path).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
     // SAFETY: zeroed `open_how` is valid (all fields are integers).
     let mut how: libc::open_how = unsafe { std::mem::zeroed() };
     how.flags = flags as u64;
+    how.mode = mode.into();
     how.resolve = resolve;
     // SAFETY: a valid C string and an `open_how` of the size passed.
     let fd = unsafe {

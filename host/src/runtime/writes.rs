@@ -5,7 +5,8 @@
 //!
 //! The host's `wasi:filesystem/types` is wasmtime-wasi's own, shadowed in
 //! the linker by [`CountedFs`], which checks the call's [`WriteQuota`] and
-//! then delegates. Streams a plugin writes files through are wrapped in
+//! then delegates (all but `open-at`, which is [`super::open`]'s, the one
+//! that cannot block). Streams a plugin writes files through are wrapped in
 //! [`CountedStream`], which charges each write. Past the bytes limit the
 //! guest gets `error-code::insufficient-space` (`ENOSPC`), past the files
 //! limit `error-code::quota` (`EDQUOT`); a guest that writes through a
@@ -106,10 +107,14 @@ impl WriteQuota {
     }
 }
 
-/// `wasi:filesystem/types` of one store, counted.
+/// `wasi:filesystem/types` of one store, counted, with opens that never
+/// block. Every plugin's linker has it, whatever its filesystem grant.
 pub struct CountedFs<'a> {
     fs: WasiFilesystemCtxView<'a>,
     quota: &'a Arc<WriteQuota>,
+    /// Whether descriptors it opens may block the current thread (as the
+    /// store's WASI context says; wasmtime-wasi does not let it be read).
+    blocking: bool,
 }
 
 /// The linker's name for [`CountedFs`] as the data of host calls.
@@ -120,7 +125,8 @@ impl HasData for CountedFsData {
 }
 
 pub fn counted_fs(state: &mut PluginState) -> CountedFs<'_> {
-    CountedFs { fs: WasiFilesystemCtxView { ctx: state.wasi.filesystem(), table: &mut state.table }, quota: &state.writes }
+    let blocking = state.blocking_fs;
+    CountedFs { fs: WasiFilesystemCtxView { ctx: state.wasi.filesystem(), table: &mut state.table }, quota: &state.writes, blocking }
 }
 
 /// Another handle on the same descriptor, for a call that consumes one.
@@ -160,6 +166,22 @@ impl CountedFs<'_> {
             self.quota.give_back_file();
         }
         result
+    }
+
+    /// `open-at`, through [`super::open::open_at`].
+    fn open(
+        &mut self,
+        fd: Resource<types::Descriptor>,
+        path_flags: types::PathFlags,
+        path: String,
+        oflags: types::OpenFlags,
+        flags: types::DescriptorFlags,
+    ) -> FsResult<Resource<types::Descriptor>> {
+        let Descriptor::Dir(dir) = self.fs.table.get(&fd)? else {
+            return Err(ErrorCode::NotDirectory.into());
+        };
+        let opened = super::open::open_at(dir, path_flags, &path, oflags, flags, self.blocking)?;
+        Ok(self.fs.table.push(opened)?)
     }
 
     /// Replaces the stream at `stream` with one that charges its writes.
@@ -273,7 +295,7 @@ impl HostDescriptor for CountedFs<'_> {
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
         if !oflags.contains(types::OpenFlags::CREATE) {
-            return self.fs.open_at(fd, path_flags, path, oflags, flags).await;
+            return self.open(fd, path_flags, path, oflags, flags);
         }
         // Opening a file that exists with `create` creates nothing: only a
         // new name counts.
@@ -284,10 +306,10 @@ impl HostDescriptor for CountedFs<'_> {
             Err(_) => true,
         };
         if exists {
-            return self.fs.open_at(fd, path_flags, path, oflags, flags).await;
+            return self.open(fd, path_flags, path, oflags, flags);
         }
         self.creating()?;
-        let result = self.fs.open_at(fd, path_flags, path, oflags, flags).await;
+        let result = self.open(fd, path_flags, path, oflags, flags);
         self.created(result)
     }
 
