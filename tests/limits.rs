@@ -132,6 +132,28 @@ async fn a_tools_own_open_of_a_fifo_is_refused_at_once_and_holds_no_thread() {
     assert_eq!(store_like.unwrap().unwrap(), 7, "tokio's blocking pool is free");
 }
 
+/// A call starts on its caller's thread; one that runs on leaves it at
+/// the guest's first yield. On a runtime with one thread, a spinning call
+/// that kept it would hold every other task until its deadline.
+#[tokio::test(flavor = "current_thread")]
+async fn a_spinning_call_leaves_the_callers_thread_to_other_tasks() {
+    let runtime = runtime_with(PluginPolicy { timeout_ms: Some(5000), ..Default::default() }).await;
+    let spinning = tokio::spawn({
+        let runtime = runtime.clone();
+        async move { call(&runtime, "spin").await }
+    });
+    // The spinning call takes the thread first.
+    tokio::task::yield_now().await;
+    let work = tempfile::tempdir().unwrap();
+    std::fs::write(work.path().join("f.txt"), "still here\n").unwrap();
+    let input = serde_json::json!({"filePath": "f.txt"}).to_string();
+    let dir = common::open_dir(work.path());
+    let read = runtime.call_tool("read", ToolInvocation { id: "r".into(), input, work_dir: Some(dir) }).await.unwrap();
+    assert!(read.text.contains("still here"));
+    assert!(!spinning.is_finished(), "the read ran while the spinning call still ran, before its deadline");
+    spinning.abort();
+}
+
 #[tokio::test]
 async fn calls_together_stay_within_the_servers_memory_budget() {
     // Each call may take 256 MiB, the server's plugins 48 MiB in all.

@@ -231,11 +231,11 @@ struct Inner {
     _ticker: EpochTicker,
 }
 
-/// Threads of their own for tool calls. A tool's filesystem calls block
-/// their thread, and one can block for good (a FIFO opened between a
-/// tool's check and its open): such calls may fill this pool, never the
-/// threads the store and the server need. A call waiting for a thread
-/// counts against its deadline.
+/// Threads of their own for the tool calls that outlast their first
+/// poll: guest code that runs past an epoch tick, or waits for a child
+/// process. Such calls may fill this pool, never the threads the store and
+/// the server need. A call waiting for a thread counts against its
+/// deadline.
 struct ToolPool(Option<tokio::runtime::Runtime>);
 
 impl ToolPool {
@@ -264,7 +264,17 @@ impl Drop for ToolPool {
     }
 }
 
-/// Tool calls running at once, at most; more wait for a thread.
+/// Where a tool call starts (see `Runtime::with_tool`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Start {
+    /// On the caller's thread, until the guest first yields.
+    Here,
+    /// On a thread of the tool pool.
+    OnPool,
+}
+
+/// Tool calls running on the pool at once, at most; more wait for a
+/// thread.
 const TOOL_THREADS: usize = 128;
 /// How long past its deadline a call may take to report back before its
 /// caller stops waiting (the call's thread is then stuck in a system call).
@@ -711,7 +721,7 @@ impl Runtime {
                 let (spec, shards) = match sharded {
                     None => {
                         let spec = self
-                            .with_tool(plugin.clone(), pre.clone(), None, None, |tool, store| {
+                            .with_tool(Start::Here, plugin.clone(), pre.clone(), None, None, |tool, store| {
                                 Box::pin(async move { tool.hangar_plugin_tool_api().call_spec(store).await })
                             })
                             .await?;
@@ -719,7 +729,7 @@ impl Runtime {
                     }
                     Some(sharded) => {
                         let (spec, max) = self
-                            .with_tool(plugin.clone(), sharded.clone(), None, None, |tool, store| {
+                            .with_tool(Start::Here, plugin.clone(), sharded.clone(), None, None, |tool, store| {
                                 Box::pin(async move {
                                     let spec = tool.hangar_plugin_tool_api().call_spec(&mut *store).await?;
                                     Ok((spec, tool.hangar_plugin_shard_api().call_max_shards(&mut *store).await?))
@@ -1016,19 +1026,29 @@ impl Runtime {
         RuntimeError::Trap { plugin: id, reason: format!("{err:#}") }
     }
 
-    /// Instantiates a tool in a fresh store and runs `f` under the deadline,
-    /// on a blocking thread of its own.
+    /// Instantiates a tool in a fresh store and runs `f` under the deadline.
     ///
-    /// Why a thread: a tool's filesystem calls are blocking syscalls. On an
-    /// async store wasmtime-wasi sends each one through `spawn_blocking`, a
-    /// thread hand-off per `open`, `stat` and `read` (grep makes tens of
-    /// thousands). Here the whole call runs on one blocking thread with
-    /// `allow_blocking_current_thread`, so they are plain syscalls; async
-    /// host calls (bash's child process) are still driven by `block_on`.
-    /// Guest code still yields at every epoch tick, which is where a caller
-    /// that went away (its receiver dropped) stops the call.
+    /// The call starts on the caller's thread, and most calls (a `read`, an
+    /// `edit`) end there, before the guest first yields: handing every call
+    /// to another thread cost two thread wake-ups, most of a small call's
+    /// time. That is safe because no filesystem call a tool makes can block
+    /// without bound (its opens cannot: see [`open`]). A call that yields,
+    /// at an epoch tick or waiting for a child process, moves as it stands
+    /// to a thread of the tool pool for the rest, so no plugin holds a
+    /// server thread for more than about one tick.
+    ///
+    /// The parts of a split call start on the pool (`Start::OnPool`): each
+    /// is a search over a share of the tree, and starting them here one
+    /// after another would hold back the later ones by up to a tick each.
+    ///
+    /// On either thread the store allows blocking (wasmtime-wasi's
+    /// `allow_blocking_current_thread`), so filesystem calls are plain
+    /// system calls, not a `spawn_blocking` hand-off each (grep makes tens
+    /// of thousands). Guest code yields at every epoch tick, which is where
+    /// a caller that went away (its receiver dropped) stops the call.
     async fn with_tool<W: ToolWorld, T: Send + 'static>(
         &self,
+        start: Start,
         plugin: Arc<Plugin>,
         pre: W,
         work_dir: Option<Arc<WorkDir>>,
@@ -1040,15 +1060,25 @@ impl Runtime {
         + Send
         + 'static,
     ) -> Result<T, RuntimeError> {
-        let runtime = self.clone();
-        let handle = tokio::runtime::Handle::current();
-        let (mut tx, rx) = tokio::sync::oneshot::channel();
+        use futures::FutureExt as _;
+        let started = tokio::time::Instant::now();
         let id = plugin.id().to_string();
         let deadline = plugin.grants.limits.deadline;
+        let runtime = self.clone();
+        let call = async move { runtime.run_tool(&plugin, &pre, work_dir.as_ref(), writes, f).await };
+        let mut call = Box::pin(std::panic::AssertUnwindSafe(call).catch_unwind());
+        let panicked = |id: String| RuntimeError::Trap { plugin: id, reason: "the call panicked".into() };
+        if start == Start::Here {
+            if let std::task::Poll::Ready(result) = futures::poll!(call.as_mut()) {
+                return result.unwrap_or_else(|_| Err(panicked(id)));
+            }
+        }
+        let handle = tokio::runtime::Handle::current();
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
         self.inner.tool_pool.handle().spawn_blocking(move || {
             handle.block_on(async {
                 tokio::select! {
-                    result = runtime.run_tool(&plugin, &pre, work_dir.as_ref(), writes, f) => {
+                    result = call => {
                         let _ = tx.send(result);
                     }
                     () = tx.closed() => {}
@@ -1056,11 +1086,11 @@ impl Runtime {
             })
         });
         // The deadline inside the call needs its thread to come back from
-        // the guest or a host call; this one holds even when the thread is
-        // stuck in a system call, or never got a thread at all.
-        match tokio::time::timeout(deadline + DEADLINE_GRACE, rx).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(RuntimeError::Trap { plugin: id, reason: "the call's thread panicked".into() }),
+        // the guest or a host call; this one holds even when that thread
+        // is stuck, or never got a thread at all.
+        match tokio::time::timeout_at(started + deadline + DEADLINE_GRACE, rx).await {
+            Ok(Ok(Ok(result))) => result,
+            Ok(Ok(Err(_))) | Ok(Err(_)) => Err(panicked(id)),
             Err(_) => {
                 tracing::warn!(plugin = %id, "a tool call is stuck past its deadline; its thread is left to the tool pool");
                 Err(RuntimeError::Deadline { plugin: id, limit: deadline })
@@ -1149,7 +1179,7 @@ impl Runtime {
         let (mut output, write_limit) = match shards.as_ref().map(|s| (s, self.parts(Some(s)))) {
             Some((shards, count)) if count >= 2 => self.call_sharded(&plugin, &shards.pre, wit_call, call.work_dir, count).await?,
             _ => {
-                self.with_tool(plugin.clone(), pre.clone(), call.work_dir.clone(), None, move |tool, store| {
+                self.with_tool(Start::Here, plugin.clone(), pre.clone(), call.work_dir.clone(), None, move |tool, store| {
                     Box::pin(async move {
                         let output = tool.hangar_plugin_tool_api().call_invoke(&mut *store, &wit_call).await?;
                         Ok((output, store.data().writes.hit()))
@@ -1189,7 +1219,7 @@ impl Runtime {
         let writes = writes::WriteQuota::new(limits.write_bytes, limits.max_files);
         let parts = futures::future::join_all((0..count).map(|index| {
             let call = call.clone();
-            self.with_tool(plugin.clone(), pre.clone(), work_dir.clone(), Some(writes.clone()), move |tool, store| {
+            self.with_tool(Start::OnPool, plugin.clone(), pre.clone(), work_dir.clone(), Some(writes.clone()), move |tool, store| {
                 Box::pin(async move {
                     tool.hangar_plugin_shard_api().call_invoke_shard(&mut *store, &call, index, count).await
                 })
@@ -1210,7 +1240,7 @@ impl Runtime {
             }
         }
         let output = self
-            .with_tool(plugin.clone(), pre.clone(), None, None, move |tool, store| {
+            .with_tool(Start::Here, plugin.clone(), pre.clone(), None, None, move |tool, store| {
                 Box::pin(async move { tool.hangar_plugin_shard_api().call_merge(&mut *store, &call, &texts).await })
             })
             .await?;
