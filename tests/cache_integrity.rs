@@ -118,7 +118,10 @@ async fn an_entry_whose_digest_file_does_not_match_is_refused_and_rewritten() {
     let (entry, digest) = entry(&cache, "read");
     let recorded = fs::read_to_string(&digest).unwrap();
     assert_eq!(recorded.trim().len(), 64, "a hex SHA-256: {recorded:?}");
-    let inode = fs::metadata(&entry).unwrap().ino();
+    // Held open, the old entry keeps its inode: a file written after it
+    // was deleted cannot be given the same number.
+    let old = fs::File::open(&entry).unwrap();
+    let inode = old.metadata().unwrap().ino();
     fs::write(&digest, "0".repeat(64)).unwrap();
 
     read_works(&runtime_on(&cache), "digest file of zeros").await;
