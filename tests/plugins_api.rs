@@ -49,7 +49,7 @@ async fn install_use_upgrade_and_remove_a_plugin() {
     let warning = plugin["warnings"][0].as_str().unwrap_or_else(|| panic!("a warning: {plugin}"));
     assert!(warning.contains("tool `misbehave` declares no filesystem access"), "{warning}");
     assert!(warning.contains("add `filesystem = \"read\"` to its manifest and the operator's policy"), "{warning}");
-    assert!(server.log().contains("declares no filesystem access"), "{}", server.log());
+    assert!(server.logged("declares no filesystem access").await, "{}", server.log());
 
     let (_, plugins) = server.get("/plugins").await;
     assert!(plugins.as_array().unwrap().iter().all(|p| p.get("warnings").is_none()), "warnings come with the install only");
@@ -167,8 +167,8 @@ async fn invalid_plugins_are_refused_with_the_reason() {
     let (status, body) = upload_form(&server, form(MANIFEST, wasm()).part("file", Part::bytes(vec![1]).file_name("x"))).await;
     assert_refused(status, &body, 422, "unexpected form field `file`; send `manifest` and `wasm`");
     // Every refusal is in the log too.
-    assert!(server.log().contains("plugin upload refused"), "{}", server.log());
-    assert!(server.log().contains("the uploaded manifest is invalid"), "{}", server.log());
+    assert!(server.logged("plugin upload refused").await, "{}", server.log());
+    assert!(server.logged("the uploaded manifest is invalid").await, "{}", server.log());
     let (status, body) = server.send(server.client.post(server.url("/plugins")).json(&json!({}))).await;
     assert_eq!(status, 400, "{body}");
     let (_, plugins) = server.get("/plugins").await;

@@ -320,8 +320,7 @@ async fn a_plugin_installed_through_one_host_is_loaded_by_another() {
     tokio::spawn(connection);
     let rows: i64 = client.query_one("SELECT COUNT(*) FROM plugins", &[]).await.unwrap().get(0);
     assert_eq!(rows, 0, "the tenant's plugin went with it");
-    assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
-    assert!(b.log().contains("plugin loaded from the database"), "{}", b.log());
+    assert!(b.logged("plugin loaded from the database").await, "{}", b.log());
 }
 
 /// `hangar migrate`, run as an operator would.

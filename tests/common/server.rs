@@ -89,6 +89,20 @@ impl Server {
         self.log.lock().unwrap().clone()
     }
 
+    /// Whether the server logs `needle` within 10 s. A line logged while
+    /// a request is answered may reach the reader of the server's stderr
+    /// only after the answer has reached the test.
+    pub async fn logged(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !self.log().contains(needle) {
+            if Instant::now() > deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
     /// Sends SIGTERM and waits for the exit.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
