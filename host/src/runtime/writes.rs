@@ -168,22 +168,6 @@ impl CountedFs<'_> {
         result
     }
 
-    /// `open-at`, through [`super::open::open_at`].
-    fn open(
-        &mut self,
-        fd: Resource<types::Descriptor>,
-        path_flags: types::PathFlags,
-        path: String,
-        oflags: types::OpenFlags,
-        flags: types::DescriptorFlags,
-    ) -> FsResult<Resource<types::Descriptor>> {
-        let Descriptor::Dir(dir) = self.fs.table.get(&fd)? else {
-            return Err(ErrorCode::NotDirectory.into());
-        };
-        let opened = super::open::open_at(dir, path_flags, &path, oflags, flags, self.blocking)?;
-        Ok(self.fs.table.push(opened)?)
-    }
-
     /// Replaces the stream at `stream` with one that charges its writes.
     fn counted(&mut self, stream: Resource<DynOutputStream>) -> FsResult<Resource<DynOutputStream>> {
         let inner = self.fs.table.delete(stream)?;
@@ -294,23 +278,23 @@ impl HostDescriptor for CountedFs<'_> {
         oflags: types::OpenFlags,
         flags: types::DescriptorFlags,
     ) -> FsResult<Resource<types::Descriptor>> {
-        if !oflags.contains(types::OpenFlags::CREATE) {
-            return self.open(fd, path_flags, path, oflags, flags);
-        }
         // Opening a file that exists with `create` creates nothing: only a
-        // new name counts.
-        let exists = match self.fs.stat_at(again(&fd), types::PathFlags::empty(), path.clone()).await {
-            Ok(_) => true,
-            Err(err) if err.downcast_ref() == Some(&ErrorCode::NoEntry) => false,
-            // Whatever made the check fail makes the open fail too.
-            Err(_) => true,
-        };
-        if exists {
-            return self.open(fd, path_flags, path, oflags, flags);
+        // new name counts. (Whatever else makes the check fail makes the
+        // open fail too.)
+        let creates = oflags.contains(types::OpenFlags::CREATE)
+            && matches!(self.fs.stat_at(again(&fd), types::PathFlags::empty(), path.clone()).await,
+                Err(err) if err.downcast_ref() == Some(&ErrorCode::NoEntry));
+        if creates {
+            self.creating()?;
         }
-        self.creating()?;
-        let result = self.open(fd, path_flags, path, oflags, flags);
-        self.created(result)
+        // wasmtime-wasi's `open-at` can block; this one cannot.
+        let opened = match self.fs.table.get(&fd) {
+            Ok(Descriptor::Dir(dir)) => super::open::open_at(dir, path_flags, &path, oflags, flags, self.blocking).map_err(FsError::from),
+            Ok(Descriptor::File(_)) => Err(ErrorCode::NotDirectory.into()),
+            Err(err) => Err(err.into()),
+        };
+        let result = opened.and_then(|descriptor| Ok(self.fs.table.push(descriptor)?));
+        if creates { self.created(result) } else { result }
     }
 
     fn drop(&mut self, fd: Resource<types::Descriptor>) -> wasmtime::Result<()> {
