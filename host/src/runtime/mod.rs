@@ -922,12 +922,14 @@ impl Runtime {
         plugin: &Plugin,
         work_dir: Option<&Arc<WorkDir>>,
         provider: Option<&ProviderAccess>,
-        blocking_thread: bool,
+        blocking_fs: bool,
     ) -> Result<Store<PluginState>, RuntimeError> {
         let grants = &plugin.grants;
         let mut wasi = WasiCtxBuilder::new();
-        // Only a store that runs on a thread of its own may block it.
-        wasi.allow_blocking_current_thread(blocking_thread);
+        // A tool's filesystem calls run as plain system calls on whatever
+        // thread runs the call: none can block without bound (opens never
+        // wait, see `open`), so a `spawn_blocking` hop each is not needed.
+        wasi.allow_blocking_current_thread(blocking_fs);
         if let Some(dir) = work_dir {
             let perms = match grants.filesystem {
                 FsAccess::None => None,
@@ -991,7 +993,7 @@ impl Runtime {
             process,
             log_gate: plugin.log_gate.clone(),
             writes: writes::WriteQuota::new(grants.limits.write_bytes, grants.limits.max_files),
-            blocking_fs: blocking_thread,
+            blocking_fs,
         };
         let mut store = Store::new(&self.inner.engine, state);
         store.limiter(|s| &mut s.limiter);
