@@ -133,16 +133,11 @@ mod tests {
     use std::time::{Duration, Instant};
 
     use super::*;
+    use crate::runtime::workdir::tests::mkfifo;
 
     fn dir(path: &Path, perms: FsPerms) -> Dir {
         let file = std::fs::File::open(path).unwrap();
         Dir::new(file, perms, OpenMode::READ | OpenMode::WRITE, true)
-    }
-
-    fn mkfifo(path: &Path) {
-        let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
-        // SAFETY: a valid C string.
-        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
     }
 
     fn open(dir: &Dir, path: &str, oflags: OpenFlags, flags: DescriptorFlags) -> Result<Descriptor, ErrorCode> {

@@ -270,7 +270,7 @@ fn resolved(path: &Path) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     #[test]
@@ -337,7 +337,8 @@ mod tests {
         assert!(matches!(rules.check("a"), Err(WorkDirError::NotAbsolute(_))));
     }
 
-    fn mkfifo(path: &Path) {
+    /// Makes a FIFO at `path` (for the tests of the modules that open paths).
+    pub(in crate::runtime) fn mkfifo(path: &Path) {
         let c = CString::new(path.as_os_str().as_bytes()).unwrap();
         // SAFETY: a valid C string.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
