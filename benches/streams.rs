@@ -23,6 +23,10 @@
 //!     cargo bench --bench streams -- sessions   # only figure 4
 //!     cargo bench --bench streams -- burst      # only figure 4b
 //!
+//! `BENCH_VENDOR=https` puts the fake behind TLS with HTTP/2 offered by
+//! ALPN, as the vendors' endpoints are (the server trusts its CA through
+//! `[http] ca_file`); the default is plain HTTP/1.1 on loopback.
+//!
 //! `BENCH_DATABASE_URL=postgres://…` runs `BENCH_HOSTS` hosts (default 2)
 //! on that database instead of one on SQLite: sessions are made on one
 //! host and streamed from the next, as a load balancer without sticky
@@ -33,6 +37,9 @@
 mod fake;
 #[path = "support/launch.rs"]
 mod launch;
+#[allow(dead_code)]
+#[path = "../tests/common/tls.rs"]
+mod tls;
 #[path = "support/stats.rs"]
 mod stats;
 
@@ -44,10 +51,32 @@ use fake::{Chunk, FakeServer, Reply, anthropic};
 use futures::StreamExt;
 use serde_json::json;
 
+/// The scripted vendor: plain HTTP/1.1, or TLS with HTTP/2 (`BENCH_VENDOR`).
+enum Vendor {
+    Plain(FakeServer),
+    Tls(tls::TlsFake),
+}
+
+impl Vendor {
+    fn push(&self, reply: Reply) {
+        match self {
+            Vendor::Plain(fake) => fake.push(reply),
+            Vendor::Tls(fake) => fake.push(reply),
+        }
+    }
+
+    fn url(&self) -> &str {
+        match self {
+            Vendor::Plain(fake) => &fake.url,
+            Vendor::Tls(fake) => &fake.url,
+        }
+    }
+}
+
 struct Setup {
     /// One on SQLite, or `BENCH_HOSTS` on `BENCH_DATABASE_URL`.
     hangars: Vec<launch::Hangar>,
-    fake: FakeServer,
+    fake: Vendor,
     agent: String,
     client: reqwest::Client,
     work: tempfile::TempDir,
@@ -58,11 +87,19 @@ struct Setup {
 }
 
 async fn setup() -> Setup {
-    let fake = FakeServer::start(Vec::new()).await;
+    let fake = match std::env::var("BENCH_VENDOR").as_deref() {
+        Ok("https") => Vendor::Tls(tls::TlsFake::scripted().await),
+        Ok("http") | Err(_) => Vendor::Plain(FakeServer::start(Vec::new()).await),
+        Ok(other) => panic!("BENCH_VENDOR is `http` or `https`, not `{other}`"),
+    };
     // A private compile cache for this run (a shared, predictable path
     // under /tmp is one anyone on the machine could fill first).
     let cache = tempfile::tempdir().unwrap();
-    let client = reqwest::Client::builder().pool_max_idle_per_host(2000).build().unwrap();
+    let mut client = reqwest::Client::builder().pool_max_idle_per_host(2000);
+    if let Vendor::Tls(fake) = &fake {
+        client = client.add_root_certificate(reqwest::Certificate::from_pem(fake.ca_pem.as_bytes()).unwrap());
+    }
+    let client = client.build().unwrap();
     launch::warm(cache.path(), &client).await;
     let db = std::env::var("BENCH_DATABASE_URL").ok();
     let hosts = if db.is_some() { stats::setting("BENCH_HOSTS", 2) } else { 1 };
@@ -71,12 +108,18 @@ async fn setup() -> Setup {
     // session requests beside.
     let room = (sessions_wanted() + 64).max(1024);
     let config = tempfile::Builder::new().suffix(".toml").tempfile().unwrap();
-    std::fs::write(config.path(), format!("[limits]\nplugin_instances = {}\n", room.max(2000))).unwrap();
+    let mut settings = format!("[limits]\nplugin_instances = {}\n", room.max(2000));
+    if let Vendor::Tls(fake) = &fake {
+        let ca = cache.path().join("vendor-ca.pem");
+        std::fs::write(&ca, &fake.ca_pem).unwrap();
+        settings.push_str(&format!("[http]\nca_file = {ca:?}\n"));
+    }
+    std::fs::write(config.path(), settings).unwrap();
     let args = ["--max-connections-per-client".to_string(), room.to_string(), "--config".into(), config.path().display().to_string()];
     let hangars: Vec<launch::Hangar> = (0..hosts).map(|_| launch::start_with(cache.path(), db.as_deref(), &args)).collect();
     let hangar = &hangars[0];
     let work = tempfile::tempdir().unwrap();
-    launch::use_fake_anthropic(&client, hangar, &fake.url).await;
+    launch::use_fake_anthropic(&client, hangar, fake.url()).await;
     let agent: serde_json::Value = client
         .post(hangar.url("/agents"))
         .json(&json!({"name": "bench", "instructions": "You are terse.", "tools": [],
@@ -158,7 +201,7 @@ async fn ttft(s: &Setup) {
         // Straight from the fake: request, first text_delta.
         s.fake.push(answer());
         let t = Instant::now();
-        let resp = s.client.post(format!("{}/v1/messages", s.fake.url)).json(&direct_body).send().await.unwrap();
+        let resp = s.client.post(format!("{}/v1/messages", s.fake.url())).json(&direct_body).send().await.unwrap();
         let (ok, _) = until(resp, "text_delta").await;
         let d = t.elapsed();
         assert!(ok);
@@ -296,11 +339,15 @@ async fn sessions(s: &Setup, name: &str, pause: Duration) {
     }
     let stored = started.elapsed();
     println!(
-        "\n## {name} ({}; {} host(s){}; {} ms between deltas)\n",
+        "\n## {name} ({}; {} host(s){}; {} ms between deltas; vendor over {})\n",
         stats::machine(),
         s.hangars.len(),
         if s.hangars.len() > 1 { ", RSS summed" } else { "" },
-        pause.as_millis()
+        pause.as_millis(),
+        match s.fake {
+            Vendor::Plain(_) => "HTTP/1.1",
+            Vendor::Tls(_) => "TLS, HTTP/2 by ALPN",
+        }
     );
     println!("| sessions | errors | max open at once | wall s | events stored | written/s | RSS before MB | peak RSS (VmHWM) MB | peak sampled VmRSS MB |");
     println!("|---|---|---|---|---|---|---|---|---|");

@@ -215,6 +215,19 @@ pub struct FileConfig {
     /// Several hosts on one PostgreSQL database.
     #[serde(default)]
     pub hosts: HostsConfig,
+    /// Plugins' outbound HTTP.
+    #[serde(default)]
+    pub http: HttpConfig,
+}
+
+/// `[http]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// A PEM file of root certificates plugins' HTTPS requests trust
+    /// besides the built-in (Mozilla) roots: a gateway or a model server
+    /// with a certificate from a private CA.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[hosts]`.
@@ -438,6 +451,8 @@ pub struct Settings {
     pub tool_shards: Option<usize>,
     /// `[limits] plugin_instances`; `None`: the runtime's default.
     pub plugin_instances: Option<u32>,
+    /// `[http] ca_file`'s certificates.
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -470,6 +485,8 @@ pub enum ConfigError {
     TenantOrigin { origin: String, reason: String },
     #[error("[mcp] allowed_origins: `{origin}`: {reason}")]
     McpOrigin { origin: String, reason: String },
+    #[error("[http] ca_file {path}: {reason}")]
+    CaFile { path: PathBuf, reason: String },
 }
 
 /// Where a SQLite server keeps the plugins installed through its API:
@@ -607,8 +624,13 @@ impl Settings {
             Some(path) => path,
             None => data()?.join("secret.key"),
         };
+        let extra_roots = match &file.http.ca_file {
+            None => Vec::new(),
+            Some(path) => read_roots(path).map_err(|reason| ConfigError::CaFile { path: path.clone(), reason })?,
+        };
         let secret_key = std::env::var("HANGAR_SECRET_KEY").ok().filter(|k| !k.is_empty()).map(crate::runtime::Secret::new);
         Ok(Settings {
+            extra_roots,
             secret_key_file,
             secret_key,
             permissions,
@@ -687,6 +709,18 @@ impl Settings {
 
 /// A list of origin patterns from the config file; the first bad one is
 /// `error(origin, reason)`.
+/// The certificates of a PEM file; none is an error, since a file that
+/// adds nothing is a mistake the operator would find only at the first
+/// refused request.
+fn read_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+    let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+    let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| crate::error_chain(&e))?;
+    if roots.is_empty() {
+        return Err("holds no PEM certificate".into());
+    }
+    Ok(roots)
+}
+
 fn origins(
     list: &[String],
     error: impl Fn(String, String) -> ConfigError,

@@ -65,6 +65,7 @@ pub async fn serve(settings: Settings) -> Result<(), ServeError> {
         tool_shards: settings.tool_shards,
         pool: settings.plugin_instances.map_or_else(Default::default, |instances| crate::runtime::PoolSize { instances, ..Default::default() }),
         compile: settings.compile.clone(),
+        extra_roots: settings.extra_roots.clone(),
         ..Default::default()
     })?;
     // Registration is instant; compilation runs in the background, so

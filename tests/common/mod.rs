@@ -21,6 +21,7 @@ pub mod listen;
 pub mod server;
 pub mod fake;
 pub mod sse;
+pub mod tls;
 
 /// Whether `command` is on `PATH`. A test that needs a tool the machine
 /// lacks is skipped with a printed reason when run by hand (`cargo test`);

@@ -39,7 +39,7 @@ impl std::fmt::Debug for Secret {
 
 /// What one call may reach, and with which credential.
 pub struct HttpAccess {
-    pub client: reqwest::Client,
+    pub clients: Arc<Clients>,
     pub allowed: Vec<OriginPattern>,
     pub credential: Option<Secret>,
     /// The one origin the credential goes to (the stored base URL's, or
@@ -108,30 +108,97 @@ pub async fn public_addrs(host: &str, port: u16, explicit: bool) -> Result<Vec<S
     Ok(kept)
 }
 
-/// The client for tenants' requests: as [`client`], with names resolved
-/// by [`PublicResolver`].
-pub fn public_client(explicit: Arc<Vec<String>>) -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .dns_resolver(Arc::new(PublicResolver { explicit }))
-        .build()
-        .expect("build the HTTP client")
+/// Responses one connection carries at once. HTTP/2 multiplexes a
+/// plugin's requests to an origin over one connection (the vendors offer
+/// it through ALPN), but a server caps the streams it takes on one
+/// connection (`SETTINGS_MAX_CONCURRENT_STREAMS`), and hyper's pool queues
+/// a request past that cap instead of opening another connection: a busy
+/// host would then wait for other runs' answers to end. RFC 9113 asks
+/// servers to allow at least 100, so at 100 no request ever waits.
+pub const STREAMS_PER_CONNECTION: usize = 100;
+
+/// Plugins' outbound HTTP clients: one, and one more each time all hold
+/// [`STREAMS_PER_CONNECTION`] responses, so an origin that speaks HTTP/2
+/// gets one connection per hundred concurrent answers. An HTTP/1.1 origin
+/// gets a connection per request, as from one client.
+pub struct Clients {
+    build: Box<dyn Fn() -> reqwest::Client + Send + Sync>,
+    slots: std::sync::Mutex<Vec<Arc<Slot>>>,
+    per_connection: usize,
 }
 
-/// The HTTP client shared by all plugins. It follows no redirect: a
-/// credential must never travel to a host the plugin did not name.
-pub fn client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(Duration::from_secs(10))
-        .build()
-        .expect("build the HTTP client")
+struct Slot {
+    client: reqwest::Client,
+    open: std::sync::atomic::AtomicUsize,
+}
+
+/// One response in flight on a [`Clients`] slot, released when dropped.
+pub struct Lease(Arc<Slot>);
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl std::fmt::Debug for Clients {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Clients").field("slots", &self.slots.lock().map(|s| s.len()).unwrap_or(0)).finish()
+    }
+}
+
+impl Clients {
+    fn new(per_connection: usize, build: impl Fn() -> reqwest::Client + Send + Sync + 'static) -> Clients {
+        Clients { build: Box::new(build), slots: std::sync::Mutex::new(Vec::new()), per_connection: per_connection.max(1) }
+    }
+
+    /// The client for one more request, and its place until the response
+    /// ends. The first slot with room is taken, so the later ones fall
+    /// idle when the load drops and their connections close (reqwest's
+    /// idle timeout).
+    pub fn lease(&self) -> (reqwest::Client, Lease) {
+        use std::sync::atomic::Ordering;
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let slot = match slots.iter().find(|s| s.open.load(Ordering::Relaxed) < self.per_connection) {
+            Some(slot) => slot.clone(),
+            None => {
+                let slot = Arc::new(Slot { client: (self.build)(), open: Default::default() });
+                slots.push(slot.clone());
+                slot
+            }
+        };
+        slot.open.fetch_add(1, Ordering::Relaxed);
+        (slot.client.clone(), Lease(slot))
+    }
+}
+
+/// The clients for tenants' requests: as [`clients`], with names resolved
+/// by [`PublicResolver`].
+pub fn public_clients(explicit: Arc<Vec<String>>, roots: Vec<reqwest::Certificate>) -> Clients {
+    Clients::new(STREAMS_PER_CONNECTION, move || {
+        builder(&roots).dns_resolver(Arc::new(PublicResolver { explicit: explicit.clone() })).build().expect("build the HTTP client")
+    })
+}
+
+/// The HTTP clients shared by all plugins, trusting `roots` besides the
+/// built-in ones (`[http] ca_file`).
+pub fn clients(roots: Vec<reqwest::Certificate>) -> Clients {
+    Clients::new(STREAMS_PER_CONNECTION, move || builder(&roots).build().expect("build the HTTP client"))
+}
+
+/// Follows no redirect: a credential must never travel to a host the
+/// plugin did not name. HTTPS offers HTTP/2 and HTTP/1.1 (ALPN).
+fn builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+    roots.iter().fold(
+        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(Duration::from_secs(10)),
+        |b, root| b.add_root_certificate(root.clone()),
+    )
 }
 
 /// A response body being streamed to the guest.
 pub struct HttpBody {
-    response: Option<reqwest::Response>,
+    /// The response until its end, with its place on a connection.
+    response: Option<(reqwest::Response, Lease)>,
     scrubber: Scrubber,
     pending: Vec<u8>,
 }
@@ -177,7 +244,8 @@ impl Host for PluginState {
             Credential::Header(name) => Some(name.to_ascii_lowercase()),
             _ => None,
         };
-        let mut builder = access.client.request(method, url);
+        let (client, lease) = access.clients.lease();
+        let mut builder = client.request(method, url);
         for (name, value) in &req.headers {
             let lower = name.to_ascii_lowercase();
             if FORBIDDEN_HEADERS.contains(&lower.as_str()) || Some(&lower) == credential_header.as_ref() {
@@ -252,7 +320,7 @@ impl Host for PluginState {
             })
             .collect();
         let status = response.status().as_u16();
-        let body = self.table.push(HttpBody { response: Some(response), scrubber, pending: Vec::new() })?;
+        let body = self.table.push(HttpBody { response: Some((response, lease)), scrubber, pending: Vec::new() })?;
         Ok(Ok(Response { status, headers, body }))
     }
 }
@@ -266,7 +334,7 @@ impl HostBody for PluginState {
                 let rest = body.pending.split_off(max.min(body.pending.len()));
                 return Ok(Ok(Some(std::mem::replace(&mut body.pending, rest))));
             }
-            let Some(response) = body.response.as_mut() else {
+            let Some((response, _)) = body.response.as_mut() else {
                 return Ok(Ok(None));
             };
             match response.chunk().await {
@@ -342,6 +410,32 @@ impl Scrubber {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_client_takes_a_hundred_responses_before_another_is_made() {
+        let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counter = built.clone();
+        let clients = Clients::new(STREAMS_PER_CONNECTION, move || {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reqwest::Client::new()
+        });
+        let built = || built.load(std::sync::atomic::Ordering::SeqCst);
+        let mut leases: Vec<Lease> = (0..STREAMS_PER_CONNECTION).map(|_| clients.lease().1).collect();
+        assert_eq!(built(), 1);
+        leases.push(clients.lease().1);
+        assert_eq!(built(), 2, "the 101st response gets a client of its own");
+        assert!(Arc::ptr_eq(&leases[STREAMS_PER_CONNECTION].0, &clients.lease().1.0), "the second has room");
+        // A response of the first client ends: the next request goes back
+        // to it, so the later clients fall idle as the load drops.
+        leases.swap_remove(0);
+        let next = clients.lease().1;
+        assert!(Arc::ptr_eq(&next.0, &leases[1].0), "back on the first client");
+        assert_eq!(built(), 2);
+        drop(leases);
+        drop(next);
+        let slots = clients.slots.lock().unwrap();
+        assert!(slots.iter().all(|s| s.open.load(std::sync::atomic::Ordering::SeqCst) == 0), "every lease given back");
+    }
+
     #[test]
     fn internal_addresses() {
         for ip in ["127.0.0.1", "10.1.2.3", "172.16.0.1", "192.168.1.1", "169.254.169.254", "0.0.0.0", "100.64.0.1",

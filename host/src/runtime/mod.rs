@@ -213,9 +213,9 @@ struct Inner {
     /// One permit per compile running: `compile.max_concurrent`.
     compiles: tokio::sync::Semaphore,
     policy: Policy,
-    http_client: reqwest::Client,
+    http_clients: Arc<http::Clients>,
     /// For tenants' requests: no internal address but `tenant_hosts`'.
-    public_client: reqwest::Client,
+    public_clients: Arc<http::Clients>,
     tenant_hosts: Arc<Vec<String>>,
     plugins: RwLock<BTreeMap<String, Arc<Plugin>>>,
     /// The server's own ports, which commands may not connect to; set once
@@ -302,6 +302,8 @@ pub struct RuntimeConfig {
     /// Most parts one call of a tool that exports `shard-api` runs as at
     /// once; `None`: the machine's cores.
     pub tool_shards: Option<usize>,
+    /// Root certificates plugins' HTTPS trusts besides the built-in ones.
+    pub extra_roots: Vec<reqwest::Certificate>,
 }
 
 /// The default server-wide memory budget of plugins: half the machine's
@@ -358,8 +360,8 @@ impl Runtime {
                 compiles: tokio::sync::Semaphore::new(config.compile.max_concurrent.max(1)),
                 compile: config.compile,
                 policy: config.policy,
-                http_client: http::client(),
-                public_client: http::public_client(Arc::new(config.tenant_hosts.clone())),
+                http_clients: Arc::new(http::clients(config.extra_roots.clone())),
+                public_clients: Arc::new(http::public_clients(Arc::new(config.tenant_hosts.clone()), config.extra_roots.clone())),
                 tenant_hosts: Arc::new(config.tenant_hosts.clone()),
                 plugins: RwLock::new(BTreeMap::new()),
                 ports: OnceLock::new(),
@@ -969,7 +971,7 @@ impl Runtime {
             });
             let tenant = provider.is_some_and(|p| p.tenant);
             HttpAccess {
-                client: if tenant { self.inner.public_client.clone() } else { self.inner.http_client.clone() },
+                clients: if tenant { self.inner.public_clients.clone() } else { self.inner.http_clients.clone() },
                 internal_hosts: tenant.then(|| self.inner.tenant_hosts.clone()),
                 allowed,
                 credential: provider.and_then(|p| p.credential.clone()),
