@@ -141,12 +141,6 @@ impl Drop for Lease {
     }
 }
 
-impl std::fmt::Debug for Clients {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Clients").field("slots", &self.slots.lock().map(|s| s.len()).unwrap_or(0)).finish()
-    }
-}
-
 impl Clients {
     fn new(per_connection: usize, build: impl Fn() -> reqwest::Client + Send + Sync + 'static) -> Clients {
         Clients { build: Box::new(build), slots: std::sync::Mutex::new(Vec::new()), per_connection: per_connection.max(1) }
