@@ -707,8 +707,6 @@ impl Settings {
     }
 }
 
-/// A list of origin patterns from the config file; the first bad one is
-/// `error(origin, reason)`.
 /// The certificates of a PEM file; none is an error, since a file that
 /// adds nothing is a mistake the operator would find only at the first
 /// refused request.
@@ -718,9 +716,15 @@ fn read_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
     if roots.is_empty() {
         return Err("holds no PEM certificate".into());
     }
+    // Splitting the PEM does not parse the certificates; building a client
+    // does. Checked here, so that a damaged one stops the start rather than
+    // every plugin's first request.
+    crate::runtime::http::builder(&roots).build().map_err(|e| crate::error_chain(&e))?;
     Ok(roots)
 }
 
+/// A list of origin patterns from the config file; the first bad one is
+/// `error(origin, reason)`.
 fn origins(
     list: &[String],
     error: impl Fn(String, String) -> ConfigError,

@@ -518,8 +518,8 @@ fn render(result: &CallToolResult) -> (String, bool) {
     (parts.join("\n"), result.is_error.unwrap_or(false))
 }
 
-/// TLS for MCP connections: ring and the web's root certificates, as the
-/// providers' client has.
+/// TLS for MCP connections: ring and the web's root certificates (the
+/// providers' clients also trust `[http] ca_file`; MCP servers do not).
 fn tls_config() -> rustls::ClientConfig {
     let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))

@@ -25,6 +25,8 @@ pub struct TlsFake {
     pub connections: Arc<AtomicUsize>,
     /// Each request, with the HTTP version it came in.
     pub requests: Arc<Mutex<Vec<(hyper::Version, Recorded)>>>,
+    /// The most answers that were being sent at once.
+    pub most_open: Arc<AtomicUsize>,
     script: Arc<Mutex<VecDeque<Reply>>>,
 }
 
@@ -68,6 +70,8 @@ impl TlsFake {
         let requests = Arc::new(Mutex::new(Vec::new()));
         let script = Arc::new(Mutex::new(VecDeque::new()));
         let (count, seen, queue) = (connections.clone(), requests.clone(), script.clone());
+        let most_open = Arc::new(AtomicUsize::new(0));
+        let open = Open { now: Arc::new(AtomicUsize::new(0)), most: most_open.clone() };
         let respond: Responder = respond.unwrap_or_else(|| {
             Arc::new(move |_| {
                 queue.lock().unwrap().pop_front().unwrap_or_else(|| {
@@ -79,22 +83,30 @@ impl TlsFake {
             while let Ok((stream, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let _ = stream.set_nodelay(true);
-                let (acceptor, seen, respond) = (acceptor.clone(), seen.clone(), respond.clone());
+                let (acceptor, seen, respond, open) = (acceptor.clone(), seen.clone(), respond.clone(), open.clone());
                 tokio::spawn(async move {
                     let Ok(tls) = acceptor.accept(stream).await else { return };
-                    let service = hyper::service::service_fn(move |req| answer(req, seen.clone(), respond.clone()));
+                    let service =
+                        hyper::service::service_fn(move |req| answer(req, seen.clone(), respond.clone(), open.clone()));
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(tls), service)
                         .await;
                 });
             }
         });
-        TlsFake { url, ca_pem: ca.pem(), connections, requests, script }
+        TlsFake { url, ca_pem: ca.pem(), connections, requests, most_open, script }
     }
 
     pub fn requests(&self) -> Vec<(hyper::Version, Recorded)> {
         self.requests.lock().unwrap().clone()
     }
+}
+
+/// Answers being sent now, and the most at once.
+#[derive(Clone)]
+struct Open {
+    now: Arc<AtomicUsize>,
+    most: Arc<AtomicUsize>,
 }
 
 type Body = StreamBody<tokio_stream::wrappers::ReceiverStream<Result<Frame<Bytes>, std::convert::Infallible>>>;
@@ -103,6 +115,7 @@ async fn answer(
     req: hyper::Request<hyper::body::Incoming>,
     seen: Arc<Mutex<Vec<(hyper::Version, Recorded)>>>,
     respond: Responder,
+    open: Open,
 ) -> Result<hyper::Response<Body>, hyper::Error> {
     let version = req.version();
     let method = req.method().to_string();
@@ -116,7 +129,10 @@ async fn answer(
     // Each chunk goes out as its own DATA frame (or HTTP/1.1 chunk) at
     // once; `Wait` and `Sleep` hold the rest back as in `fake.rs`.
     let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let now = open.now.fetch_add(1, Ordering::SeqCst) + 1;
+    open.most.fetch_max(now, Ordering::SeqCst);
     tokio::spawn(async move {
+        let _sent = Sent(open.now);
         for chunk in reply.chunks {
             match chunk {
                 Chunk::Data(data) => {
@@ -134,4 +150,13 @@ async fn answer(
         response = response.header(name, value);
     }
     Ok(response.body(StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx))).unwrap())
+}
+
+/// Counts an answer as sent once its chunks are all out (or the client left).
+struct Sent(Arc<AtomicUsize>);
+
+impl Drop for Sent {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }

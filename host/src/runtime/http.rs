@@ -113,14 +113,18 @@ pub async fn public_addrs(host: &str, port: u16, explicit: bool) -> Result<Vec<S
 /// it through ALPN), but a server caps the streams it takes on one
 /// connection (`SETTINGS_MAX_CONCURRENT_STREAMS`), and hyper's pool queues
 /// a request past that cap instead of opening another connection: a busy
-/// host would then wait for other runs' answers to end. RFC 9113 asks
-/// servers to allow at least 100, so at 100 no request ever waits.
+/// host would then wait for other runs' answers to end. RFC 9113
+/// recommends that servers allow at least 100, so at 100 a request waits
+/// only on a server that caps lower.
 pub const STREAMS_PER_CONNECTION: usize = 100;
 
 /// Plugins' outbound HTTP clients: one, and one more each time all hold
 /// [`STREAMS_PER_CONNECTION`] responses, so an origin that speaks HTTP/2
-/// gets one connection per hundred concurrent answers. An HTTP/1.1 origin
-/// gets a connection per request, as from one client.
+/// gets at most a hundred concurrent answers on a connection (counted over
+/// all origins: a client full of one origin's answers sends the next
+/// origin's on the next client). An HTTP/1.1 origin gets a connection per
+/// request, as from one client. Clients are kept once made; an idle one
+/// holds no connection past reqwest's idle timeout.
 pub struct Clients {
     build: Box<dyn Fn() -> reqwest::Client + Send + Sync>,
     slots: std::sync::Mutex<Vec<Arc<Slot>>>,
@@ -181,10 +185,18 @@ pub fn clients(roots: Vec<reqwest::Certificate>) -> Clients {
 }
 
 /// Follows no redirect: a credential must never travel to a host the
-/// plugin did not name. HTTPS offers HTTP/2 and HTTP/1.1 (ALPN).
-fn builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
+/// plugin did not name. HTTPS offers HTTP/2 and HTTP/1.1 (ALPN). An
+/// HTTP/2 connection is pinged while it carries nothing new: one that died
+/// without a word (a NAT that forgot it) would otherwise hold every answer
+/// on it until the header timeout, or for good once headers had come.
+pub fn builder(roots: &[reqwest::Certificate]) -> reqwest::ClientBuilder {
     roots.iter().fold(
-        reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).connect_timeout(Duration::from_secs(10)),
+        reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(Duration::from_secs(10))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .http2_keep_alive_timeout(Duration::from_secs(10))
+            .http2_keep_alive_while_idle(true),
         |b, root| b.add_root_certificate(root.clone()),
     )
 }
@@ -274,7 +286,17 @@ impl Host for PluginState {
         match (&req.credential, &access.credential) {
             (Credential::None, _) => {}
             (_, None) => return Ok(Err(HttpError::MissingCredential)),
-            (Credential::Header(name), Some(key)) => builder = builder.header(name, key.expose()),
+            (Credential::Header(name), Some(key)) => {
+                // Sensitive: HTTP/2 then never puts it in the connection's
+                // header table, which the connection's other streams share
+                // (`bearer_auth` marks its header the same way).
+                let mut value = match reqwest::header::HeaderValue::from_str(key.expose()) {
+                    Ok(value) => value,
+                    Err(_) => return Ok(Err(HttpError::InvalidRequest("the stored key is not a valid header value".into()))),
+                };
+                value.set_sensitive(true);
+                builder = builder.header(name, value);
+            }
             (Credential::Bearer, Some(key)) => builder = builder.bearer_auth(key.expose()),
         }
         let wait = req.timeout_ms.map(|ms| Duration::from_millis(ms.into())).unwrap_or(MAX_HEADER_WAIT);
