@@ -35,6 +35,10 @@ impl Reply {
             chunks: vec![Chunk::Data(body.to_string().into_bytes())],
         }
     }
+    /// What a scripted server answers once its script has run out.
+    pub fn script_exhausted() -> Reply {
+        Reply::json(500, serde_json::json!({"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}))
+    }
     pub fn header(mut self, name: &str, value: &str) -> Reply {
         self.headers.push((name.into(), value.into()));
         self
@@ -127,9 +131,7 @@ async fn serve(
         let Some(request) = read_request(&mut stream).await? else { return Ok(()) };
         let answer = responder.as_ref().map(|respond| respond(&request));
         requests.lock().unwrap().push(request);
-        let reply = answer.or_else(|| script.lock().unwrap().pop_front()).unwrap_or_else(|| {
-            Reply::json(500, serde_json::json!({"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}))
-        });
+        let reply = answer.or_else(|| script.lock().unwrap().pop_front()).unwrap_or_else(Reply::script_exhausted);
         let mut head = format!("HTTP/1.1 {} X\r\ntransfer-encoding: chunked\r\n", reply.status);
         for (n, v) in &reply.headers {
             head.push_str(&format!("{n}: {v}\r\n"));

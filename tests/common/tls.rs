@@ -73,11 +73,7 @@ impl TlsFake {
         let most_open = Arc::new(AtomicUsize::new(0));
         let open = Open { now: Arc::new(AtomicUsize::new(0)), most: most_open.clone() };
         let respond: Responder = respond.unwrap_or_else(|| {
-            Arc::new(move |_| {
-                queue.lock().unwrap().pop_front().unwrap_or_else(|| {
-                    Reply::json(500, serde_json::json!({"type": "error", "error": {"type": "api_error", "message": "script exhausted"}}))
-                })
-            })
+            Arc::new(move |_| queue.lock().unwrap().pop_front().unwrap_or_else(Reply::script_exhausted))
         });
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {

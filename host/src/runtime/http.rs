@@ -128,7 +128,6 @@ pub const STREAMS_PER_CONNECTION: usize = 100;
 pub struct Clients {
     build: Box<dyn Fn() -> reqwest::Client + Send + Sync>,
     slots: std::sync::Mutex<Vec<Arc<Slot>>>,
-    per_connection: usize,
 }
 
 struct Slot {
@@ -146,8 +145,8 @@ impl Drop for Lease {
 }
 
 impl Clients {
-    fn new(per_connection: usize, build: impl Fn() -> reqwest::Client + Send + Sync + 'static) -> Clients {
-        Clients { build: Box::new(build), slots: std::sync::Mutex::new(Vec::new()), per_connection: per_connection.max(1) }
+    fn new(build: impl Fn() -> reqwest::Client + Send + Sync + 'static) -> Clients {
+        Clients { build: Box::new(build), slots: std::sync::Mutex::new(Vec::new()) }
     }
 
     /// The client for one more request, and its place until the response
@@ -157,7 +156,7 @@ impl Clients {
     pub fn lease(&self) -> (reqwest::Client, Lease) {
         use std::sync::atomic::Ordering;
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
-        let slot = match slots.iter().find(|s| s.open.load(Ordering::Relaxed) < self.per_connection) {
+        let slot = match slots.iter().find(|s| s.open.load(Ordering::Relaxed) < STREAMS_PER_CONNECTION) {
             Some(slot) => slot.clone(),
             None => {
                 let slot = Arc::new(Slot { client: (self.build)(), open: Default::default() });
@@ -173,7 +172,7 @@ impl Clients {
 /// The clients for tenants' requests: as [`clients`], with names resolved
 /// by [`PublicResolver`].
 pub fn public_clients(explicit: Arc<Vec<String>>, roots: Vec<reqwest::Certificate>) -> Clients {
-    Clients::new(STREAMS_PER_CONNECTION, move || {
+    Clients::new(move || {
         builder(&roots).dns_resolver(Arc::new(PublicResolver { explicit: explicit.clone() })).build().expect("build the HTTP client")
     })
 }
@@ -181,7 +180,7 @@ pub fn public_clients(explicit: Arc<Vec<String>>, roots: Vec<reqwest::Certificat
 /// The HTTP clients shared by all plugins, trusting `roots` besides the
 /// built-in ones (`[http] ca_file`).
 pub fn clients(roots: Vec<reqwest::Certificate>) -> Clients {
-    Clients::new(STREAMS_PER_CONNECTION, move || builder(&roots).build().expect("build the HTTP client"))
+    Clients::new(move || builder(&roots).build().expect("build the HTTP client"))
 }
 
 /// Follows no redirect: a credential must never travel to a host the
@@ -430,7 +429,7 @@ mod tests {
     fn a_client_takes_a_hundred_responses_before_another_is_made() {
         let built = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counter = built.clone();
-        let clients = Clients::new(STREAMS_PER_CONNECTION, move || {
+        let clients = Clients::new(move || {
             counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             reqwest::Client::new()
         });

@@ -351,6 +351,7 @@ impl Runtime {
         let engine = engine::build_engine(config.pool)
             .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("wasmtime engine: {e:#}") })?;
         let ticker = EpochTicker::start(engine.clone());
+        let tenant_hosts = Arc::new(config.tenant_hosts.clone());
         let tool_pool = ToolPool::new(TOOL_THREADS)
             .map_err(|e| RuntimeError::Unavailable { plugin: "*".into(), reason: format!("tool threads: {e}") })?;
         Ok(Runtime {
@@ -361,8 +362,8 @@ impl Runtime {
                 compile: config.compile,
                 policy: config.policy,
                 http_clients: Arc::new(http::clients(config.extra_roots.clone())),
-                public_clients: Arc::new(http::public_clients(Arc::new(config.tenant_hosts.clone()), config.extra_roots.clone())),
-                tenant_hosts: Arc::new(config.tenant_hosts.clone()),
+                public_clients: Arc::new(http::public_clients(tenant_hosts.clone(), config.extra_roots.clone())),
+                tenant_hosts,
                 plugins: RwLock::new(BTreeMap::new()),
                 ports: OnceLock::new(),
                 tool_pool,
