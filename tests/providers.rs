@@ -520,6 +520,47 @@ async fn anthropic_events_arrive_while_the_answer_is_still_streaming() {
     assert_eq!(stop(&rest), StopReason::EndTurn);
 }
 
+/// The three built-ins export `provider-stream`: while an answer waits on
+/// the model, the host holds the response and no instance of the provider
+/// is alive (each piece is decoded in an instance that is gone once it
+/// returns). A store alive holds part of the runtime's memory budget, as
+/// every `complete` answer's instance does until its end.
+#[tokio::test]
+async fn no_instance_is_alive_while_an_answer_waits_on_the_model() {
+    let streams = [
+        ("anthropic", anthropic_text_stream(&["first ", "second"])),
+        ("openai", openai_text_stream(&["first ", "second"])),
+        ("ollama", ollama_text_stream(&["first ", "second"])),
+    ];
+    for (provider, full) in streams {
+        let go = Arc::new(Notify::new());
+        let at = full.find("first ").unwrap();
+        let cut = at + full[at..].find('\n').unwrap() + 1;
+        let cut = if provider == "ollama" { cut } else { cut + full[cut..].find('\n').unwrap() + 1 };
+        let (head, tail) = (full[..cut].to_string(), full[cut..].to_string());
+        let gate = go.clone();
+        let fake = Fake::start(move |_| {
+            let reply = Reply::stream(if provider == "ollama" { "application/x-ndjson" } else { "text/event-stream" }, &head, 4096);
+            reply.then(Part::Wait(gate.clone())).then(Part::Bytes(tail.clone().into_bytes()))
+        })
+        .await;
+        let access = if provider == "ollama" { ollama_access(&fake) } else { access(&fake) };
+        let runtime = common::runtime();
+        let mut completion = runtime.provider_complete(provider, &access, hello()).await.unwrap().unwrap();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(10), completion.next()).await.unwrap().unwrap().unwrap();
+            if matches!(event, Some(Event::Text(_))) {
+                break;
+            }
+        }
+        assert_eq!(runtime.memory_budget().1, 0, "{provider}: an instance is alive while the answer waits");
+        go.notify_one();
+        let (rest, err) = drain(&mut completion).await;
+        assert!(err.is_none(), "{provider}: {err:?}");
+        assert_eq!(text(&rest), "second", "{provider}");
+    }
+}
+
 #[tokio::test]
 async fn anthropic_429_is_retryable_with_retry_after() {
     let fake = Fake::start(|_| {

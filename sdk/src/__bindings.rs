@@ -14,10 +14,13 @@ wit_bindgen::generate!({
     runtime_path: "hangar_sdk::__wit_bindgen::rt",
 });
 
+// Every SDK provider exports the `streaming-provider` world, a superset of
+// `provider`: one that answers through `complete` says so with `start`
+// returning `none`.
 #[cfg(feature = "provider")]
 wit_bindgen::generate!({
     path: "../wit",
-    world: "hangar:plugin/provider",
+    world: "hangar:plugin/streaming-provider",
     pub_export_macro: true,
     export_macro_name: "__export_provider_world",
     default_bindings_module: "hangar_sdk::__bindings",

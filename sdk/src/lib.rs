@@ -86,7 +86,7 @@ pub mod tool;
 
 pub use error::Error;
 #[cfg(feature = "provider")]
-pub use provider::{EventStream, Provider};
+pub use provider::{Decoder, EventStream, HttpProvider, Provider};
 #[cfg(feature = "tool")]
 pub use tool::{Context, Shard, Tool, input_schema, tool_spec, tool_spec_for};
 

@@ -2,16 +2,113 @@
 //! normalized messages and stream events.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 
 pub use crate::__bindings::exports::hangar::plugin::provider_api::{
     Config, ErrorKind, Event, ProviderError, ProviderInfo, Request, ToolUseDelta, ToolUseStart,
 };
 
 use crate::__bindings::exports::hangar::plugin::provider_api::GuestCompletion;
+use crate::__bindings::exports::hangar::plugin::provider_stream::{Call, Decoded};
 use crate::types::ModelInfo;
 
-/// A model provider. Implement it on a unit struct and pass the struct to
-/// [`export_provider!`](crate::export_provider).
+/// A model provider whose answer to a model call is one HTTP response,
+/// which is what every vendor's API gives. Implement it on a unit struct
+/// and pass the struct to [`export_http_provider!`](crate::export_http_provider).
+///
+/// The provider builds the request ([`HttpProvider::start`]) and turns the
+/// bytes of the answer into events ([`Decoder`]); the host sends the
+/// request, holds the response and reads it. Between two pieces of an
+/// answer no instance of the plugin is alive, only the decoder, kept as
+/// bytes: a host with thousands of answers waiting on their models holds a
+/// few hundred bytes for each instead of an instance.
+pub trait HttpProvider {
+    /// What turns the body of a successful response into events.
+    type Decoder: Decoder;
+
+    /// Describes the provider: its id (equal to the manifest name), name,
+    /// how it authenticates, and whether it can list models.
+    fn info() -> ProviderInfo;
+
+    /// Lists the models on offer (this may send requests through
+    /// [`crate::http`] itself).
+    fn models(cfg: Config) -> Result<Vec<ModelInfo>, ProviderError>;
+
+    /// Builds the request of a model call, and the decoder of its answer.
+    /// The host sends the request as [`crate::http::Request::send`] would:
+    /// to granted origins only, with the stored credential where the
+    /// request asks for it.
+    fn start(cfg: Config, req: Request) -> Result<(crate::http::Request, Self::Decoder), ProviderError>;
+}
+
+/// Turns the body of a model's answer into events, a piece at a time.
+///
+/// Between two pieces it is kept as bytes (serde, in `postcard`'s form),
+/// so it must hold everything it needs: the bytes of an unfinished line
+/// ([`crate::sse::SseFeed`] keeps those for an event stream), the open
+/// tool calls, the counts so far. Keep it small: it crosses into the
+/// plugin and back with every piece.
+pub trait Decoder: serde::Serialize + serde::de::DeserializeOwned + 'static {
+    /// Takes the bytes that arrived since the last call and appends the
+    /// events they complete to `out`. Events appended before an error
+    /// still reach the host, in order, and then the error ends the answer.
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), ProviderError>;
+
+    /// The body ended. An answer that was not complete is an error here
+    /// (a truncated stream); a complete one may still have events to give.
+    fn end(&mut self, out: &mut Vec<Event>) -> Result<(), ProviderError>;
+
+    /// Whether the answer is complete: the host then reads no more of the
+    /// body (a server may keep it open after its last event).
+    fn done(&self) -> bool {
+        false
+    }
+
+    /// Classifies a response whose status is not a success, as the
+    /// decoder [`HttpProvider::start`] made. The default is
+    /// [`ProviderError::from_failure`].
+    fn failure(&self, failure: &Failure) -> ProviderError {
+        ProviderError::from_failure(failure)
+    }
+
+    /// Classifies a request that could not be sent: refused by the host
+    /// (an origin not granted, no credential) or no connection. The
+    /// default is the error's own kind (`From<HttpError>`).
+    fn unsent(&self, error: crate::http::HttpError) -> ProviderError {
+        error.into()
+    }
+}
+
+/// A response whose status is not a success, read whole.
+#[derive(Debug, Clone)]
+pub struct Failure {
+    /// The HTTP status.
+    pub status: u16,
+    /// The headers, as sent (names in lowercase).
+    pub headers: Vec<(String, String)>,
+    /// The body (the host cuts a long one).
+    pub body: Vec<u8>,
+}
+
+impl Failure {
+    /// The first value of a header (names are matched case-insensitively).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+
+    /// Reads `response` whole (a body that breaks off is taken as empty).
+    pub fn read(response: crate::http::Response) -> Failure {
+        let status = response.status;
+        let headers = response.headers.clone();
+        Failure { status, headers, body: response.bytes().unwrap_or_default() }
+    }
+}
+
+/// A model provider in general: one whose answer is not one HTTP response
+/// (a scripted or computed answer, several requests in turn). Implement it
+/// on a unit struct and pass the struct to
+/// [`export_provider!`](crate::export_provider). Its instance stays alive
+/// for the whole answer; an [`HttpProvider`] does not need to.
 pub trait Provider {
     /// The stream of events of one model call.
     type Stream: EventStream;
@@ -112,18 +209,25 @@ impl ProviderError {
     /// [`ErrorKind::ContextLengthExceeded`], which the host answers by
     /// compacting the conversation and trying once more.
     pub fn from_response_with(response: crate::http::Response, context_length: impl FnOnce(u16, &[u8]) -> bool) -> Self {
-        let status = response.status;
-        let retry_after_ms = response
-            .header("retry-after-ms")
-            .and_then(|v| decimal_ms(v, 1));
-        let retry_after = response.header("retry-after").map(str::to_owned);
-        let body = response.bytes().unwrap_or_default();
-        let message = vendor_message(&body).unwrap_or_else(|| format!("HTTP {status} with no error message"));
-        let mut err = ProviderError::from_status(status, message).with_retry_after(retry_after.as_deref());
+        Self::from_failure_with(&Failure::read(response), context_length)
+    }
+
+    /// [`ProviderError::from_response`] for a response already read whole.
+    pub fn from_failure(failure: &Failure) -> Self {
+        Self::from_failure_with(failure, |_, _| false)
+    }
+
+    /// [`ProviderError::from_response_with`] for a response already read whole.
+    pub fn from_failure_with(failure: &Failure, context_length: impl FnOnce(u16, &[u8]) -> bool) -> Self {
+        let Failure { status, body, .. } = failure;
+        let status = *status;
+        let retry_after_ms = failure.header("retry-after-ms").and_then(|v| decimal_ms(v, 1));
+        let message = vendor_message(body).unwrap_or_else(|| format!("HTTP {status} with no error message"));
+        let mut err = ProviderError::from_status(status, message).with_retry_after(failure.header("retry-after"));
         if retry_after_ms.is_some() {
             err.retry_after_ms = retry_after_ms;
         }
-        if context_length(status, &body) {
+        if context_length(status, body) {
             err.kind = ErrorKind::ContextLengthExceeded;
             err.retryable = false;
         }
@@ -184,6 +288,187 @@ impl<S: EventStream> GuestCompletion for StreamCell<S> {
     }
 }
 
+/// Bytes asked of the host per read when the plugin reads the body itself
+/// (`complete`, on a host that does not hold answers).
+const CHUNK: u32 = 64 * 1024;
+
+/// An [`HttpProvider`]'s answer read by the plugin itself, for hosts that
+/// call `complete` rather than `provider-stream`.
+#[doc(hidden)]
+pub struct Decoding<D> {
+    body: Option<crate::http::Body>,
+    decoder: D,
+    queue: VecDeque<Event>,
+    failed: Option<ProviderError>,
+}
+
+impl<D: Decoder> EventStream for Decoding<D> {
+    fn next(&mut self) -> Result<Option<Event>, ProviderError> {
+        loop {
+            if let Some(event) = self.queue.pop_front() {
+                return Ok(Some(event));
+            }
+            if let Some(err) = self.failed.take() {
+                return Err(err);
+            }
+            let Some(body) = &self.body else { return Ok(None) };
+            let mut out = Vec::new();
+            let step = match body.read(CHUNK) {
+                Ok(Some(bytes)) => self.decoder.feed(&bytes, &mut out),
+                Ok(None) => {
+                    self.body = None;
+                    self.decoder.end(&mut out)
+                }
+                Err(err) => {
+                    self.body = None;
+                    Err(broken(&err.describe()))
+                }
+            };
+            self.queue.extend(out);
+            if let Err(err) = step {
+                self.failed = Some(err);
+                self.body = None;
+            }
+            if self.decoder.done() {
+                self.body = None;
+            }
+        }
+    }
+}
+
+/// The error of a body that broke off mid-answer: what was read cannot be
+/// told from a truncated answer, so it is a bad response, not retried.
+fn broken(why: &str) -> ProviderError {
+    ProviderError::new(ErrorKind::BadResponse, format!("the event stream broke off: {why}"))
+}
+
+#[doc(hidden)]
+pub fn __complete<P: HttpProvider>(cfg: Config, req: Request) -> Result<Decoding<P::Decoder>, ProviderError> {
+    let (request, decoder) = P::start(cfg, req)?;
+    let response = request.send().map_err(|e| decoder.unsent(e))?;
+    if !(200..300).contains(&response.status) {
+        return Err(decoder.failure(&Failure::read(response)));
+    }
+    Ok(Decoding { body: Some(response.body), decoder, queue: VecDeque::new(), failed: None })
+}
+
+#[doc(hidden)]
+pub fn __start<P: HttpProvider>(cfg: Config, req: Request) -> Result<Option<Call>, ProviderError> {
+    let (request, decoder) = P::start(cfg, req)?;
+    Ok(Some(Call { request, state: save(&decoder) }))
+}
+
+#[doc(hidden)]
+pub fn __decode<D: Decoder>(state: Vec<u8>, chunk: Option<Vec<u8>>) -> Decoded {
+    let mut decoder: D = load(&state);
+    let mut events = Vec::new();
+    let step = match chunk {
+        Some(bytes) => decoder.feed(&bytes, &mut events),
+        None => decoder.end(&mut events),
+    };
+    let error = step.err();
+    Decoded { events, done: error.is_some() || decoder.done(), error, state: save(&decoder) }
+}
+
+#[doc(hidden)]
+pub fn __failure<D: Decoder>(state: Vec<u8>, status: u16, headers: Vec<(String, String)>, body: Vec<u8>) -> ProviderError {
+    load::<D>(&state).failure(&Failure { status, headers, body })
+}
+
+#[doc(hidden)]
+pub fn __unsent<D: Decoder>(state: Vec<u8>, error: crate::http::HttpError) -> ProviderError {
+    load::<D>(&state).unsent(error)
+}
+
+/// `none` from `start` sends the host to `complete`; `decode`, `failure`
+/// and `unsent` are then never called.
+#[doc(hidden)]
+pub fn __unused() -> ProviderError {
+    ProviderError::new(ErrorKind::InvalidRequest, "this provider answers through `complete`")
+}
+
+/// A state that does not read back is this plugin's own bug: a trap, which
+/// the host reports as the plugin's failure, not the vendor's.
+fn load<D: Decoder>(state: &[u8]) -> D {
+    postcard::from_bytes(state).unwrap_or_else(|e| panic!("the decoder's state does not read back: {e}"))
+}
+
+fn save<D: Decoder>(decoder: &D) -> Vec<u8> {
+    postcard::to_allocvec(decoder).unwrap_or_else(|e| panic!("the decoder's state cannot be written: {e}"))
+}
+
+/// Exports an [`HttpProvider`] as the component's `provider-api` and
+/// `provider-stream`.
+///
+/// Call it once, at the crate root of a `cdylib` crate built for
+/// `wasm32-wasip2`. The provider type and its [`HttpProvider::Decoder`]
+/// must be `pub`: the generated exports name them.
+#[macro_export]
+macro_rules! export_http_provider {
+    ($provider:ty) => {
+        #[doc(hidden)]
+        pub struct __HangarProviderExport;
+
+        impl $crate::__bindings::exports::hangar::plugin::provider_api::Guest for __HangarProviderExport {
+            type Completion = $crate::provider::StreamCell<
+                $crate::provider::Decoding<<$provider as $crate::provider::HttpProvider>::Decoder>,
+            >;
+
+            fn info() -> $crate::provider::ProviderInfo {
+                <$provider as $crate::provider::HttpProvider>::info()
+            }
+            fn models(
+                cfg: $crate::provider::Config,
+            ) -> Result<Vec<$crate::types::ModelInfo>, $crate::provider::ProviderError> {
+                <$provider as $crate::provider::HttpProvider>::models(cfg)
+            }
+            fn complete(
+                cfg: $crate::provider::Config,
+                req: $crate::provider::Request,
+            ) -> Result<
+                $crate::__bindings::exports::hangar::plugin::provider_api::Completion,
+                $crate::provider::ProviderError,
+            > {
+                let stream = $crate::provider::__complete::<$provider>(cfg, req)?;
+                Ok($crate::__bindings::exports::hangar::plugin::provider_api::Completion::new(
+                    $crate::provider::StreamCell::new(stream),
+                ))
+            }
+        }
+
+        impl $crate::__bindings::exports::hangar::plugin::provider_stream::Guest for __HangarProviderExport {
+            fn start(
+                cfg: $crate::provider::Config,
+                req: $crate::provider::Request,
+            ) -> Result<
+                Option<$crate::__bindings::exports::hangar::plugin::provider_stream::Call>,
+                $crate::provider::ProviderError,
+            > {
+                $crate::provider::__start::<$provider>(cfg, req)
+            }
+            fn decode(
+                state: Vec<u8>,
+                chunk: Option<Vec<u8>>,
+            ) -> $crate::__bindings::exports::hangar::plugin::provider_stream::Decoded {
+                $crate::provider::__decode::<<$provider as $crate::provider::HttpProvider>::Decoder>(state, chunk)
+            }
+            fn failure(
+                state: Vec<u8>,
+                status: u16,
+                headers: Vec<(String, String)>,
+                body: Vec<u8>,
+            ) -> $crate::provider::ProviderError {
+                $crate::provider::__failure::<<$provider as $crate::provider::HttpProvider>::Decoder>(state, status, headers, body)
+            }
+            fn unsent(state: Vec<u8>, error: $crate::http::HttpError) -> $crate::provider::ProviderError {
+                $crate::provider::__unsent::<<$provider as $crate::provider::HttpProvider>::Decoder>(state, error)
+            }
+        }
+
+        $crate::__bindings::__export_provider_world!(__HangarProviderExport with_types_in $crate::__bindings);
+    };
+}
+
 /// Exports a [`Provider`] as the component's `provider-api`.
 ///
 /// Call it once, at the crate root of a `cdylib` crate built for
@@ -194,6 +479,40 @@ macro_rules! export_provider {
     ($provider:ty) => {
         #[doc(hidden)]
         pub struct __HangarProviderExport;
+
+        impl $crate::__bindings::exports::hangar::plugin::provider_stream::Guest for __HangarProviderExport {
+            fn start(
+                _cfg: $crate::provider::Config,
+                _req: $crate::provider::Request,
+            ) -> Result<
+                Option<$crate::__bindings::exports::hangar::plugin::provider_stream::Call>,
+                $crate::provider::ProviderError,
+            > {
+                Ok(None)
+            }
+            fn decode(
+                state: Vec<u8>,
+                _chunk: Option<Vec<u8>>,
+            ) -> $crate::__bindings::exports::hangar::plugin::provider_stream::Decoded {
+                $crate::__bindings::exports::hangar::plugin::provider_stream::Decoded {
+                    events: Vec::new(),
+                    state,
+                    done: true,
+                    error: Some($crate::provider::__unused()),
+                }
+            }
+            fn failure(
+                _state: Vec<u8>,
+                _status: u16,
+                _headers: Vec<(String, String)>,
+                _body: Vec<u8>,
+            ) -> $crate::provider::ProviderError {
+                $crate::provider::__unused()
+            }
+            fn unsent(_state: Vec<u8>, _error: $crate::http::HttpError) -> $crate::provider::ProviderError {
+                $crate::provider::__unused()
+            }
+        }
 
         impl $crate::__bindings::exports::hangar::plugin::provider_api::Guest for __HangarProviderExport {
             type Completion =

@@ -32,10 +32,14 @@ pub mod sharded_tool {
     });
 }
 
+/// A provider: `provider-api`, and `provider-stream` when it has it. Used
+/// through each interface's export indices, not the world's `Pre`: a
+/// provider built before `provider-stream` (every Python and JavaScript
+/// one) exports `provider-api` alone, with the same types.
 pub mod provider {
     wasmtime::component::bindgen!({
         path: "../wit",
-        world: "hangar:plugin/provider",
+        world: "hangar:plugin/streaming-provider",
         imports: { default: async | trappable },
         exports: { default: async },
         with: {
@@ -46,5 +50,5 @@ pub mod provider {
     });
 }
 
-pub use provider::exports::hangar::plugin::provider_api;
+pub use provider::exports::hangar::plugin::{provider_api, provider_stream};
 pub use tool::hangar::plugin::{http as wit_http, log as wit_log, process as wit_process, types};

@@ -210,24 +210,44 @@ pub struct HttpBody {
 
 impl Host for PluginState {
     async fn send(&mut self, req: Request) -> wasmtime::Result<Result<Response, HttpError>> {
-        let plugin = self.plugin.clone();
         let Some(access) = &self.http else {
-            return Ok(Err(HttpError::Denied(format!("plugin `{plugin}` is not granted http"))));
+            return Ok(Err(HttpError::Denied(format!("plugin `{}` is not granted http", self.plugin))));
         };
+        Ok(match access.send(&self.plugin, req).await {
+            Ok(Sent { status, headers, body }) => Ok(Response { status, headers, body: self.table.push(body)? }),
+            Err(err) => Err(err),
+        })
+    }
+}
+
+/// A response whose headers have arrived.
+pub struct Sent {
+    pub status: u16,
+    /// Scrubbed of the credential.
+    pub headers: Vec<(String, String)>,
+    pub body: HttpBody,
+}
+
+impl HttpAccess {
+    /// Sends `plugin`'s request: to a granted origin only, with the
+    /// credential where the request asks for it and the manifest allows.
+    /// Used for the plugin's own `http.send` and for the model calls the
+    /// host sends for it (`provider-stream`), so both pass the same checks.
+    pub async fn send(&self, plugin: &str, req: Request) -> Result<Sent, HttpError> {
         let url = match url::Url::parse(&req.url) {
             Ok(url) => url,
-            Err(err) => return Ok(Err(HttpError::InvalidRequest(format!("bad URL `{}`: {err}", req.url)))),
+            Err(err) => return Err(HttpError::InvalidRequest(format!("bad URL `{}`: {err}", req.url))),
         };
         let origin = match Origin::of(&url) {
             Ok(origin) => origin,
-            Err(err) => return Ok(Err(HttpError::InvalidRequest(err))),
+            Err(err) => return Err(HttpError::InvalidRequest(err)),
         };
-        if !access.allowed.iter().any(|p| p.matches(&origin)) {
+        if !self.allowed.iter().any(|p| p.matches(&origin)) {
             tracing::warn!(plugin = %plugin, %origin, "refused a request to an origin that is not granted");
-            return Ok(Err(HttpError::Denied(format!("origin {origin} is not granted to plugin `{plugin}`"))));
+            return Err(HttpError::Denied(format!("origin {origin} is not granted to plugin `{plugin}`")));
         }
         // An address in the URL is not resolved, so it is checked here.
-        if let Some(explicit) = &access.internal_hosts {
+        if let Some(explicit) = &self.internal_hosts {
             let literal = match url.host() {
                 Some(url::Host::Ipv4(ip)) => Some(IpAddr::V4(ip)),
                 Some(url::Host::Ipv6(ip)) => Some(IpAddr::V6(ip)),
@@ -238,60 +258,60 @@ impl Host for PluginState {
                 && !explicit.iter().any(|h| h.eq_ignore_ascii_case(&origin.host))
             {
                 tracing::warn!(plugin = %plugin, %origin, "refused a tenant's request to an internal address");
-                return Ok(Err(HttpError::Denied(format!("{origin} is an internal address, which a tenant's requests may not reach"))));
+                return Err(HttpError::Denied(format!("{origin} is an internal address, which a tenant's requests may not reach")));
             }
         }
         let method = match reqwest::Method::from_bytes(req.method.as_bytes()) {
             Ok(m) => m,
-            Err(_) => return Ok(Err(HttpError::InvalidRequest(format!("bad method `{}`", req.method)))),
+            Err(_) => return Err(HttpError::InvalidRequest(format!("bad method `{}`", req.method))),
         };
         let credential_header = match &req.credential {
             Credential::Header(name) => Some(name.to_ascii_lowercase()),
             _ => None,
         };
-        let (client, lease) = access.clients.lease();
+        let (client, lease) = self.clients.lease();
         let mut builder = client.request(method, url);
         for (name, value) in &req.headers {
             let lower = name.to_ascii_lowercase();
             if FORBIDDEN_HEADERS.contains(&lower.as_str()) || Some(&lower) == credential_header.as_ref() {
-                return Ok(Err(HttpError::InvalidRequest(format!(
+                return Err(HttpError::InvalidRequest(format!(
                     "header `{name}` may not be set by a plugin; ask for the credential with `credential`"
-                ))));
+                )));
             }
             builder = builder.header(name, value);
         }
         // The key goes only to the origin it was stored for, in the header
         // the manifest declares: a plugin granted several origins cannot
         // send it to another, nor put it where a server would echo it.
-        if !matches!(req.credential, Credential::None) && access.credential.is_some() {
-            if access.credential_origin.as_ref() != Some(&origin) {
-                let to = access.credential_origin.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "no origin".into());
+        if !matches!(req.credential, Credential::None) && self.credential.is_some() {
+            if self.credential_origin.as_ref() != Some(&origin) {
+                let to = self.credential_origin.as_ref().map(|o| o.to_string()).unwrap_or_else(|| "no origin".into());
                 tracing::warn!(plugin = %plugin, %origin, "refused to send the provider key to another origin");
-                return Ok(Err(HttpError::Denied(format!("the key of plugin `{plugin}` goes only to {to}, not to {origin}"))));
+                return Err(HttpError::Denied(format!("the key of plugin `{plugin}` goes only to {to}, not to {origin}")));
             }
             let header = match &req.credential {
                 Credential::Bearer => "authorization".to_string(),
                 Credential::Header(name) => name.to_ascii_lowercase(),
                 Credential::None => String::new(),
             };
-            if header != access.credential_header {
-                return Ok(Err(HttpError::Denied(format!(
+            if header != self.credential_header {
+                return Err(HttpError::Denied(format!(
                     "the key of plugin `{plugin}` travels only in `{}` (its manifest's key_header), not in `{header}`",
-                    access.credential_header
-                ))));
+                    self.credential_header
+                )));
             }
         }
         let with_credential = !matches!(req.credential, Credential::None);
-        match (&req.credential, &access.credential) {
+        match (&req.credential, &self.credential) {
             (Credential::None, _) => {}
-            (_, None) => return Ok(Err(HttpError::MissingCredential)),
+            (_, None) => return Err(HttpError::MissingCredential),
             (Credential::Header(name), Some(key)) => {
                 // Sensitive: HTTP/2 then never puts it in the connection's
                 // header table, which the connection's other streams share
                 // (`bearer_auth` marks its header the same way).
                 let mut value = match reqwest::header::HeaderValue::from_str(key.expose()) {
                     Ok(value) => value,
-                    Err(_) => return Ok(Err(HttpError::InvalidRequest("the stored key is not a valid header value".into()))),
+                    Err(_) => return Err(HttpError::InvalidRequest("the stored key is not a valid header value".into())),
                 };
                 value.set_sensitive(true);
                 builder = builder.header(name, value);
@@ -309,9 +329,9 @@ impl Host for PluginState {
             builder.body(req.body).send(),
         )));
         let response = match sending.await {
-            Err(err) => return Ok(Err(HttpError::Connection(format!("the request was lost: {err}")))),
-            Ok(Err(_)) => return Ok(Err(HttpError::Timeout)),
-            Ok(Ok(Err(err))) => return Ok(Err(HttpError::Connection(crate::error_chain(&err)))),
+            Err(err) => return Err(HttpError::Connection(format!("the request was lost: {err}"))),
+            Ok(Err(_)) => return Err(HttpError::Timeout),
+            Ok(Ok(Err(err))) => return Err(HttpError::Connection(crate::error_chain(&err))),
             Ok(Ok(Ok(response))) => response,
         };
         // The scrubber sees plain bytes only: a compressed answer to a
@@ -320,12 +340,12 @@ impl Host for PluginState {
             && let Some(encoding) = response.headers().get(reqwest::header::CONTENT_ENCODING)
             && !encoding.as_bytes().eq_ignore_ascii_case(b"identity")
         {
-            return Ok(Err(HttpError::Connection(format!(
+            return Err(HttpError::Connection(format!(
                 "a response with Content-Encoding `{}` to a request that carried the key is refused",
                 String::from_utf8_lossy(encoding.as_bytes())
-            ))));
+            )));
         }
-        let scrubber = Scrubber::new(access.credential.as_ref());
+        let scrubber = Scrubber::new(self.credential.as_ref());
         let headers = response
             .headers()
             .iter()
@@ -335,35 +355,49 @@ impl Host for PluginState {
             })
             .collect();
         let status = response.status().as_u16();
-        let body = self.table.push(HttpBody { response: Some((response, lease)), scrubber, pending: Vec::new() })?;
-        Ok(Ok(Response { status, headers, body }))
+        let body = HttpBody { response: Some((response, lease)), scrubber, pending: Vec::new() };
+        Ok(Sent { status, headers, body })
+    }
+}
+
+impl HttpBody {
+    /// The next bytes, at most `max` (`None`: the body ended), scrubbed of
+    /// the credential.
+    pub async fn read(&mut self, max: usize) -> Result<Option<Vec<u8>>, HttpError> {
+        let max = max.max(1);
+        loop {
+            if !self.pending.is_empty() {
+                let rest = self.pending.split_off(max.min(self.pending.len()));
+                return Ok(Some(std::mem::replace(&mut self.pending, rest)));
+            }
+            let Some((response, _)) = self.response.as_mut() else {
+                return Ok(None);
+            };
+            match response.chunk().await {
+                Ok(Some(chunk)) => self.pending = self.scrubber.push(&chunk),
+                Ok(None) => {
+                    self.response = None;
+                    self.pending = self.scrubber.finish();
+                }
+                Err(err) => {
+                    self.response = None;
+                    return Err(HttpError::Connection(format!("the response body broke off: {}", crate::error_chain(&err))));
+                }
+            }
+        }
+    }
+
+    /// The bytes that have already arrived (at most `max`), without
+    /// waiting: a step that found bytes waiting takes them all at once.
+    pub fn read_ready(&mut self, max: usize) -> Result<Option<Vec<u8>>, HttpError> {
+        use futures::FutureExt;
+        self.read(max).now_or_never().unwrap_or(Ok(Some(Vec::new())))
     }
 }
 
 impl HostBody for PluginState {
     async fn read(&mut self, body: Resource<HttpBody>, max_bytes: u32) -> wasmtime::Result<Result<Option<Vec<u8>>, HttpError>> {
-        let body = self.table.get_mut(&body)?;
-        let max = (max_bytes as usize).max(1);
-        loop {
-            if !body.pending.is_empty() {
-                let rest = body.pending.split_off(max.min(body.pending.len()));
-                return Ok(Ok(Some(std::mem::replace(&mut body.pending, rest))));
-            }
-            let Some((response, _)) = body.response.as_mut() else {
-                return Ok(Ok(None));
-            };
-            match response.chunk().await {
-                Ok(Some(chunk)) => body.pending = body.scrubber.push(&chunk),
-                Ok(None) => {
-                    body.response = None;
-                    body.pending = body.scrubber.finish();
-                }
-                Err(err) => {
-                    body.response = None;
-                    return Ok(Err(HttpError::Connection(format!("the response body broke off: {}", crate::error_chain(&err)))));
-                }
-            }
-        }
+        Ok(self.table.get_mut(&body)?.read(max_bytes as usize).await)
     }
 
     async fn drop(&mut self, body: Resource<HttpBody>) -> wasmtime::Result<()> {

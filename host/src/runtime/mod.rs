@@ -17,7 +17,7 @@ mod state;
 mod workdir;
 mod writes;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
@@ -43,12 +43,13 @@ pub use http::public_addrs;
 pub(crate) use process::{Confined, Program, spawn_confined};
 pub use writes::WriteLimit;
 
-use bindings::provider::{Provider, ProviderPre};
+use bindings::{provider_api, provider_stream};
 use bindings::sharded_tool::{ShardedTool, ShardedToolPre};
 use bindings::tool::{Tool, ToolPre};
 use bindings::types::ToolCall;
 use engine::{CompileCache, EpochTicker};
-use http::HttpAccess;
+use bindings::wit_http::HttpError;
+use http::{HttpAccess, HttpBody};
 use process::{PortGate, ProcessAccess};
 use state::{MemoryBudget, MemoryLimiter, MemoryRefusal, PluginState};
 
@@ -103,7 +104,13 @@ pub static BUILTINS: &[Builtin] = include!(concat!(env!("OUT_DIR"), "/builtin_pl
 /// What a plugin is once compiled, linked and described.
 enum Loaded {
     Tool { pre: ToolPre<PluginState>, spec: ToolSpec, shards: Option<Shards> },
-    Provider { pre: ProviderPre<PluginState>, info: ProviderInfo },
+    Provider {
+        pre: wasmtime::component::InstancePre<PluginState>,
+        api: provider_api::GuestIndices,
+        /// Present when the provider exports `provider-stream`.
+        stream: Option<provider_stream::GuestIndices>,
+        info: ProviderInfo,
+    },
 }
 
 /// How a tool that exports `shard-api` runs a call as parts.
@@ -758,20 +765,31 @@ impl Runtime {
                 Loaded::Tool { pre, spec, shards }
             }
             Kind::Provider => {
-                let pre = ProviderPre::new(pre).map_err(wrong_world)?;
+                let api = provider_api::GuestIndices::new(&pre).map_err(wrong_world)?;
+                // `provider-stream` is optional: a component without it
+                // answers through `complete` (every Python and JavaScript
+                // provider, every plugin built before it).
+                let stream = provider_stream::GuestIndices::new(&pre).ok();
                 let mut store = self.store(&plugin, None, None, false)?;
                 // Start functions and `info()` are guest code like any call:
                 // one that never returns must not leave the plugin loading
                 // (and everything that waits for it waiting) for good.
                 let deadline = plugin.grants.limits.deadline;
                 let described = tokio::time::timeout(deadline, async {
-                    let instance = pre.instantiate_async(&mut store).await?;
-                    instance.hangar_plugin_provider_api().call_info(&mut store).await
+                    // Loading checks the exports' types, so a mismatch is
+                    // found now rather than at a model call.
+                    let instance = pre.instantiate_async(&mut store).await.map_err(Ok)?;
+                    let api = api.load(&mut store, &instance).map_err(|e| Err(wrong_world(e)))?;
+                    if let Some(stream) = &stream {
+                        stream.load(&mut store, &instance).map_err(|e| Err(wrong_world(e)))?;
+                    }
+                    api.call_info(&mut store).await.map_err(Ok)
                 })
                 .await;
                 let info = match described {
                     Err(_) => return Err(RuntimeError::Deadline { plugin: id.clone(), limit: deadline }),
-                    Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+                    Ok(Err(Err(wrong))) => return Err(wrong),
+                    Ok(Err(Ok(err))) => return Err(self.call_error(&plugin, &store, err)),
                     Ok(Ok(info)) => info,
                 };
                 if info.id != id {
@@ -780,7 +798,7 @@ impl Runtime {
                         reason: format!("info() names the provider `{}`, the manifest `{id}`", info.id),
                     });
                 }
-                Loaded::Provider { pre, info }
+                Loaded::Provider { pre, api, stream, info }
             }
         })
     }
@@ -1252,21 +1270,48 @@ impl Runtime {
         Ok((output, writes.hit()))
     }
 
+    /// A fresh instance of a loaded provider; `access` is the model call's
+    /// (its credential and base URL), `None` for a decoding step, which
+    /// gets no network at all.
     async fn provider_instance(
         &self,
-        id: &str,
-        access: &ProviderAccess,
-    ) -> Result<(Arc<Plugin>, Store<PluginState>, Provider), RuntimeError> {
-        let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
-        let Loaded::Provider { pre, .. } = &*loaded else { unreachable!("kind checked") };
-        let mut store = self.store(&plugin, None, Some(access), false)?;
+        plugin: &Arc<Plugin>,
+        loaded: &Loaded,
+        access: Option<&ProviderAccess>,
+    ) -> Result<ProviderInstance, RuntimeError> {
+        let Loaded::Provider { pre, api, stream, .. } = loaded else { unreachable!("kind checked") };
+        let mut store = self.store(plugin, None, access, false)?;
+        if access.is_none() {
+            store.data_mut().http = None;
+        }
         let deadline = plugin.grants.limits.deadline;
-        let instance = match tokio::time::timeout(deadline, pre.instantiate_async(&mut store)).await {
-            Err(_) => return Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
-            Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
-            Ok(Ok(instance)) => instance,
-        };
-        Ok((plugin, store, instance))
+        let instantiated = tokio::time::timeout(deadline, async {
+            let instance = pre.instantiate_async(&mut store).await?;
+            let api = api.load(&mut store, &instance)?;
+            let stream = stream.as_ref().map(|s| s.load(&mut store, &instance)).transpose()?;
+            Ok::<_, wasmtime::Error>((api, stream))
+        })
+        .await;
+        match instantiated {
+            Err(_) => Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline }),
+            Ok(Err(err)) => Err(self.call_error(plugin, &store, err)),
+            Ok(Ok((api, stream))) => Ok(ProviderInstance { store, api, stream }),
+        }
+    }
+
+    /// What a provider call run under the plugin's deadline came to
+    /// (`outcome`); `store` is the instance's, for the error.
+    fn provider_call<T>(
+        &self,
+        plugin: &Plugin,
+        store: &Store<PluginState>,
+        outcome: Result<wasmtime::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, RuntimeError> {
+        match outcome {
+            Err(_) => Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: plugin.grants.limits.deadline }),
+            Ok(Err(err)) => Err(self.call_error(plugin, store, err)),
+            Ok(Ok(value)) => Ok(value),
+        }
     }
 
     /// Lists a provider's models.
@@ -1275,51 +1320,174 @@ impl Runtime {
         id: &str,
         access: &ProviderAccess,
     ) -> Result<Result<Vec<ModelInfo>, ProviderError>, RuntimeError> {
-        let (plugin, mut store, instance) = self.provider_instance(id, access).await?;
+        let (plugin, loaded) = self.plugin_of_kind(id, Kind::Provider).await?;
+        let ProviderInstance { mut store, api, .. } = self.provider_instance(&plugin, &loaded, Some(access)).await?;
         let cfg = provider_config(access);
-        let deadline = plugin.grants.limits.deadline;
-        let call = instance.hangar_plugin_provider_api().call_models(&mut store, &cfg);
-        match tokio::time::timeout(deadline, call).await {
-            Err(_) => Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
-            Ok(Err(err)) => Err(self.call_error(&plugin, &store, err)),
-            Ok(Ok(result)) => Ok(result),
-        }
+        let outcome = tokio::time::timeout(plugin.grants.limits.deadline, api.call_models(&mut store, &cfg)).await;
+        self.provider_call(&plugin, &store, outcome)
     }
 
     /// Starts a model call; pull its events from the returned stream.
+    ///
+    /// A provider that exports `provider-stream` builds the request, and
+    /// its instance is gone before the request is sent: the host sends it
+    /// and holds the response, and each piece of the body is decoded in a
+    /// fresh instance. Any other provider's instance sends it and reads
+    /// the body itself (`complete`), alive until the answer ends.
     pub async fn provider_complete(
         &self,
         id: &str,
         access: &ProviderAccess,
         request: CompletionRequest,
     ) -> Result<Result<Completion, ProviderError>, RuntimeError> {
-        let (plugin, mut store, instance) = self.provider_instance(id, access).await?;
+        // The awaits before and after the wait for the vendor's answer are
+        // boxed: a stream's task holds this future, at its largest state's
+        // size, until the answer's headers arrive.
+        let (plugin, loaded) = Box::pin(self.plugin_of_kind(id, Kind::Provider)).await?;
+        let ProviderInstance { mut store, api, stream } = Box::pin(self.provider_instance(&plugin, &loaded, Some(access))).await?;
         let cfg = provider_config(access);
         let deadline = plugin.grants.limits.deadline;
-        let call = instance.hangar_plugin_provider_api().call_complete(&mut store, &cfg, &request);
-        let handle = match tokio::time::timeout(deadline, call).await {
-            Err(_) => return Err(RuntimeError::Deadline { plugin: id.into(), limit: deadline }),
+        let timed_out = || RuntimeError::Deadline { plugin: id.into(), limit: deadline };
+        if let Some(stream) = stream {
+            let started = Box::pin(tokio::time::timeout(deadline, stream.call_start(&mut store, &cfg, &request))).await;
+            let call = match started {
+                Err(_) => return Err(timed_out()),
+                Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
+                Ok(Ok(Err(provider_error))) => return Ok(Err(provider_error)),
+                Ok(Ok(Ok(call))) => call,
+            };
+            if let Some(call) = call {
+                // The instance goes before the wait for the vendor; its
+                // network grant (with the credential) sends the request.
+                let http = store.into_data().http;
+                let answer = self.send_held(&plugin, loaded, http, call).await?;
+                return Ok(answer.map(|held| Completion { runtime: self.clone(), plugin, answer: Answer::Held(held) }));
+            }
+        }
+        let started = Box::pin(tokio::time::timeout(deadline, api.call_complete(&mut store, &cfg, &request))).await;
+        let handle = match started {
+            Err(_) => return Err(timed_out()),
             Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
             Ok(Ok(Err(provider_error))) => return Ok(Err(provider_error)),
             Ok(Ok(Ok(handle))) => handle,
         };
-        Ok(Ok(Completion { runtime: self.clone(), plugin, store, instance, handle }))
+        Ok(Ok(Completion { runtime: self.clone(), plugin, answer: Answer::Instance { store, api, handle } }))
     }
+
+    /// Sends a `provider-stream` call's request with the grant of the
+    /// instance that built it, and keeps the response if it is a success.
+    async fn send_held(
+        &self,
+        plugin: &Arc<Plugin>,
+        loaded: Arc<Loaded>,
+        http: Option<HttpAccess>,
+        call: provider_stream::Call,
+    ) -> Result<Result<Held, ProviderError>, RuntimeError> {
+        let sent = match http {
+            Some(http) => http.send(plugin.id(), call.request).await,
+            None => Err(HttpError::Denied(format!("plugin `{}` is not granted http", plugin.id()))),
+        };
+        let sent = match sent {
+            Ok(sent) => sent,
+            // The plugin says what the failure means, as it would have of
+            // its own `http.send`.
+            Err(err) => return Box::pin(self.unsent(plugin, &loaded, &call.state, err)).await.map(Err),
+        };
+        let held = Held { loaded, body: Some(sent.body), state: call.state, queue: VecDeque::new(), failed: None, done: false };
+        if (200..300).contains(&sent.status) {
+            return Ok(Ok(held));
+        }
+        Box::pin(self.failure(plugin, held, sent.status, &sent.headers)).await.map(Err)
+    }
+
+    /// A request the host could not send, classified by the plugin as it
+    /// would its own `http.send`'s error.
+    async fn unsent(&self, plugin: &Arc<Plugin>, loaded: &Loaded, state: &[u8], err: HttpError) -> Result<ProviderError, RuntimeError> {
+        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, loaded, None).await?;
+        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let outcome = tokio::time::timeout(plugin.grants.limits.deadline, stream.call_unsent(&mut store, state, &err)).await;
+        self.provider_call(plugin, &store, outcome)
+    }
+
+    /// A response that is not a success, classified by the plugin from its
+    /// status, headers and body (read whole, up to a bound): the vendor's
+    /// error message, its retry wait.
+    async fn failure(&self, plugin: &Arc<Plugin>, mut held: Held, status: u16, headers: &[(String, String)]) -> Result<ProviderError, RuntimeError> {
+        let deadline = plugin.grants.limits.deadline;
+        let mut body = Vec::new();
+        let read = tokio::time::timeout(deadline, async {
+            while body.len() < FAILURE_BODY_MAX {
+                match held.body.as_mut().map(|b| b.read(FAILURE_BODY_MAX - body.len())) {
+                    Some(read) => match read.await {
+                        Ok(Some(bytes)) => body.extend_from_slice(&bytes),
+                        Ok(None) | Err(_) => break,
+                    },
+                    None => break,
+                }
+            }
+        })
+        .await;
+        if read.is_err() {
+            return Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline });
+        }
+        drop(held.body.take());
+        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, &held.loaded, None).await?;
+        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let outcome = tokio::time::timeout(deadline, stream.call_failure(&mut store, &held.state, status, headers, &body)).await;
+        self.provider_call(plugin, &store, outcome)
+    }
+
+    /// One step of a held answer: `chunk` (`None`: the body ended) decoded
+    /// in a fresh instance that has no network.
+    async fn decode(&self, plugin: &Arc<Plugin>, loaded: &Loaded, state: Vec<u8>, chunk: Option<Vec<u8>>) -> Result<provider_stream::Decoded, RuntimeError> {
+        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, loaded, None).await?;
+        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let outcome = tokio::time::timeout(plugin.grants.limits.deadline, stream.call_decode(&mut store, &state, chunk.as_deref())).await;
+        self.provider_call(plugin, &store, outcome)
+    }
+}
+
+/// The bytes of a failed model call's body the plugin gets to classify it.
+const FAILURE_BODY_MAX: usize = 64 * 1024;
+/// The most bytes one decoding step takes: what has arrived, up to this.
+const STEP_MAX: usize = 64 * 1024;
+
+struct ProviderInstance {
+    store: Store<PluginState>,
+    api: provider_api::Guest,
+    stream: Option<provider_stream::Guest>,
 }
 
 fn provider_config(access: &ProviderAccess) -> ProviderConfig {
     ProviderConfig { base_url: access.base_url.clone(), has_credential: access.credential.is_some() }
 }
 
-/// A model answer being streamed out of a provider instance. Each pull has
-/// its own deadline; dropping the stream drops the instance and with it the
-/// HTTP connection.
+/// A model answer being streamed out of a provider. Each pull has its own
+/// deadline; dropping the stream drops the instance or the held response,
+/// and with it the HTTP request.
 pub struct Completion {
     runtime: Runtime,
     plugin: Arc<Plugin>,
-    store: Store<PluginState>,
-    instance: Provider,
-    handle: ResourceAny,
+    answer: Answer,
+}
+
+enum Answer {
+    /// The instance reads the body itself (`complete`/`next`).
+    Instance { store: Store<PluginState>, api: provider_api::Guest, handle: ResourceAny },
+    /// The host holds the body (`provider-stream`).
+    Held(Held),
+}
+
+/// A held answer between two steps: the response, the decoder's state,
+/// and what the last step made that has not been pulled yet.
+struct Held {
+    loaded: Arc<Loaded>,
+    /// `None` once the body ended, broke off, or the answer is complete.
+    body: Option<HttpBody>,
+    state: Vec<u8>,
+    queue: VecDeque<Event>,
+    failed: Option<ProviderError>,
+    done: bool,
 }
 
 impl Completion {
@@ -1330,15 +1498,91 @@ impl Completion {
 
     /// The next event, `Ok(Ok(None))` at the end.
     pub async fn next(&mut self) -> Result<Result<Option<Event>, ProviderError>, RuntimeError> {
+        let held = match &mut self.answer {
+            Answer::Instance { store, api, handle } => {
+                let completion = api.completion();
+                let outcome = tokio::time::timeout(self.plugin.grants.limits.deadline, completion.call_next(&mut *store, *handle)).await;
+                return self.runtime.provider_call(&self.plugin, store, outcome);
+            }
+            Answer::Held(held) => held,
+        };
         let deadline = self.plugin.grants.limits.deadline;
-        let api = self.instance.hangar_plugin_provider_api();
-        let completion = api.completion();
-        let call = completion.call_next(&mut self.store, self.handle);
-        match tokio::time::timeout(deadline, call).await {
-            Err(_) => Err(RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline }),
-            Ok(Err(err)) => Err(self.runtime.call_error(&self.plugin, &self.store, err)),
-            Ok(Ok(result)) => Ok(result),
+        loop {
+            if let Some(event) = held.queue.pop_front() {
+                return Ok(Ok(Some(event)));
+            }
+            if let Some(err) = held.failed.take() {
+                held.done = true;
+                return Ok(Err(err));
+            }
+            if held.done {
+                return Ok(Ok(None));
+            }
+            let mut broken = None;
+            let chunk = match held.body.as_mut() {
+                None => None,
+                Some(body) => match tokio::time::timeout(deadline, body.read(STEP_MAX)).await {
+                    Err(_) => return Err(RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline }),
+                    Ok(Err(err)) => {
+                        held.done = true;
+                        held.body = None;
+                        return Ok(Err(broke_off(err)));
+                    }
+                    Ok(Ok(None)) => None,
+                    Ok(Ok(Some(mut bytes))) => {
+                        // Everything that has arrived goes in one step: a
+                        // fast stream pays for a step per read, not per
+                        // network packet.
+                        while bytes.len() < STEP_MAX {
+                            match body.read_ready(STEP_MAX - bytes.len()) {
+                                Ok(Some(more)) if !more.is_empty() => bytes.extend_from_slice(&more),
+                                Ok(_) => break,
+                                Err(err) => {
+                                    broken = Some(err);
+                                    break;
+                                }
+                            }
+                        }
+                        Some(bytes)
+                    }
+                },
+            };
+            let ended = chunk.is_none();
+            if ended {
+                // The connection's place is free before the last step runs.
+                held.body = None;
+            }
+            let state = std::mem::take(&mut held.state);
+            // Boxed: an instantiation and a call, far larger than the wait
+            // for bytes that this future holds the rest of the time.
+            let decoded = Box::pin(self.runtime.decode(&self.plugin, &held.loaded, state, chunk)).await?;
+            held.state = decoded.state;
+            held.queue.extend(decoded.events);
+            held.failed = decoded.error;
+            if decoded.done || ended || held.failed.is_some() {
+                held.done = true;
+                held.body = None;
+            } else if let Some(err) = broken {
+                held.failed = Some(broke_off(err));
+                held.body = None;
+            }
         }
+    }
+}
+
+/// A held body that broke off mid-answer: as the SDK's decoders report
+/// it, a bad response (what arrived cannot be told from a cut answer).
+fn broke_off(err: HttpError) -> ProviderError {
+    let why = match err {
+        HttpError::Connection(what) => format!("connection failed: {what}"),
+        other => format!("{other:?}"),
+    };
+    ProviderError {
+        kind: ErrorKind::BadResponse,
+        retryable: false,
+        status: None,
+        message: format!("the event stream broke off: {why}"),
+        retry_after_ms: None,
     }
 }
 

@@ -1,8 +1,11 @@
 //! `{{name}}`: a Hangar model provider. As written it needs no network: it
 //! answers every message with `{{name}} heard: ...`, streamed word by word.
-//! A real adapter sends the request to its vendor with `hangar_sdk::http`
-//! (asking for the origin in the manifest) and turns the answer into
-//! events, with `hangar_sdk::sse::SseReader` for server-sent events.
+//! A real adapter, whose answer is one HTTP response from its vendor,
+//! implements `hangar_sdk::HttpProvider` instead: it builds the request
+//! (to the origin asked for in the manifest) and a `hangar_sdk::Decoder`
+//! that turns the bytes of the answer into events, and the host sends the
+//! request and holds the response (`hangar_sdk::sse::SseFeed` parses
+//! server-sent events in a decoder).
 
 use std::collections::VecDeque;
 

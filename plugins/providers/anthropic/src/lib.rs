@@ -7,14 +7,17 @@
 //! Hangar events as each SSE event arrives. The key never enters this
 //! component: requests ask the host to put it in `x-api-key`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 
 use hangar_sdk::http::{Credential, Request};
-use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart};
+use hangar_sdk::provider::{
+    Config, ErrorKind, Event, Failure, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart,
+};
 use hangar_sdk::serde_json::{self, Value, json};
-use hangar_sdk::sse::{SseError, SseReader};
+use hangar_sdk::sse::SseFeed;
 use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
-use hangar_sdk::{EventStream, Provider, export_provider};
+use hangar_sdk::{Decoder, HttpProvider, export_http_provider};
+use serde::{Deserialize, Serialize};
 
 /// The vendor's public endpoint, used when the operator configured none.
 const PUBLIC_BASE: &str = "https://api.anthropic.com";
@@ -51,11 +54,12 @@ const CATALOG: &[(&str, &str, u64)] = &[
     ("claude-3-5-haiku-20241022", "Claude Haiku 3.5", 200_000),
 ];
 
-/// The adapter; exported as the component's `provider-api`.
+/// The adapter; exported as the component's `provider-api` and
+/// `provider-stream`.
 pub struct Anthropic;
 
-impl Provider for Anthropic {
-    type Stream = MessageStream;
+impl HttpProvider for Anthropic {
+    type Decoder = MessageStream;
 
     fn info() -> ProviderInfo {
         ProviderInfo { id: "anthropic".into(), name: "Anthropic".into(), auth_types: vec!["api_key".into()], lists_models: true }
@@ -91,23 +95,19 @@ impl Provider for Anthropic {
         Ok(models)
     }
 
-    fn complete(cfg: Config, req: Completion) -> Result<MessageStream, ProviderError> {
+    fn start(cfg: Config, req: Completion) -> Result<(Request, MessageStream), ProviderError> {
         let credential = credential(&cfg)?;
         let body = request_body(&req);
-        let response = Request::post_json(format!("{}/v1/messages", base_url(&cfg)), &body)
+        let request = Request::post_json(format!("{}/v1/messages", base_url(&cfg)), &body)
             .header("anthropic-version", API_VERSION)
             .header("accept", "text/event-stream")
             .credential(credential)
-            .timeout_ms(COMPLETE_TIMEOUT_MS)
-            .send()?;
-        if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response_with(response, too_long));
-        }
-        Ok(MessageStream::new(SseReader::new(response)))
+            .timeout_ms(COMPLETE_TIMEOUT_MS);
+        Ok((request, MessageStream::default()))
     }
 }
 
-export_provider!(Anthropic);
+export_http_provider!(Anthropic);
 
 /// The configured base URL without a trailing `/` or `/v1` (the Anthropic
 /// SDKs' convention is a base without `/v1`; tolerate either).
@@ -236,6 +236,7 @@ fn json_object(text: &str) -> Value {
 }
 
 /// What is known about an open content block, by its index.
+#[derive(Serialize, Deserialize)]
 enum Block {
     Text,
     Tool { id: String, sent_input: bool },
@@ -243,32 +244,21 @@ enum Block {
     Other,
 }
 
-/// The events of one streamed answer.
+/// The decoder of one streamed answer: kept between the pieces of the body.
+#[derive(Default, Serialize, Deserialize)]
 pub struct MessageStream {
-    sse: SseReader,
-    queue: VecDeque<Event>,
+    sse: SseFeed,
     blocks: HashMap<u64, Block>,
     input_tokens: u64,
     output_tokens: u64,
-    stop: Option<StopReason>,
+    /// The vendor's `stop_reason`, as sent.
+    stop: Option<String>,
     finished: bool,
 }
 
 impl MessageStream {
-    fn new(sse: SseReader) -> Self {
-        MessageStream {
-            sse,
-            queue: VecDeque::new(),
-            blocks: HashMap::new(),
-            input_tokens: 0,
-            output_tokens: 0,
-            stop: None,
-            finished: false,
-        }
-    }
-
     /// Turns one SSE event into zero or more Hangar events.
-    fn handle(&mut self, event: &str, data: &str) -> Result<(), ProviderError> {
+    fn handle(&mut self, event: &str, data: &str, out: &mut Vec<Event>) -> Result<(), ProviderError> {
         const KNOWN: [&str; 8] = [
             "message_start",
             "content_block_start",
@@ -302,7 +292,7 @@ impl MessageStream {
                 let state = match block["type"].as_str() {
                     Some("text") => {
                         if let Some(text) = block["text"].as_str().filter(|t| !t.is_empty()) {
-                            self.queue.push_back(Event::Text(text.into()));
+                            out.push(Event::Text(text.into()));
                         }
                         Block::Text
                     }
@@ -312,13 +302,13 @@ impl MessageStream {
                         if id.is_empty() || name.is_empty() {
                             return Err(bad("a tool_use block without an id or a name"));
                         }
-                        self.queue.push_back(Event::ToolUseStart(ToolUseStart { id: id.clone(), name }));
+                        out.push(Event::ToolUseStart(ToolUseStart { id: id.clone(), name }));
                         // The API starts with `input: {}` and streams the
                         // input; some compatible servers send it whole here.
                         let whole = block["input"].as_object().filter(|o| !o.is_empty());
                         if let Some(input) = whole {
                             let partial_json = hangar_sdk::json::to_string(input);
-                            self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json }));
+                            out.push(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json }));
                         }
                         Block::Tool { id, sent_input: whole.is_some() }
                     }
@@ -333,14 +323,14 @@ impl MessageStream {
                     (Some(Block::Text), Some("text_delta")) => {
                         let text = delta["text"].as_str().unwrap_or_default();
                         if !text.is_empty() {
-                            self.queue.push_back(Event::Text(text.into()));
+                            out.push(Event::Text(text.into()));
                         }
                     }
                     (Some(Block::Tool { id, sent_input }), Some("input_json_delta")) => {
                         let piece = delta["partial_json"].as_str().unwrap_or_default();
                         if !piece.is_empty() {
                             *sent_input = true;
-                            self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: piece.into() }));
+                            out.push(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: piece.into() }));
                         }
                     }
                     (None, _) => return Err(bad(&format!("a delta for content block {index}, which was never started"))),
@@ -352,20 +342,20 @@ impl MessageStream {
                     // A tool without parameters streams no input at all; the
                     // pieces must still form an object.
                     if !sent_input {
-                        self.queue.push_back(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: "{}".into() }));
+                        out.push(Event::ToolUseDelta(ToolUseDelta { id: id.clone(), partial_json: "{}".into() }));
                     }
-                    self.queue.push_back(Event::ToolUseEnd(id));
+                    out.push(Event::ToolUseEnd(id));
                 }
             }
             "message_delta" => {
                 if let Some(reason) = json["delta"]["stop_reason"].as_str() {
-                    self.stop = Some(stop_reason(reason));
+                    self.stop = Some(reason.to_string());
                 }
                 self.add_usage(&json["usage"]);
             }
             "message_stop" => {
-                self.queue.push_back(Event::Usage(Usage { input_tokens: self.input_tokens, output_tokens: self.output_tokens }));
-                self.queue.push_back(Event::Stop(self.stop.unwrap_or(StopReason::EndTurn)));
+                out.push(Event::Usage(Usage { input_tokens: self.input_tokens, output_tokens: self.output_tokens }));
+                out.push(Event::Stop(self.stop.as_deref().map_or(StopReason::EndTurn, stop_reason)));
                 self.finished = true;
             }
             "error" => return Err(stream_error(&json["error"])),
@@ -389,21 +379,29 @@ impl MessageStream {
     }
 }
 
-impl EventStream for MessageStream {
-    fn next(&mut self) -> Result<Option<Event>, ProviderError> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Ok(Some(event));
-            }
+impl Decoder for MessageStream {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        let events = self.sse.push(bytes).map_err(|err| bad(&err.to_string()))?;
+        for event in events {
+            // What follows `message_stop` is not part of the answer.
             if self.finished {
-                return Ok(None);
+                break;
             }
-            match self.sse.next() {
-                Ok(Some(event)) => self.handle(&event.event, &event.data)?,
-                Ok(None) => return Err(bad("the stream ended before `message_stop` (truncated)")),
-                Err(err @ (SseError::Broken(_) | SseError::Malformed(_))) => return Err(bad(&err.to_string())),
-            }
+            self.handle(&event.event, &event.data, out)?;
         }
+        Ok(())
+    }
+
+    fn end(&mut self, _out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        if self.finished { Ok(()) } else { Err(bad("the stream ended before `message_stop` (truncated)")) }
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+
+    fn failure(&self, failure: &Failure) -> ProviderError {
+        ProviderError::from_failure_with(failure, too_long)
     }
 }
 

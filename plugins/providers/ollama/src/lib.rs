@@ -5,14 +5,16 @@
 //! (Ollama does not stream arguments); the last line has `done: true`, the
 //! `done_reason` and the token counts. Ollama takes no key.
 
-use std::io::{BufRead, BufReader};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use hangar_sdk::http::{BodyReader, HttpError, Request};
-use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat};
+use hangar_sdk::http::{HttpError, Request};
+use hangar_sdk::provider::{
+    Config, ErrorKind, Event, Failure, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat,
+};
 use hangar_sdk::serde_json::{self, Value, json};
 use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
-use hangar_sdk::{EventStream, Provider, export_provider};
+use hangar_sdk::{Decoder, HttpProvider, export_http_provider};
+use serde::{Deserialize, Serialize};
 
 /// Where Ollama listens unless told otherwise.
 const DEFAULT_BASE: &str = "http://127.0.0.1:11434";
@@ -24,11 +26,13 @@ const MODELS_TIMEOUT_MS: u32 = 10_000;
 /// minutes for a large one.
 const COMPLETE_TIMEOUT_MS: u32 = 300_000;
 
-/// The adapter; exported as the component's `provider-api`.
+/// The adapter; exported as the component's `provider-api` and
+/// `provider-stream`.
 pub struct Ollama;
 
-impl Provider for Ollama {
-    type Stream = ChatStream;
+impl HttpProvider for Ollama {
+    type Decoder = ChatStream;
+
 
     fn info() -> ProviderInfo {
         ProviderInfo { id: "ollama".into(), name: "Ollama".into(), auth_types: Vec::new(), lists_models: true }
@@ -56,20 +60,14 @@ impl Provider for Ollama {
             .collect())
     }
 
-    fn complete(cfg: Config, req: Completion) -> Result<ChatStream, ProviderError> {
+    fn start(cfg: Config, req: Completion) -> Result<(Request, ChatStream), ProviderError> {
         let base = base_url(&cfg);
-        let response = Request::post_json(format!("{base}/api/chat"), &request_body(&req))
-            .timeout_ms(COMPLETE_TIMEOUT_MS)
-            .send()
-            .map_err(|e| unreachable(&base, e))?;
-        if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response_with(response, |_, body| too_long(&String::from_utf8_lossy(body))));
-        }
-        Ok(ChatStream::new(response.into_reader()))
+        let request = Request::post_json(format!("{base}/api/chat"), &request_body(&req)).timeout_ms(COMPLETE_TIMEOUT_MS);
+        Ok((request, ChatStream::new(base)))
     }
 }
 
-export_provider!(Ollama);
+export_http_provider!(Ollama);
 
 /// The base URL, from the operator's setting (often `OLLAMA_HOST`, which
 /// Ollama itself accepts without a scheme or port, and as `0.0.0.0` to mean
@@ -192,10 +190,15 @@ fn tool_name<'a>(earlier: &'a [hangar_sdk::types::Message], id: &str) -> Option<
     })
 }
 
-/// The events of one streamed answer.
+/// The decoder of one streamed answer: kept between the pieces of the body.
+#[derive(Serialize, Deserialize)]
 pub struct ChatStream {
-    lines: BufReader<BodyReader>,
+    /// The server's base URL, named when it cannot be reached.
+    base: String,
+    /// The bytes of a line that has not ended yet.
     line: Vec<u8>,
+    /// The events of the step being decoded (handed out at its end).
+    #[serde(skip)]
     queue: std::collections::VecDeque<Event>,
     /// Makes the ids of this answer's tool calls unique across the
     /// conversation (Ollama gives calls no ids of its own).
@@ -205,10 +208,10 @@ pub struct ChatStream {
 }
 
 impl ChatStream {
-    fn new(body: BodyReader) -> Self {
+    fn new(base: String) -> Self {
         let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
         ChatStream {
-            lines: BufReader::new(body),
+            base,
             line: Vec::new(),
             queue: Default::default(),
             id_prefix: format!("call_{:x}", nanos & 0xffff_ffff_ffff),
@@ -271,32 +274,59 @@ impl ChatStream {
     }
 }
 
-impl EventStream for ChatStream {
-    fn next(&mut self) -> Result<Option<Event>, ProviderError> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Ok(Some(event));
-            }
+impl ChatStream {
+    /// Handles each line `bytes` completes; what is left of a line waits.
+    fn step(&mut self, bytes: &[u8]) -> Result<(), ProviderError> {
+        self.line.extend_from_slice(bytes);
+        let mut start = 0;
+        while let Some(newline) = self.line[start..].iter().position(|&b| b == b'\n') {
+            // What follows the `done` line is not part of the answer.
             if self.finished {
-                return Ok(None);
+                break;
             }
-            self.line.clear();
-            // One line at a time, as it arrives: `read_until` returns as soon
-            // as the newline is in.
-            let read = self
-                .lines
-                .read_until(b'\n', &mut self.line)
-                .map_err(|e| bad(&format!("the stream broke off: {e}")))?;
-            if read == 0 {
-                return Err(bad("the stream ended before a `done` line (truncated)"));
-            }
+            let end = start + newline;
             let line = std::mem::take(&mut self.line);
-            let trimmed = line.trim_ascii();
-            if !trimmed.is_empty() {
-                self.handle(trimmed)?;
-            }
+            let handled = self.line_at(&line[start..end]);
             self.line = line;
+            handled?;
+            start = end + 1;
         }
+        self.line.drain(..start);
+        Ok(())
+    }
+
+    fn line_at(&mut self, line: &[u8]) -> Result<(), ProviderError> {
+        let trimmed = line.trim_ascii();
+        if trimmed.is_empty() { Ok(()) } else { self.handle(trimmed) }
+    }
+}
+
+impl Decoder for ChatStream {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        let step = self.step(bytes);
+        out.extend(self.queue.drain(..));
+        step
+    }
+
+    fn end(&mut self, out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        // A last line without its newline still counts.
+        let last = std::mem::take(&mut self.line);
+        let step = if self.finished { Ok(()) } else { self.line_at(&last) };
+        out.extend(self.queue.drain(..));
+        step?;
+        if self.finished { Ok(()) } else { Err(bad("the stream ended before a `done` line (truncated)")) }
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+
+    fn failure(&self, failure: &Failure) -> ProviderError {
+        ProviderError::from_failure_with(failure, |_, body| too_long(&String::from_utf8_lossy(body)))
+    }
+
+    fn unsent(&self, error: HttpError) -> ProviderError {
+        unreachable(&self.base, error)
     }
 }
 

@@ -11,11 +11,14 @@
 use std::collections::{BTreeMap, VecDeque};
 
 use hangar_sdk::http::{Credential, Request};
-use hangar_sdk::provider::{Config, ErrorKind, Event, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat};
+use hangar_sdk::provider::{
+    Config, ErrorKind, Event, Failure, ProviderError, ProviderInfo, Request as Completion, ToolUseDelta, ToolUseStart, chat,
+};
 use hangar_sdk::serde_json::{self, Value, json};
-use hangar_sdk::sse::SseReader;
+use hangar_sdk::sse::SseFeed;
 use hangar_sdk::types::{ContentBlock, ModelInfo, Role, StopReason, Usage};
-use hangar_sdk::{EventStream, Provider, export_provider};
+use hangar_sdk::{Decoder, HttpProvider, export_http_provider};
+use serde::{Deserialize, Serialize};
 
 /// The vendor's public endpoint (with `/v1`, as the OpenAI SDKs expect a
 /// base URL), used when the operator configured none.
@@ -26,11 +29,12 @@ const MODELS_TIMEOUT_MS: u32 = 10_000;
 /// server may load the model first).
 const COMPLETE_TIMEOUT_MS: u32 = 300_000;
 
-/// The adapter; exported as the component's `provider-api`.
+/// The adapter; exported as the component's `provider-api` and
+/// `provider-stream`.
 pub struct OpenAi;
 
-impl Provider for OpenAi {
-    type Stream = ChatStream;
+impl HttpProvider for OpenAi {
+    type Decoder = ChatStream;
 
     fn info() -> ProviderInfo {
         ProviderInfo { id: "openai".into(), name: "OpenAI".into(), auth_types: vec!["api_key".into()], lists_models: true }
@@ -63,23 +67,19 @@ impl Provider for OpenAi {
             .collect())
     }
 
-    fn complete(cfg: Config, req: Completion) -> Result<ChatStream, ProviderError> {
+    fn start(cfg: Config, req: Completion) -> Result<(Request, ChatStream), ProviderError> {
         let credential = credential(&cfg)?;
         let base = base_url(&cfg);
         let body = request_body(&req, base == PUBLIC_BASE);
-        let response = Request::post_json(format!("{base}/chat/completions"), &body)
+        let request = Request::post_json(format!("{base}/chat/completions"), &body)
             .header("accept", "text/event-stream")
             .credential(credential)
-            .timeout_ms(COMPLETE_TIMEOUT_MS)
-            .send()?;
-        if !(200..300).contains(&response.status) {
-            return Err(ProviderError::from_response_with(response, too_long));
-        }
-        Ok(ChatStream::new(SseReader::new(response)))
+            .timeout_ms(COMPLETE_TIMEOUT_MS);
+        Ok((request, ChatStream::default()))
     }
 }
 
-export_provider!(OpenAi);
+export_http_provider!(OpenAi);
 
 /// The configured base URL without a trailing `/`. A bare origin
 /// (`http://localhost:8080`) gets `/v1`, where every compatible server
@@ -171,6 +171,7 @@ fn request_body(req: &Completion, public: bool) -> Value {
 }
 
 /// A tool call being assembled from deltas, by its `index`.
+#[derive(Serialize, Deserialize)]
 struct Call {
     id: String,
     /// Set once the start event went out (it needs the name, which a few
@@ -182,21 +183,22 @@ struct Call {
     sent_arguments: bool,
 }
 
-/// The events of one streamed answer.
+/// The decoder of one streamed answer: kept between the pieces of the body.
+#[derive(Default, Serialize, Deserialize)]
 pub struct ChatStream {
-    sse: SseReader,
+    sse: SseFeed,
+    /// The events of the step being decoded (handed out at its end).
+    #[serde(skip)]
     queue: VecDeque<Event>,
     calls: BTreeMap<u64, Call>,
     any_call: bool,
-    usage: Option<Usage>,
+    /// The last usage seen (input, output tokens).
+    usage: Option<(u64, u64)>,
     finish: Option<String>,
     finished: bool,
 }
 
 impl ChatStream {
-    fn new(sse: SseReader) -> Self {
-        ChatStream { sse, queue: VecDeque::new(), calls: BTreeMap::new(), any_call: false, usage: None, finish: None, finished: false }
-    }
 
     /// Turns one `data:` chunk into zero or more Hangar events.
     fn handle(&mut self, data: &str) -> Result<(), ProviderError> {
@@ -209,10 +211,7 @@ impl ChatStream {
         }
         if let Some(usage) = json.get("usage").filter(|u| u.is_object()) {
             // Some servers repeat cumulative usage in every chunk: keep the last.
-            self.usage = Some(Usage {
-                input_tokens: usage["prompt_tokens"].as_u64().unwrap_or(0),
-                output_tokens: usage["completion_tokens"].as_u64().unwrap_or(0),
-            });
+            self.usage = Some((usage["prompt_tokens"].as_u64().unwrap_or(0), usage["completion_tokens"].as_u64().unwrap_or(0)));
         }
         let Some(choice) = json["choices"].as_array().and_then(|c| c.first()) else { return Ok(()) };
         let delta = &choice["delta"];
@@ -279,8 +278,8 @@ impl ChatStream {
     /// The usage and stop events that end the answer.
     fn finish(&mut self) {
         self.close_calls();
-        if let Some(usage) = self.usage.take() {
-            self.queue.push_back(Event::Usage(usage));
+        if let Some((input_tokens, output_tokens)) = self.usage.take() {
+            self.queue.push_back(Event::Usage(Usage { input_tokens, output_tokens }));
         }
         let reason = match self.finish.as_deref() {
             Some("tool_calls" | "function_call") => StopReason::ToolUse,
@@ -295,26 +294,50 @@ impl ChatStream {
     }
 }
 
-impl EventStream for ChatStream {
-    fn next(&mut self) -> Result<Option<Event>, ProviderError> {
-        loop {
-            if let Some(event) = self.queue.pop_front() {
-                return Ok(Some(event));
-            }
+impl ChatStream {
+    fn step(&mut self, bytes: &[u8]) -> Result<(), ProviderError> {
+        for event in self.sse.push(bytes).map_err(|err| bad(&err.to_string()))? {
+            // What follows `[DONE]` is not part of the answer.
             if self.finished {
-                return Ok(None);
+                break;
             }
-            match self.sse.next() {
-                Ok(Some(event)) if event.data.trim() == "[DONE]" => self.finish(),
-                Ok(Some(event)) if event.data.is_empty() => {}
-                Ok(Some(event)) => self.handle(&event.data)?,
-                // Some compatible servers end without `[DONE]`; a finish
-                // reason shows the answer is complete all the same.
-                Ok(None) if self.finish.is_some() => self.finish(),
-                Ok(None) => return Err(bad("the stream ended before a finish reason or `[DONE]` (truncated)")),
-                Err(err) => return Err(bad(&err.to_string())),
+            match event.data.as_str() {
+                data if data.trim() == "[DONE]" => self.finish(),
+                "" => {}
+                data => self.handle(data)?,
             }
         }
+        Ok(())
+    }
+}
+
+impl Decoder for ChatStream {
+    fn feed(&mut self, bytes: &[u8], out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        let step = self.step(bytes);
+        out.extend(self.queue.drain(..));
+        step
+    }
+
+    fn end(&mut self, out: &mut Vec<Event>) -> Result<(), ProviderError> {
+        if self.finished {
+            return Ok(());
+        }
+        // Some compatible servers end without `[DONE]`; a finish reason
+        // shows the answer is complete all the same.
+        if self.finish.is_none() {
+            return Err(bad("the stream ended before a finish reason or `[DONE]` (truncated)"));
+        }
+        self.finish();
+        out.extend(self.queue.drain(..));
+        Ok(())
+    }
+
+    fn done(&self) -> bool {
+        self.finished
+    }
+
+    fn failure(&self, failure: &Failure) -> ProviderError {
+        ProviderError::from_failure_with(failure, too_long)
     }
 }
 
