@@ -682,7 +682,11 @@ impl Run {
         started: std::time::Instant,
     ) -> Result<Result<StepEnd, ProviderError>, RunError> {
         let mut shutdown = self.shutdown.clone();
-        let start = self.runtime.provider_complete(provider, &self.access, request.clone());
+        // Boxed: starting a call instantiates the provider and sends the
+        // request, a far larger future than the wait for the next event,
+        // and held inline it would size the whole run's task (every open
+        // stream's) by it.
+        let start = Box::pin(self.runtime.provider_complete(provider, &self.access, request.clone()));
         let mut completion = tokio::select! {
             r = start => match r? {
                 Ok(c) => c,

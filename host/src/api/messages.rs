@@ -497,8 +497,8 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
     let request = match request {
         Some(request) => request,
         None => {
-            let request = state.store.run_request(&run_id).await?;
-            state.store.start_run(&run_id, now()).await?;
+            let request = Box::pin(state.store.run_request(&run_id)).await?;
+            Box::pin(state.store.start_run(&run_id, now())).await?;
             request
         }
     };
@@ -522,7 +522,11 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
         return Ok(state.runs.finish(session_id, &run_id));
     }
     let emitter = Emitter { bus: state.bus.clone(), feed: feed?, run_id: run_id.clone(), cancel: claim.cancel };
-    let (outcome, tenant) = tracing::Instrument::instrument(
+    // This task is alive, at its size, for as long as the run streams, by
+    // every open stream at once: the run itself, the longest part, is
+    // boxed, and so are the short store calls around it, each of which
+    // would otherwise widen every state of it.
+    let (outcome, tenant) = Box::pin(tracing::Instrument::instrument(
         async {
             match prepared {
                 Ok(run) => {
@@ -533,13 +537,13 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
                 }
                 Err(err) => {
                     let body = err.body();
-                    let tenant = state.store.session_owner(session_id).await.ok().flatten().unwrap_or_default();
+                    let tenant = Box::pin(state.store.session_owner(session_id)).await.ok().flatten().unwrap_or_default();
                     (Err(RunFailure { error: body.error, code: body.code.into() }), tenant)
                 }
             }
         },
         span,
-    )
+    ))
     .await;
     let (status, result, event) = match outcome {
         Ok(o) => {
@@ -578,11 +582,11 @@ async fn run_one(state: &AppState, session_id: &str, Start { claim, request, wri
         duration_ms = elapsed.as_millis() as u64,
         "run ended"
     );
-    state.store.end_run(&run_id, status, now(), result).await?;
+    Box::pin(state.store.end_run(&run_id, status, now(), result)).await?;
     let mut next = state.runs.finish(session_id, &run_id);
     // A host that is stopping leaves the queue to the others.
     if next.is_none() && state.store.is_shared() && !*state.stopping.borrow() {
-        next = crate::cluster::claim_next(state, session_id).await;
+        next = Box::pin(crate::cluster::claim_next(state, session_id)).await;
     }
     // No longer active once `done` or `error` says so: a client that reads
     // the metrics on that event sees the run gone from `hangar_active_runs`.
