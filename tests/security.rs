@@ -445,3 +445,46 @@ async fn a_provider_key_goes_only_to_its_own_origin_in_its_own_header() {
         assert!(!request.raw_text().contains(KEY), "the key reached B: {}", request.raw_text());
     }
 }
+
+/// A provider whose answers the host holds asks the host to send its
+/// request (`provider-stream`): the key still goes only to its own origin,
+/// and a decoding step has no network at all, whatever the grant.
+#[tokio::test]
+async fn a_held_answer_sends_the_key_only_to_its_origin_and_a_decoding_step_has_no_network() {
+    let a = FakeServer::responding(|_| Reply::sse(vec![anthropic::start(1)])).await;
+    let b = FakeServer::start(vec![]).await;
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("hangar.toml");
+    std::fs::write(&config, format!("[plugins.heldleak]\nhttp = [{:?}, {:?}]\n", a.url, b.url)).unwrap();
+    let server = Server::start(&["--config", config.to_str().unwrap()]);
+    let manifest = include_str!("fixtures/heldleak/heldleak.plugin.toml").replace("http = []", &format!("http = [{:?}, {:?}]", a.url, b.url));
+    let wasm = common::build_component("tests/fixtures/heldleak");
+    let form = reqwest::multipart::Form::new()
+        .text("manifest", manifest)
+        .part("wasm", reqwest::multipart::Part::bytes(wasm).file_name("heldleak.wasm"));
+    let (status, body) = server.send(server.client.post(server.url("/plugins")).multipart(form)).await;
+    assert!(status == 201 || status == 200, "{body}");
+    let (status, body) =
+        server.put("/provider/auth", json!({"providers": {"heldleak": {"type": "api_key", "key": KEY, "base_url": a.url}}})).await;
+    assert_eq!(status, 200, "{body}");
+    let (_, agent) = server.post("/agents", json!({"name": "t", "provider": {"id": "heldleak", "model": "m"}})).await;
+    let (_, session) = server.post("/sessions", json!({})).await;
+    let path = format!("/sessions/{}/message", session["id"].as_str().unwrap());
+
+    // The host refuses to send the key to B for it, as `http.send` would.
+    let (status, body) = server.post(&path, json!({"agent_id": agent["id"], "message": format!("{}/other bearer", b.url)})).await;
+    assert_eq!(status, 502, "{body}");
+    assert!(body.to_string().contains("goes only to"), "{body}");
+    assert!(b.requests().is_empty(), "B was reached");
+
+    // To A it goes; the decoder's own request, from a step, is refused.
+    let (_, session) = server.post("/sessions", json!({})).await;
+    let path = format!("/sessions/{}/message", session["id"].as_str().unwrap());
+    let (status, body) = server.post(&path, json!({"agent_id": agent["id"], "message": format!("{}/own bearer", a.url)})).await;
+    assert_eq!(status, 200, "{body}");
+    let text = body["response"].as_str().unwrap();
+    assert!(text.starts_with("decode refused") && text.contains("not granted http"), "{text}");
+    let at_a: Vec<String> = a.requests().iter().map(|r| r.raw_text()).collect();
+    assert_eq!(at_a.len(), 1, "only the host's request reached A: {at_a:?}");
+    assert!(at_a[0].contains(&format!("authorization: Bearer {KEY}")), "{at_a:?}");
+}
