@@ -1347,14 +1347,11 @@ impl Runtime {
         let ProviderInstance { mut store, api, stream } = Box::pin(self.provider_instance(&plugin, &loaded, Some(access))).await?;
         let cfg = provider_config(access);
         let deadline = plugin.grants.limits.deadline;
-        let timed_out = || RuntimeError::Deadline { plugin: id.into(), limit: deadline };
         if let Some(stream) = stream {
             let started = Box::pin(tokio::time::timeout(deadline, stream.call_start(&mut store, &cfg, &request))).await;
-            let call = match started {
-                Err(_) => return Err(timed_out()),
-                Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
-                Ok(Ok(Err(provider_error))) => return Ok(Err(provider_error)),
-                Ok(Ok(Ok(call))) => call,
+            let call = match self.provider_call(&plugin, &store, started)? {
+                Err(provider_error) => return Ok(Err(provider_error)),
+                Ok(call) => call,
             };
             if let Some(call) = call {
                 // The instance goes before the wait for the vendor; its
@@ -1365,11 +1362,9 @@ impl Runtime {
             }
         }
         let started = Box::pin(tokio::time::timeout(deadline, api.call_complete(&mut store, &cfg, &request))).await;
-        let handle = match started {
-            Err(_) => return Err(timed_out()),
-            Ok(Err(err)) => return Err(self.call_error(&plugin, &store, err)),
-            Ok(Ok(Err(provider_error))) => return Ok(Err(provider_error)),
-            Ok(Ok(Ok(handle))) => handle,
+        let handle = match self.provider_call(&plugin, &store, started)? {
+            Err(provider_error) => return Ok(Err(provider_error)),
+            Ok(handle) => handle,
         };
         Ok(Ok(Completion { runtime: self.clone(), plugin, answer: Answer::Instance { store, api, handle } }))
     }
