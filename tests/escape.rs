@@ -276,6 +276,25 @@ async fn a_component_importing_process_without_asking_is_refused_at_load() {
     }
 }
 
+/// `http` imported for its functions needs the grant. Every SDK provider
+/// imports it for its types too (`provider-stream` names its request and
+/// error), and one that sends nothing itself (`examples/echo-provider`,
+/// `tests/fixtures/slowinfo`) loads with an empty instance of it.
+#[tokio::test]
+async fn a_provider_importing_http_without_asking_is_refused_at_load() {
+    let rt = bare_runtime(Policy::default());
+    let manifest = Manifest::parse("kind = \"provider\"\nname = \"anthropic\"\nversion = \"0.1.0\"\n", Some("anthropic")).unwrap();
+    rt.add(manifest, Arc::from(builtin("anthropic").wasm), Source::Api).unwrap();
+    match rt.provider_info("anthropic").await {
+        Err(RuntimeError::CapabilityDenied { plugin, capability, reason }) => {
+            assert_eq!((plugin.as_str(), capability.as_str()), ("anthropic", "http"));
+            assert!(reason.contains("manifest does not ask"), "{reason}");
+        }
+        Err(other) => panic!("wrong error {other}"),
+        Ok(info) => panic!("loaded without the grant: {info:?}"),
+    }
+}
+
 #[tokio::test]
 async fn a_tool_without_filesystem_sees_no_files_and_a_read_grant_cannot_write() {
     let mut policy = Policy::default();

@@ -685,9 +685,12 @@ impl Runtime {
         let started = std::time::Instant::now();
         let (component, artifact) = self.compiled(&plugin).await?;
 
-        self.check_imports(&plugin, &component)?;
-        let linker = self.linker(&plugin.grants)
+        let types_only = self.check_imports(&plugin, &component)?;
+        let mut linker = self.linker(&plugin.grants)
             .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
+        for name in &types_only {
+            linker.instance(name).map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
+        }
         let pre = linker
             .instantiate_pre(&component)
             .map_err(|e| RuntimeError::Load { plugin: id.clone(), reason: format!("{e:#}") })?;
@@ -885,12 +888,17 @@ impl Runtime {
 
     /// Refuses, by name, a host interface the component imports but was
     /// not granted, before linking would fail with a less helpful message.
-    fn check_imports(&self, plugin: &Plugin, component: &wasmtime::component::Component) -> Result<(), RuntimeError> {
+    ///
+    /// An interface imported for its types alone is no capability: every
+    /// SDK provider exports `provider-stream`, whose request and error are
+    /// `http`'s types, whether or not it sends anything itself. Those are
+    /// returned, to be linked as empty instances: no function of them.
+    fn check_imports(&self, plugin: &Plugin, component: &wasmtime::component::Component) -> Result<Vec<String>, RuntimeError> {
+        let engine = &self.inner.engine;
         let ty = component.component_type();
-        for (name, item) in ty.imports(&self.inner.engine) {
-            if !matches!(item.ty, ComponentItem::ComponentInstance(_)) {
-                continue;
-            }
+        let mut types_only = Vec::new();
+        for (name, item) in ty.imports(engine) {
+            let ComponentItem::ComponentInstance(instance) = &item.ty else { continue };
             let Some(interface) = name.strip_prefix("hangar:plugin/") else { continue };
             let interface = interface.split('@').next().unwrap_or(interface);
             let (granted, asked) = match interface {
@@ -899,6 +907,10 @@ impl Runtime {
                 "log" | "types" => (true, true),
                 _ => (false, false),
             };
+            if !granted && instance.exports(engine).all(|(_, export)| matches!(export.ty, ComponentItem::Type(_))) {
+                types_only.push(name.to_string());
+                continue;
+            }
             if !granted {
                 let withheld = (interface == "process").then(|| self.inner.policy.process_withheld(policy::confinement()));
                 let reason = if let (true, Some(Some(reason))) = (asked, withheld) {
@@ -911,7 +923,7 @@ impl Runtime {
                 return Err(RuntimeError::CapabilityDenied { plugin: plugin.id().into(), capability: interface.into(), reason });
             }
         }
-        Ok(())
+        Ok(types_only)
     }
 
     /// A linker with WASI, `log`, and exactly the granted capabilities.
