@@ -561,6 +561,38 @@ async fn no_instance_is_alive_while_an_answer_waits_on_the_model() {
     }
 }
 
+/// One pull of a held answer has one deadline, as a guest's `next()` has:
+/// a vendor that keeps the body open with pings only (no event) ends the
+/// pull when the deadline passes, though each read and step is short.
+#[tokio::test]
+async fn a_held_pull_that_makes_no_event_ends_at_the_deadline() {
+    let full = anthropic_text_stream(&["never"]);
+    let head = full[..full.find("event: content_block_delta").unwrap()].to_string();
+    let fake = Fake::start(move |_| {
+        let mut reply = Reply::sse(&head, 4096);
+        // ~1 ms apart: 5,000 keep the body open well past the deadline.
+        for _ in 0..5000 {
+            reply = reply.then(Part::Bytes(b"event: ping\ndata: {\"type\": \"ping\"}\n\n".to_vec()));
+        }
+        reply
+    })
+    .await;
+    let mut policy = hangar::runtime::Policy::default();
+    policy.defaults.deadline = Duration::from_millis(1000);
+    let runtime = hangar::runtime::Runtime::new(hangar::runtime::RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
+    runtime.add_builtins().unwrap();
+    let mut completion = runtime.provider_complete("anthropic", &access(&fake), hello()).await.unwrap().unwrap();
+    let started = std::time::Instant::now();
+    let outcome = loop {
+        match tokio::time::timeout(Duration::from_secs(30), completion.next()).await.expect("the pull ends") {
+            Ok(Ok(Some(_))) => continue,
+            other => break other,
+        }
+    };
+    assert!(matches!(outcome, Err(hangar::runtime::RuntimeError::Deadline { .. })), "{:?}", outcome.map(|_| ()));
+    assert!(started.elapsed() >= Duration::from_millis(1000), "not before the deadline");
+}
+
 #[tokio::test]
 async fn anthropic_429_is_retryable_with_retry_after() {
     let fake = Fake::start(|_| {

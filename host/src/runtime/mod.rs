@@ -1293,8 +1293,11 @@ impl Runtime {
     ) -> Result<ProviderInstance, RuntimeError> {
         let Loaded::Provider { pre, api, stream, .. } = loaded else { unreachable!("kind checked") };
         let mut store = self.store(plugin, None, access, false)?;
+        // A decoding step has no network and runs no command, whatever
+        // the plugin is granted.
         if access.is_none() {
             store.data_mut().http = None;
+            store.data_mut().process = None;
         }
         let deadline = plugin.grants.limits.deadline;
         let instantiated = tokio::time::timeout(deadline, async {
@@ -1390,8 +1393,13 @@ impl Runtime {
         http: Option<HttpAccess>,
         call: provider_stream::Call,
     ) -> Result<Result<Held, ProviderError>, RuntimeError> {
+        // The wait for the answer's headers is under the plugin's deadline,
+        // as it was inside `complete`, whatever the request's own timeout.
+        let deadline = plugin.grants.limits.deadline;
         let sent = match http {
-            Some(http) => http.send(plugin.id(), call.request).await,
+            Some(http) => tokio::time::timeout(deadline, http.send(plugin.id(), call.request))
+                .await
+                .map_err(|_| RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline })?,
             None => Err(HttpError::Denied(format!("plugin `{}` is not granted http", plugin.id()))),
         };
         let sent = match sent {
@@ -1454,8 +1462,10 @@ impl Runtime {
     }
 }
 
-/// The bytes of a failed model call's body the plugin gets to classify it.
-const FAILURE_BODY_MAX: usize = 64 * 1024;
+/// The bytes of a failed model call's body the plugin gets to classify it
+/// (vendors' error bodies are a few hundred bytes; this keeps a long one
+/// whole enough to parse).
+const FAILURE_BODY_MAX: usize = 1024 * 1024;
 /// The most bytes one decoding step takes: what has arrived, up to this.
 const STEP_MAX: usize = 64 * 1024;
 
@@ -1513,7 +1523,12 @@ impl Completion {
             }
             Answer::Held(held) => held,
         };
+        // One deadline for the whole pull, as a guest's `next()` has: a
+        // vendor that sends only pings or comments, or a line a byte at a
+        // time, makes no event and must not hold the pull for good.
         let deadline = self.plugin.grants.limits.deadline;
+        let until = tokio::time::Instant::now() + deadline;
+        let timed_out = || RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline };
         loop {
             if let Some(event) = held.queue.pop_front() {
                 return Ok(Ok(Some(event)));
@@ -1528,8 +1543,8 @@ impl Completion {
             let mut broken = None;
             let chunk = match held.body.as_mut() {
                 None => None,
-                Some(body) => match tokio::time::timeout(deadline, body.read(STEP_MAX)).await {
-                    Err(_) => return Err(RuntimeError::Deadline { plugin: self.plugin.id().into(), limit: deadline }),
+                Some(body) => match tokio::time::timeout_at(until, body.read(STEP_MAX)).await {
+                    Err(_) => return Err(timed_out()),
                     Ok(Err(err)) => {
                         held.done = true;
                         held.body = None;
@@ -1562,7 +1577,9 @@ impl Completion {
             let state = std::mem::take(&mut held.state);
             // Boxed: an instantiation and a call, far larger than the wait
             // for bytes that this future holds the rest of the time.
-            let decoded = Box::pin(self.runtime.decode(&self.plugin, &held.loaded, state, chunk)).await?;
+            let decoded = tokio::time::timeout_at(until, Box::pin(self.runtime.decode(&self.plugin, &held.loaded, state, chunk)))
+                .await
+                .map_err(|_| timed_out())??;
             held.state = decoded.state;
             held.queue.extend(decoded.events);
             held.failed = decoded.error;
