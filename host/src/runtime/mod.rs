@@ -1415,11 +1415,17 @@ impl Runtime {
         Box::pin(self.failure(plugin, held, sent.status, &sent.headers)).await.map(Err)
     }
 
+    /// A fresh instance for one step of a held answer (`decode`, `failure`,
+    /// `unsent`): no network, no commands.
+    async fn step_instance(&self, plugin: &Arc<Plugin>, loaded: &Loaded) -> Result<(Store<PluginState>, provider_stream::Guest), RuntimeError> {
+        let ProviderInstance { store, stream, .. } = self.provider_instance(plugin, loaded, None).await?;
+        Ok((store, stream.expect("a provider that started a held call exports provider-stream")))
+    }
+
     /// A request the host could not send, classified by the plugin as it
     /// would its own `http.send`'s error.
     async fn unsent(&self, plugin: &Arc<Plugin>, loaded: &Loaded, state: &[u8], err: HttpError) -> Result<ProviderError, RuntimeError> {
-        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, loaded, None).await?;
-        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let (mut store, stream) = self.step_instance(plugin, loaded).await?;
         let outcome = tokio::time::timeout(plugin.grants.limits.deadline, stream.call_unsent(&mut store, state, &err)).await;
         self.provider_call(plugin, &store, outcome)
     }
@@ -1446,8 +1452,7 @@ impl Runtime {
             return Err(RuntimeError::Deadline { plugin: plugin.id().into(), limit: deadline });
         }
         drop(held.body.take());
-        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, &held.loaded, None).await?;
-        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let (mut store, stream) = self.step_instance(plugin, &held.loaded).await?;
         let outcome = tokio::time::timeout(deadline, stream.call_failure(&mut store, &held.state, status, headers, &body)).await;
         self.provider_call(plugin, &store, outcome)
     }
@@ -1455,8 +1460,7 @@ impl Runtime {
     /// One step of a held answer: `chunk` (`None`: the body ended) decoded
     /// in a fresh instance that has no network.
     async fn decode(&self, plugin: &Arc<Plugin>, loaded: &Loaded, state: Vec<u8>, chunk: Option<Vec<u8>>) -> Result<provider_stream::Decoded, RuntimeError> {
-        let ProviderInstance { mut store, stream, .. } = self.provider_instance(plugin, loaded, None).await?;
-        let stream = stream.expect("a provider that started a held call exports provider-stream");
+        let (mut store, stream) = self.step_instance(plugin, loaded).await?;
         let outcome = tokio::time::timeout(plugin.grants.limits.deadline, stream.call_decode(&mut store, &state, chunk.as_deref())).await;
         self.provider_call(plugin, &store, outcome)
     }
