@@ -1406,10 +1406,10 @@ impl Drop for Savepoint<'_> {
     }
 }
 
-/// The writer thread: takes the first waiting write, then every write that
-/// queued behind it (up to `GROUP_MAX`), and commits them together, so a
-/// burst of writes pays for one commit instead of one each; checkpoints the
-/// WAL between groups (see [`Checkpoints`]).
+/// The writer thread: runs the first waiting write, then every write that
+/// is waiting when the one before it ends (up to `GROUP_MAX`), and commits
+/// them together, so a burst of writes pays for one commit instead of one
+/// each; checkpoints the WAL between groups (see [`Checkpoints`]).
 fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, wal: Wal) {
     use std::sync::mpsc::RecvTimeoutError;
     let mut checkpoints = Checkpoints { wal, since: 0 };
@@ -1425,13 +1425,6 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, wal: W
                 return;
             }
         };
-        let mut group = vec![first];
-        while group.len() < GROUP_MAX {
-            match jobs.try_recv() {
-                Ok(job) => group.push(job),
-                Err(_) => break,
-            }
-        }
         // IMMEDIATE: the write lock is taken (waiting in the busy handler)
         // at BEGIN. A deferred transaction that reads before it writes
         // would fail at once with SQLITE_BUSY when a TRUNCATE checkpoint
@@ -1441,19 +1434,32 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, wal: W
             Err(err) => {
                 let err = err.to_string();
                 tracing::error!(%err, "cannot begin a write transaction");
-                for job in group {
-                    job(Err(&err))(None);
+                job_failed(first, &err);
+                for job in jobs.try_iter().take(GROUP_MAX - 1) {
+                    job_failed(job, &err);
                 }
                 continue;
             }
         };
-        // A write that panics loses only its own answer (its caller sees the
-        // writer's error); the thread and the other writes carry on.
-        let writes = group.len() as u64;
-        let finishes: Vec<Finish> = group
-            .into_iter()
-            .filter_map(|job| std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut tx)))).ok())
-            .collect();
+        // The group is every write that arrives before the queue is found
+        // empty, including those that arrived while the group's earlier
+        // writes ran: under load a commit (its WAL frames, each page once
+        // for the whole group) is shared by more writes, and no write waits
+        // for anything but the ones ahead of it.
+        let mut finishes: Vec<Finish> = Vec::new();
+        let mut writes = 0;
+        let mut next = Some(first);
+        while let Some(job) = next.take() {
+            writes += 1;
+            // A write that panics loses only its own answer (its caller sees
+            // the writer's error); the thread and the other writes carry on.
+            if let Ok(finish) = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(Ok(&mut tx)))) {
+                finishes.push(finish);
+            }
+            if writes < GROUP_MAX {
+                next = jobs.try_recv().ok();
+            }
+        }
         let commit = tx.commit().err().map(|e| e.to_string());
         if let Some(err) = &commit {
             tracing::error!(%err, writes = finishes.len(), "a group commit failed");
@@ -1461,8 +1467,13 @@ fn write_loop(mut conn: Connection, jobs: std::sync::mpsc::Receiver<Job>, wal: W
         for finish in finishes {
             finish(commit.as_deref());
         }
-        checkpoints.committed(&conn, writes);
+        checkpoints.committed(&conn, writes as u64);
     }
+}
+
+/// Answers a write that could not run: no transaction could be begun.
+fn job_failed(job: Job, err: &str) {
+    job(Err(err))(None);
 }
 
 #[cfg(test)]
