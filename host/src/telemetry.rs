@@ -156,12 +156,32 @@ impl Drop for Active {
 
 /// Log lines on standard error, filtered by `RUST_LOG` (default `info`):
 /// text for a person, or one JSON object a line (`--log-format json`).
-pub fn init_logs(format: crate::config::LogFormat) {
+///
+/// The server's lines (`background`) are written by a thread of their own:
+/// a request's line was a `write` on the worker that answered it, about 7%
+/// of `POST /sessions` (issue 21). That thread writes whatever has queued
+/// in one `write` and flushes as soon as the queue is empty, so a line is
+/// out as promptly as before; the queue never drops a line (a full one
+/// holds the logging thread back instead). Keep the returned guard until
+/// the end: dropping it writes what is still queued. The author's and
+/// operator's commands log in line with their own output, as before.
+pub fn init_logs(format: crate::config::LogFormat, background: bool) -> Option<tracing_appender::non_blocking::WorkerGuard> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (writer, guard) = if background {
+        let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+            .lossy(false)
+            .thread_name("hangar-log")
+            .finish(std::io::BufWriter::new(std::io::stderr()));
+        (tracing_subscriber::fmt::writer::BoxMakeWriter::new(writer), Some(guard))
+    } else {
+        (tracing_subscriber::fmt::writer::BoxMakeWriter::new(std::io::stderr), None)
+    };
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer);
     match format {
-        crate::config::LogFormat::Text => builder.with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())).init(),
+        crate::config::LogFormat::Text => builder.with_ansi(ansi).init(),
         crate::config::LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).init(),
     }
+    guard
 }
