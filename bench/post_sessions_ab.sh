@@ -13,6 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 A=$1 B=$2 PAIRS=${3:-10} SECS=${4:-4}
 HANGAR_BIN=$A source bench/common.sh
+[ -x "$B" ] || { echo "not an executable: $B" >&2; exit 1; }
 bench_tmp hangar-post-ab
 mkdir -p "$TMP/work"
 

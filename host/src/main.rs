@@ -1,13 +1,13 @@
 use clap::Parser;
 
+use hangar::config::{Cli, Command, Settings};
+
 /// jemalloc instead of glibc's malloc, for the whole process (SQLite's
 /// own allocations too): `POST /sessions` at 64 connections went about 11%
 /// faster with it, in ten runs alternating with glibc, at the same memory
 /// for 1,000 and 10,000 streams (BENCHMARKS.md, thirteenth round).
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
-
-use hangar::config::{Cli, Command, Settings};
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
