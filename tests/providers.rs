@@ -546,6 +546,9 @@ async fn no_instance_is_alive_while_an_answer_waits_on_the_model() {
         .await;
         let access = if provider == "ollama" { ollama_access(&fake) } else { access(&fake) };
         let runtime = common::runtime();
+        // The built-ins load in the background, each described in an
+        // instance; only the answer's instances may count below.
+        runtime.loads_settled().await;
         let mut completion = runtime.provider_complete(provider, &access, hello()).await.unwrap().unwrap();
         loop {
             let event = tokio::time::timeout(Duration::from_secs(10), completion.next()).await.unwrap().unwrap().unwrap();

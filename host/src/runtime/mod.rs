@@ -628,6 +628,15 @@ impl Runtime {
         }
     }
 
+    /// Waits until every plugin registered now has loaded or failed to.
+    /// Loading describes each plugin in an instance of its own, so until
+    /// then the memory budget counts instances no call made.
+    pub async fn loads_settled(&self) {
+        for plugin in self.all_plugins() {
+            let _ = self.loaded(&plugin).await;
+        }
+    }
+
     /// The same bytes as `wasm`?
     pub fn same_component(plugin: &Plugin, wasm: &[u8]) -> bool {
         *plugin.wasm == *wasm
