@@ -51,6 +51,13 @@ pub(super) const SLIM_MIGRATION: &str = "
     CREATE INDEX audit_by_tenant ON audit (tenant_id, id);
 ";
 
+/// A single-user server's entries have no tenant, and only a tenant's page
+/// reads this index: without those rows it costs their inserts nothing.
+pub(super) const TENANT_INDEX_MIGRATION: &str = "
+    DROP INDEX audit_by_tenant;
+    CREATE INDEX audit_by_tenant ON audit (tenant_id, id) WHERE tenant_id IS NOT NULL;
+";
+
 /// One change made through the API.
 #[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct AuditEntry {
@@ -75,7 +82,14 @@ pub struct AuditEntry {
 
 const INSERT: &str =
     "INSERT INTO audit (id, at, tenant_id, actor, method, route, path, status, address) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)";
-const PAGE: &str = "SELECT id, at, tenant_id, actor, method, route, path, status, address FROM audit";
+/// A page of everyone's entries, and of one tenant's: a statement each,
+/// with a plain `id > $1` (every id sorts above ""), since a test like
+/// `($3 IS NULL OR tenant_id = $3)` makes SQLite scan the table, and a
+/// tenant's must name `tenant_id = $3` to use the partial index.
+const PAGE_EVERYONE: &str =
+    "SELECT id, at, tenant_id, actor, method, route, path, status, address FROM audit WHERE id > $1 ORDER BY id LIMIT $2";
+const PAGE_TENANT: &str = "SELECT id, at, tenant_id, actor, method, route, path, status, address FROM audit
+    WHERE id > $1 AND tenant_id = $3 ORDER BY id LIMIT $2";
 
 /// Also run inside the writer thread, in a write's own savepoint (see [`auditing`]).
 pub(super) fn insert_row(c: &Connection, entry: &AuditEntry) -> Result<(), StoreError> {
@@ -205,14 +219,13 @@ impl Store {
     /// At most `limit` entries after `after`, oldest first, of `tenant`
     /// (`None`: everyone's).
     pub async fn audit_page(&self, tenant: Option<String>, after: Option<String>, limit: usize) -> Result<Vec<AuditEntry>, StoreError> {
-        let limit = limit as i64;
+        let (after, limit) = (after.unwrap_or_default(), limit as i64);
+        let sql = if tenant.is_some() { PAGE_TENANT } else { PAGE_EVERYONE };
         match &self.db {
             Db::Sqlite(db) => {
                 db.read(move |c| {
-                    let mut stmt = c.prepare_cached(&format!(
-                        "{PAGE} WHERE (?1 IS NULL OR tenant_id = ?1) AND (?2 IS NULL OR id > ?2) ORDER BY id LIMIT ?3"
-                    ))?;
-                    let rows = stmt.query_map(params![tenant, after, limit], |r| {
+                    let mut stmt = c.prepare_cached(&pg::sqlite(sql))?;
+                    let row = |r: &rusqlite::Row| {
                         Ok(AuditEntry {
                             id: r.get(0)?,
                             at: parse_ts(r.get(1)?)?,
@@ -224,32 +237,36 @@ impl Store {
                             status: r.get(7)?,
                             address: r.get(8)?,
                         })
-                    })?;
+                    };
+                    let rows = match &tenant {
+                        Some(tenant) => stmt.query_map(params![after, limit, tenant], row)?,
+                        None => stmt.query_map(params![after, limit], row)?,
+                    };
                     Ok(rows.collect::<Result<Vec<_>, _>>()?)
                 })
                 .await
             }
-            Db::Postgres(pg) => pg
-                .query(
-                    &format!("{PAGE} WHERE ($1::TEXT IS NULL OR tenant_id = $1) AND ($2::TEXT IS NULL OR id > $2) ORDER BY id LIMIT $3"),
-                    &[&tenant, &after, &limit],
-                )
-                .await?
-                .iter()
-                .map(|r| {
-                    Ok(AuditEntry {
-                        id: r.get(0),
-                        at: pg::ts_at(r, 1)?,
-                        tenant_id: r.get(2),
-                        actor: r.get(3),
-                        method: r.get(4),
-                        route: r.get(5),
-                        path: r.get(6),
-                        status: r.get::<_, i64>(7) as u16,
-                        address: r.get(8),
+            Db::Postgres(pg) => {
+                let rows = match &tenant {
+                    Some(tenant) => pg.query(sql, &[&after, &limit, tenant]).await?,
+                    None => pg.query(sql, &[&after, &limit]).await?,
+                };
+                rows.iter()
+                    .map(|r| {
+                        Ok(AuditEntry {
+                            id: r.get(0),
+                            at: pg::ts_at(r, 1)?,
+                            tenant_id: r.get(2),
+                            actor: r.get(3),
+                            method: r.get(4),
+                            route: r.get(5),
+                            path: r.get(6),
+                            status: r.get::<_, i64>(7) as u16,
+                            address: r.get(8),
+                        })
                     })
-                })
-                .collect(),
+                    .collect()
+            }
         }
     }
 
@@ -264,5 +281,30 @@ impl Store {
             Db::Sqlite(db) => db.write(move |c| Ok(c.prepare_cached(&pg::sqlite(DELETE))?.execute([below, before])?)).await,
             Db::Postgres(pg) => Ok(pg.execute(DELETE, &[&below, &before]).await?),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::*;
+
+    /// Only a tenant's entries are in the tenant index, and each page
+    /// statement searches a b-tree instead of scanning the table.
+    #[test]
+    fn pages_search_and_the_tenant_index_holds_only_tenants_rows() {
+        let mut c = Connection::open_in_memory().unwrap();
+        super::super::migrations().to_latest(&mut c).unwrap();
+        let plan = |sql: &str| -> String {
+            let mut stmt = c.prepare(&format!("EXPLAIN QUERY PLAN {}", pg::sqlite(sql))).unwrap();
+            let unbound = rusqlite::params_from_iter(std::iter::repeat_n("", stmt.parameter_count()));
+            let rows = stmt.query_map(unbound, |r| r.get::<_, String>(3)).unwrap();
+            rows.collect::<Result<Vec<_>, _>>().unwrap().join("; ")
+        };
+        assert!(plan(PAGE_EVERYONE).contains("USING PRIMARY KEY (id>?)"), "{}", plan(PAGE_EVERYONE));
+        assert!(plan(PAGE_TENANT).contains("USING INDEX audit_by_tenant (tenant_id=? AND id>?)"), "{}", plan(PAGE_TENANT));
+        let index: String = c.query_row("SELECT sql FROM sqlite_master WHERE name = 'audit_by_tenant'", [], |r| r.get(0)).unwrap();
+        assert!(index.ends_with("WHERE tenant_id IS NOT NULL"), "{index}");
     }
 }

@@ -26,9 +26,9 @@ use super::StoreError;
 /// bits; PostgreSQL's is 32, its BIGINT is 64), `WITHOUT ROWID` (a SQLite
 /// storage choice), `BLOB` (`BYTEA`) and how the current time is written, a step is SQLite's
 /// own text, translated by [`from_sqlite`]; where they differ more, this
-/// list has the step written for PostgreSQL. Both lists are `[_; 11]`: they
+/// list has the step written for PostgreSQL. Both lists are `[_; 12]`: they
 /// cannot fall out of step.
-const OWN_STEPS: [Option<&str>; 11] = [
+const OWN_STEPS: [Option<&str>; 12] = [
     None,
     None,
     None,
@@ -42,6 +42,7 @@ const OWN_STEPS: [Option<&str>; 11] = [
         DROP INDEX runs_by_key;
         CREATE UNIQUE INDEX runs_by_key ON runs (session_id, idempotency_key) WHERE idempotency_key IS NOT NULL;",
     ),
+    None,
     None,
     None,
     None,
