@@ -428,3 +428,50 @@ async fn tenants_register_only_allowed_http_servers_and_no_stdio_by_default() {
         assert_eq!(listed, json!([]));
     }
 }
+
+/// An MCP server over HTTPS whose certificate comes from the operator's
+/// own CA is reached when `[http] ca_file` names that CA, as a provider
+/// behind it is, and refused without it: the web's roots alone do not
+/// trust it.
+#[tokio::test]
+async fn an_https_mcp_server_is_trusted_through_the_ca_file_only() {
+    use common::fake::Reply;
+    use common::tls::TlsFake;
+    // The three requests of a Streamable HTTP client's start and listing,
+    // answered as plain JSON; no stream of server messages (GET: 405).
+    let fake = TlsFake::responding(|req| {
+        if req.method != "POST" {
+            return Reply::json(405, json!({"error": "no stream here"}));
+        }
+        let call = req.json();
+        let result = match call["method"].as_str().unwrap_or("") {
+            "initialize" => json!({"protocolVersion": call["params"]["protocolVersion"], "capabilities": {"tools": {}},
+                "serverInfo": {"name": "tls-fake", "version": "1"}}),
+            "tools/list" => json!({"tools": [{"name": "echo", "description": "Says it back.", "inputSchema": {"type": "object"}}]}),
+            _ => return Reply::json(202, json!({})),
+        };
+        Reply::json(200, json!({"jsonrpc": "2.0", "id": call["id"], "result": result}))
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &fake.ca_pem).unwrap();
+    for trust in [false, true] {
+        let config = dir.path().join("hangar.toml");
+        let ca_file = if trust { format!("[http]\nca_file = {ca:?}\n") } else { String::new() };
+        std::fs::write(&config, format!("{ca_file}[mcp]\nallowed_origins = [\"{}\"]\n", fake.url)).unwrap();
+        let server = Server::start(&["--config", config.to_str().unwrap()]);
+        let (status, answer) =
+            server.post("/mcp/servers", json!({"name": "tls", "transport": "http", "url": format!("{}/mcp", fake.url)})).await;
+        if trust {
+            assert_eq!(status, 201, "{answer}");
+            assert_eq!(answer["tools"][0]["name"], "tls__echo", "{answer}");
+        } else {
+            assert_eq!(status, 422, "{answer}");
+            let error = answer["error"].as_str().unwrap();
+            assert!(error.contains("tls") && error.contains("certificate"), "the cause is shown: {error}");
+        }
+    }
+    let listed: Vec<String> = fake.requests.lock().unwrap().iter().map(|(_, r)| r.method.clone()).collect();
+    assert!(listed.iter().any(|m| m == "POST"), "the trusted server's requests reached it: {listed:?}");
+}

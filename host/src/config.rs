@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
 use serde::Deserialize;
 
 use crate::permissions::{Action, Compiled, Origin, Rule, RuleError};
@@ -624,8 +626,8 @@ impl Settings {
             Some(path) => path,
             None => data()?.join("secret.key"),
         };
-        let extra_roots = match &file.http.ca_file {
-            None => Vec::new(),
+        let (extra_roots, extra_roots_der) = match &file.http.ca_file {
+            None => (Vec::new(), Vec::new()),
             Some(path) => read_roots(path).map_err(|reason| ConfigError::CaFile { path: path.clone(), reason })?,
         };
         let secret_key = std::env::var("HANGAR_SECRET_KEY").ok().filter(|k| !k.is_empty()).map(crate::runtime::Secret::new);
@@ -660,6 +662,7 @@ impl Settings {
                 idle_timeout: Duration::from_secs(file.mcp.idle_timeout_s.unwrap_or(300).max(1)),
                 call_timeout: Duration::from_secs(file.mcp.call_timeout_s.unwrap_or(60).max(1)),
                 multi_tenant,
+                extra_roots: extra_roots_der,
             },
             tenants: std::sync::Arc::new(file.tenants),
             uid_range: match file.process.uid_range {
@@ -710,17 +713,20 @@ impl Settings {
 /// The certificates of a PEM file; none is an error, since a file that
 /// adds nothing is a mistake the operator would find only at the first
 /// refused request.
-fn read_roots(path: &Path) -> Result<Vec<reqwest::Certificate>, String> {
+fn read_roots(path: &Path) -> Result<(Vec<reqwest::Certificate>, Vec<CertificateDer<'static>>), String> {
     let pem = std::fs::read(path).map_err(|e| e.to_string())?;
-    let roots = reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| crate::error_chain(&e))?;
-    if roots.is_empty() {
+    // DER for the MCP client's own rustls roots, and as reqwest's
+    // certificates for the plugins' clients: one reading of the file.
+    let der = CertificateDer::pem_slice_iter(&pem).collect::<Result<Vec<_>, _>>().map_err(|e| e.to_string())?;
+    if der.is_empty() {
         return Err("holds no PEM certificate".into());
     }
+    let roots = der.iter().map(|d| reqwest::Certificate::from_der(d)).collect::<Result<Vec<_>, _>>().map_err(|e| crate::error_chain(&e))?;
     // Splitting the PEM does not parse the certificates; building a client
     // does. Checked here, so that a damaged one stops the start rather than
     // every plugin's first request.
     crate::runtime::http::builder(&roots).build().map_err(|e| crate::error_chain(&e))?;
-    Ok(roots)
+    Ok((roots, der))
 }
 
 /// A list of origin patterns from the config file; the first bad one is

@@ -22,10 +22,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rmcp::model::{CallToolRequestParams, CallToolResult, ContentBlock, ResourceContents};
-use rmcp::service::RunningService;
+use rmcp::service::{ClientInitializeError, RunningService};
 use rmcp::transport::StreamableHttpClientTransport;
-use rmcp::transport::streamable_http_client::StreamableHttpClientTransportConfig;
+use rmcp::transport::streamable_http_client::{StreamableHttpClientTransportConfig, StreamableHttpError};
 use rmcp::{RoleClient, ServiceExt};
+use rustls::pki_types::CertificateDer;
 
 use crate::runtime::policy::{Origin, OriginPattern};
 use crate::runtime::{Runtime, WorkDir};
@@ -62,6 +63,8 @@ pub struct McpSettings {
     pub call_timeout: Duration,
     /// Multi-tenant mode: tenants' `http` servers are checked for internal addresses.
     pub multi_tenant: bool,
+    /// `[http] ca_file`'s certificates, trusted besides the web's roots.
+    pub extra_roots: Vec<CertificateDer<'static>>,
 }
 
 /// A server's tool for an agent: the server's record and the tool.
@@ -115,6 +118,8 @@ struct Inner {
     runtime: Runtime,
     settings: McpSettings,
     commands: crate::runtime::cgroup::CommandLimits,
+    /// Built once: every `http` server's connection is made with it.
+    tls: rustls::ClientConfig,
     /// `owner/name` → its connection.
     http: tokio::sync::Mutex<HashMap<String, Arc<Client>>>,
     /// (session, `owner/name`) → its program.
@@ -127,11 +132,13 @@ fn key(server: &McpServerRecord) -> String {
 
 impl McpHub {
     pub fn new(store: Store, runtime: Runtime, settings: McpSettings, commands: crate::runtime::cgroup::CommandLimits) -> McpHub {
+        let tls = tls_config(&settings.extra_roots);
         let hub = McpHub(Arc::new(Inner {
             store,
             runtime,
             settings,
             commands,
+            tls,
             http: Default::default(),
             stdio: Default::default(),
         }));
@@ -343,7 +350,7 @@ impl McpHub {
         let mut builder = reqwest013::Client::builder()
             .redirect(reqwest013::redirect::Policy::none())
             .connect_timeout(Duration::from_secs(10))
-            .tls_backend_preconfigured(tls_config());
+            .tls_backend_preconfigured(self.0.tls.clone());
         let internal_ok = !(tenant && self.0.settings.multi_tenant);
         if !internal_ok && let Some(host) = parsed.host_str() {
             // Resolved here and pinned: the connection uses exactly the
@@ -373,7 +380,7 @@ impl McpHub {
         let service = tokio::time::timeout(self.0.settings.call_timeout, ().serve(transport))
             .await
             .map_err(|_| timed_out(&server.name, self.0.settings.call_timeout))?
-            .map_err(|e| failed(&server.name, e))?;
+            .map_err(|e| McpError::Failed { server: server.name.clone(), reason: start_failure(&e) })?;
         Ok(Arc::new(service))
     }
 
@@ -449,8 +456,29 @@ impl McpHub {
     }
 }
 
-fn failed(server: &str, err: impl std::fmt::Display) -> McpError {
-    McpError::Failed { server: server.to_string(), reason: err.to_string() }
+/// With the error's causes: what went wrong at the bottom (a certificate
+/// not trusted, a refused connection) is what the operator can act on.
+fn failed(server: &str, err: impl std::error::Error) -> McpError {
+    McpError::Failed { server: server.to_string(), reason: crate::error_chain(&err) }
+}
+
+/// Why an `http` server's session could not start. rmcp keeps the HTTP
+/// client's error inside its own as text, not as a `source`, which drops
+/// the causes that say what the operator can fix (a certificate nobody
+/// trusts, a refused connection): they are taken from the client's error.
+fn start_failure(err: &ClientInitializeError) -> String {
+    let mut reason = err.to_string();
+    if let ClientInitializeError::TransportError { error, .. } = err
+        && let Some(StreamableHttpError::Client(client)) = error.error.downcast_ref::<StreamableHttpError<reqwest013::Error>>()
+    {
+        let mut cause = std::error::Error::source(client);
+        while let Some(c) = cause {
+            reason.push_str(": ");
+            reason.push_str(&c.to_string());
+            cause = c.source();
+        }
+    }
+    reason
 }
 
 fn timed_out(server: &str, after: Duration) -> McpError {
@@ -518,10 +546,12 @@ fn render(result: &CallToolResult) -> (String, bool) {
     (parts.join("\n"), result.is_error.unwrap_or(false))
 }
 
-/// TLS for MCP connections: ring and the web's root certificates (the
-/// providers' clients also trust `[http] ca_file`; MCP servers do not).
-fn tls_config() -> rustls::ClientConfig {
-    let roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+/// TLS for MCP connections: ring, the web's root certificates and
+/// `[http] ca_file`'s (`extra`), as the providers' clients have.
+fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    // Each one was parsed when the config was read (see `config::read_roots`).
+    roots.add_parsable_certificates(extra.iter().cloned());
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .expect("ring supports the default TLS versions")
