@@ -1579,6 +1579,51 @@ mod tests {
         store.insert_session(session("after")).await.unwrap();
     }
 
+    /// Writes that arrive while a group runs join it: they run before its
+    /// commit, and commit with it, instead of waiting for a commit of their
+    /// own. A connection of the test's own sees only what is committed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_that_arrive_while_a_group_runs_join_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hangar.db");
+        let store = Store::open(&path).unwrap();
+        let Db::Sqlite(db) = &store.db else { unreachable!() };
+        let observer = Arc::new(std::sync::Mutex::new(Connection::open(&path).unwrap()));
+        let committed = move |key: &str| -> i64 {
+            observer.lock().unwrap().query_row("SELECT count(*) FROM meta WHERE key = ?1", [key], |r| r.get(0)).unwrap()
+        };
+        let (running, is_running) = std::sync::mpsc::channel();
+        let (go, wait) = std::sync::mpsc::channel::<()>();
+        let mut first = Box::pin(db.write(move |conn| {
+            conn.execute("INSERT INTO meta (key, value) VALUES ('first', '1')", [])?;
+            running.send(()).unwrap();
+            wait.recv().unwrap();
+            Ok(())
+        }));
+        // Polled once: the write is sent, and then runs on the writer.
+        assert!(futures::poll!(&mut first).is_pending());
+        tokio::task::spawn_blocking(move || is_running.recv().unwrap()).await.unwrap();
+        let mut later: Vec<_> = (0..10)
+            .map(|i| {
+                let committed = committed.clone();
+                Box::pin(db.write(move |conn| {
+                    conn.execute("INSERT INTO meta (key, value) VALUES (?1, '1')", [format!("later-{i}")])?;
+                    Ok(committed("first"))
+                }))
+            })
+            .collect();
+        for write in &mut later {
+            assert!(futures::poll!(write).is_pending());
+        }
+        go.send(()).unwrap();
+        first.await.unwrap();
+        for (i, write) in later.into_iter().enumerate() {
+            assert_eq!(write.await.unwrap(), 0, "write {i} ran after the first one committed: it did not join its group");
+        }
+        assert_eq!(committed("first"), 1);
+        assert_eq!((0..10).map(|i| committed(&format!("later-{i}"))).sum::<i64>(), 10);
+    }
+
     // ----- the same checks on both backends -----
 
     /// Runs a check on a fresh SQLite store and on a fresh PostgreSQL
