@@ -596,6 +596,33 @@ async fn a_held_pull_that_makes_no_event_ends_at_the_deadline() {
     assert!(started.elapsed() >= Duration::from_millis(1000), "not before the deadline");
 }
 
+/// The wait for a held answer's headers is under the plugin's deadline
+/// too, as it was while the instance sent the request itself: a vendor
+/// that takes the request and never answers ends the call at the
+/// deadline, not at the request's own (much longer) timeout.
+#[tokio::test]
+async fn a_vendor_that_never_sends_headers_ends_the_call_at_the_deadline() {
+    // Accepts connections and holds them, reading nothing, answering nothing.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    let mut policy = hangar::runtime::Policy::default();
+    policy.defaults.deadline = Duration::from_millis(1000);
+    let runtime = hangar::runtime::Runtime::new(hangar::runtime::RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
+    runtime.add_builtins().unwrap();
+    let access = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: Some(Secret::new(KEY.into())), ..Default::default() };
+    let started = std::time::Instant::now();
+    let outcome = tokio::time::timeout(Duration::from_secs(30), runtime.provider_complete("anthropic", &access, hello())).await.expect("the call ends");
+    assert!(matches!(outcome, Err(hangar::runtime::RuntimeError::Deadline { .. })), "{:?}", outcome.map(|_| ()));
+    assert!(started.elapsed() >= Duration::from_millis(1000), "not before the deadline");
+    silent.abort();
+}
+
 #[tokio::test]
 async fn anthropic_429_is_retryable_with_retry_after() {
     let fake = Fake::start(|_| {
