@@ -465,20 +465,15 @@ fn failed(server: &str, err: impl std::error::Error) -> McpError {
 /// Why an `http` server's session could not start. rmcp keeps the HTTP
 /// client's error inside its own as text, not as a `source`, which drops
 /// the causes that say what the operator can fix (a certificate nobody
-/// trusts, a refused connection): they are taken from the client's error.
+/// trusts, a refused connection), and names its own generic types instead:
+/// the client's error, with its causes, says it plainly.
 fn start_failure(err: &ClientInitializeError) -> String {
-    let mut reason = err.to_string();
     if let ClientInitializeError::TransportError { error, .. } = err
         && let Some(StreamableHttpError::Client(client)) = error.error.downcast_ref::<StreamableHttpError<reqwest013::Error>>()
     {
-        let mut cause = std::error::Error::source(client);
-        while let Some(c) = cause {
-            reason.push_str(": ");
-            reason.push_str(&c.to_string());
-            cause = c.source();
-        }
+        return crate::error_chain(client);
     }
-    reason
+    err.to_string()
 }
 
 fn timed_out(server: &str, after: Duration) -> McpError {
