@@ -456,10 +456,8 @@ impl McpHub {
     }
 }
 
-/// With the error's causes: what went wrong at the bottom (a certificate
-/// not trusted, a refused connection) is what the operator can act on.
-fn failed(server: &str, err: impl std::error::Error) -> McpError {
-    McpError::Failed { server: server.to_string(), reason: crate::error_chain(&err) }
+fn failed(server: &str, err: impl std::fmt::Display) -> McpError {
+    McpError::Failed { server: server.to_string(), reason: err.to_string() }
 }
 
 /// Why an `http` server's session could not start. rmcp keeps the HTTP
