@@ -564,6 +564,15 @@ async fn no_instance_is_alive_while_an_answer_waits_on_the_model() {
     }
 }
 
+/// The built-ins with `deadline` as every plugin's.
+fn runtime_with_deadline(deadline: Duration) -> hangar::runtime::Runtime {
+    let mut policy = hangar::runtime::Policy::default();
+    policy.defaults.deadline = deadline;
+    let runtime = hangar::runtime::Runtime::new(hangar::runtime::RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
+    runtime.add_builtins().unwrap();
+    runtime
+}
+
 /// One pull of a held answer has one deadline, as a guest's `next()` has:
 /// a vendor that keeps the body open with pings only (no event) ends the
 /// pull when the deadline passes, though each read and step is short.
@@ -580,10 +589,7 @@ async fn a_held_pull_that_makes_no_event_ends_at_the_deadline() {
         reply
     })
     .await;
-    let mut policy = hangar::runtime::Policy::default();
-    policy.defaults.deadline = Duration::from_millis(1000);
-    let runtime = hangar::runtime::Runtime::new(hangar::runtime::RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
-    runtime.add_builtins().unwrap();
+    let runtime = runtime_with_deadline(Duration::from_millis(1000));
     let mut completion = runtime.provider_complete("anthropic", &access(&fake), hello()).await.unwrap().unwrap();
     let started = std::time::Instant::now();
     let outcome = loop {
@@ -611,10 +617,7 @@ async fn a_vendor_that_never_sends_headers_ends_the_call_at_the_deadline() {
             held.push(stream);
         }
     });
-    let mut policy = hangar::runtime::Policy::default();
-    policy.defaults.deadline = Duration::from_millis(1000);
-    let runtime = hangar::runtime::Runtime::new(hangar::runtime::RuntimeConfig { cache_dir: Some(common::cache_dir()), policy, ..Default::default() }).unwrap();
-    runtime.add_builtins().unwrap();
+    let runtime = runtime_with_deadline(Duration::from_millis(1000));
     let access = ProviderAccess { base_url: Some(format!("http://{addr}")), credential: Some(Secret::new(KEY.into())), ..Default::default() };
     let started = std::time::Instant::now();
     let outcome = tokio::time::timeout(Duration::from_secs(30), runtime.provider_complete("anthropic", &access, hello())).await.expect("the call ends");
